@@ -1,0 +1,64 @@
+"""What this installation can run on: CPU ISA and threads, CUDA build and devices."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from codegen_q import _native
+
+
+def backends() -> dict[str, Any]:
+    """Describe the available backends.
+
+    Returns a dict with a ``"cpu"`` entry (the ISA in use, the ISAs compiled in and the ones this
+    CPU runs, the thread count) and a ``"cuda"`` entry (whether the CUDA module was compiled, for
+    which architectures, and the devices visible now).
+    """
+    cpu = _native.cpu()
+    info: dict[str, Any] = {
+        "cpu": {
+            "isa": cpu.active_isa(),
+            "compiled_isas": list(cpu.compiled_isas()),
+            "supported_isas": list(cpu.supported_isas()),
+            "num_threads": cpu.get_num_threads(),
+        }
+    }
+    cuda = _native.cuda()
+    if cuda is None:
+        info["cuda"] = {"compiled": False, "reason": _native.cuda_import_error(), "devices": []}
+        return info
+    devices, error = cuda.devices()
+    info["cuda"] = {
+        "compiled": True,
+        "architectures": [a for a in cuda.architectures.split(",") if a],
+        "compiler_version": cuda.compiler_version,
+        "devices": [dict(d) for d in devices],
+        "device_available": bool(devices),
+    }
+    if error:
+        info["cuda"]["reason"] = error
+    return info
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by the CPU kernels (default: CODEGEN_Q_NUM_THREADS, else all usable cores)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"num_threads must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"num_threads must be at least 1, got {n}")
+    _native.cpu().set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    return int(_native.cpu().get_num_threads())
+
+
+def set_cpu_isa(name: str) -> None:
+    """Force a CPU kernel variant ('scalar', 'avx2', 'avx512' or 'auto'), as CODEGEN_Q_CPU_ISA does."""
+    if not isinstance(name, str):
+        raise TypeError(f"isa must be a str, got {type(name).__name__}")
+    _native.cpu().set_isa(name)
+
+
+def get_cpu_isa() -> str:
+    return str(_native.cpu().active_isa())

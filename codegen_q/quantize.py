@@ -1,0 +1,209 @@
+"""Round-to-nearest weight quantizers and the QuantizedWeight container.
+
+Layouts (the one canonical on-disk and in-memory format; csrc/common/qformat.h says the same):
+
+* int8: symmetric, one scale per output row. ``qweight`` int8 [N, K], ``scales`` fp16 [N];
+  ``w = q * scale``.
+* int4: group-wise along K (group 32, 64 or 128). ``qweight`` uint8 [N, K/2]: K is cut into blocks
+  of 32 and byte j of a block holds element j (low nibble) and element j + 16 (high nibble).
+  ``scales`` fp16 [N, K/group]; asymmetric weights have ``zeros`` uint8 [N, K/group] in 0..15,
+  symmetric ones have none and use 8; ``w = (q - zero) * scale``.
+
+Scales are rounded *up* to fp16, so every element of the row or group stays inside the
+representable range and the round-to-nearest error is at most half a step everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+INT4_BLOCK = 32
+INT4_GROUP_SIZES = (32, 64, 128)
+INT4_SYMMETRIC_ZERO = 8
+DEFAULT_INT4_GROUP_SIZE = 128
+# Rows quantized at a time: bounds the float32 temporaries to a few hundred MB even for a
+# 16B lm_head, so quantizing a checkpoint needs memory for one tensor, not for the model.
+_ROW_CHUNK_ELEMENTS = 1 << 25
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """A quantized ``[out_features, in_features]`` weight: tensors plus how to read them."""
+
+    bits: int
+    shape: tuple[int, int]
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None = None
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        n, k = self.shape
+        if self.bits == 8:
+            _expect(self.qweight, torch.int8, (n, k), "qweight")
+            _expect(self.scales, torch.float16, (n,), "scales")
+            if self.zeros is not None or self.group_size is not None:
+                raise ValueError("int8 weights are per output channel: no zeros and no group_size")
+        elif self.bits == 4:
+            if self.group_size not in INT4_GROUP_SIZES:
+                raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size}")
+            if k % self.group_size:
+                raise ValueError(f"in_features {k} is not a multiple of group_size {self.group_size}")
+            _expect(self.qweight, torch.uint8, (n, k // 2), "qweight")
+            _expect(self.scales, torch.float16, (n, k // self.group_size), "scales")
+            if self.zeros is not None:
+                _expect(self.zeros, torch.uint8, (n, k // self.group_size), "zeros")
+        else:
+            raise ValueError(f"bits must be 8 or 4, got {self.bits}")
+        devices = {t.device for t in self.tensors().values()}
+        if len(devices) != 1:
+            raise ValueError(f"all tensors of a QuantizedWeight must be on one device, got {sorted(map(str, devices))}")
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a kernel reads for one pass over the weight (weights, scales and zero points)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"qweight": self.qweight, "scales": self.scales}
+        if self.zeros is not None:
+            out["zeros"] = self.zeros
+        return out
+
+    def to(self, device: torch.device | str) -> "QuantizedWeight":
+        moved = {name: t.to(device) for name, t in self.tensors().items()}
+        return QuantizedWeight(self.bits, self.shape, moved["qweight"], moved["scales"], moved.get("zeros"),
+                               self.group_size)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float ``[out_features, in_features]`` tensor this weight stands for."""
+        from codegen_q.ops import dequantize
+
+        return dequantize(self, dtype=dtype)
+
+    def __repr__(self) -> str:
+        scheme = "int8 per-channel" if self.bits == 8 else (
+            f"int4 g{self.group_size} {'symmetric' if self.symmetric else 'asymmetric'}")
+        return f"QuantizedWeight({scheme}, shape={self.shape}, device={self.device})"
+
+
+def _expect(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype or tuple(t.shape) != shape:
+        raise ValueError(f"{name} must be {dtype} of shape {list(shape)}, got {t.dtype} of shape {list(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def quantize_weight(weight: torch.Tensor, bits: int = 8, group_size: int | None = None,
+                    symmetric: bool | None = None) -> QuantizedWeight:
+    """Quantize a float ``[out_features, in_features]`` weight with round-to-nearest.
+
+    bits=8: symmetric, one scale per output row (``group_size`` must be left unset).
+    bits=4: group-wise over the input dimension, ``group_size`` 32, 64 or 128 (default 128),
+    asymmetric with zero points unless ``symmetric=True``.
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {list(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    if weight.numel() == 0:
+        raise ValueError(f"weight must not be empty, got shape {list(weight.shape)}")
+    if isinstance(bits, bool) or bits not in (4, 8):
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    n, k = weight.shape
+    if bits == 8:
+        if group_size is not None:
+            raise ValueError("int8 quantization is per output channel; group_size applies to bits=4 only")
+        if symmetric is False:
+            raise ValueError("int8 quantization is symmetric only; pass symmetric=True or leave it unset")
+    else:
+        group_size = DEFAULT_INT4_GROUP_SIZE if group_size is None else group_size
+        if isinstance(group_size, bool) or group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
+        if k % group_size:
+            raise ValueError(f"in_features {k} is not a multiple of group_size {group_size}; "
+                             f"choose a group size that divides it")
+        symmetric = bool(symmetric)
+
+    rows_per_chunk = max(1, _ROW_CHUNK_ELEMENTS // k)
+    parts = [_quantize_rows(weight[r:r + rows_per_chunk], bits, group_size, symmetric)
+             for r in range(0, n, rows_per_chunk)]
+    qweight = torch.cat([p[0] for p in parts])
+    scales = torch.cat([p[1] for p in parts])
+    zeros = None if bits == 8 or symmetric else torch.cat([p[2] for p in parts])
+    return QuantizedWeight(bits, (n, k), qweight.contiguous(), scales.contiguous(),
+                           None if zeros is None else zeros.contiguous(), None if bits == 8 else group_size)
+
+
+def _quantize_rows(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool):
+    w = w.float().contiguous()
+    if not torch.isfinite(w).all():
+        raise ValueError("weight contains NaN or infinite values")
+    if bits == 8:
+        scale = _fp16_scale_at_least(w.abs().amax(dim=1) / 127.0)
+        q = torch.round(w / _safe(scale).float()[:, None]).clamp_(-127, 127).to(torch.int8)
+        return q, scale, None
+    n, k = w.shape
+    g = w.view(n, k // group_size, group_size)
+    if symmetric:
+        scale = _fp16_scale_at_least(g.abs().amax(dim=2) / 7.0)
+        zero = torch.full_like(scale, INT4_SYMMETRIC_ZERO, dtype=torch.float32)
+    else:
+        lo = g.amin(dim=2).clamp(max=0.0)  # keep 0 exactly representable
+        hi = g.amax(dim=2).clamp(min=0.0)
+        scale = _fp16_scale_at_least((hi - lo) / 15.0)
+        zero = torch.round(-lo / _safe(scale).float()).clamp_(0, 15)
+    q = (torch.round(g / _safe(scale).float()[..., None]) + zero[..., None]).clamp_(0, 15).to(torch.uint8)
+    packed = pack_int4(q.view(n, k))
+    return packed, scale, None if symmetric else zero.to(torch.uint8)
+
+
+def _fp16_scale_at_least(scale: torch.Tensor) -> torch.Tensor:
+    """fp16 scales no smaller than `scale` (fp32), so the quantization grid covers every value."""
+    s16 = scale.to(torch.float16)
+    if not torch.isfinite(s16).all():
+        raise ValueError("weight values are too large for fp16 scales (|w| > 65504 * qmax)")
+    too_small = s16.float() < scale
+    bumped = (s16.view(torch.int16) + 1).view(torch.float16)  # next fp16 up, for positive values
+    return torch.where(too_small, bumped, s16)
+
+
+def _safe(scale: torch.Tensor) -> torch.Tensor:
+    # All-zero rows/groups have scale 0; divide by 1 instead so they quantize to the zero point.
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15 of shape [N, K] (K a multiple of 32) -> packed [N, K/2]."""
+    n, k = q.shape
+    blocks = q.reshape(n, k // INT4_BLOCK, 2, INT4_BLOCK // 2)
+    return (blocks[:, :, 0, :] | (blocks[:, :, 1, :] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: packed [N, K/2] -> uint8 values 0..15 of shape [N, K]."""
+    n, half_k = packed.shape
+    blocks = packed.reshape(n, half_k // (INT4_BLOCK // 2), 1, INT4_BLOCK // 2)
+    return torch.cat([blocks & 0x0F, blocks >> 4], dim=2).reshape(n, half_k * 2)

@@ -1,0 +1,94 @@
+// codegen_q._C_cpu: one binding per op, no logic. Tensors arrive as raw addresses (ints) so the
+// module never links libtorch; codegen_q/ops.py is the only caller and validates everything first.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+
+#include "common/thread_pool.h"
+#include "cpu/dispatch.h"
+#include "cpu/isa.h"
+
+namespace py = pybind11;
+using cgq::DequantArgs;
+using cgq::QLinearArgs;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+QLinearArgs qlinear_args(uintptr_t x, int64_t M, int64_t K, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
+                         int64_t group_size, uintptr_t bias, uintptr_t y, int64_t N) {
+  QLinearArgs a;
+  a.x = ptr<const float>(x);
+  a.M = M;
+  a.K = K;
+  a.N = N;
+  a.qweight = ptr<const void>(qweight);
+  a.scales = ptr<const uint16_t>(scales);
+  a.zeros = ptr<const uint8_t>(zeros);
+  a.group_size = group_size;
+  a.bias = ptr<const float>(bias);
+  a.y = ptr<float>(y);
+  return a;
+}
+
+DequantArgs dequant_args(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, int64_t group_size, int64_t N,
+                         int64_t K, uintptr_t out) {
+  DequantArgs a;
+  a.N = N;
+  a.K = K;
+  a.qweight = ptr<const void>(qweight);
+  a.scales = ptr<const uint16_t>(scales);
+  a.zeros = ptr<const uint8_t>(zeros);
+  a.group_size = group_size;
+  a.out = ptr<float>(out);
+  return a;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_cpu, m) {
+  m.doc() = "codegen-q CPU kernels (raw-pointer interface; use codegen_q.ops)";
+
+  m.def(
+      "qlinear_int8",
+      [](uintptr_t x, int64_t M, int64_t K, uintptr_t qweight, uintptr_t scales, uintptr_t bias, uintptr_t y,
+         int64_t N) { cgq::cpu::qlinear_int8(qlinear_args(x, M, K, qweight, scales, 0, 0, bias, y, N)); },
+      py::arg("x"), py::arg("M"), py::arg("K"), py::arg("qweight"), py::arg("scales"), py::arg("bias"), py::arg("y"),
+      py::arg("N"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "qlinear_int4",
+      [](uintptr_t x, int64_t M, int64_t K, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
+         int64_t group_size, uintptr_t bias, uintptr_t y, int64_t N) {
+        cgq::cpu::qlinear_int4(qlinear_args(x, M, K, qweight, scales, zeros, group_size, bias, y, N));
+      },
+      py::arg("x"), py::arg("M"), py::arg("K"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
+      py::arg("group_size"), py::arg("bias"), py::arg("y"), py::arg("N"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "dequantize_int8",
+      [](uintptr_t qweight, uintptr_t scales, int64_t N, int64_t K, uintptr_t out) {
+        cgq::cpu::dequantize_int8(dequant_args(qweight, scales, 0, 0, N, K, out));
+      },
+      py::arg("qweight"), py::arg("scales"), py::arg("N"), py::arg("K"), py::arg("out"),
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "dequantize_int4",
+      [](uintptr_t qweight, uintptr_t scales, uintptr_t zeros, int64_t group_size, int64_t N, int64_t K,
+         uintptr_t out) { cgq::cpu::dequantize_int4(dequant_args(qweight, scales, zeros, group_size, N, K, out)); },
+      py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("N"), py::arg("K"),
+      py::arg("out"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "read_checksum", [](uintptr_t data, int64_t bytes) { return cgq::cpu::read_checksum(ptr<const uint8_t>(data), bytes); },
+      py::arg("data"), py::arg("bytes"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("active_isa", [] { return std::string(cgq::cpu::isa_name(cgq::cpu::active_isa())); });
+  m.def("set_isa", &cgq::cpu::set_isa, py::arg("name"));
+  m.def("compiled_isas", &cgq::cpu::compiled_isas);
+  m.def("supported_isas", &cgq::cpu::supported_isas);
+  m.def("get_num_threads", &cgq::get_num_threads);
+  m.def("set_num_threads", &cgq::set_num_threads, py::arg("n"));
+}

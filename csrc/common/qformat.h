@@ -1,0 +1,47 @@
+// The quantized weight layouts shared by every kernel (CPU and CUDA) and by codegen_q/quantize.py.
+//
+// int8: weight [N, K] int8, symmetric, one fp16 scale per output row:  w = q * scale[n].
+// int4: weight [N, K/2] uint8; K is cut into blocks of 32 and each block is 16 bytes where
+//       byte j holds element j in its low nibble and element j + 16 in its high nibble
+//       (ggml's Q4 order: one 16-byte load and two masks give 32 consecutive elements).
+//       One fp16 scale and one uint8 zero point per (row, group of group_size elements):
+//       w = (q - zero[n, g]) * scale[n, g]; symmetric weights have no zero tensor and use 8.
+#pragma once
+
+#include <cstdint>
+
+namespace cgq {
+
+constexpr int kInt4BlockElems = 32;
+constexpr int kInt4BlockBytes = 16;
+constexpr int kInt4SymmetricZero = 8;
+static_assert(kInt4BlockBytes * 2 == kInt4BlockElems, "two int4 values per byte");
+
+static inline bool is_supported_group_size(int64_t g) { return g == 32 || g == 64 || g == 128; }
+
+// y[M, N] = x[M, K] @ dequant(W)^T + bias. x, y and bias are float32; y rows are ldy apart.
+struct QLinearArgs {
+  const float* x = nullptr;
+  int64_t M = 0;
+  int64_t K = 0;
+  int64_t N = 0;
+  const void* qweight = nullptr;   // int8 [N, K] or packed uint8 [N, K/2]
+  const uint16_t* scales = nullptr;  // fp16 bits, [N] (int8) or [N, K/group_size] (int4)
+  const uint8_t* zeros = nullptr;    // int4 only, [N, K/group_size]; nullptr means symmetric
+  int64_t group_size = 0;            // int4 only
+  const float* bias = nullptr;       // [N] or nullptr
+  float* y = nullptr;
+};
+
+// out[N, K] float32 = dequant(W) for the rows [0, N) of the same layout.
+struct DequantArgs {
+  int64_t N = 0;
+  int64_t K = 0;
+  const void* qweight = nullptr;
+  const uint16_t* scales = nullptr;
+  const uint8_t* zeros = nullptr;
+  int64_t group_size = 0;
+  float* out = nullptr;
+};
+
+}  // namespace cgq

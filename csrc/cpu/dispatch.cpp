@@ -1,0 +1,108 @@
+#include "cpu/dispatch.h"
+
+#include <atomic>
+#include <stdexcept>
+#include <string>
+
+#include "common/thread_pool.h"
+#include "cpu/isa.h"
+#include "cpu/kernels.h"
+
+namespace cgq::cpu {
+namespace {
+
+struct KernelTable {
+  void (*qlinear_int8)(const QLinearArgs&, int64_t, int64_t);
+  void (*qlinear_int4)(const QLinearArgs&, int64_t, int64_t);
+  void (*dequantize_int8)(const DequantArgs&, int64_t, int64_t);
+  void (*dequantize_int4)(const DequantArgs&, int64_t, int64_t);
+  uint64_t (*read_checksum)(const uint8_t*, int64_t);
+};
+
+#define CGQ_TABLE(isa) \
+  KernelTable { isa::qlinear_int8, isa::qlinear_int4, isa::dequantize_int8, isa::dequantize_int4, isa::read_checksum }
+
+const KernelTable& kernels() {
+  static const KernelTable scalar_table = CGQ_TABLE(scalar);
+#ifdef CGQ_HAVE_AVX2
+  static const KernelTable avx2_table = CGQ_TABLE(avx2);
+#endif
+#ifdef CGQ_HAVE_AVX512
+  static const KernelTable avx512_table = CGQ_TABLE(avx512);
+#endif
+  switch (active_isa()) {
+#ifdef CGQ_HAVE_AVX2
+    case Isa::kAvx2:
+      return avx2_table;
+#endif
+#ifdef CGQ_HAVE_AVX512
+    case Isa::kAvx512:
+      return avx512_table;
+#endif
+    default:
+      return scalar_table;
+  }
+}
+#undef CGQ_TABLE
+
+// Threads take whole 8-row tiles so every thread runs the wide kernel; a weight row is at least
+// a few KB, so even 8 rows are worth a thread.
+constexpr int64_t kRowGrain = 8;
+
+// Last line of defence: codegen_q/ops.py validates tensors before calling, but a raw call into the
+// module with bad sizes must raise, not read out of bounds.
+void check_shapes(int64_t N, int64_t K, const void* qweight, const void* scales, const void* out, bool int4,
+                  int64_t group_size) {
+  if (N < 0 || K <= 0) throw std::invalid_argument("N must be >= 0 and K > 0");
+  if (!qweight || !scales || !out) throw std::invalid_argument("null weight, scale or output pointer");
+  if (int4) {
+    if (!is_supported_group_size(group_size))
+      throw std::invalid_argument("group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+    if (K % group_size != 0)
+      throw std::invalid_argument("K (" + std::to_string(K) + ") is not a multiple of group_size (" +
+                                  std::to_string(group_size) + ")");
+  }
+}
+
+void check(const QLinearArgs& a, bool int4) {
+  check_shapes(a.N, a.K, a.qweight, a.scales, a.y, int4, a.group_size);
+  if (a.M < 0 || (a.M > 0 && !a.x)) throw std::invalid_argument("M must be >= 0 with a non-null x");
+}
+
+}  // namespace
+
+void qlinear_int8(const QLinearArgs& a) {
+  check(a, false);
+  if (a.M == 0) return;
+  const auto fn = kernels().qlinear_int8;
+  parallel_for(a.N, kRowGrain, [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+void qlinear_int4(const QLinearArgs& a) {
+  check(a, true);
+  if (a.M == 0) return;
+  const auto fn = kernels().qlinear_int4;
+  parallel_for(a.N, kRowGrain, [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+void dequantize_int8(const DequantArgs& a) {
+  check_shapes(a.N, a.K, a.qweight, a.scales, a.out, false, 0);
+  const auto fn = kernels().dequantize_int8;
+  parallel_for(a.N, kRowGrain, [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+void dequantize_int4(const DequantArgs& a) {
+  check_shapes(a.N, a.K, a.qweight, a.scales, a.out, true, a.group_size);
+  const auto fn = kernels().dequantize_int4;
+  parallel_for(a.N, kRowGrain, [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+uint64_t read_checksum(const uint8_t* data, int64_t bytes) {
+  const auto fn = kernels().read_checksum;
+  constexpr int64_t kGrain = 4096;
+  std::atomic<uint64_t> total{0};
+  parallel_for(bytes, kGrain, [&](int64_t b, int64_t e) { total.fetch_add(fn(data + b, e - b)); });
+  return total.load();
+}
+
+}  // namespace cgq::cpu

@@ -1,0 +1,193 @@
+// Weight-only quantized GEMV/GEMM for small M (decode and small batches), written once over the
+// vector vocabulary of simd.h and compiled once per ISA. Activations are float32 and accumulation
+// is float32 FMA: no activation quantization, so results match a float64 reference to fp32
+// rounding. Larger M goes through dequantize_* + a float GEMM (see codegen_q/ops.py).
+//
+// Register tiling: MR activation rows x NR weight rows of vector accumulators. At M = 1 the NR
+// independent FMA chains hide FMA latency; at M > 1 each weight vector, once converted, feeds
+// MR FMAs, so the conversion cost is shared by the batch.
+#include "cpu/kernels.h"
+#include "cpu/simd.h"
+
+namespace cgq::cpu::CGQ_ISA {
+namespace {
+
+using R = Vec::R;
+constexpr int W = Vec::W;
+
+template <int MR, int NR>
+void int8_tile(const QLinearArgs& a, int64_t m0, int64_t n0) {
+  const int64_t K = a.K;
+  const int8_t* w = static_cast<const int8_t*>(a.qweight) + n0 * K;
+  const float* x = a.x + m0 * K;
+  R acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = Vec::zero();
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    R xv[MR];
+    for (int m = 0; m < MR; ++m) xv[m] = Vec::load(x + m * K + k);
+    for (int r = 0; r < NR; ++r) {
+      const R wv = Vec::from_i8(w + r * K + k);
+      for (int m = 0; m < MR; ++m) acc[m][r] = Vec::fma(xv[m], wv, acc[m][r]);
+    }
+  }
+  float tail[MR][NR] = {};
+  for (; k < K; ++k)
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < MR; ++m) tail[m][r] += x[m * K + k] * static_cast<float>(w[r * K + k]);
+  for (int r = 0; r < NR; ++r) {
+    const float scale = Vec::half(a.scales[n0 + r]);
+    const float bias = a.bias ? a.bias[n0 + r] : 0.0f;
+    for (int m = 0; m < MR; ++m)
+      a.y[(m0 + m) * a.N + n0 + r] = (Vec::sum(acc[m][r]) + tail[m][r]) * scale + bias;
+  }
+}
+
+template <int MR, int NR>
+void int4_tile(const QLinearArgs& a, int64_t m0, int64_t n0) {
+  constexpr int kRegsPerBlock = kInt4BlockElems / W;
+  const int64_t K = a.K;
+  const int64_t G = a.group_size;
+  const int64_t groups = K / G;
+  const int64_t row_bytes = K / 2;
+  const uint8_t* w = static_cast<const uint8_t*>(a.qweight) + n0 * row_bytes;
+  const float* x = a.x + m0 * K;
+  R acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = Vec::zero();
+  for (int64_t g = 0; g < groups; ++g) {
+    R scale[NR], offset[NR];
+    for (int r = 0; r < NR; ++r) {
+      const int64_t idx = (n0 + r) * groups + g;
+      const float s = Vec::half(a.scales[idx]);
+      const float z = a.zeros ? static_cast<float>(a.zeros[idx]) : static_cast<float>(kInt4SymmetricZero);
+      scale[r] = Vec::set1(s);
+      offset[r] = Vec::set1(-z * s);
+    }
+    for (int64_t k = g * G; k < (g + 1) * G; k += kInt4BlockElems) {
+      for (int r = 0; r < NR; ++r) {
+        R wv[kRegsPerBlock];
+        Vec::from_u4_block(w + r * row_bytes + k / 2, wv);
+        for (int j = 0; j < kRegsPerBlock; ++j) {
+          const R wj = Vec::fma(wv[j], scale[r], offset[r]);
+          for (int m = 0; m < MR; ++m) acc[m][r] = Vec::fma(Vec::load(x + m * K + k + j * W), wj, acc[m][r]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    const float bias = a.bias ? a.bias[n0 + r] : 0.0f;
+    for (int m = 0; m < MR; ++m) a.y[(m0 + m) * a.N + n0 + r] = Vec::sum(acc[m][r]) + bias;
+  }
+}
+
+// A tile of NR weight rows is split into NR / NRsub sub-tiles when MR grows, keeping
+// MR * NRsub accumulators within the register budget.
+#define CGQ_DEFINE_TILE(Name, fn)                                           \
+  template <int MR, int NRsub>                                              \
+  struct Name {                                                             \
+    static void run(const QLinearArgs& a, int64_t m0, int64_t n0) {         \
+      fn<MR, NRsub>(a, m0, n0);                                             \
+    }                                                                       \
+  };
+CGQ_DEFINE_TILE(Int8TileImpl, int8_tile)
+CGQ_DEFINE_TILE(Int4TileImpl, int4_tile)
+#undef CGQ_DEFINE_TILE
+
+template <template <int, int> class Impl>
+void run_rows(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
+  constexpr int NR = 8;  // MR x (NR / MR) = 8 accumulators for MR in {1, 2, 4}
+  int64_t n = n_begin;
+  for (; n + NR <= n_end; n += NR) {
+    int64_t m = 0;
+    for (; m + 4 <= a.M; m += 4)
+      for (int sub = 0; sub < NR; sub += NR / 4) Impl<4, NR / 4>::run(a, m, n + sub);
+    for (; m + 2 <= a.M; m += 2)
+      for (int sub = 0; sub < NR; sub += NR / 2) Impl<2, NR / 2>::run(a, m, n + sub);
+    for (; m < a.M; ++m) Impl<1, NR>::run(a, m, n);
+  }
+  for (; n < n_end; ++n) {
+    int64_t m = 0;
+    for (; m + 4 <= a.M; m += 4) Impl<4, 1>::run(a, m, n);
+    for (; m < a.M; ++m) Impl<1, 1>::run(a, m, n);
+  }
+}
+
+}  // namespace
+
+void qlinear_int8(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
+  run_rows<Int8TileImpl>(a, n_begin, n_end);
+}
+
+void qlinear_int4(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
+  run_rows<Int4TileImpl>(a, n_begin, n_end);
+}
+
+void dequantize_int8(const DequantArgs& a, int64_t n_begin, int64_t n_end) {
+  const int8_t* q = static_cast<const int8_t*>(a.qweight);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const float s = Vec::half(a.scales[n]);
+    const R sv = Vec::set1(s);
+    const int8_t* row = q + n * a.K;
+    float* out = a.out + n * a.K;
+    int64_t k = 0;
+    for (; k + W <= a.K; k += W) Vec::store(out + k, Vec::fma(Vec::from_i8(row + k), sv, Vec::zero()));
+    for (; k < a.K; ++k) out[k] = static_cast<float>(row[k]) * s;
+  }
+}
+
+void dequantize_int4(const DequantArgs& a, int64_t n_begin, int64_t n_end) {
+  constexpr int kRegsPerBlock = kInt4BlockElems / W;
+  const int64_t groups = a.K / a.group_size;
+  const uint8_t* q = static_cast<const uint8_t*>(a.qweight);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float s = Vec::half(a.scales[n * groups + g]);
+      const float z = a.zeros ? static_cast<float>(a.zeros[n * groups + g]) : static_cast<float>(kInt4SymmetricZero);
+      const R sv = Vec::set1(s), ov = Vec::set1(-z * s);
+      for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; k += kInt4BlockElems) {
+        R wv[kRegsPerBlock];
+        Vec::from_u4_block(q + n * (a.K / 2) + k / 2, wv);
+        for (int j = 0; j < kRegsPerBlock; ++j) Vec::store(a.out + n * a.K + k + j * W, Vec::fma(wv[j], sv, ov));
+      }
+    }
+  }
+}
+
+// Streams `bytes` of memory with the widest loads this ISA has; the checksum keeps the compiler
+// from dropping the loads. Used to measure the machine's read bandwidth next to the kernels.
+uint64_t read_checksum(const uint8_t* data, int64_t bytes) {
+  int64_t i = 0;
+  uint64_t total = 0;
+#if defined(CGQ_ISA_AVX512)
+  __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+  for (; i + 256 <= bytes; i += 256) {
+    s0 = _mm512_add_epi64(s0, _mm512_loadu_si512(data + i));
+    s1 = _mm512_add_epi64(s1, _mm512_loadu_si512(data + i + 64));
+    s2 = _mm512_add_epi64(s2, _mm512_loadu_si512(data + i + 128));
+    s3 = _mm512_add_epi64(s3, _mm512_loadu_si512(data + i + 192));
+  }
+  total = static_cast<uint64_t>(_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(s0, s1), _mm512_add_epi64(s2, s3))));
+#elif defined(CGQ_ISA_AVX2)
+  __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+  for (; i + 128 <= bytes; i += 128) {
+    s0 = _mm256_add_epi64(s0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data + i)));
+    s1 = _mm256_add_epi64(s1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data + i + 32)));
+    s2 = _mm256_add_epi64(s2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data + i + 64)));
+    s3 = _mm256_add_epi64(s3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data + i + 96)));
+  }
+  alignas(32) uint64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_add_epi64(_mm256_add_epi64(s0, s1), _mm256_add_epi64(s2, s3)));
+  total = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+#endif
+  for (; i + 8 <= bytes; i += 8) {
+    uint64_t v;
+    std::memcpy(&v, data + i, 8);
+    total += v;
+  }
+  for (; i < bytes; ++i) total += data[i];
+  return total;
+}
+
+}  // namespace cgq::cpu::CGQ_ISA

@@ -1,0 +1,98 @@
+// One small vector vocabulary per instruction set, so the kernels in qlinear_kernels.cpp are
+// written once. Exactly one of CGQ_ISA_SCALAR / CGQ_ISA_AVX2 / CGQ_ISA_AVX512 is defined per
+// translation unit (see CMakeLists.txt); everything here lives in that ISA's own namespace.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "common/half.h"
+
+#if defined(CGQ_ISA_AVX2) || defined(CGQ_ISA_AVX512)
+#include <immintrin.h>
+#endif
+
+namespace cgq::cpu::CGQ_ISA {
+
+#if defined(CGQ_ISA_AVX512)
+
+struct Vec {
+  using R = __m512;
+  static constexpr int W = 16;
+  static R zero() { return _mm512_setzero_ps(); }
+  static R set1(float v) { return _mm512_set1_ps(v); }
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(R v) { return _mm512_reduce_add_ps(v); }
+  static R from_i8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  // The 32 unsigned nibbles of one int4 block (see common/qformat.h) as 32 / W registers.
+  static void from_u4_block(const uint8_t* p, R* out) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    out[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
+    out[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
+  }
+  static float half(uint16_t h) { return _cvtsh_ss(h); }
+};
+
+#elif defined(CGQ_ISA_AVX2)
+
+struct Vec {
+  using R = __m256;
+  static constexpr int W = 8;
+  static R zero() { return _mm256_setzero_ps(); }
+  static R set1(float v) { return _mm256_set1_ps(v); }
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(R v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static R from_i8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static void from_u4_block(const uint8_t* p, R* out) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    out[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  }
+  static float half(uint16_t h) { return _cvtsh_ss(h); }
+};
+
+#else  // scalar reference: the plainest possible code, also the fallback on non-x86 machines
+
+struct Vec {
+  using R = float;
+  static constexpr int W = 1;
+  static R zero() { return 0.0f; }
+  static R set1(float v) { return v; }
+  static R load(const float* p) { return *p; }
+  static void store(float* p, R v) { *p = v; }
+  static R fma(R a, R b, R c) { return a * b + c; }
+  static float sum(R v) { return v; }
+  static R from_i8(const int8_t* p) { return static_cast<float>(*p); }
+  static void from_u4_block(const uint8_t* p, R* out) {
+    for (int j = 0; j < 16; ++j) {
+      out[j] = static_cast<float>(p[j] & 0x0F);
+      out[j + 16] = static_cast<float>(p[j] >> 4);
+    }
+  }
+  static float half(uint16_t h) { return half_bits_to_float(h); }
+};
+
+#endif
+
+}  // namespace cgq::cpu::CGQ_ISA

@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Weight-only GEMV/GEMM benchmark: codegen-q int8/int4 beside torch on CodeGen shapes.
+
+Decode is memory-bound: a batch-1 token reads every weight once, so the figure that matters is
+weight bytes read per second, and how close that is to what this machine can read at all. The
+script measures the machine's read bandwidth itself (a streaming read over a buffer much larger
+than the caches, with the same threads), then reports each kernel's median time, its GB/s of
+weight bytes and that as a % of the measured bandwidth.
+
+    python tools/bench_kernels.py                 # CodeGen-6B and -16B shapes, M = 1 and 8
+    python tools/bench_kernels.py --quick         # one small shape, for a smoke run
+    python tools/bench_kernels.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+import codegen_q
+from codegen_q import _native
+
+# (name, in_features K, out_features N): CodeGen-6B qkv / fc_in / fc_out and CodeGen-16B fc_in.
+SHAPES = [
+    ("6B qkv_proj", 4096, 12288),
+    ("6B fc_in", 4096, 16384),
+    ("6B fc_out", 16384, 4096),
+    ("16B fc_in", 6144, 24576),
+]
+QUICK_SHAPES = [("small", 1024, 4096)]
+
+
+def median_seconds(fn, min_time: float = 0.5, min_runs: int = 10) -> float:
+    fn()  # warm-up: page in, caches, thread pools
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_read_bandwidth(nbytes: int = 1 << 30) -> float:
+    """GB/s for a streaming read of `nbytes` by all kernel threads (best of several passes)."""
+    buf = torch.ones(nbytes, dtype=torch.uint8)
+    cpu = _native.cpu()
+    cpu.read_checksum(buf.data_ptr(), nbytes)
+    best = min(_timed(lambda: cpu.read_checksum(buf.data_ptr(), nbytes)) for _ in range(5))
+    return nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_shape(name: str, k: int, n: int, m: int, bandwidth: float, with_peers: bool) -> list[dict]:
+    torch.manual_seed(0)
+    w = torch.randn(n, k) * 0.02
+    x = torch.randn(m, k)
+    rows = []
+
+    def add(impl: str, seconds: float, weight_bytes: int) -> None:
+        gbs = weight_bytes / seconds / 1e9
+        rows.append({"shape": name, "K": k, "N": n, "M": m, "impl": impl, "ms": seconds * 1e3,
+                     "weight_MB": weight_bytes / 1e6, "GB/s": gbs, "%bw": 100.0 * gbs / bandwidth})
+
+    for label, kwargs in (("codegen-q int8", dict(bits=8)), ("codegen-q int4 g128", dict(bits=4, group_size=128))):
+        qw = codegen_q.quantize_weight(w, **kwargs)
+        add(label, median_seconds(lambda: codegen_q.qlinear(x, qw)), qw.nbytes)
+        del qw
+
+    if with_peers:
+        add("torch fp32 matmul", median_seconds(lambda: x @ w.T), w.numel() * 4)
+        wb, xb = w.to(torch.bfloat16), x.to(torch.bfloat16)
+        add("torch bf16 matmul", median_seconds(lambda: xb @ wb.T), wb.numel() * 2)
+        del wb
+        if hasattr(torch, "_weight_int8pack_mm"):
+            scale = w.abs().amax(dim=1) / 127
+            w8 = torch.round(w / scale[:, None]).to(torch.int8).contiguous()
+            add("torch _weight_int8pack_mm", median_seconds(lambda: torch._weight_int8pack_mm(x, w8, scale)),
+                w8.numel() + scale.numel() * 4)
+    return rows
+
+
+def print_table(rows: list[dict], bandwidth: float) -> None:
+    print(f"\nmeasured read bandwidth: {bandwidth:.1f} GB/s\n")
+    header = f"{'shape':<12} {'M':>2} {'impl':<26} {'ms':>8} {'MB':>7} {'GB/s':>7} {'%bw':>5} {'vs fp32':>8}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        base = next((r for r in rows if r["shape"] == row["shape"] and r["M"] == row["M"]
+                     and r["impl"] == "torch fp32 matmul"), None)
+        speedup = f"{base['ms'] / row['ms']:.2f}x" if base else ""
+        print(f"{row['shape']:<12} {row['M']:>2} {row['impl']:<26} {row['ms']:>8.3f} {row['weight_MB']:>7.1f} "
+              f"{row['GB/s']:>7.2f} {row['%bw']:>5.0f} {speedup:>8}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None, help="threads for codegen-q and torch (default: all)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="M values (default: 1 8)")
+    parser.add_argument("--quick", action="store_true", help="one small shape, short runs")
+    parser.add_argument("--no-peers", action="store_true", help="skip the torch baselines")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+
+    if args.threads is not None:
+        codegen_q.set_num_threads(args.threads)
+    threads = codegen_q.get_num_threads()
+    torch.set_num_threads(threads)
+    info = codegen_q.backends()["cpu"]
+    print(f"codegen-q {codegen_q.__version__}, CPU ISA {info['isa']}, {threads} threads, torch {torch.__version__}, "
+          f"{platform.processor() or platform.machine()}")
+
+    bandwidth = measure_read_bandwidth(1 << 28 if args.quick else 1 << 30)
+    rows = []
+    for name, k, n in (QUICK_SHAPES if args.quick else SHAPES):
+        for m in args.batch:
+            rows.extend(bench_shape(name, k, n, m, bandwidth, not args.no_peers))
+    print_table(rows, bandwidth)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"read_bandwidth_GBs": bandwidth, "threads": threads, "isa": info["isa"],
+                       "torch": torch.__version__, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
