@@ -31,6 +31,7 @@ struct QLinearArgs {
   int64_t group_size = 0;            // int4 only
   const float* bias = nullptr;       // [N] or nullptr
   float* y = nullptr;
+  const void* workspace = nullptr;   // CPU: per-call activation workspace (see cpu/kernels.h)
 };
 
 // out[N, K] float32 = dequant(W) for the rows [0, N) of the same layout.

@@ -1,6 +1,8 @@
 #include "cpu/dispatch.h"
 
 #include <atomic>
+#include <cstdlib>
+#include <new>
 #include <stdexcept>
 #include <string>
 
@@ -12,6 +14,8 @@ namespace cgq::cpu {
 namespace {
 
 struct KernelTable {
+  int64_t (*qlinear_workspace_bytes)(const QLinearArgs&, bool);
+  void (*qlinear_prepare)(const QLinearArgs&, bool, void*);
   void (*qlinear_int8)(const QLinearArgs&, int64_t, int64_t);
   void (*qlinear_int4)(const QLinearArgs&, int64_t, int64_t);
   void (*dequantize_int8)(const DequantArgs&, int64_t, int64_t);
@@ -20,7 +24,7 @@ struct KernelTable {
 };
 
 #define CGQ_TABLE(isa) \
-  KernelTable { isa::qlinear_int8, isa::qlinear_int4, isa::dequantize_int8, isa::dequantize_int4, isa::read_checksum }
+  KernelTable { isa::qlinear_workspace_bytes, isa::qlinear_prepare, isa::qlinear_int8, isa::qlinear_int4, isa::dequantize_int8, isa::dequantize_int4, isa::read_checksum }
 
 const KernelTable& kernels() {
   static const KernelTable scalar_table = CGQ_TABLE(scalar);
@@ -69,21 +73,46 @@ void check(const QLinearArgs& a, bool int4) {
   if (a.M < 0 || (a.M > 0 && !a.x)) throw std::invalid_argument("M must be >= 0 with a non-null x");
 }
 
+// Per-thread-of-caller scratch for qlinear_prepare, grown as needed and kept: decode calls the
+// same shapes thousands of times.
+struct Workspace {
+  void* data = nullptr;
+  int64_t bytes = 0;
+  ~Workspace() { std::free(data); }
+  void* get(int64_t want) {
+    if (want > bytes) {
+      std::free(data);
+      data = nullptr;
+      bytes = 0;
+      const int64_t rounded = (want + 4095) / 4096 * 4096;
+      data = std::aligned_alloc(64, static_cast<size_t>(rounded));
+      if (!data) throw std::bad_alloc();
+      bytes = rounded;
+    }
+    return data;
+  }
+};
+
+void run_qlinear(QLinearArgs a, bool int4) {
+  check(a, int4);
+  if (a.M == 0 || a.N == 0) return;
+  const KernelTable& k = kernels();
+  const int64_t ws_bytes = k.qlinear_workspace_bytes(a, int4);
+  if (ws_bytes > 0) {
+    thread_local Workspace workspace;
+    void* ws = workspace.get(ws_bytes);
+    k.qlinear_prepare(a, int4, ws);
+    a.workspace = ws;
+  }
+  const auto fn = int4 ? k.qlinear_int4 : k.qlinear_int8;
+  parallel_for(a.N, kRowGrain, [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
 }  // namespace
 
-void qlinear_int8(const QLinearArgs& a) {
-  check(a, false);
-  if (a.M == 0) return;
-  const auto fn = kernels().qlinear_int8;
-  parallel_for(a.N, kRowGrain, [&](int64_t b, int64_t e) { fn(a, b, e); });
-}
+void qlinear_int8(const QLinearArgs& a) { run_qlinear(a, false); }
 
-void qlinear_int4(const QLinearArgs& a) {
-  check(a, true);
-  if (a.M == 0) return;
-  const auto fn = kernels().qlinear_int4;
-  parallel_for(a.N, kRowGrain, [&](int64_t b, int64_t e) { fn(a, b, e); });
-}
+void qlinear_int4(const QLinearArgs& a) { run_qlinear(a, true); }
 
 void dequantize_int8(const DequantArgs& a) {
   check_shapes(a.N, a.K, a.qweight, a.scales, a.out, false, 0);

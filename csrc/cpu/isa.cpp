@@ -39,6 +39,7 @@ bool cpu_runs(Isa isa) {
     case Isa::kAvx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx512vnni") &&
              __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   }
   return false;

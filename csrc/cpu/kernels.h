@@ -1,5 +1,7 @@
-// Entry points that every per-ISA build of qlinear_kernels.cpp provides. Each works on the output
-// rows [n_begin, n_end) so the dispatcher can hand disjoint row ranges to threads.
+// Entry points that every per-ISA build of qlinear_kernels.cpp provides. The qlinear kernels work
+// on the output rows [n_begin, n_end) so the dispatcher can hand disjoint row ranges to threads;
+// before them, once per call, qlinear_prepare fills a workspace of qlinear_workspace_bytes (64-byte
+// aligned) that all threads read, e.g. the activation limbs of the VNNI kernels.
 #pragma once
 
 #include <cstdint>
@@ -8,6 +10,8 @@
 
 #define CGQ_DECLARE_ISA_KERNELS(isa)                                                   \
   namespace cgq::cpu::isa {                                                            \
+  int64_t qlinear_workspace_bytes(const QLinearArgs& a, bool int4);                    \
+  void qlinear_prepare(const QLinearArgs& a, bool int4, void* workspace);              \
   void qlinear_int8(const QLinearArgs& a, int64_t n_begin, int64_t n_end);             \
   void qlinear_int4(const QLinearArgs& a, int64_t n_begin, int64_t n_end);             \
   void dequantize_int8(const DequantArgs& a, int64_t n_begin, int64_t n_end);          \

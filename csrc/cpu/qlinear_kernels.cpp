@@ -8,6 +8,11 @@
 // MR FMAs, so the conversion cost is shared by the batch.
 #include "cpu/kernels.h"
 #include "cpu/simd.h"
+#if defined(CGQ_ISA_AVX512)
+#include <type_traits>
+
+#include "cpu/qlinear_vnni.h"
+#endif
 
 namespace cgq::cpu::CGQ_ISA {
 namespace {
@@ -114,14 +119,79 @@ void run_rows(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
   }
 }
 
+#if defined(CGQ_ISA_AVX512)
+// VNNI tiles keep 3 integer accumulators per (row of x, row of W) plus a float one, so 4 pairs
+// (16 of the 32 zmm registers) per tile: MR x NR in {1x4, 2x2, 4x1}.
+vnni::Layout vnni_layout(const QLinearArgs& a, bool int4) {
+  return vnni::Layout(a.K, int4 ? a.group_size : vnni::kInt8Block, int4);
+}
+
+template <bool kInt4>
+void run_rows_vnni(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
+  const vnni::Layout L = vnni_layout(a, kInt4);
+  const uint8_t* ws = static_cast<const uint8_t*>(a.workspace);
+  auto tile = [&](auto mr, auto nr, int64_t m, int64_t n) {
+    if constexpr (kInt4) vnni::int4_tile<decltype(mr)::value, decltype(nr)::value>(a, L, ws, m, n);
+    else vnni::int8_tile<decltype(mr)::value, decltype(nr)::value>(a, L, ws, m, n);
+  };
+  using I1 = std::integral_constant<int, 1>;
+  using I2 = std::integral_constant<int, 2>;
+  using I4 = std::integral_constant<int, 4>;
+  int64_t n = n_begin;
+  for (; n + 4 <= n_end; n += 4) {
+    int64_t m = 0;
+    for (; m + 4 <= a.M; m += 4)
+      for (int r = 0; r < 4; ++r) tile(I4{}, I1{}, m, n + r);
+    for (; m + 2 <= a.M; m += 2) {
+      tile(I2{}, I2{}, m, n);
+      tile(I2{}, I2{}, m, n + 2);
+    }
+    for (; m < a.M; ++m) tile(I1{}, I4{}, m, n);
+  }
+  for (; n < n_end; ++n) {
+    int64_t m = 0;
+    for (; m + 4 <= a.M; m += 4) tile(I4{}, I1{}, m, n);
+    for (; m < a.M; ++m) tile(I1{}, I1{}, m, n);
+  }
+}
+#endif
+
 }  // namespace
 
+int64_t qlinear_workspace_bytes(const QLinearArgs& a, bool int4) {
+#if defined(CGQ_ISA_AVX512)
+  return a.M * vnni_layout(a, int4).row_bytes;
+#else
+  (void)a;
+  (void)int4;
+  return 0;
+#endif
+}
+
+void qlinear_prepare(const QLinearArgs& a, bool int4, void* workspace) {
+#if defined(CGQ_ISA_AVX512)
+  vnni::prepare(a.x, a.M, vnni_layout(a, int4), static_cast<uint8_t*>(workspace));
+#else
+  (void)a;
+  (void)int4;
+  (void)workspace;
+#endif
+}
+
 void qlinear_int8(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
+#if defined(CGQ_ISA_AVX512)
+  run_rows_vnni<false>(a, n_begin, n_end);
+#else
   run_rows<Int8TileImpl>(a, n_begin, n_end);
+#endif
 }
 
 void qlinear_int4(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
+#if defined(CGQ_ISA_AVX512)
+  run_rows_vnni<true>(a, n_begin, n_end);
+#else
   run_rows<Int4TileImpl>(a, n_begin, n_end);
+#endif
 }
 
 void dequantize_int8(const DequantArgs& a, int64_t n_begin, int64_t n_end) {

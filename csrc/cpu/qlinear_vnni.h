@@ -1,0 +1,259 @@
+// Integer-dot-product qlinear for the AVX-512 variant (needs AVX512-VNNI): included by
+// qlinear_kernels.cpp in the avx512 translation unit only.
+//
+// Why: converting every weight to fp32 and FMA-ing makes a CPU GEMV ALU-bound far below memory
+// bandwidth. ggml's answer is to quantize the activation row to int8 and use integer dot products
+// (vpdpbusd: 64 u8 x s8 products per instruction), at the cost of activation precision. Here the
+// activation is instead split *exactly enough* into three int8 "limbs" on a power-of-two scale per
+// block: x ~= 2^e (h + l / 128 + ll / 128^2), |h| <= 127, |l|, |ll| <= 64. Power-of-two scaling and
+// the limb splits are exact in fp32, so the only representation error is the last limb's rounding,
+// <= 2^e / 2^15 ~ max|x_block| * 2^-21, and small integers (and anything with <= 21 significant
+// bits relative to the block max) are represented exactly. Integer partial sums are exact; blocks
+// are combined in fp32. The result holds the same fp32-accumulation error bound as the float
+// kernels (tests/test_qlinear.py), for about a third of the instructions.
+//
+// Weights enter vpdpbusd as the unsigned operand: int4 nibbles are 0..15 already; int8 is offset by
+// +128 (xor 0x80). The offset (zero point) term z * sum(x_block) comes from per-block limb sums
+// computed with the limbs, so it costs nothing per weight.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/qformat.h"
+
+namespace cgq::cpu::CGQ_ISA::vnni {
+
+constexpr int kLimbs = 3;
+constexpr int kInt8Block = 128;  // activation block for int8 weights (int4 uses its group size)
+constexpr int64_t kAlign = 128;  // one int4 chunk: 64 bytes of weights, 128 elements
+
+inline int64_t round_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
+
+// Workspace layout for M activation rows: per row, kLimbs int8 arrays of Kp (K padded to 128, zero
+// filled) then, per block, the block scale 2^e and the block's zero-point sum 2^e * sum(x_hat).
+//
+// With `nibble_order` (int4 weights) each 128-element chunk of limbs is stored in the order one
+// 64-byte load of packed weights yields after masking: first the low nibbles of its four 32-blocks
+// (elements 0-15 of each), then the high nibbles (elements 16-31 of each). The weights then need
+// no shuffles at all: `w & 0xF` and `(w >> 4) & 0xF` line up with the two halves of the limbs.
+struct Layout {
+  int64_t K, Kp, block, n_blocks, row_bytes;
+  bool nibble_order;
+  Layout(int64_t K_, int64_t block_, bool nibble_order_)
+      : K(K_), Kp(round_up(K_, kAlign)), block(block_), nibble_order(nibble_order_) {
+    n_blocks = (K + block - 1) / block;
+    row_bytes = round_up(kLimbs * Kp + 2 * n_blocks * static_cast<int64_t>(sizeof(float)), kAlign);
+  }
+  const int8_t* limb(const uint8_t* ws, int64_t m, int j) const {
+    return reinterpret_cast<const int8_t*>(ws + m * row_bytes + j * Kp);
+  }
+  const float* block_scale(const uint8_t* ws, int64_t m) const {
+    return reinterpret_cast<const float*>(ws + m * row_bytes + kLimbs * Kp);
+  }
+  const float* block_sum(const uint8_t* ws, int64_t m) const { return block_scale(ws, m) + n_blocks; }
+  // Where the 16 elements starting at natural index k (a multiple of 16) are stored.
+  int64_t position(int64_t k) const {
+    if (!nibble_order) return k;
+    const int64_t chunk = k & ~int64_t(127), in_chunk = k & 127;
+    return chunk + ((in_chunk & 16) ? 64 : 0) + (in_chunk >> 5) * 16;
+  }
+};
+
+inline __m512 round_nearest(__m512 v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+
+// Splits activation rows into limbs (see the file comment). Runs once per qlinear call.
+inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * L.K;
+    uint8_t* row = ws + m * L.row_bytes;
+    int8_t* limbs[kLimbs];
+    for (int j = 0; j < kLimbs; ++j) {
+      limbs[j] = reinterpret_cast<int8_t*>(row + j * L.Kp);
+      for (int64_t k = L.K; k < L.Kp; ++k) limbs[j][k] = 0;
+    }
+    float* scales = reinterpret_cast<float*>(row + kLimbs * L.Kp);
+    float* sums = scales + L.n_blocks;
+    for (int64_t b = 0; b < L.n_blocks; ++b) {
+      const int64_t k0 = b * L.block;
+      const int64_t len = (L.K - k0 < L.block) ? L.K - k0 : L.block;
+      __m512 vmax = _mm512_setzero_ps();
+      for (int64_t k = 0; k < len; k += 16) {
+        const __mmask16 mask = (len - k >= 16) ? __mmask16(0xFFFF) : __mmask16((1u << (len - k)) - 1);
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, xr + k0 + k)));
+      }
+      const float amax = _mm512_reduce_max_ps(vmax);
+      if (!(amax > 0.0f) || !std::isfinite(amax)) {  // zeros (or non-finite input): exact path below
+        for (int j = 0; j < kLimbs; ++j)
+          for (int64_t k = 0; k < len; k += 16) {
+            const int64_t n = (len - k < 16) ? len - k : 16;
+            for (int64_t i = 0; i < n; ++i) limbs[j][L.position(k0 + k) + i] = 0;
+          }
+        scales[b] = 0.0f;
+        sums[b] = 0.0f;
+        if (!std::isfinite(amax)) scales[b] = amax;  // poison the block so the output is NaN/inf too
+        continue;
+      }
+      // Smallest e with amax / 2^e <= 127, so |h| <= 127.
+      int e = std::ilogb(amax) - 6;
+      while (std::ldexp(amax, -e) > 127.0f) ++e;
+      while (std::ldexp(amax, -(e - 1)) <= 127.0f) --e;
+      const __m512 inv = _mm512_set1_ps(std::ldexp(1.0f, -e));  // 2^-e, exact
+      const __m512 c128 = _mm512_set1_ps(128.0f);
+      __m512i sum_h = _mm512_setzero_si512(), sum_l = sum_h, sum_ll = sum_h;
+      for (int64_t k = 0; k < len; k += 16) {
+        const __mmask16 mask = (len - k >= 16) ? __mmask16(0xFFFF) : __mmask16((1u << (len - k)) - 1);
+        // For 2^-e beyond the fp32 range (denormal x), scale in two exact steps.
+        __m512 t = _mm512_maskz_loadu_ps(mask, xr + k0 + k);
+        if (e < -126) t = _mm512_mul_ps(_mm512_mul_ps(t, _mm512_set1_ps(std::ldexp(1.0f, 64))),
+                                        _mm512_set1_ps(std::ldexp(1.0f, -e - 64)));
+        else t = _mm512_mul_ps(t, inv);
+        const __m512 h = round_nearest(t);
+        const __m512 r1 = _mm512_mul_ps(_mm512_sub_ps(t, h), c128);
+        const __m512 l = round_nearest(r1);
+        const __m512 ll = round_nearest(_mm512_mul_ps(_mm512_sub_ps(r1, l), c128));
+        const __m512i hi = _mm512_cvtps_epi32(h), li = _mm512_cvtps_epi32(l), lli = _mm512_cvtps_epi32(ll);
+        const int64_t pos = L.position(k0 + k);
+        _mm_mask_storeu_epi8(limbs[0] + pos, mask, _mm512_cvtepi32_epi8(hi));
+        _mm_mask_storeu_epi8(limbs[1] + pos, mask, _mm512_cvtepi32_epi8(li));
+        _mm_mask_storeu_epi8(limbs[2] + pos, mask, _mm512_cvtepi32_epi8(lli));
+        sum_h = _mm512_add_epi32(sum_h, hi);  // masked-off lanes loaded as 0
+        sum_l = _mm512_add_epi32(sum_l, li);
+        sum_ll = _mm512_add_epi32(sum_ll, lli);
+      }
+      const double x_hat_sum = static_cast<double>(_mm512_reduce_add_epi32(sum_h)) +
+                               static_cast<double>(_mm512_reduce_add_epi32(sum_l)) / 128.0 +
+                               static_cast<double>(_mm512_reduce_add_epi32(sum_ll)) / 16384.0;
+      scales[b] = std::ldexp(1.0f, e);
+      sums[b] = static_cast<float>(std::ldexp(x_hat_sum, e));
+    }
+  }
+}
+
+// Combines the three limb accumulators of one block into fp32: H + L/128 + LL/128^2.
+inline __m512 combine(__m512i h, __m512i l, __m512i ll) {
+  const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ll), _mm512_set1_ps(1.0f / 128.0f), _mm512_cvtepi32_ps(l));
+  return _mm512_fmadd_ps(f, _mm512_set1_ps(1.0f / 128.0f), _mm512_cvtepi32_ps(h));
+}
+
+// y[m0 .. m0+MR, n0 .. n0+NR] for int8 weights.
+template <int MR, int NR>
+void int8_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t m0, int64_t n0) {
+  const int8_t* w = static_cast<const int8_t*>(a.qweight) + n0 * a.K;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < L.n_blocks; ++b) {
+    __m512i ih[MR][NR], il[MR][NR], ill[MR][NR];
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < NR; ++r) ih[m][r] = il[m][r] = ill[m][r] = _mm512_setzero_si512();
+    const int64_t k_end = (b + 1) * kInt8Block < a.K ? (b + 1) * kInt8Block : a.K;
+    for (int64_t k = b * kInt8Block; k < k_end; k += 64) {
+      const __mmask64 mask = (k_end - k >= 64) ? ~__mmask64(0) : ((__mmask64(1) << (k_end - k)) - 1);
+      __m512i xl[MR][kLimbs];
+      for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < kLimbs; ++j) xl[m][j] = _mm512_load_si512(L.limb(ws, m0 + m, j) + k);
+      for (int r = 0; r < NR; ++r) {
+        // Masked load: the tail of the last row must not read past the weight buffer. Lanes past
+        // K load 0 -> 128 after the flip, but meet zero limbs.
+        const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + r * a.K + k), flip);
+        for (int m = 0; m < MR; ++m) {
+          ih[m][r] = _mm512_dpbusd_epi32(ih[m][r], wv, xl[m][0]);
+          il[m][r] = _mm512_dpbusd_epi32(il[m][r], wv, xl[m][1]);
+          ill[m][r] = _mm512_dpbusd_epi32(ill[m][r], wv, xl[m][2]);
+        }
+      }
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m512 s = _mm512_set1_ps(L.block_scale(ws, m0 + m)[b]);
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(combine(ih[m][r], il[m][r], ill[m][r]), s, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    float offset_sum = 0.0f;  // sum over blocks of 2^e * sum(x_hat): the +128 offset's contribution
+    const float* sums = L.block_sum(ws, m0 + m);
+    for (int64_t b = 0; b < L.n_blocks; ++b) offset_sum += sums[b];
+    for (int r = 0; r < NR; ++r) {
+      const float scale = _cvtsh_ss(a.scales[n0 + r]);
+      const float bias = a.bias ? a.bias[n0 + r] : 0.0f;
+      a.y[(m0 + m) * a.N + n0 + r] = (_mm512_reduce_add_ps(acc[m][r]) - 128.0f * offset_sum) * scale + bias;
+    }
+  }
+}
+
+// y[m0 .. m0+MR, n0 .. n0+NR] for int4 weights; the activation blocks are the weight groups.
+// Work goes in chunks of 128 elements (64 bytes of weights): a chunk holds 128 / G groups, and
+// lane i of a dot-product vector covers bytes 4i..4i+3, i.e. 32-block i / 4, so lane quarters
+// (G = 32), halves (G = 64) or the whole vector (G = 128) belong to one group.
+template <int MR, int NR>
+void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t m0, int64_t n0) {
+  const int64_t G = a.group_size;
+  const int64_t groups = a.K / G;
+  const int64_t row_bytes = a.K / 2;
+  const int groups_per_chunk = static_cast<int>(128 / G);
+  const uint8_t* w = static_cast<const uint8_t*>(a.qweight) + n0 * row_bytes;
+  // Lane -> group-in-chunk index for the scale vector.
+  const __m512i lane_group = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               G == 32 ? 2 : (G == 64 ? 3 : 4));
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+
+  for (int64_t k = 0; k < a.K; k += 128) {
+    const int64_t g0 = k / G;
+    const int64_t chunk_groups = (groups - g0 < groups_per_chunk) ? groups - g0 : groups_per_chunk;
+    const int64_t chunk_bytes = (a.K - k >= 128) ? 64 : (a.K - k) / 2;
+    const __mmask64 byte_mask = chunk_bytes == 64 ? ~__mmask64(0) : ((__mmask64(1) << chunk_bytes) - 1);
+    const __mmask16 group_mask = static_cast<__mmask16>((1u << chunk_groups) - 1);
+    __m512i ih[MR][NR], il[MR][NR], ill[MR][NR];
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < NR; ++r) ih[m][r] = il[m][r] = ill[m][r] = _mm512_setzero_si512();
+    __m512i xl[MR][kLimbs][2];
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < kLimbs; ++j) {
+        xl[m][j][0] = _mm512_load_si512(L.limb(ws, m0 + m, j) + k);
+        xl[m][j][1] = _mm512_load_si512(L.limb(ws, m0 + m, j) + k + 64);
+      }
+    for (int r = 0; r < NR; ++r) {
+      const __m512i raw = _mm512_maskz_loadu_epi8(byte_mask, w + r * row_bytes + k / 2);
+      const __m512i lo = _mm512_and_si512(raw, nibble);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
+      for (int m = 0; m < MR; ++m) {
+        ih[m][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ih[m][r], lo, xl[m][0][0]), hi, xl[m][0][1]);
+        il[m][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(il[m][r], lo, xl[m][1][0]), hi, xl[m][1][1]);
+        ill[m][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ill[m][r], lo, xl[m][2][0]), hi, xl[m][2][1]);
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      // Weight scales of this chunk's groups, spread over their lanes.
+      const __m512 sw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(group_mask, a.scales + (n0 + r) * groups + g0));
+      for (int m = 0; m < MR; ++m) {
+        const __m512 sx = _mm512_maskz_loadu_ps(group_mask, L.block_scale(ws, m0 + m) + g0);
+        const __m512 s = _mm512_permutexvar_ps(lane_group, _mm512_mul_ps(sw, sx));
+        acc[m][r] = _mm512_fmadd_ps(combine(ih[m][r], il[m][r], ill[m][r]), s, acc[m][r]);
+      }
+    }
+  }
+  // Zero-point term: sum over groups of scale * zero * 2^e * sum(x_hat), vectorised over groups.
+  for (int r = 0; r < NR; ++r) {
+    const float bias = a.bias ? a.bias[n0 + r] : 0.0f;
+    for (int m = 0; m < MR; ++m) {
+      const float* sums = L.block_sum(ws, m0 + m);
+      __m512 off = _mm512_setzero_ps();
+      for (int64_t g = 0; g < groups; g += 16) {
+        const __mmask16 mask = (groups - g >= 16) ? __mmask16(0xFFFF) : __mmask16((1u << (groups - g)) - 1);
+        const __m512 sw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, a.scales + (n0 + r) * groups + g));
+        const __m512 z = a.zeros ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, a.zeros + (n0 + r) * groups + g)))
+                                 : _mm512_set1_ps(static_cast<float>(kInt4SymmetricZero));
+        off = _mm512_fmadd_ps(_mm512_mul_ps(sw, z), _mm512_maskz_loadu_ps(mask, sums + g), off);
+      }
+      a.y[(m0 + m) * a.N + n0 + r] = _mm512_reduce_add_ps(acc[m][r]) - _mm512_reduce_add_ps(off) + bias;
+    }
+  }
+}
+
+}  // namespace cgq::cpu::CGQ_ISA::vnni
