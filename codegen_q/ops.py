@@ -18,8 +18,11 @@ from codegen_q import _native
 from codegen_q.quantize import QuantizedWeight
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Above this many rows of x the dequantize + GEMM path wins on CPU (tools/bench_kernels.py --sweep-m).
-NATIVE_MAX_M_CPU = 16
+# Up to this many rows of x the native kernel beats dequantize + torch GEMM. Measured on the 2-core
+# AVX-512 development machine at 4096x4096: the VNNI kernel still wins at M = 64 (37 ms vs 144 ms),
+# the fp32-FMA kernels (scalar, AVX2) are compute-bound sooner.
+NATIVE_MAX_M_CPU = {"avx512": 64}
+NATIVE_MAX_M_CPU_DEFAULT = 16
 NATIVE_MAX_M_CUDA = 8
 # Size of the float32 weight tile used by the large-M path.
 _DEQUANT_TILE_ELEMENTS = 1 << 21
@@ -58,12 +61,17 @@ def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=torch.float32, device=x.device)
     if m > 0 and n > 0:
-        native_max_m = NATIVE_MAX_M_CUDA if x.is_cuda else NATIVE_MAX_M_CPU
+        native_max_m = NATIVE_MAX_M_CUDA if x.is_cuda else native_max_m_cpu()
         if m <= native_max_m:
             _native_qlinear(x2, qweight, bias32, y)
         else:
             _dequantize_gemm(x2, qweight, bias32, y)
     return y.to(x.dtype).reshape(*lead, n)
+
+
+def native_max_m_cpu() -> int:
+    """Largest M that qlinear sends to the native CPU kernel with the ISA active now."""
+    return NATIVE_MAX_M_CPU.get(_native.cpu().active_isa(), NATIVE_MAX_M_CPU_DEFAULT)
 
 
 def dequantize(qweight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

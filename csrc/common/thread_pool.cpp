@@ -69,7 +69,9 @@ class Pool {
     }
     job_ = &job;
     n_jobs_ = n_jobs;
-    pending_.store(n_jobs - 1, std::memory_order_relaxed);
+    // Every worker acknowledges every generation, with or without a job in it: otherwise a worker
+    // still waking up for this call could read the *next* call's job_ / n_jobs_ and run a job twice.
+    pending_.store(n_threads_ - 1, std::memory_order_relaxed);
     {
       std::lock_guard<std::mutex> lock(sleep_mutex_);
       generation_.fetch_add(1, std::memory_order_release);
@@ -87,10 +89,8 @@ class Pool {
       wait_for_new_generation(seen);
       seen = generation_.load(std::memory_order_acquire);
       if (stopping_) return;
-      if (index < n_jobs_) {
-        (*job_)(index);
-        pending_.fetch_sub(1, std::memory_order_acq_rel);
-      }
+      if (index < n_jobs_) (*job_)(index);
+      pending_.fetch_sub(1, std::memory_order_acq_rel);
     }
   }
 
@@ -111,7 +111,7 @@ class Pool {
   std::atomic<int> pending_{0};
   const std::function<void(int)>* job_ = nullptr;
   int n_jobs_ = 0;
-  bool stopping_ = false;
+  std::atomic<bool> stopping_{false};
   std::mutex sleep_mutex_;
   std::condition_variable sleep_cv_;
 };
