@@ -183,11 +183,13 @@ def _quantize_rows(w: torch.Tensor, bits: int, group_size: int | None, symmetric
 def _fp16_scale_at_least(scale: torch.Tensor) -> torch.Tensor:
     """fp16 scales no smaller than `scale` (fp32), so the quantization grid covers every value."""
     s16 = scale.to(torch.float16)
-    if not torch.isfinite(s16).all():
-        raise ValueError("weight values are too large for fp16 scales (|w| > 65504 * qmax)")
     too_small = s16.float() < scale
     bumped = (s16.view(torch.int16) + 1).view(torch.float16)  # next fp16 up, for positive values
-    return torch.where(too_small, bumped, s16)
+    s16 = torch.where(too_small, bumped, s16)
+    # Checked after rounding up: a scale just above 65504 rounds down to it, then up to inf.
+    if not torch.isfinite(s16).all():
+        raise ValueError("weight values are too large for fp16 scales (|w| > 65504 * qmax)")
+    return s16
 
 
 def _safe(scale: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ struct Layout {
   Layout(int64_t K_, int64_t block_, bool nibble_order_)
       : K(K_), Kp(round_up(K_, kAlign)), block(block_), nibble_order(nibble_order_) {
     n_blocks = (K + block - 1) / block;
-    row_bytes = round_up(kLimbs * Kp + 2 * n_blocks * static_cast<int64_t>(sizeof(float)), kAlign);
+    row_bytes = round_up(kLimbs * Kp + 2 * n_blocks * static_cast<int64_t>(sizeof(float)) + n_blocks + 1, kAlign);
   }
   const int8_t* limb(const uint8_t* ws, int64_t m, int j) const {
     return reinterpret_cast<const int8_t*>(ws + m * row_bytes + j * Kp);
@@ -54,6 +54,11 @@ struct Layout {
     return reinterpret_cast<const float*>(ws + m * row_bytes + kLimbs * Kp);
   }
   const float* block_sum(const uint8_t* ws, int64_t m) const { return block_scale(ws, m) + n_blocks; }
+  // 1 for blocks the kernels must compute in fp32 instead (see prepare), else 0; entry n_blocks
+  // says whether the row has any, so the common case costs one byte read.
+  const uint8_t* fp32_block(const uint8_t* ws, int64_t m) const {
+    return reinterpret_cast<const uint8_t*>(block_sum(ws, m) + n_blocks);
+  }
   // Where the 16 elements starting at natural index k (a multiple of 16) are stored.
   int64_t position(int64_t k) const {
     if (!nibble_order) return k;
@@ -65,6 +70,14 @@ struct Layout {
 inline __m512 round_nearest(__m512 v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 
 // Splits activation rows into limbs (see the file comment). Runs once per qlinear call.
+//
+// The limb error is relative to the block maximum, so a block whose maximum towers over its other
+// values (LLMs' "massive activations") would lose the small values' precision. Such blocks, and
+// blocks holding NaN or inf, are marked for an fp32 pass instead: a block keeps limbs only if
+//   amax * len * 16 <= (K + 2) * sum|x_block|,
+// i.e. if its limb error (< amax * 2^-21 per element) costs at most half of the fp32-accumulation
+// error bound (K + 2) 2^-24 sum|x||w| that the float kernels meet (for weights of comparable
+// size across the block). Small K therefore runs in fp32 entirely.
 inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * L.K;
@@ -76,16 +89,26 @@ inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
     }
     float* scales = reinterpret_cast<float*>(row + kLimbs * L.Kp);
     float* sums = scales + L.n_blocks;
+    uint8_t* fp32_block = reinterpret_cast<uint8_t*>(sums + L.n_blocks);
+    fp32_block[L.n_blocks] = 0;
     for (int64_t b = 0; b < L.n_blocks; ++b) {
       const int64_t k0 = b * L.block;
       const int64_t len = (L.K - k0 < L.block) ? L.K - k0 : L.block;
-      __m512 vmax = _mm512_setzero_ps();
+      __m512 vmax = _mm512_setzero_ps(), vsum = _mm512_setzero_ps();
       for (int64_t k = 0; k < len; k += 16) {
         const __mmask16 mask = (len - k >= 16) ? __mmask16(0xFFFF) : __mmask16((1u << (len - k)) - 1);
-        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, xr + k0 + k)));
+        const __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, xr + k0 + k));
+        vmax = _mm512_max_ps(vmax, v);
+        vsum = _mm512_add_ps(vsum, v);  // unlike max, a sum keeps NaN and inf
       }
       const float amax = _mm512_reduce_max_ps(vmax);
-      if (!(amax > 0.0f) || !std::isfinite(amax)) {  // zeros (or non-finite input): exact path below
+      const float abs_sum = _mm512_reduce_add_ps(vsum);
+      const bool use_fp32 = !std::isfinite(abs_sum) ||
+                            static_cast<double>(amax) * static_cast<double>(len) * 16.0 >
+                                static_cast<double>(L.K + 2) * static_cast<double>(abs_sum);
+      fp32_block[b] = use_fp32 ? 1 : 0;
+      fp32_block[L.n_blocks] |= fp32_block[b];
+      if (use_fp32 || !(amax > 0.0f)) {  // fp32 pass, or all zeros: no limbs
         for (int j = 0; j < kLimbs; ++j)
           for (int64_t k = 0; k < len; k += 16) {
             const int64_t n = (len - k < 16) ? len - k : 16;
@@ -93,7 +116,6 @@ inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
           }
         scales[b] = 0.0f;
         sums[b] = 0.0f;
-        if (!std::isfinite(amax)) scales[b] = amax;  // poison the block so the output is NaN/inf too
         continue;
       }
       // Smallest e with amax / 2^e <= 127, so |h| <= 127.
@@ -138,6 +160,34 @@ inline __m512 combine(__m512i h, __m512i l, __m512i ll) {
   return _mm512_fmadd_ps(f, _mm512_set1_ps(1.0f / 128.0f), _mm512_cvtepi32_ps(h));
 }
 
+// fp32 dot product of `len` activations with int8 weights (unscaled), for blocks marked fp32.
+inline float dot_int8_fp32(const int8_t* w, const float* x, int64_t len) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t k = 0; k < len; k += 16) {
+    const __mmask16 mask = (len - k >= 16) ? __mmask16(0xFFFF) : __mmask16((1u << (len - k)) - 1);
+    const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + k)));
+    acc = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + k), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// fp32 dot product of one int4 group (packed bytes of its 32-blocks, natural-order x) with the
+// dequantized weights (q - zero) * scale, for blocks marked fp32.
+inline float dot_int4_fp32(const uint8_t* w, const float* x, int64_t len, float scale, float zero) {
+  const __m512 s = _mm512_set1_ps(scale), offset = _mm512_set1_ps(-zero * scale);
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t k = 0; k < len; k += kInt4BlockElems) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2));
+    const __m128i lo = _mm_and_si128(bytes, nibble), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+    const __m512 w_lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), s, offset);
+    const __m512 w_hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), s, offset);
+    acc = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(x + k), acc);
+    acc = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(x + k + 16), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
 // y[m0 .. m0+MR, n0 .. n0+NR] for int8 weights.
 template <int MR, int NR>
 void int8_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t m0, int64_t n0) {
@@ -176,10 +226,18 @@ void int8_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
     float offset_sum = 0.0f;  // sum over blocks of 2^e * sum(x_hat): the +128 offset's contribution
     const float* sums = L.block_sum(ws, m0 + m);
     for (int64_t b = 0; b < L.n_blocks; ++b) offset_sum += sums[b];
+    float fp32_part[NR] = {};
+    const uint8_t* fp32_block = L.fp32_block(ws, m0 + m);
+    for (int64_t b = 0; b < L.n_blocks && fp32_block[L.n_blocks]; ++b) {
+      if (!fp32_block[b]) continue;
+      const int64_t k0 = b * kInt8Block, len = (a.K - k0 < kInt8Block) ? a.K - k0 : kInt8Block;
+      for (int r = 0; r < NR; ++r) fp32_part[r] += dot_int8_fp32(w + r * a.K + k0, a.x + (m0 + m) * a.K + k0, len);
+    }
     for (int r = 0; r < NR; ++r) {
       const float scale = _cvtsh_ss(a.scales[n0 + r]);
       const float bias = a.bias ? a.bias[n0 + r] : 0.0f;
-      a.y[(m0 + m) * a.N + n0 + r] = (_mm512_reduce_add_ps(acc[m][r]) - 128.0f * offset_sum) * scale + bias;
+      a.y[(m0 + m) * a.N + n0 + r] =
+          (_mm512_reduce_add_ps(acc[m][r]) - 128.0f * offset_sum + fp32_part[r]) * scale + bias;
     }
   }
 }
@@ -251,7 +309,16 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
                                  : _mm512_set1_ps(static_cast<float>(kInt4SymmetricZero));
         off = _mm512_fmadd_ps(_mm512_mul_ps(sw, z), _mm512_maskz_loadu_ps(mask, sums + g), off);
       }
-      a.y[(m0 + m) * a.N + n0 + r] = _mm512_reduce_add_ps(acc[m][r]) - _mm512_reduce_add_ps(off) + bias;
+      float fp32_part = 0.0f;
+      const uint8_t* fp32_block = L.fp32_block(ws, m0 + m);
+      for (int64_t g = 0; g < groups && fp32_block[groups]; ++g) {
+        if (!fp32_block[g]) continue;
+        const int64_t idx = (n0 + r) * groups + g;
+        const float z = a.zeros ? static_cast<float>(a.zeros[idx]) : static_cast<float>(kInt4SymmetricZero);
+        fp32_part += dot_int4_fp32(w + r * row_bytes + g * G / 2, a.x + (m0 + m) * a.K + g * G, G,
+                                   _cvtsh_ss(a.scales[idx]), z);
+      }
+      a.y[(m0 + m) * a.N + n0 + r] = _mm512_reduce_add_ps(acc[m][r]) - _mm512_reduce_add_ps(off) + fp32_part + bias;
     }
   }
 }
