@@ -7,6 +7,8 @@ kernel another one exercises.
 
 from __future__ import annotations
 
+import faulthandler
+
 import pytest
 
 import codegen_q
@@ -34,6 +36,18 @@ def cpu_isa(request) -> str:
         yield request.param
     finally:
         codegen_q.set_cpu_isa("auto")
+
+
+# A kernel or thread-pool bug tends to hang rather than fail; rather than stall CI forever, dump
+# every thread's stack and exit when a single test runs this long (far above any test's need).
+_WATCHDOG_SECONDS = 300
+
+
+@pytest.fixture(autouse=True)
+def _watchdog():
+    faulthandler.dump_traceback_later(_WATCHDOG_SECONDS, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,6 @@
-"""CUDA twins against the CPU kernels. Skipped cleanly without a GPU; the build checks are not."""
+"""CUDA twins of the CPU ops, compared with the CPU kernels and the float64 reference on the same
+fresh random inputs. Needs a GPU: the whole module skips cleanly without one (the checks of the
+CUDA build itself, which need no GPU, are in test_cuda_build.py)."""
 
 from __future__ import annotations
 
@@ -6,72 +8,142 @@ import pytest
 import torch
 
 import codegen_q
-from support import CUDA_USABLE, assert_within, exact_qweight, fp32_bound, small_int_tensor
+from codegen_q import qlinear, quantize_weight
+from support import (CUDA_USABLE, assert_sums_exact_in_fp32, assert_within, dequantize_ref, exact_qweight,
+                     fp32_bound, small_int_tensor)
 
-CUDA_INFO = codegen_q.backends()["cuda"]
-needs_gpu = pytest.mark.skipif(not CUDA_USABLE, reason="no usable CUDA device (needs a GPU, a driver and the CUDA build)")
+pytestmark = pytest.mark.skipif(not CUDA_USABLE,
+                                reason="no usable CUDA device (needs a GPU, a driver and the CUDA build)")
 
-SCHEMES = [("int8", dict(bits=8)), ("int4-g128", dict(bits=4, group_size=128)),
-           ("int4-g32-sym", dict(bits=4, group_size=32, symmetric=True)), ("int4-g64", dict(bits=4, group_size=64))]
+SCHEMES = {
+    "int8": dict(bits=8),
+    "int4-g128-asym": dict(bits=4, group_size=128),
+    "int4-g32-sym": dict(bits=4, group_size=32, symmetric=True),
+    "int4-g64-asym": dict(bits=4, group_size=64),
+}
+# N odd; K = 1120 is a multiple of 32 but not of 64 or 128.
+SHAPES = [(256, 101), (1120, 67), (4096, 37)]
+# 1 and 3: the native CUDA kernel; 17 and 300: above NATIVE_MAX_M_CUDA, dequantize + cuBLAS.
+MS = [1, 3, 17, 300]
+CASES = [pytest.param(s, k, n, id=f"{s}-K{k}-N{n}")
+         for s, kw in SCHEMES.items() for k, n in SHAPES if k % (kw.get("group_size") or 1) == 0]
 
 
-@pytest.mark.skipif(not CUDA_INFO["compiled"], reason="this build has no CUDA module")
-def test_cuda_module_built_for_the_default_architectures():
-    archs = CUDA_INFO["architectures"]
-    for arch in ("75-real", "80-real", "86-real", "89-real"):
-        assert arch in archs
-    assert "90-real" in archs or "90" in archs
+@pytest.fixture(autouse=True)
+def _strict_fp32_matmul():
+    # The large-M path uses torch's GEMM; TF32 would void the fp32 bound (torch's default is off).
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@needs_gpu
-@pytest.mark.parametrize("name,kwargs", SCHEMES, ids=[s[0] for s in SCHEMES])
-@pytest.mark.parametrize("m", [1, 3, 17, 300])
-@pytest.mark.parametrize("k", [256, 4096, 1120])
-def test_cuda_qlinear_matches_cpu(name, kwargs, m, k):
-    if kwargs.get("group_size") and k % kwargs["group_size"]:
-        pytest.skip("group size does not divide K")
-    gen = torch.Generator().manual_seed(m * 7919 + k)
-    n = 101
-    w = torch.randn(n, k, generator=gen)
-    x = torch.randn(m, k, generator=gen)
-    bias = torch.randn(n, generator=gen)
-    qw = codegen_q.quantize_weight(w, **kwargs)
-    y_cpu = codegen_q.qlinear(x, qw, bias)
-    y_gpu = codegen_q.qlinear(x.cuda(), qw.to("cuda"), bias.cuda())
-    assert y_gpu.device.type == "cuda"
-    w64 = qw.dequantize().double()
+def _problem(scheme, m, k, n, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    qw = quantize_weight(torch.randn(n, k, generator=g) * 0.05, **SCHEMES[scheme])
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g)
+    return x, qw, bias
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("scheme,k,n", CASES)
+def test_cuda_qlinear_matches_cpu_and_float64(scheme, k, n, m):
+    x, qw, bias = _problem(scheme, m, k, n, seed=m * 7919 + k)
+    qw_cuda = qw.to("cuda")
+    y_gpu = qlinear(x.cuda(), qw_cuda, bias.cuda())
+    assert y_gpu.device.type == "cuda" and y_gpu.shape == (m, n) and y_gpu.dtype == torch.float32
+    y_cpu = qlinear(x, qw, bias)
+    w64 = dequantize_ref(qw)
     ref = x.double() @ w64.T + bias.double()
     tol = fp32_bound(x.double(), w64, bias.double())
-    assert_within(y_gpu.cpu(), ref, tol, f"cuda {name}")
-    assert_within(y_cpu, ref, tol, f"cpu {name}")
-    assert torch.equal(qw.to("cuda").dequantize().cpu(), qw.dequantize())
+    assert_within(y_gpu.cpu(), ref, tol, f"cuda {scheme} M={m}")
+    # Both within the bound of the reference, so within twice the bound of each other.
+    assert_within(y_gpu.cpu(), y_cpu.double(), 2 * tol, f"cuda vs cpu {scheme} M={m}")
 
 
-@needs_gpu
-@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32), (4, 128)])
-def test_cuda_qlinear_exact_on_exact_inputs(bits, group_size):
-    gen = torch.Generator().manual_seed(11)
-    qw, w64 = exact_qweight(bits, 23, 512, gen, group_size)
-    x = small_int_tensor((5, 512), gen)
-    y = codegen_q.qlinear(x.cuda(), qw.to("cuda"))
-    assert torch.equal(y.cpu().double(), x.double() @ w64.T)
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_cuda_dequantize_matches_cpu_exactly(scheme):
+    # K not a multiple of the next larger group size where possible (1120 = 35 * 32, 1088 = 17 * 64).
+    k = {"int8": 1120, "int4-g32-sym": 1120, "int4-g64-asym": 1088, "int4-g128-asym": 1152}[scheme]
+    _, qw, _ = _problem(scheme, 1, k, 67, seed=5)
+    out = qw.to("cuda").dequantize()
+    assert out.device.type == "cuda" and out.dtype == torch.float32
+    assert torch.equal(out.cpu(), qw.dequantize())
+    assert torch.equal(out.cpu().double(), dequantize_ref(qw))
+    assert torch.equal(qw.to("cuda").dequantize(torch.bfloat16).cpu(), qw.dequantize(torch.bfloat16))
 
 
-@needs_gpu
-def test_cuda_runs_on_current_stream():
-    gen = torch.Generator().manual_seed(3)
-    qw = codegen_q.quantize_weight(torch.randn(64, 256, generator=gen), bits=4, group_size=64).to("cuda")
-    x = torch.randn(2, 256, generator=gen).cuda()
-    expected = codegen_q.qlinear(x, qw)
+@pytest.mark.parametrize("dtype,eps", [(torch.bfloat16, 2.0 ** -8), (torch.float16, 2.0 ** -11)])
+@pytest.mark.parametrize("m", [1, 17])
+def test_cuda_half_activations(dtype, eps, m):
+    x, qw, bias = _problem("int4-g128-asym", m, 1024, 45, seed=m, dtype=dtype)
+    y = qlinear(x.cuda(), qw.to("cuda"), bias.cuda())
+    assert y.dtype == dtype
+    w64 = dequantize_ref(qw)
+    ref = x.double() @ w64.T + bias.double()
+    tol = fp32_bound(x.double(), w64, bias.double())
+    assert_within(y.cpu(), ref, tol + eps * (ref.abs() + tol), f"cuda {dtype} M={m}")
+
+
+EXACT = {"int8-K100": (8, 100, None, False), "int8-K256": (8, 256, None, False),
+         "int4-g32-asym": (4, 256, 32, False), "int4-g64-sym": (4, 192, 64, True),
+         "int4-g128-asym": (4, 384, 128, False)}
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 23])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 17, 33])
+@pytest.mark.parametrize("scheme", list(EXACT))
+def test_cuda_qlinear_exact_on_representable_problems(scheme, m, n):
+    # Same construction as the CPU exactness test: every partial sum is exact in fp32, so any
+    # summation order must give the float64 result bit for bit; a layout slip cannot hide.
+    bits, k, group_size, symmetric = EXACT[scheme]
+    g = torch.Generator().manual_seed(m * 100 + n)
+    qw, w64 = exact_qweight(bits, n, k, g, group_size, symmetric)
+    x = small_int_tensor((m, k), g)
+    bias = small_int_tensor((n,), g, -5, 5)
+    assert_sums_exact_in_fp32(x.double(), w64, bias.double())
+    y = qlinear(x.cuda(), qw.to("cuda"), bias.cuda())
+    assert torch.equal(y.cpu().double(), x.double() @ w64.T + bias.double())
+
+
+@pytest.mark.parametrize("m", [2, 300])
+def test_cuda_runs_on_the_current_stream(m):
+    # On a side stream, first keep the GPU busy, then overwrite x, then call qlinear. If qlinear
+    # launched on another stream than torch's current one, it would run before the overwrite and
+    # read the old x (the side stream from torch.cuda.Stream() does not sync with the default one).
+    x_new, qw, _ = _problem("int4-g64-asym", m, 256, 64, seed=3)
+    qw = qw.to("cuda")
+    x_new = x_new.cuda()
+    expected = qlinear(x_new, qw)
+    x = torch.zeros_like(x_new)
+    torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        y = codegen_q.qlinear(x, qw)
+        torch.cuda._sleep(100_000_000)  # ~50 ms of GPU time on this stream
+        x.copy_(x_new)
+        y = qlinear(x, qw)
     stream.synchronize()
     assert torch.equal(y, expected)
 
 
-@needs_gpu
-def test_cuda_device_mismatch_is_a_value_error():
-    qw = codegen_q.quantize_weight(torch.randn(8, 64), bits=8)
-    with pytest.raises(ValueError, match="is on cuda"):
-        codegen_q.qlinear(torch.randn(1, 64, device="cuda"), qw)
+def test_cuda_empty_batch_and_leading_dims():
+    x, qw, bias = _problem("int8", 6, 256, 37, seed=1)
+    qw, bias = qw.to("cuda"), bias.cuda()
+    assert qlinear(torch.zeros(0, 256, device="cuda"), qw, bias).shape == (0, 37)
+    y = qlinear(x.reshape(2, 3, 256).cuda(), qw, bias)
+    assert y.shape == (2, 3, 37)
+    assert torch.equal(y.reshape(6, 37), qlinear(x.cuda(), qw, bias))
+
+
+def test_cuda_device_mismatches_are_value_errors():
+    x, qw, bias = _problem("int8", 1, 64, 8, seed=0)
+    qw_cuda = qw.to("cuda")
+    with pytest.raises(ValueError, match="x is on cuda"):
+        qlinear(x.cuda(), qw)                      # x on the GPU, weight on the CPU
+    with pytest.raises(ValueError, match="x is on cpu"):
+        qlinear(x, qw_cuda)                        # the other way round
+    with pytest.raises(ValueError, match="bias is on cpu"):
+        qlinear(x.cuda(), qw_cuda, bias)           # bias left behind
+    with pytest.raises(ValueError, match="one device"):
+        codegen_q.QuantizedWeight(8, qw.shape, qw.qweight.cuda(), qw.scales)  # mixed weight tensors

@@ -9,7 +9,7 @@ import torch
 import codegen_q
 from codegen_q import QuantizedWeight, qlinear, quantize_weight
 from codegen_q.ops import NATIVE_MAX_M_CPU_DEFAULT, native_max_m_cpu
-from support import (assert_sums_exact_in_fp32, assert_within, exact_qweight, fp32_bound, pack_int4_ref,
+from support import (DEVICES, assert_sums_exact_in_fp32, assert_within, exact_qweight, fp32_bound,
                      small_int_tensor)
 
 SCHEMES = {
@@ -76,24 +76,95 @@ def test_qlinear_half_activations(cpu_isa, scheme, dtype, out_eps, m):
     assert_within(y, ref, tol + out_eps * (ref.abs() + tol), f"{cpu_isa} {scheme} {dtype} M={m}")
 
 
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_qlinear_activation_outliers_within_fp32_bound(cpu_isa, scheme, m):
+    # LLM activations carry a few "massive" channels orders of magnitude above the rest. The bound
+    # is elementwise in |x|, so it must hold whatever the dynamic range inside one row of x: a
+    # kernel that rounds every activation to a fixed number of bits *relative to its block maximum*
+    # (e.g. int8 limbs on a per-block scale) breaks it for the small activations next to the outlier.
+    k, n = 256, 37
+    x, qw, _ = make_problem(scheme, m, k, n, seed=40 + m, with_bias=False)
+    x = x * 1e-2
+    x[:, 17] = 1000.0    # one massive channel (1e5 x the typical one) in the first 128 elements ...
+    x[:, 200] = -700.0   # ... and one in the second
+    y = qlinear(x, qw)
+    ref, tol = reference(x, qw, None)
+    assert_within(y, ref, tol, f"{cpu_isa} {scheme} M={m} with activation outliers")
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
+def test_qlinear_int8_tiny_k_within_fp32_bound(cpu_isa, k):
+    # int8 weights accept any K. With K this small the bound is only a few units in the last place,
+    # so it also checks that activations are used at full fp32 precision (24 significant bits).
+    x, qw, bias = make_problem("int8", 5, k, 37, seed=k, with_bias=False)
+    y = qlinear(x, qw, bias)
+    ref, tol = reference(x, qw, bias)
+    assert_within(y, ref, tol, f"{cpu_isa} int8 K={k}")
+
+
+# y = x @ W.T in IEEE arithmetic: a NaN in a row of x makes that whole row of y NaN, an inf gives
+# +-inf (NaN where the weight is exactly 0), and the other rows are unaffected. A kernel must not
+# turn a non-finite activation into a finite number (silently corrupting the next layer's input).
+# M = 3 runs the native kernels, M = 100 the dequantize + GEMM path.
+
+@pytest.mark.parametrize("m", [3, 100])
+@pytest.mark.parametrize("scheme", ["int8", "int4-g128-asym", "int4-g32-sym"])
+def test_qlinear_nan_in_x_propagates(cpu_isa, scheme, m):
+    k, n = 256, 37
+    x, qw, _ = make_problem(scheme, m, k, n, seed=m, with_bias=False)
+    x[0, 3] = float("nan")      # among the first 16 elements, where a running max could drop it
+    x[1, k - 1] = float("nan")  # the last element
+    y = qlinear(x, qw)
+    ref, tol = reference(x, qw, None)
+    for row in (0, 1):
+        all_nan = bool(y[row].isnan().all())
+        assert all_nan, f"{cpu_isa}: NaN in x row {row} gave finite outputs, e.g. {y[row, :3].tolist()}"
+    assert_within(y[2:], ref[2:], tol[2:], f"{cpu_isa} rows without NaN")
+
+
+@pytest.mark.parametrize("m", [3, 100])
+@pytest.mark.parametrize("scheme", ["int8", "int4-g128-asym", "int4-g32-sym"])
+def test_qlinear_inf_in_x_gives_ieee_infinities(cpu_isa, scheme, m):
+    k, n = 256, 37
+    x, qw, _ = make_problem(scheme, m, k, n, seed=m, with_bias=False)
+    x[0, 40] = float("inf")
+    x[1, 200] = float("-inf")
+    y = qlinear(x, qw)
+    ref, tol = reference(x, qw, None)
+    for row in (0, 1):
+        assert not torch.isfinite(y[row]).any(), f"{cpu_isa}: inf in x row {row} gave finite outputs"
+        same_nan = torch.equal(y[row].isnan(), ref[row].isnan())
+        assert same_nan, (f"{cpu_isa}: inf in x row {row}: {int(y[row].isnan().sum())} NaN outputs, "
+                          f"x @ W.T has {int(ref[row].isnan().sum())} (+-inf elsewhere)")
+        inf = ~ref[row].isnan()
+        assert torch.equal(y[row][inf].double(), ref[row][inf]), f"{cpu_isa}: wrong sign of inf"
+    assert_within(y[2:], ref[2:], tol[2:], f"{cpu_isa} rows without inf")
+
+
 # ---------------------------------------------------------------------------------------------- exactness
 
 EXACT_SCHEMES = {
     # (bits, K, group_size, symmetric). K = 100 for int8: not a multiple of 8 or 16, so the scalar
     # tail after the vector loop is exercised too.
+    # K = 300 for int8: two full 128-element activation blocks of the VNNI kernel plus a partial one.
+    # K = 96 for int4 g32: a partial 128-element chunk (48 bytes of weights) in the VNNI kernel.
     "int8-K100": (8, 100, None, False),
     "int8-K256": (8, 256, None, False),
+    "int8-K300": (8, 300, None, False),
     "int4-g32-asym": (4, 256, 32, False),
+    "int4-g32-K96-asym": (4, 96, 32, False),
     "int4-g64-sym": (4, 192, 64, True),
     "int4-g128-asym": (4, 384, 128, False),
 }
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 23])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 17, 33])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 17, 33, 64, 65])
 @pytest.mark.parametrize("scheme", list(EXACT_SCHEMES))
 def test_qlinear_exact_on_representable_problems(cpu_isa, scheme, m, n):
-    # M covers the 4/2/1-row tiles and their combinations, and the large-M path (17, 33);
+    # M covers the 4/2/1-row tiles and their combinations, both sides of each ISA's native / GEMM
+    # switch (16 for scalar/AVX2, 64 for the AVX-512 VNNI kernel) and the GEMM path itself (65);
     # N covers a lone row, the tail loop alone, one 8-row tile, a tile plus tails, several tiles.
     bits, k, group_size, symmetric = EXACT_SCHEMES[scheme]
     g = torch.Generator().manual_seed(m * 100 + n)
@@ -114,11 +185,12 @@ def test_qlinear_exact_on_representable_problems(cpu_isa, scheme, m, n):
     assert torch.equal(qlinear(x, qw).double(), x64 @ w64.T)  # no bias
 
 
-@pytest.mark.parametrize("m", [5, 17])
+@pytest.mark.parametrize("m", [5, 100])
 @pytest.mark.parametrize("bits,group_size", [(8, None), (4, 64)])
 def test_qlinear_exact_with_several_dequantize_tiles(cpu_isa, bits, group_size, m):
-    # N * K > 2**21 makes the large-M path dequantize the weight in several row tiles, the last one
-    # short; M = 5 checks the native path on the same big weight.
+    # N * K > 2**21 makes the large-M path (M = 100, above every ISA's native limit) dequantize the
+    # weight in several row tiles, the last one short; M = 5 checks the native path on the same weight.
+    assert native_max_m_cpu() < 100
     n, k = 1030, 2048
     g = torch.Generator().manual_seed(3 + m)
     qw, w64 = exact_qweight(bits, n, k, g, group_size)
@@ -146,7 +218,7 @@ def test_batch_rows_match_single_rows(scheme, m):
         assert_within(y[i:i + 1], yi.double(), 2 * tol[i:i + 1], f"{scheme} M={m} row {i}")
 
 
-@pytest.mark.parametrize("m", [1, 4, 7, NATIVE_MAX_M_CPU_DEFAULT])
+@pytest.mark.parametrize("m", [1, 4, 7, NATIVE_MAX_M_CPU_DEFAULT, 64])
 @pytest.mark.parametrize("n", [37, 200])
 @pytest.mark.parametrize("scheme", ["int8", "int4-g32-sym", "int4-g128-asym"])
 def test_native_path_independent_of_thread_count(cpu_isa, scheme, n, m):
@@ -204,6 +276,22 @@ def test_non_contiguous_x(scheme, m):
     # A strided slice along K as well.
     xs = torch.randn(m, 2 * k, generator=torch.Generator().manual_seed(1))[:, ::2]
     assert torch.equal(qlinear(xs, qw, bias), qlinear(xs.contiguous(), qw, bias))
+    # And a broadcast view (stride 0 over rows): every row reads the same memory.
+    xe = torch.randn(1, k, generator=torch.Generator().manual_seed(2)).expand(m, k)
+    ye = qlinear(xe, qw, bias)
+    assert torch.equal(ye, qlinear(xe.contiguous(), qw, bias))
+    assert torch.equal(ye, ye[:1].expand(m, n)) or m > native_max_m_cpu()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_qlinear_on_each_device(device):
+    # The same weight and x on every usable device (the CPU, and a GPU when there is one) give the
+    # float64 result within the fp32 bound, on that device and in x's dtype.
+    x, qw, bias = make_problem("int4-g128-asym", 3, 512, 37, seed=12)
+    y = qlinear(x.to(device), qw.to(device), bias.to(device))
+    assert y.device.type == device and y.dtype == torch.float32
+    ref, tol = reference(x, qw, bias)
+    assert_within(y.cpu(), ref, tol, device)
 
 
 def test_bias_dtypes_are_accepted():

@@ -253,6 +253,23 @@ def test_weight_too_large_for_fp16_scales_raises():
         quantize_weight(w, bits=8)
 
 
+@pytest.mark.parametrize("kw,qmax", [(dict(bits=8), 127), (dict(bits=4, symmetric=True), 7), (dict(bits=4), 15)],
+                         ids=["int8", "int4-sym", "int4-asym"])
+def test_scale_just_above_fp16_max_raises(kw, qmax):
+    # amax / qmax in (65504, 65520) rounds *down* to 65504, the largest fp16; rounding that up to
+    # cover amax gives inf. No finite fp16 scale covers the row, so the quantizer must refuse with
+    # the same ValueError as for larger values: an inf scale dequantizes to NaN (inf * 0).
+    w = torch.randn(2, 128, generator=torch.Generator().manual_seed(0))
+    w[0, 0] = 65510.0 * qmax
+    try:
+        qw = quantize_weight(w, **kw)
+    except ValueError as exc:
+        assert "too large" in str(exc)
+        return
+    raise AssertionError(f"no error, scales {qw.scales[0].tolist()} -> dequantized row 0 starts "
+                         f"{qw.dequantize()[0, :3].tolist()}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("kw", [dict(bits=8), dict(bits=4, group_size=64)], ids=["int8", "int4"])
 def test_half_precision_weights(dtype, kw):
@@ -275,6 +292,24 @@ def test_non_contiguous_weight(kw):
     ref = quantize_weight(w.contiguous(), **kw)
     assert torch.equal(qw.qweight, ref.qweight) and torch.equal(qw.scales, ref.scales)
     assert qw.qweight.is_contiguous() and qw.scales.is_contiguous()
+
+
+@pytest.mark.parametrize("kw", [dict(bits=8), dict(bits=4, group_size=128)], ids=["int8", "int4"])
+def test_large_weight_quantized_in_row_chunks_matches_rows_alone(kw):
+    # Big weights are quantized a chunk of rows at a time (to bound memory); rows are independent,
+    # so the rows on both sides of a chunk boundary must come out exactly as when quantized alone.
+    from codegen_q import quantize
+    k = 1 << 20
+    rows_per_chunk = max(1, getattr(quantize, "_ROW_CHUNK_ELEMENTS", 1 << 25) // k)
+    n = rows_per_chunk + 1
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(8))
+    qw = quantize_weight(w, **kw)
+    lo = max(0, rows_per_chunk - 2)
+    alone = quantize_weight(w[lo:], **kw)
+    assert torch.equal(qw.qweight[lo:], alone.qweight) and torch.equal(qw.scales[lo:], alone.scales)
+    if alone.zeros is not None:
+        assert torch.equal(qw.zeros[lo:], alone.zeros)
+    assert qw.qweight.shape[0] == n and qw.scales.shape[0] == n
 
 
 def test_nbytes_counts_weights_scales_and_zeros():
