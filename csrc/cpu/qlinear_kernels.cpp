@@ -131,7 +131,14 @@ void run_rows_vnni(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
   const vnni::Layout L = vnni_layout(a, kInt4);
   const uint8_t* ws = static_cast<const uint8_t*>(a.workspace);
   auto tile = [&](auto mr, auto nr, int64_t m, int64_t n) {
-    if constexpr (kInt4) vnni::int4_tile<decltype(mr)::value, decltype(nr)::value>(a, L, ws, m, n);
+    if constexpr (kInt4) {
+      constexpr int MR = decltype(mr)::value, NR = decltype(nr)::value;
+      switch (a.group_size) {
+        case 32: vnni::int4_tile<32, MR, NR>(a, L, ws, m, n); break;
+        case 64: vnni::int4_tile<64, MR, NR>(a, L, ws, m, n); break;
+        default: vnni::int4_tile<128, MR, NR>(a, L, ws, m, n); break;
+      }
+    }
     else vnni::int8_tile<decltype(mr)::value, decltype(nr)::value>(a, L, ws, m, n);
   };
   using I1 = std::integral_constant<int, 1>;

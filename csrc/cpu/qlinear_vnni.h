@@ -246,12 +246,17 @@ void int8_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
 // Work goes in chunks of 128 elements (64 bytes of weights): a chunk holds 128 / G groups, and
 // lane i of a dot-product vector covers bytes 4i..4i+3, i.e. 32-block i / 4, so lane quarters
 // (G = 32), halves (G = 64) or the whole vector (G = 128) belong to one group.
-template <int MR, int NR>
+//
+// The group size is a template parameter: with G = 128 a chunk is one group and its scale is a
+// plain broadcast. The three limb accumulators of a chunk are folded in int32 before the single
+// conversion: a lane sums 8 products per chunk, |H| <= 15 * 127 * 8 < 2^14, so
+// (H << 14) + (L << 7) + LL < 2^29 cannot overflow.
+template <int G, int MR, int NR>
 void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t m0, int64_t n0) {
-  const int64_t G = a.group_size;
+  static_assert(G == 32 || G == 64 || G == 128, "int4 group size");
   const int64_t groups = a.K / G;
   const int64_t row_bytes = a.K / 2;
-  const int groups_per_chunk = static_cast<int>(128 / G);
+  constexpr int groups_per_chunk = 128 / G;
   const uint8_t* w = static_cast<const uint8_t*>(a.qweight) + n0 * row_bytes;
   // Lane -> group-in-chunk index for the scale vector.
   const __m512i lane_group = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -286,13 +291,24 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
         ill[m][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ill[m][r], lo, xl[m][2][0]), hi, xl[m][2][1]);
       }
     }
+    // Activation block scales 2^e of this chunk's groups, times 2^-14 for the limb fold.
+    __m512 sx[MR];
+    for (int m = 0; m < MR; ++m) {
+      if constexpr (G == 128) sx[m] = _mm512_set1_ps(L.block_scale(ws, m0 + m)[g0] * (1.0f / 16384.0f));
+      else sx[m] = _mm512_mul_ps(_mm512_maskz_loadu_ps(group_mask, L.block_scale(ws, m0 + m) + g0),
+                                 _mm512_set1_ps(1.0f / 16384.0f));
+    }
     for (int r = 0; r < NR; ++r) {
       // Weight scales of this chunk's groups, spread over their lanes.
-      const __m512 sw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(group_mask, a.scales + (n0 + r) * groups + g0));
+      __m512 sw;
+      if constexpr (G == 128) sw = _mm512_set1_ps(_cvtsh_ss(a.scales[(n0 + r) * groups + g0]));
+      else sw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(group_mask, a.scales + (n0 + r) * groups + g0));
       for (int m = 0; m < MR; ++m) {
-        const __m512 sx = _mm512_maskz_loadu_ps(group_mask, L.block_scale(ws, m0 + m) + g0);
-        const __m512 s = _mm512_permutexvar_ps(lane_group, _mm512_mul_ps(sw, sx));
-        acc[m][r] = _mm512_fmadd_ps(combine(ih[m][r], il[m][r], ill[m][r]), s, acc[m][r]);
+        __m512 s = _mm512_mul_ps(sw, sx[m]);
+        if constexpr (G != 128) s = _mm512_permutexvar_ps(lane_group, s);
+        const __m512i folded = _mm512_add_epi32(
+            _mm512_add_epi32(_mm512_slli_epi32(ih[m][r], 14), _mm512_slli_epi32(il[m][r], 7)), ill[m][r]);
+        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(folded), s, acc[m][r]);
       }
     }
   }
