@@ -1,5 +1,17 @@
 """codegen-q: a quantized (int8 / int4 weight-only) inference runtime for Salesforce CodeGen."""
 
+import os as _os
+
+# torch's CPU wheel runs its ops on libgomp threads that spin-wait after every parallel region by
+# default; beside our own kernel threads that starves one pool or the other (90 ms vs 1.35 ms per
+# decode step measured on 2 cores). libgomp reads this once, when torch loads, so it is set here,
+# before importing torch, unless the user chose a policy. See codegen_q/runtime.py for the warning
+# given when torch was imported first.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from codegen_q.config import CodeGenConfig
+from codegen_q.convert import quantize_checkpoint
+from codegen_q.qformat import QuantizedCheckpoint, load_quantized
 from codegen_q.backends import backends, get_cpu_isa, get_num_threads, set_cpu_isa, set_num_threads
 from codegen_q.ops import dequantize, qlinear
 from codegen_q.quantize import QuantizedWeight, quantize_weight
@@ -7,6 +19,10 @@ from codegen_q.quantize import QuantizedWeight, quantize_weight
 __version__ = "0.1.0"
 
 __all__ = [
+    "CodeGenConfig",
+    "QuantizedCheckpoint",
+    "load_quantized",
+    "quantize_checkpoint",
     "QuantizedWeight",
     "backends",
     "dequantize",

@@ -2,7 +2,7 @@
 //
 // Why not OpenMP: torch's CPU wheel bundles its own libgomp, and a second OpenMP runtime in the
 // same process gives two thread pools fighting over the same cores. This pool is tiny, its
-// threads spin only briefly after a job (so they do not steal the cores from torch's pool between
+// threads sleep as soon as a job is done (so they never steal the cores from torch's pool between
 // our calls), and it is used by one caller at a time (calls from several Python threads are
 // serialised, since each call already uses every core).
 #pragma once
