@@ -1,0 +1,175 @@
+"""Reading CodeGen checkpoints as the hub ships them, one tensor at a time.
+
+Layouts: a single ``pytorch_model.bin`` (torch zip), ``model.safetensors``, or either sharded
+with an ``*.index.json``; fp32, fp16 or bf16. ``.bin`` files are opened with
+``torch.load(mmap=True, weights_only=True)``: no arbitrary unpickling, and tensor data stays in
+the page cache (clean, reclaimable) instead of private memory, so a checkpoint larger than RAM
+can be streamed. Our own quantized format is in qformat.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from codegen_q.config import MP_NUM, CodeGenConfig
+
+# Buffers old transformers versions saved with the weights; they are recomputed, never loaded.
+_LEGACY_BUFFER = re.compile(r".*\.attn\.(causal_mask|bias|masked_bias)$")
+QUANTIZED_LINEARS = ("attn.qkv_proj", "attn.out_proj", "mlp.fc_in", "mlp.fc_out")
+
+
+def expected_tensors(cfg: CodeGenConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a CodeGen checkpoint must hold, name -> shape, in canonical (write) order."""
+    d, inner, v = cfg.n_embd, cfg.n_inner, cfg.vocab_size
+    out: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (v, d)}
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}."
+        out.update({p + "ln_1.weight": (d,), p + "ln_1.bias": (d,),
+                    p + "attn.qkv_proj.weight": (3 * d, d), p + "attn.out_proj.weight": (d, d),
+                    p + "mlp.fc_in.weight": (inner, d), p + "mlp.fc_in.bias": (inner,),
+                    p + "mlp.fc_out.weight": (d, inner), p + "mlp.fc_out.bias": (d,)})
+    out.update({"transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,),
+                "lm_head.weight": (v, d), "lm_head.bias": (v,)})
+    return out
+
+
+def is_legacy_buffer(name: str) -> bool:
+    return bool(_LEGACY_BUFFER.match(name))
+
+
+def qkv_head_major_permutation(n_embd: int, n_head: int) -> torch.Tensor:
+    """Row indices that turn CodeGen's qkv_proj rows into [q heads | k heads | v heads].
+
+    CodeGen views the 3d outputs as (mp_num=4, 3d/4) and splits each chunk into query, VALUE,
+    KEY parts of d/4 rows; head h = mp * (n_head/4) + j lives at offset j*head_dim in part
+    mp. Each head's rows keep their order, so rotary stays GPT-J interleaved.
+    """
+    head_dim, local_dim, per_mp = n_embd // n_head, n_embd // MP_NUM, n_head // MP_NUM
+    t = torch.arange(head_dim)
+    parts = []
+    for part in (0, 2, 1):  # position of q, k, v inside each mp chunk (the chunk order is q, v, k)
+        for h in range(n_head):
+            mp, j = divmod(h, per_mp)
+            parts.append(mp * 3 * local_dim + part * local_dim + j * head_dim + t)
+    return torch.cat(parts)
+
+
+def _fail_reading(path: str, exc: BaseException) -> ValueError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ValueError(f"cannot read weight file {path}: it is truncated or corrupt ({reason})")
+
+
+class HubCheckpoint:
+    """A hub-layout CodeGen checkpoint directory; ``get(name)`` returns one tensor (mmap-backed)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.config = CodeGenConfig.from_dir(self.path)
+        self.files = self._weight_files()
+        self._where: dict[str, str] = {}  # tensor name -> file
+        self._handles: dict[str, object] = {}
+        for f in self.files:
+            for name in self._open(f):
+                if not is_legacy_buffer(name):
+                    self._where[name] = f
+
+    def _weight_files(self) -> list[str]:
+        for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                              ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+            index_path = os.path.join(self.path, index)
+            if os.path.isfile(index_path):
+                try:
+                    with open(index_path, encoding="utf-8") as f:
+                        weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{index_path} is not a valid shard index (no weight_map)") from None
+                files = sorted(set(weight_map.values()))
+                missing = [f for f in files if not os.path.isfile(os.path.join(self.path, f))]
+                if missing:
+                    raise FileNotFoundError(f"{index_path} lists shards that are not there: {', '.join(missing)}")
+                return [os.path.join(self.path, f) for f in files]
+            if os.path.isfile(os.path.join(self.path, single)):
+                return [os.path.join(self.path, single)]
+        raise FileNotFoundError(f"{self.path} has no weights (pytorch_model.bin, model.safetensors "
+                                f"or a sharded *.index.json)")
+
+    def _open(self, f: str) -> list[str]:
+        try:
+            if f.endswith(".safetensors"):
+                h = safe_open(f, framework="pt", device="cpu")
+                names = list(h.keys())
+            else:
+                h = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+                if not isinstance(h, dict):
+                    raise ValueError(f"expected a state dict, found {type(h).__name__}")
+                names = list(h.keys())
+        except Exception as exc:  # torch/safetensors raise RuntimeError, SafetensorError, UnpicklingError...
+            raise _fail_reading(f, exc) from None
+        self._handles[f] = h
+        return names
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def nbytes(self) -> int:
+        return sum(os.path.getsize(f) for f in self.files)
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self._where[name]
+        h = self._handles[f]
+        try:
+            return h.get_tensor(name) if f.endswith(".safetensors") else h[name]
+        except Exception as exc:
+            raise _fail_reading(f, exc) from None
+
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        f = self._where[name]
+        if f.endswith(".safetensors"):
+            sl = self._handles[f].get_slice(name)
+            return tuple(sl.get_shape()), _ST_DTYPES[sl.get_dtype()]
+        t = self._handles[f][name]
+        return tuple(t.shape), t.dtype
+
+    def validate(self) -> None:
+        """Raise one ValueError naming every missing, unexpected or mis-shaped tensor."""
+        expected = expected_tensors(self.config)
+        problems = []
+        missing = [n for n in expected if n not in self._where]
+        unexpected = [n for n in self._where if n not in expected]
+        if missing:
+            problems.append("missing " + ", ".join(missing))
+        if unexpected:
+            problems.append("unexpected " + ", ".join(unexpected))
+        for n, shape in expected.items():
+            if n in self._where:
+                got, dtype = self.shape_dtype(n)
+                if got != shape:
+                    problems.append(f"{n} has shape {list(got)}, config.json implies {list(shape)}")
+                if dtype not in (torch.float16, torch.float32, torch.bfloat16):
+                    problems.append(f"{n} is {dtype}, expected float16, float32 or bfloat16")
+        if problems:
+            raise ValueError(f"{self.path} does not match its config.json: " + "; ".join(problems))
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) in canonical order, one at a time; drop each before asking for the next."""
+        for name in expected_tensors(self.config):
+            yield name, self.get(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "HubCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_ST_DTYPES = {"F16": torch.float16, "F32": torch.float32, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}

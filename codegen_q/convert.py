@@ -1,0 +1,178 @@
+"""``quantize_checkpoint``: hub checkpoint -> codegen-q directory, streaming tensor by tensor.
+
+Memory: one source tensor at a time (mmap'd, so its pages are reclaimable cache), its reordered
+or fp32 copy, and its quantized form; output shards are written as tensors are produced
+(safetensors_stream), never accumulated. Peak private memory is a small multiple of the largest
+tensor, not of the model.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+from codegen_q.checkpoint import HubCheckpoint, qkv_head_major_permutation
+from codegen_q.config import LM_HEAD_CHOICES, CodeGenConfig, QuantizationConfig
+from codegen_q.qformat import (MAX_SHARD_BYTES, atomic_output_dir, check_free_space, estimate_bytes,
+                               finish_directory, output_specs, plan_shards, quantized_bits, shard_names)
+from codegen_q.quantize import DEFAULT_INT4_GROUP_SIZE, INT4_GROUP_SIZES, QuantizedWeight, quantize_weight
+from codegen_q.safetensors_stream import SafetensorsStreamWriter
+
+_ERROR_ROWS = 4096  # rows dequantized at a time when measuring error: bounds the fp32 temporaries
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Ask glibc to recycle freed blocks instead of returning them to the OS (Linux only).
+
+    Every tensor's temporaries are 10-600 MB; glibc serves those with fresh mmaps and unmaps
+    them on free, so each one is page-faulted and zeroed again: measured, that was 60% of the
+    run time (system time) on a 2B checkpoint. Keeping the heap caps private memory at its
+    high-water mark, which is bounded by the largest tensor anyway. Process-wide, so the CLI
+    calls it, not the library function. Returns whether it took effect.
+    """
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        return False
+
+
+def quantization_config(bits: int, group_size: int | None, symmetric: bool, lm_head: str) -> QuantizationConfig:
+    """Validate the user's options (before anything is read or written)."""
+    if isinstance(bits, bool) or bits not in (4, 8):
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    if lm_head not in LM_HEAD_CHOICES:
+        raise ValueError(f"lm_head must be one of {', '.join(LM_HEAD_CHOICES)}, got {lm_head!r}")
+    if bits == 8:  # always symmetric per channel: the symmetric flag only matters for int4
+        if lm_head == "int4":
+            raise ValueError("lm_head int4 needs --bits 4 (it shares the int4 group size and scheme)")
+        return QuantizationConfig(bits=8, group_size=None, scheme="symmetric", lm_head=lm_head)
+    group_size = DEFAULT_INT4_GROUP_SIZE if group_size is None else group_size
+    if isinstance(group_size, bool) or group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got {group_size!r}")
+    return QuantizationConfig(bits=4, group_size=group_size, scheme="symmetric" if symmetric else "asymmetric",
+                              lm_head=lm_head)
+
+
+def _check_divisible(cfg: CodeGenConfig, q: QuantizationConfig) -> None:
+    if q.bits != 4 and q.lm_head != "int4":
+        return
+    g = q.group_size
+    ks = {"n_embd (qkv_proj, out_proj, fc_in, lm_head)": cfg.n_embd, "n_inner (fc_out)": cfg.n_inner}
+    if q.bits != 4:  # only lm_head is int4
+        ks = {"n_embd (lm_head)": cfg.n_embd}
+    for what, k in ks.items():
+        if k % g:
+            raise ValueError(f"group size {g} does not divide {what} = {k}; choose a group size that divides it")
+
+
+def _rel_error(w: torch.Tensor, qw: QuantizedWeight) -> float:
+    num = den = 0.0
+    for r in range(0, qw.out_features, _ERROR_ROWS):
+        part = QuantizedWeight(qw.bits, (min(_ERROR_ROWS, qw.out_features - r), qw.in_features),
+                               qw.qweight[r:r + _ERROR_ROWS], qw.scales[r:r + _ERROR_ROWS],
+                               None if qw.zeros is None else qw.zeros[r:r + _ERROR_ROWS], qw.group_size)
+        ref = w[r:r + _ERROR_ROWS].float()
+        num += float((ref - part.dequantize()).square().sum())
+        den += float(ref.square().sum())
+    return (num / den) ** 0.5 if den > 0 else 0.0
+
+
+def _quantile(xs: list[float], p: float) -> float:
+    if not xs:
+        return 0.0
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(p * (len(s) - 1)))]
+
+
+def quantize_checkpoint(src: str, out: str, bits: int = 8, group_size: int | None = None, symmetric: bool = False,
+                        lm_head: str = "int8", force: bool = False, progress: bool = True,
+                        max_shard_bytes: int = MAX_SHARD_BYTES) -> dict[str, Any]:
+    """Quantize the hub checkpoint ``src`` into the codegen-q directory ``out``; returns a summary."""
+    t0 = time.perf_counter()
+    q = quantization_config(bits, group_size, symmetric, lm_head)
+    if os.path.exists(out) and not force:
+        raise FileExistsError(f"{os.path.abspath(out)} already exists; pass --force to replace it")
+    with HubCheckpoint(src) as ckpt:
+        ckpt.validate()
+        cfg = ckpt.config
+        _check_divisible(cfg, q)
+        per_source = output_specs(cfg, q)
+        shards = plan_shards([s for specs in per_source.values() for s in specs], max_shard_bytes)
+        names = shard_names(len(shards))
+        estimate = estimate_bytes(shards, src)
+        check_free_space(out, estimate)
+        out_cfg = CodeGenConfig.from_dict({**cfg.raw, "quantization": q.to_dict(), "torch_dtype": "float16"})
+        perm = qkv_head_major_permutation(cfg.n_embd, cfg.n_head)
+        total_in = sum(ckpt.shape_dtype(n)[1].itemsize * torch.Size(ckpt.shape_dtype(n)[0]).numel()
+                       for n in per_source)
+        errors: list[float] = []
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=total_in, unit="B", unit_scale=True, desc="quantize", file=sys.stderr,
+                       dynamic_ncols=True)
+        with atomic_output_dir(out, force) as tmp:
+            weight_map, hashes = {}, {}
+            shard_i, writer, left = -1, None, 0
+            try:
+                for i, (name, w) in enumerate(ckpt.tensors()):
+                    for out_name, t in _convert_tensor(name, w, q, perm, errors):
+                        while left == 0:  # open the next planned shard
+                            if writer is not None:
+                                hashes[names[shard_i]] = writer.close()
+                            shard_i += 1
+                            writer = SafetensorsStreamWriter(os.path.join(tmp, names[shard_i]), shards[shard_i])
+                            left = len(shards[shard_i])
+                        writer.write(out_name, t)
+                        weight_map[out_name] = names[shard_i]
+                        left -= 1
+                    if bar is not None:
+                        bar.update(w.numel() * w.element_size())
+                        bar.set_postfix_str(f"{i + 1}/{len(per_source)} tensors")
+                    del w
+                hashes[names[shard_i]] = writer.close()
+                writer = None
+            finally:
+                if writer is not None:
+                    writer.abort()
+                if bar is not None:
+                    bar.close()
+            finish_directory(tmp, src, out_cfg, weight_map, hashes)
+    seconds = time.perf_counter() - t0
+    out_bytes = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    weights_out = sum(size for _, size in hashes.values())
+    return {
+        "src": os.path.abspath(src), "out": os.path.abspath(out), "quantization": q.to_dict(),
+        "tensors": len(per_source), "quantized_tensors": len(errors), "shards": len(names),
+        "bytes_in": total_in, "bytes_out": out_bytes, "weight_bytes_out": weights_out,
+        "ratio": total_in / weights_out if weights_out else 0.0,
+        "rel_error": {"p50": _quantile(errors, 0.5), "p90": _quantile(errors, 0.9), "max": max(errors, default=0.0)},
+        "seconds": seconds, "read_gb_per_s": total_in / seconds / 1e9,
+    }
+
+
+def _convert_tensor(name: str, w: torch.Tensor, q: QuantizationConfig, perm: torch.Tensor, errors: list[float]):
+    """(output name, tensor) pairs for one source tensor, in output_specs order."""
+    bits = quantized_bits(name, q)
+    if bits is None:
+        yield name, w.to(torch.float16).contiguous()
+        return
+    if name.endswith("attn.qkv_proj.weight"):
+        w = w.index_select(0, perm)  # rows to [q | k | v] head-major, once, here (DESIGN §1)
+    qw = quantize_weight(w, bits=bits, group_size=None if bits == 8 else q.group_size,
+                         symmetric=True if bits == 8 else q.symmetric)
+    errors.append(_rel_error(w, qw))
+    base = name[: -len(".weight")]
+    for part, t in qw.tensors().items():
+        yield f"{base}.{part}", t

@@ -1,0 +1,100 @@
+"""``codegen-q inspect``: what a model directory holds and how much memory running it takes.
+
+The memory plan is arithmetic from the config, so it answers "will 16B int4 fit on my 12 GB GPU
+at 2048 tokens?" before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from codegen_q.checkpoint import expected_tensors
+from codegen_q.config import CodeGenConfig
+from codegen_q.convert import quantization_config
+from codegen_q.qformat import output_specs
+from codegen_q.safetensors_stream import spec_nbytes
+
+# What a CUDA context and the allocator's slack take besides our tensors (measured on typical
+# drivers at 300-500 MB); the CPU runtime has no such fixed cost worth counting.
+GPU_RUNTIME_OVERHEAD = 500 * 2**20
+
+
+def kv_cache_bytes(cfg: CodeGenConfig, context: int, batch: int) -> int:
+    return 2 * cfg.n_layer * cfg.n_embd * context * batch * 2  # K and V, fp16
+
+
+def activation_bytes(cfg: CodeGenConfig, context: int, batch: int) -> int:
+    # Prefill of the whole context in one pass: fp16 hidden, qkv and MLP-inner buffers for every
+    # token, plus fp32 logits for the last token of each sequence. Chunked prefill needs less.
+    per_token = (cfg.n_embd * 2 + 3 * cfg.n_embd + cfg.n_inner) * 2
+    return batch * context * per_token + batch * cfg.vocab_size * 4
+
+
+def _weights_bytes(cfg: CodeGenConfig, bits: int | None, group_size: int | None = None) -> int:
+    if bits is None:
+        return sum(2 * _numel(s) for s in expected_tensors(cfg).values())
+    q = quantization_config(bits, group_size, False, "int8")
+    return sum(spec_nbytes(s) for specs in output_specs(cfg, q).values() for s in specs)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def describe(path: str, context: int | None = None, batch: int = 1) -> dict[str, Any]:
+    cfg = CodeGenConfig.from_dir(path)
+    context = cfg.n_positions if context is None else context
+    if context <= 0 or batch <= 0:
+        raise ValueError(f"--context and --batch must be positive, got {context} and {batch}")
+    disk = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+               if os.path.isfile(os.path.join(path, f)))
+    params = sum(_numel(s) for s in expected_tensors(cfg).values())
+    q = cfg.quantization
+    if q is not None:
+        q_dict = q.to_dict()
+        plans = {"as stored": sum(spec_nbytes(s) for specs in output_specs(cfg, q).values() for s in specs)}
+    else:
+        q_dict = None
+        plans = {"fp16": _weights_bytes(cfg, None), "int8": _weights_bytes(cfg, 8),
+                 "int4 g128": _weights_bytes(cfg, 4, 128)}
+    kv, act = kv_cache_bytes(cfg, context, batch), activation_bytes(cfg, context, batch)
+    memory = {name: {"weights": w, "kv_cache": kv, "activations": act, "cpu_total": w + kv + act,
+                     "gpu_total": w + kv + act + GPU_RUNTIME_OVERHEAD} for name, w in plans.items()}
+    return {
+        "path": os.path.abspath(path),
+        "kind": "codegen-q quantized" if q is not None else "hub checkpoint",
+        "config": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head, "head_dim": cfg.head_dim,
+                   "rotary_dim": cfg.rotary_dim, "n_inner": cfg.n_inner, "vocab_size": cfg.vocab_size,
+                   "n_positions": cfg.n_positions, "parameters": params},
+        "quantization": q_dict, "disk_bytes": disk, "context": context, "batch": batch, "memory": memory,
+    }
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def format_report(d: dict[str, Any]) -> str:
+    gb = _size
+    c = d["config"]
+    lines = [f"{d['path']} ({d['kind']})",
+             f"  layers {c['n_layer']}, d_model {c['n_embd']}, heads {c['n_head']} x {c['head_dim']}, "
+             f"rotary {c['rotary_dim']}, mlp {c['n_inner']}, vocab {c['vocab_size']}, "
+             f"context {c['n_positions']}, {c['parameters'] / 1e9:.2f} B parameters",
+             f"  size on disk: {gb(d['disk_bytes'])}"]
+    q = d["quantization"]
+    if q:
+        lines.append(f"  quantization: int{q['bits']}" + (f" g{q['group_size']}" if q["group_size"] else "")
+                     + f" {q['scheme']}, lm_head {q['lm_head']}, {q['method']}, format v{q['format_version']}")
+    else:
+        lines.append("  quantization: none (fp weights; convert with `codegen-q quantize`)")
+    lines.append(f"  memory plan for context {d['context']} x batch {d['batch']} (KV cache fp16):")
+    lines.append(f"    {'weights as':<12}{'weights':>12}{'KV cache':>12}{'activations':>13}{'CPU total':>12}{'GPU total':>12}")
+    for name, m in d["memory"].items():
+        lines.append(f"    {name:<12}{gb(m['weights']):>12}{gb(m['kv_cache']):>12}{gb(m['activations']):>13}"
+                     f"{gb(m['cpu_total']):>12}{gb(m['gpu_total']):>12}")
+    return "\n".join(lines)

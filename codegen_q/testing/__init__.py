@@ -1,0 +1,5 @@
+"""Random-weight CodeGen checkpoints in the hub's layout, for tests and benchmarks (DESIGN §6)."""
+
+from codegen_q.testing.checkpoints import PRESETS, make_checkpoint, tiny_config
+
+__all__ = ["PRESETS", "make_checkpoint", "tiny_config"]

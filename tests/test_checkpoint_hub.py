@@ -1,0 +1,132 @@
+"""make_checkpoint writes the hub's layout (transformers loads it); the reader validates it and
+the qkv reordering matches transformers' own q/k/v split."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from checkpoint_support import make_tiny
+from codegen_q.checkpoint import HubCheckpoint, qkv_head_major_permutation
+from codegen_q.config import CodeGenConfig
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("fmt,dtype,shards", [
+    ("bin", "float16", 1),          # what the hub ships: one fp16 .bin with legacy buffers
+    ("bin", "float32", 2),
+    ("safetensors", "float16", 1),
+    ("safetensors", "bfloat16", 3),
+])
+def test_transformers_loads_what_make_checkpoint_writes(tmp_path, fmt, dtype, shards):
+    src = make_tiny(tmp_path / "m", fmt=fmt, dtype=dtype, shards=shards)
+    model, info = transformers.CodeGenForCausalLM.from_pretrained(src, local_files_only=True, torch_dtype="auto",
+                                                                  output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert model.dtype == getattr(torch, dtype)
+    with HubCheckpoint(src) as ckpt:
+        ckpt.validate()
+        state = model.state_dict()
+        for name in ckpt.names():
+            assert torch.equal(state[name], ckpt.get(name)), name
+
+
+def test_legacy_buffers_are_written_and_skipped(tmp_path):
+    src = make_tiny(tmp_path / "m", fmt="bin")
+    sd = torch.load(os.path.join(src, "pytorch_model.bin"), mmap=True, weights_only=True)
+    assert sd["transformer.h.0.attn.causal_mask"].dtype == torch.bool
+    assert "transformer.h.1.attn.masked_bias" in sd
+    with HubCheckpoint(src) as ckpt:
+        assert not [n for n in ckpt.names() if ".attn.causal_mask" in n or "masked_bias" in n]
+
+
+@pytest.mark.parametrize("cls", ["CodeGenTokenizer", "CodeGenTokenizerFast"])
+def test_transformers_tokenizers_load_the_files(tmp_path, cls):
+    src = make_tiny(tmp_path / "m")
+    tok = getattr(transformers, cls).from_pretrained(src, local_files_only=True)
+    text = "def f(x):\n        return x\n\t\tpass"
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids) == text
+    assert tok.eos_token == tok.bos_token == "<|endoftext|>"
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    assert tok.eos_token_id == cfg["eos_token_id"]
+    # CodeGen's 38 whitespace tokens follow <|endoftext|>: 31..2 spaces, then 9..2 tabs.
+    assert tok.convert_tokens_to_ids(" " * 31) == tok.eos_token_id + 1
+    assert tok.convert_tokens_to_ids("\t" * 2) == tok.eos_token_id + 38
+    assert len(tok) == tok.eos_token_id + 39 <= cfg["vocab_size"]
+
+
+@pytest.mark.parametrize("n_embd,n_head", [(128, 8), (64, 4), (320, 4)])  # head_dim 16, 16, 80
+def test_qkv_reorder_matches_transformers_split(monkeypatch, n_embd, n_head):
+    from transformers.models.codegen import modeling_codegen as mc
+
+    cfg = transformers.CodeGenConfig(n_layer=1, n_embd=n_embd, n_head=n_head, rotary_dim=8, vocab_size=64,
+                                     n_positions=32, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = mc.CodeGenForCausalLM(cfg).eval()
+    seen = {}
+
+    def capture(module, query, key, value, attention_mask, **kw):
+        seen.update(q=query, k=key, v=value)
+        return mc.__dict__["_orig_eager"](module, query, key, value, attention_mask, **kw)
+
+    monkeypatch.setitem(mc.__dict__, "_orig_eager", mc.eager_attention_forward)
+    monkeypatch.setattr(mc, "eager_attention_forward", capture)
+    monkeypatch.setattr(mc, "apply_rotary_pos_emb", lambda t, sin, cos: t)  # compare the raw projections
+    ids = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        model(ids)
+        h = model.transformer.h[0].ln_1(model.transformer.wte(ids))
+        w = model.transformer.h[0].attn.qkv_proj.weight
+        y = h @ w[qkv_head_major_permutation(n_embd, n_head)].T
+    hd = n_embd // n_head
+    q, k, v = (part.reshape(2, 5, n_head, hd).transpose(1, 2) for part in y.split(n_embd, dim=-1))
+    assert torch.allclose(q, seen["q"], atol=1e-6)
+    assert torch.allclose(k, seen["k"], atol=1e-6)
+    assert torch.allclose(v, seen["v"], atol=1e-6)
+
+
+def test_permutation_is_a_permutation():
+    p = qkv_head_major_permutation(6144, 24)
+    assert torch.equal(p.sort().values, torch.arange(3 * 6144))
+
+
+def test_reader_names_missing_and_misshaped_tensors(tmp_path):
+    src = make_tiny(tmp_path / "m", n_layer=2)
+    cfg_path = os.path.join(src, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg.update(n_layer=3, vocab_size=cfg["vocab_size"] + 8)
+    json.dump(cfg, open(cfg_path, "w"))
+    with HubCheckpoint(src) as ckpt, pytest.raises(ValueError) as e:
+        ckpt.validate()
+    msg = str(e.value)
+    assert "transformer.h.2.attn.qkv_proj.weight" in msg and "lm_head.weight has shape" in msg
+    assert "transformer.wte.weight has shape" in msg
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        CodeGenConfig.from_dir(tmp_path / "nope")
+    (tmp_path / "gpt").mkdir()
+    (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
+    with pytest.raises(ValueError, match="'gpt2'"):
+        CodeGenConfig.from_dir(tmp_path / "gpt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        CodeGenConfig.from_dir(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("fmt,shards,victim", [("bin", 1, "pytorch_model.bin"),
+                                               ("safetensors", 1, "model.safetensors"),
+                                               ("safetensors", 3, "model-00002-of-00003.safetensors")])
+def test_truncated_weights_name_the_file(tmp_path, fmt, shards, victim):
+    src = make_tiny(tmp_path / "m", fmt=fmt, shards=shards)
+    path = os.path.join(src, victim)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(ValueError, match=victim):
+        HubCheckpoint(src)

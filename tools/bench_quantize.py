@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Benchmark `codegen-q quantize` on hub-shaped checkpoints: wall time, GB/s read, peak memory.
+
+    python tools/bench_quantize.py                 # makes 2B- and 6B-shaped fp16 .bin files (20 GB of disk)
+    python tools/bench_quantize.py --skip-6b --json
+    python tools/bench_quantize.py --src-2b DIR    # reuse a checkpoint
+
+Memory is sampled from /proc/PID/status of the child process every 50 ms: RssAnon is private
+memory (what must stay bounded, DESIGN §3); VmRSS adds the mmap'd checkpoint's pages, which are
+clean, reclaimable page cache. Checkpoints this script makes are deleted at the end unless --keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+SCHEMES = {"int8": ["--bits", "8"], "int4-g128": ["--bits", "4", "--group-size", "128"]}
+PRESET_BYTES = {"2B": 5.6e9, "6B": 14.2e9}
+
+
+def _status_kb(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("RssAnon", "VmRSS"):
+                    out[key] = int(rest.split()[0])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
+def run_measured(cmd: list[str]) -> dict:
+    """Run cmd, sampling its memory; returns wall time, peaks (bytes) and stdout."""
+    peaks = {"RssAnon": 0, "VmRSS": 0}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            for k, v in _status_kb(proc.pid).items():
+                peaks[k] = max(peaks[k], v * 1024)
+            done.wait(0.05)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    stdout, stderr = proc.communicate()
+    done.set()
+    t.join()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {stderr.strip()[-500:]}")
+    return {"wall_s": wall, "peak_private": peaks["RssAnon"], "peak_rss": peaks["VmRSS"], "stdout": stdout}
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+
+
+def bench_model(preset: str, src: str | None, work: str, keep: bool) -> list[dict]:
+    rows = []
+    made = src is None
+    if made:
+        src = os.path.join(work, f"codegen-{preset}-random")
+        need = PRESET_BYTES[preset] * 1.6  # the checkpoint plus the largest (int8) output
+        if shutil.disk_usage(work).free < need:
+            raise SystemExit(f"bench_quantize: not enough disk in {work} for {preset} ({need / 1e9:.0f} GB needed)")
+        r = run_measured([sys.executable, os.path.join(TOOLS, "make_checkpoint.py"), src, "--preset", preset, "--force"])
+        rows.append({"model": preset, "step": "make_checkpoint (fp16 .bin)", "wall_s": r["wall_s"],
+                     "gb_per_s": dir_bytes(src) / r["wall_s"] / 1e9, "peak_private": r["peak_private"],
+                     "peak_rss": r["peak_rss"], "bytes_out": dir_bytes(src)})
+    try:
+        for scheme, flags in SCHEMES.items():
+            out = os.path.join(work, f"codegen-{preset}-{scheme}")
+            r = run_measured([sys.executable, "-m", "codegen_q.cli", "quantize", src, out, *flags,
+                              "--json", "--no-progress", "--force"])
+            summary = json.loads(r["stdout"])
+            rows.append({"model": preset, "step": f"quantize {scheme}", "wall_s": r["wall_s"],
+                         "gb_per_s": summary["bytes_in"] / r["wall_s"] / 1e9, "peak_private": r["peak_private"],
+                         "peak_rss": r["peak_rss"], "bytes_out": summary["bytes_out"],
+                         "rel_error_p50": summary["rel_error"]["p50"]})
+            shutil.rmtree(out)
+    finally:
+        if made and not keep:
+            shutil.rmtree(src, ignore_errors=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default=None, help="where to write checkpoints (default: the system temp dir)")
+    p.add_argument("--src-2b", default=None, help="an existing 2B-shaped checkpoint to reuse")
+    p.add_argument("--src-6b", default=None, help="an existing 6B-shaped checkpoint to reuse")
+    p.add_argument("--skip-6b", action="store_true")
+    p.add_argument("--keep", action="store_true", help="keep the checkpoints this script makes")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    work = args.work or tempfile.mkdtemp(prefix="codegen-q-bench-")
+    os.makedirs(work, exist_ok=True)
+    rows = bench_model("2B", args.src_2b, work, args.keep)
+    if not args.skip_6b:
+        rows += bench_model("6B", args.src_6b, work, args.keep)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'model':<6}{'step':<30}{'wall s':>8}{'GB/s':>7}{'private GB':>12}{'RSS GB':>8}{'out GB':>8}")
+    for r in rows:
+        print(f"{r['model']:<6}{r['step']:<30}{r['wall_s']:>8.1f}{r['gb_per_s']:>7.2f}{r['peak_private'] / 1e9:>12.2f}"
+              f"{r['peak_rss'] / 1e9:>8.2f}{r['bytes_out'] / 1e9:>8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

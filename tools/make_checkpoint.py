@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Write a random-weight CodeGen checkpoint in the hub's layout (DESIGN §6).
+
+    python tools/make_checkpoint.py OUT --preset 2B                      # one fp16 pytorch_model.bin, as the hub
+    python tools/make_checkpoint.py OUT --preset 16B --format safetensors --shards 8
+    python tools/make_checkpoint.py OUT --tiny --n-embd 256 --n-head 4   # head_dim 64
+
+Streamed: memory for the largest tensor only, whatever the model size. The logic lives in
+codegen_q.testing.checkpoints so tests import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+from codegen_q.checkpoint import expected_tensors
+from codegen_q.config import CodeGenConfig
+from codegen_q.testing.checkpoints import PRESETS, hub_config, make_checkpoint, tiny_config
+
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--preset", choices=sorted(PRESETS))
+    which.add_argument("--tiny", action="store_true", help="a custom small config (see --n-*)")
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--n-head", type=int, default=4, help="must be divisible by 4 (CodeGen's mp_num)")
+    p.add_argument("--rotary-dim", type=int, default=16)
+    p.add_argument("--vocab-size", type=int, default=1100)
+    p.add_argument("--n-positions", type=int, default=2048)
+    p.add_argument("--format", choices=("bin", "safetensors"), default="bin")
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--dtype", choices=sorted(_ITEMSIZE), default="float16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-legacy-buffers", action="store_true", help="omit attn.causal_mask / masked_bias")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    args = p.parse_args(argv)
+
+    cfg = (hub_config(**PRESETS[args.preset]) if args.preset else
+           tiny_config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, rotary_dim=args.rotary_dim,
+                       vocab_size=args.vocab_size, n_positions=args.n_positions))
+    try:
+        n_params = sum(_numel(s) for s in expected_tensors(CodeGenConfig.from_dict(cfg)).values())
+    except ValueError as exc:
+        print(f"make_checkpoint: error: {exc}", file=sys.stderr)
+        return 1
+    need = n_params * _ITEMSIZE[args.dtype]
+    if os.path.exists(args.out):
+        if not args.force:
+            print(f"make_checkpoint: error: {args.out} exists; pass --force to replace it", file=sys.stderr)
+            return 1
+        shutil.rmtree(args.out)
+    parent = os.path.dirname(os.path.abspath(args.out))
+    free = shutil.disk_usage(parent).free
+    if free < need * 1.02:
+        print(f"make_checkpoint: error: {need / 1e9:.1f} GB needed in {parent}, {free / 1e9:.1f} GB free",
+              file=sys.stderr)
+        return 1
+    t0 = time.perf_counter()
+    make_checkpoint(args.out, cfg, fmt=args.format, dtype=args.dtype, shards=args.shards, seed=args.seed,
+                    legacy_buffers=False if args.no_legacy_buffers else None)
+    dt = time.perf_counter() - t0
+    print(f"wrote {args.out}: {n_params / 1e9:.2f} B parameters, {need / 1e9:.2f} GB {args.dtype} "
+          f"{args.format} in {dt:.1f} s ({need / dt / 1e9:.2f} GB/s)")
+    return 0
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+if __name__ == "__main__":
+    sys.exit(main())
