@@ -16,6 +16,23 @@ from codegen_q.backends import backends, get_cpu_isa, get_num_threads, set_cpu_i
 from codegen_q.ops import dequantize, qlinear
 from codegen_q.quantize import QuantizedWeight, quantize_weight
 
+
+def load(path, device="cpu", dtype=None, num_threads=None, verify=True):
+    """Load a quantized (or hub) CodeGen directory; see codegen_q.runtime.load."""
+    from codegen_q.runtime import load as _load
+
+    return _load(path, device=device, dtype=dtype, num_threads=num_threads, verify=verify)
+
+
+def generate(model, prompt, **kwargs):
+    """Complete prompt(s) with a model from codegen_q.load, or a model directory path."""
+    from codegen_q.generation import generate as _generate
+
+    if isinstance(model, (str, _os.PathLike)):
+        model = load(model)
+    return _generate(model, prompt, **kwargs)
+
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -26,8 +43,10 @@ __all__ = [
     "QuantizedWeight",
     "backends",
     "dequantize",
+    "generate",
     "get_cpu_isa",
     "get_num_threads",
+    "load",
     "qlinear",
     "quantize_weight",
     "set_cpu_isa",

@@ -1,0 +1,56 @@
+"""`codegen-q generate MODEL PROMPT`: complete code from the command line, streaming to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="complete a prompt with a quantized (or hub) CodeGen model",
+                       description="Complete PROMPT with MODEL. Tokens stream to stdout as they are decoded.")
+    p.add_argument("model", help="a directory written by `codegen-q quantize`, or a hub CodeGen directory")
+    p.add_argument("prompt", help="the prompt text, or - to read it from standard input")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); cut from the output")
+    p.add_argument("--stop-at-top-level", action="store_true",
+                   help="stop at the next top-level def/class/if __name__/print")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--no-stream", action="store_true", help="print the completion at the end only")
+    p.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, finish reason, speed)")
+    p.add_argument("--no-verify", action="store_true", help="skip the manifest checksums when loading")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from codegen_q.runtime import load
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model = load(args.model, num_threads=args.threads, verify=not args.no_verify)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+                   stop_at_top_level=args.stop_at_top_level)
+    start = time.perf_counter()
+    if args.json or args.no_stream:
+        out = model.generate(prompt, **options)
+        elapsed = time.perf_counter() - start
+        if args.json:
+            print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+                              "prompt_tokens": out.prompt_tokens, "seconds": elapsed,
+                              "tokens_per_second": len(out.token_ids) / elapsed if elapsed > 0 else None}))
+        else:
+            sys.stdout.write(out.text + "\n")
+        return 0
+    for delta in model.generate(prompt, stream=True, **options):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0

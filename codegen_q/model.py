@@ -1,0 +1,160 @@
+"""The CodeGen forward pass (DESIGN §1) on codegen-q's ops and the paged KV cache.
+
+Weights come as a name -> tensor / QuantizedWeight mapping in the converted layout: hub names,
+quantized Linears as QuantizedWeight, and qkv_proj rows already reordered to [q | k | v], each
+head's head_dim rows contiguous (checkpoint.qkv_head_major_permutation). Rotary stays GPT-J
+interleaved and partial (first rotary_dim dims of each head).
+
+The flattened batch: all new tokens of all sequences go through the Linear layers together (one
+qlinear per layer with M = total new tokens); attention runs per sequence over its own blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+
+from codegen_q.kv_cache import PagedKVCache
+from codegen_q.ops import qlinear
+from codegen_q.quantize import QuantizedWeight
+
+WeightLike = torch.Tensor | QuantizedWeight
+
+
+class Linear:
+    """y = x @ W.T + b for a float or quantized W (the only place the two paths differ)."""
+
+    def __init__(self, weight: WeightLike, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        self.quantized = isinstance(weight, QuantizedWeight)
+        self.weight = weight if self.quantized else weight.to(dtype)
+        self.bias = None if bias is None else bias.to(torch.float32 if self.quantized else dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized:
+            return qlinear(x, self.weight, self.bias)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+    @property
+    def nbytes(self) -> int:
+        w = self.weight.nbytes if self.quantized else self.weight.numel() * self.weight.element_size()
+        return w + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    # The tanh approximation, written as transformers' NewGELUActivation writes it.
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def rotary_tables(n_positions: int, rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sin, cos [n_positions, rotary_dim / 2] in fp32, computed exactly as the reference does."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64) / rotary_dim))
+    angles = torch.arange(n_positions, dtype=torch.int64).float()[:, None] * inv_freq
+    return torch.sin(angles), torch.cos(angles)
+
+
+def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """Interleaved (GPT-J) rotary on the first rotary_dim dims of x [T, H, D]; sin/cos [T, rot/2]."""
+    rot = x[..., :rotary_dim].float()
+    even, odd = rot[..., 0::2], rot[..., 1::2]
+    s, c = sin[:, None, :], cos[:, None, :]
+    rotated = torch.stack((even * c - odd * s, odd * c + even * s), dim=-1).flatten(-2)
+    return torch.cat((rotated.to(x.dtype), x[..., rotary_dim:]), dim=-1)
+
+
+class CodeGenModel:
+    def __init__(self, config, weights: Mapping[str, WeightLike], dtype: torch.dtype = torch.float32) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.rotary_dim = config.rotary_dim or self.head_dim
+        self.eps = config.layer_norm_epsilon
+
+        def tensor(name: str) -> torch.Tensor:
+            return weights[name].to(dtype)
+
+        def linear(prefix: str, bias: bool) -> Linear:
+            w = weights.get(prefix + ".weight", weights.get(prefix))
+            return Linear(w, weights[prefix + ".bias"] if bias else None, dtype)
+
+        # The embedding is only gathered (one row per token), never streamed: keep it as stored
+        # (fp16 in the quantized format, mmap'd) and convert the rows; 210 MB saved for 350M.
+        self.wte = weights["transformer.wte.weight"]
+        self.layers = []
+        for i in range(config.n_layer):
+            p = f"transformer.h.{i}."
+            self.layers.append({
+                "ln_w": tensor(p + "ln_1.weight"), "ln_b": tensor(p + "ln_1.bias"),
+                "qkv": linear(p + "attn.qkv_proj", False), "out": linear(p + "attn.out_proj", False),
+                "fc_in": linear(p + "mlp.fc_in", True), "fc_out": linear(p + "mlp.fc_out", True),
+            })
+        self.ln_f_w, self.ln_f_b = tensor("transformer.ln_f.weight"), tensor("transformer.ln_f.bias")
+        self.lm_head = linear("lm_head", True)
+        self.sin, self.cos = rotary_tables(config.n_positions, self.rotary_dim)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weights streamed per token (the Linear layers; the embedding is gathered)."""
+        linears = [layer[k] for layer in self.layers for k in ("qkv", "out", "fc_in", "fc_out")] + [self.lm_head]
+        return sum(l.nbytes for l in linears)
+
+    def new_cache(self, max_tokens: int, **kwargs) -> PagedKVCache:
+        kwargs.setdefault("dtype", torch.float32 if self.dtype == torch.float32 else self.dtype)
+        return PagedKVCache.for_tokens(self.config, max_tokens, **kwargs)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: Sequence[torch.Tensor], cache: PagedKVCache, seq_ids: Sequence[int],
+                last_only: bool = True) -> list[torch.Tensor]:
+        """Run the new tokens of each sequence; returns fp32 logits per sequence, [1 or n_new, vocab].
+
+        Each sequence continues from its length in `cache`; the cache is extended by its tokens.
+        On an error (e.g. the cache is full) the cache is left as it was.
+        """
+        counts = [int(ids.numel()) for ids in input_ids]
+        starts = [cache.length(s) for s in seq_ids]
+        for s, n, start in zip(seq_ids, counts, starts):
+            if start + n > self.config.n_positions:
+                raise ValueError(f"sequence would reach {start + n} tokens, more than the model's context of "
+                                 f"{self.config.n_positions}")
+        cache.reserve(dict(zip(seq_ids, counts)))
+        slots = [cache.slots(s, n) for s, n in zip(seq_ids, counts)]
+        positions = torch.cat([torch.arange(st, st + n) for st, n in zip(starts, counts)])
+        sin, cos = self.sin[positions], self.cos[positions]
+
+        h = self.wte[torch.cat([ids.reshape(-1) for ids in input_ids])].to(self.dtype)
+        d = self.config.n_embd
+        for li, layer in enumerate(self.layers):
+            x = torch.nn.functional.layer_norm(h, (d,), layer["ln_w"], layer["ln_b"], self.eps)
+            qkv = layer["qkv"](x).view(-1, 3, self.n_head, self.head_dim)
+            q = apply_rotary(qkv[:, 0], sin, cos, self.rotary_dim)
+            k = apply_rotary(qkv[:, 1], sin, cos, self.rotary_dim)
+            v = qkv[:, 2]
+            attn = torch.empty_like(q)
+            offset = 0
+            for s, n, start, slot in zip(seq_ids, counts, starts, slots):
+                cache.write(li, slot, k[offset:offset + n], v[offset:offset + n])
+                keys, values = cache.read(li, s, start + n)
+                attn[offset:offset + n] = self._attend(q[offset:offset + n], keys, values, start)
+                offset += n
+            h = h + layer["out"](attn.reshape(-1, d)) + layer["fc_out"](gelu_new(layer["fc_in"](x)))
+        for s, n in zip(seq_ids, counts):
+            cache.advance(s, n)
+
+        h = torch.nn.functional.layer_norm(h, (d,), self.ln_f_w, self.ln_f_b, self.eps)
+        out, offset = [], 0
+        for n in counts:
+            rows = h[offset + n - 1: offset + n] if last_only else h[offset:offset + n]
+            out.append(self.lm_head(rows).float())
+            offset += n
+        return out
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        """Causal attention of n queries at positions start.. over keys 0..start+n-1, fp32 softmax."""
+        n, total = q.shape[0], k.shape[0]
+        scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * self.head_dim ** -0.5
+        allowed = torch.arange(total)[None, :] <= (start + torch.arange(n))[:, None]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        return torch.einsum("hqk,khd->qhd", probs, v)

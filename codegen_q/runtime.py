@@ -1,0 +1,107 @@
+"""codegen_q.load(): a ready-to-generate model from a quantized or a hub directory."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from codegen_q.backends import set_num_threads
+from codegen_q.checkpoint import HubCheckpoint, qkv_head_major_permutation
+from codegen_q.config import CodeGenConfig
+from codegen_q.model import CodeGenModel
+from codegen_q.qformat import load_quantized
+from codegen_q.quantize import QuantizedWeight
+from codegen_q.tokenizer import CodeGenTokenizer
+
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class LoadedModel:
+    """A model ready to generate: `.generate()`, `.tokenizer`, `.config`, `.memory()`."""
+
+    def __init__(self, path: str, config: CodeGenConfig, model: CodeGenModel, tokenizer: CodeGenTokenizer) -> None:
+        self.path, self.config, self.model, self.tokenizer = path, config, model, tokenizer
+
+    @property
+    def quantization(self):
+        return self.config.quantization
+
+    def generate(self, prompt, **kwargs):
+        """See codegen_q.generate."""
+        from codegen_q.generation import generate
+
+        return generate(self, prompt, **kwargs)
+
+    def memory(self, context: int | None = None, batch: int = 1) -> dict[str, Any]:
+        """Bytes of weights held (and of those read per token), and of the KV cache for `batch`
+        sequences of `context` tokens."""
+        context = context or self.config.n_positions
+        kv = 2 * self.config.n_layer * self.config.n_embd * context * batch * torch.finfo(self.model.dtype).bits // 8
+        wte = self.model.wte
+        return {"weights_bytes": self.model.nbytes + wte.numel() * wte.element_size(),
+                "streamed_per_token_bytes": self.model.nbytes, "kv_cache_bytes": kv, "context": context,
+                "batch": batch}
+
+    def __repr__(self) -> str:
+        q = self.quantization
+        kind = "float" if q is None else f"int{q.bits}" + (f" g{q.group_size}" if q.group_size else "")
+        return f"LoadedModel({self.path!r}, {kind}, {self.config.n_layer} layers, d={self.config.n_embd})"
+
+
+def _warn_if_openmp_spins() -> None:
+    import warnings
+
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE" and torch.get_num_threads() > 1:
+        warnings.warn("torch's OpenMP threads spin-wait (OMP_WAIT_POLICY is not PASSIVE; torch was imported before "
+                      "codegen_q, or the policy was set otherwise) and will compete with codegen-q's kernel threads; "
+                      "set OMP_WAIT_POLICY=PASSIVE before importing torch, or torch.set_num_threads(1)",
+                      RuntimeWarning, stacklevel=3)
+
+
+def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str | None = None,
+         num_threads: int | None = None, verify: bool = True) -> LoadedModel:
+    """Load a directory written by `codegen-q quantize`, or a hub CodeGen directory (float path).
+
+    Quantized weights stay mmap'd (no copy); `dtype` is the activation / float-weight dtype
+    (float32 by default, bfloat16 to halve a float model). `verify` checks the manifest checksums.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    if device == "auto":
+        device = "cpu"  # the CUDA runtime path is not implemented yet
+    if device != "cpu":
+        raise ValueError(f"device {device!r} is not supported yet; generation currently runs on the CPU")
+    if isinstance(dtype, str):
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
+        dtype = FLOAT_DTYPES[dtype]
+    dtype = dtype or torch.float32
+    if dtype not in FLOAT_DTYPES.values():
+        raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    if num_threads is not None:
+        set_num_threads(num_threads)
+        torch.set_num_threads(num_threads)
+
+    _warn_if_openmp_spins()
+    config = CodeGenConfig.from_dir(path)
+    if config.quantization is not None:
+        weights = load_quantized(path, verify=verify).tensors
+    else:
+        weights = _load_hub_weights(path, config)
+    tokenizer = CodeGenTokenizer.from_dir(path)
+    return LoadedModel(path, config, CodeGenModel(config, weights, dtype=dtype), tokenizer)
+
+
+def _load_hub_weights(path: str, config: CodeGenConfig) -> dict[str, torch.Tensor | QuantizedWeight]:
+    perm = qkv_head_major_permutation(config.n_embd, config.n_head)
+    weights = {}
+    with HubCheckpoint(path) as ckpt:
+        ckpt.validate()
+        for name, tensor in ckpt.tensors():
+            if name.endswith("attn.qkv_proj.weight"):
+                tensor = tensor[perm]
+            weights[name] = tensor.float().clone() if tensor.dtype != torch.float32 else tensor.clone()
+    return weights

@@ -1,0 +1,197 @@
+"""generate(): greedy parity with transformers, batching, stopping, streaming, sampling, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from codegen_q.config import CodeGenConfig
+from codegen_q.generation import Generator, generate
+from codegen_q.model import CodeGenModel
+from codegen_q.sampling import SamplingParams
+from codegen_q.testing.tokenizer_files import write_tokenizer_files
+from codegen_q.tokenizer import CodeGenTokenizer, IncrementalDecoder
+from test_model import converted_weights
+
+transformers.logging.set_verbosity_error()
+MODEL_VOCAB = 640  # more rows than the tokenizer has ids: the rest are padding
+PROMPTS = ["def add(a, b):\n    return", "class Stack:\n", "import os\n\n\ndef main():\n        x = 1"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    write_tokenizer_files(str(d))
+    tokenizer = CodeGenTokenizer.from_dir(d)
+    torch.manual_seed(0)
+    cfg = transformers.CodeGenConfig(vocab_size=MODEL_VOCAB, n_positions=128, n_embd=128, n_layer=2, n_head=4,
+                                     rotary_dim=16, bos_token_id=tokenizer.eos_token_id,
+                                     eos_token_id=tokenizer.eos_token_id)
+    hf = transformers.CodeGenForCausalLM(cfg).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(8.0)
+        hf.lm_head.bias[tokenizer.eos_token_id] = -1e4  # keep random completions from ending at once
+    model = CodeGenModel(CodeGenConfig.from_dict(cfg.to_dict()), converted_weights(hf))
+    return hf, model, tokenizer
+
+
+def test_greedy_matches_transformers(setup):
+    hf, model, tok = setup
+    for prompt in PROMPTS:
+        out = generate(model, prompt, max_new_tokens=24, tokenizer=tok)
+        ids = torch.tensor([tok.encode(prompt)])
+        with torch.no_grad():
+            hf_logits_mask = torch.zeros(MODEL_VOCAB)
+            hf_logits_mask[len(tok):] = float("-inf")
+            ref = hf.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id,
+                              suppress_tokens=list(range(len(tok), MODEL_VOCAB)))[0, ids.shape[1]:].tolist()
+        assert out.token_ids == ref[: len(out.token_ids)]
+        assert out.finish_reason == "length" and len(out.token_ids) == 24
+        assert out.text == tok.decode(out.token_ids)
+        assert out.prompt_tokens == ids.shape[1]
+
+
+def test_padding_rows_are_never_chosen(setup):
+    hf, _, tok = setup
+    sd = converted_weights(hf)
+    sd["lm_head.bias"] = sd["lm_head.bias"].clone()
+    sd["lm_head.bias"][len(tok):] = 1e4  # the padding rows would win every argmax
+    model = CodeGenModel(CodeGenConfig.from_dict(hf.config.to_dict()), sd)
+    for kwargs in (dict(), dict(temperature=1.0, seed=0)):
+        out = generate(model, PROMPTS[0], max_new_tokens=8, tokenizer=tok, **kwargs)
+        assert max(out.token_ids) < len(tok)
+
+
+def test_batch_equals_each_prompt_alone(setup):
+    _, model, tok = setup
+    batch = generate(model, PROMPTS, max_new_tokens=20, tokenizer=tok)
+    for prompt, got in zip(PROMPTS, batch):
+        alone = generate(model, prompt, max_new_tokens=20, tokenizer=tok)
+        assert got.token_ids == alone.token_ids and got.text == alone.text
+
+
+@pytest.mark.parametrize("start,length", [(3, 4), (10, 6), (0, 2)])
+def test_stop_string_cuts_at_first_occurrence(setup, start, length):
+    _, model, tok = setup
+    full = generate(model, PROMPTS[2], max_new_tokens=30, tokenizer=tok)
+    stop = full.text[start:start + length]
+    assert stop, "test setup: the free completion is too short"
+    out = generate(model, PROMPTS[2], max_new_tokens=30, tokenizer=tok, stop=["\x00never", stop])
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[: full.text.find(stop)]
+    assert stop not in out.text
+
+
+def test_stop_pattern_and_top_level(setup):
+    _, model, tok = setup
+    full = generate(model, PROMPTS[0], max_new_tokens=30, tokenizer=tok)
+    word = full.text[5:9]
+    out = generate(model, PROMPTS[0], max_new_tokens=30, tokenizer=tok, stop_patterns=[__import__("re").escape(word)])
+    assert out.text == full.text[: full.text.find(word)] and out.finish_reason == "stop"
+    # The top-level patterns only ever cut at a newline followed by def/class/if __name__/print(.
+    top = generate(model, PROMPTS[0], max_new_tokens=30, tokenizer=tok, stop_at_top_level=True)
+    assert full.text.startswith(top.text)
+    if top.finish_reason == "stop":
+        rest = full.text[len(top.text):]
+        assert rest.startswith(("\ndef ", "\nclass ", "\nif __name__", "\nprint("))
+
+
+@pytest.mark.parametrize("stop", [None, "STOP-NEVER"])
+def test_stream_deltas_add_up_to_the_completion(setup, stop):
+    _, model, tok = setup
+    final = generate(model, PROMPTS[1], max_new_tokens=25, tokenizer=tok, stop=stop)
+    deltas = list(generate(model, PROMPTS[1], max_new_tokens=25, tokenizer=tok, stop=stop, stream=True))
+    assert "".join(deltas) == final.text
+    for d in deltas:
+        d.encode("utf-8")  # no lone surrogates: every delta is valid UTF-8 text
+
+
+def test_incremental_decoder_never_splits_a_character(setup):
+    # Byte-level BPE spreads these characters over several byte tokens; a random model's output
+    # may be invalid UTF-8 anyway (decoded as U+FFFD), so this is checked on real text.
+    _, _, tok = setup
+    text = "héllo wörld 🙂 日本語 – ok 🎉"
+    decoder = IncrementalDecoder(tok)
+    deltas = [decoder.push(t) for t in tok.encode(text)]
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+    assert sum(1 for d in deltas if d == "") > 0  # some tokens were indeed partial characters
+
+
+def test_stream_holds_back_stop_strings(setup):
+    _, model, tok = setup
+    full = generate(model, PROMPTS[0], max_new_tokens=30, tokenizer=tok)
+    stop = full.text[12:17]
+    deltas = list(generate(model, PROMPTS[0], max_new_tokens=30, tokenizer=tok, stop=stop, stream=True))
+    assert "".join(deltas) == full.text[: full.text.find(stop)]
+
+
+def test_seeded_sampling_is_reproducible(setup):
+    _, model, tok = setup
+    a = generate(model, PROMPTS[0], max_new_tokens=16, tokenizer=tok, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    b = generate(model, PROMPTS[0], max_new_tokens=16, tokenizer=tok, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    c = generate(model, PROMPTS[0], max_new_tokens=16, tokenizer=tok, temperature=1.0, seed=8)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_every_block_returns_after_finish_error_and_cancel(setup):
+    _, model, tok = setup
+    params = SamplingParams()
+    runner = Generator(model, tok, PROMPTS, 10, params, None, [], [])
+    for _ in runner.steps():
+        pass
+    assert runner.cache.num_free_blocks == runner.cache.num_blocks
+    runner = Generator(model, tok, PROMPTS[:1], 30, params, None, [], [])
+    steps = runner.steps()
+    next(steps), next(steps)
+    steps.close()  # a cancelled stream
+    assert runner.cache.num_free_blocks == runner.cache.num_blocks
+
+    class Boom(RuntimeError):
+        pass
+
+    runner = Generator(model, tok, PROMPTS, 10, params, None, [], [])
+    original = model.forward
+    calls = {"n": 0}
+
+    def failing_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Boom("injected")
+        return original(*args, **kwargs)
+
+    model.forward = failing_forward
+    try:
+        with pytest.raises(Boom):
+            list(runner.steps())
+    finally:
+        del model.forward
+    assert runner.cache.num_free_blocks == runner.cache.num_blocks
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=200), "exceed the model's context of 128"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_k=-2), "top_k"),
+    (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(stop=[""]), "stop"),
+    (dict(stop_patterns=["(unclosed"]), "not a valid regular expression"),
+    (dict(frobnicate=True), "unknown argument"),
+])
+def test_bad_arguments_are_value_errors(setup, kwargs, match):
+    _, model, tok = setup
+    with pytest.raises(ValueError, match=match):
+        generate(model, PROMPTS[0], tokenizer=tok, **kwargs)
+
+
+def test_bad_prompts(setup):
+    _, model, tok = setup
+    for prompt in ("", [], [1, 2]):
+        with pytest.raises(ValueError):
+            generate(model, prompt, tokenizer=tok)
+    with pytest.raises(ValueError, match="exceed the model's context"):
+        generate(model, "x = 1\n" * 200, tokenizer=tok, max_new_tokens=1)

@@ -1,0 +1,90 @@
+"""codegen_q.load() and `codegen-q generate`, end to end on checkpoints the project makes itself."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import codegen_q
+from codegen_q.cli import main as cli_main
+from codegen_q.convert import quantize_checkpoint
+from codegen_q.runtime import load
+from codegen_q.testing.checkpoints import make_checkpoint, tiny_config
+
+transformers.logging.set_verbosity_error()
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rt")
+    hub = make_checkpoint(str(root / "hub"), tiny_config(n_embd=128, n_head=4, rotary_dim=16), fmt="bin")
+    out = {"hub": hub}
+    for bits in (8, 4):
+        out[f"int{bits}"] = str(root / f"int{bits}")
+        quantize_checkpoint(hub, out[f"int{bits}"], bits=bits, group_size=None if bits == 8 else 32, progress=False)
+    return out
+
+
+def test_float_path_matches_transformers_on_a_hub_directory(dirs):
+    model = load(dirs["hub"])
+    hf = transformers.CodeGenForCausalLM.from_pretrained(dirs["hub"], torch_dtype=torch.float32).eval()
+    ids = torch.tensor(model.tokenizer.encode("def fib(n):\n    if n < 2:\n        return n"))
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    cache = model.model.new_cache(64)
+    got = model.model.forward([ids], cache, [cache.add_sequence()], last_only=False)[0]
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_model_generates(dirs, kind):
+    model = load(dirs[kind])
+    assert model.quantization.bits == int(kind[-1])
+    out = model.generate("def add(a, b):", max_new_tokens=12)
+    assert out.finish_reason in ("length", "eos", "stop") and len(out.token_ids) <= 12
+    assert out.text == model.tokenizer.decode(out.token_ids) or out.finish_reason == "stop"
+    mem = model.memory(context=64)
+    assert 0 < mem["streamed_per_token_bytes"] < mem["weights_bytes"]
+    float_model = load(dirs["hub"])
+    assert mem["streamed_per_token_bytes"] < float_model.memory()["streamed_per_token_bytes"] / 3
+
+
+def test_generate_accepts_a_loaded_model_at_top_level(dirs):
+    model = load(dirs["int8"])
+    a = codegen_q.generate(model, "x = ", max_new_tokens=5)
+    b = model.generate("x = ", max_new_tokens=5)
+    assert a.token_ids == b.token_ids
+
+
+def test_load_errors(dirs, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load(tmp_path / "nope")
+    with pytest.raises(ValueError, match="not supported yet"):
+        load(dirs["int8"], device="cuda")
+    with pytest.raises(ValueError, match="dtype"):
+        load(dirs["int8"], dtype="float64")
+
+
+def test_cli_generate_streams_and_json(dirs, capsys):
+    assert cli_main(["generate", dirs["int4"], "def f(x):", "--max-new-tokens", "6"]) == 0
+    streamed = capsys.readouterr().out
+    assert cli_main(["generate", dirs["int4"], "def f(x):", "--max-new-tokens", "6", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert streamed == result["text"] + "\n"
+    assert len(result["token_ids"]) <= 6 and result["finish_reason"] in ("length", "eos")
+
+
+def test_cli_generate_reads_stdin_and_fails_cleanly(dirs, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("def g():"))
+    assert cli_main(["generate", dirs["int8"], "-", "--max-new-tokens", "3", "--no-stream"]) == 0
+    capsys.readouterr()
+    assert cli_main(["generate", dirs["int8"], "x" * 2000, "--max-new-tokens", "3"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "context" in err[0]
+    assert cli_main(["generate", dirs["int8"], "x", "--temperature", "-1"]) != 0
+    assert "temperature" in capsys.readouterr().err
