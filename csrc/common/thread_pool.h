@@ -13,8 +13,8 @@
 namespace cgq {
 
 // Calls fn(begin, end) on disjoint, contiguous chunks that cover [0, n) (chunk boundaries are
-// multiples of `grain`), using up to num_threads() threads including the caller.
-void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+// multiples of `grain`), using up to min(num_threads(), max_jobs) threads including the caller.
+void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn, int max_jobs = 1 << 30);
 
 // Threads used by parallel_for. Defaults to CODEGEN_Q_NUM_THREADS, else the CPUs this process may
 // run on. set_num_threads(n) with n >= 1 resizes the pool.
