@@ -82,6 +82,21 @@ PYBIND11_MODULE(_C_cpu, m) {
       py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("N"), py::arg("K"),
       py::arg("out"), py::call_guard<py::gil_scoped_release>());
   m.def(
+      "quantize_int8",
+      [](uintptr_t w, int64_t N, int64_t K, uintptr_t scales, uintptr_t q) {
+        cgq::cpu::quantize_int8(ptr<const float>(w), N, K, ptr<const uint16_t>(scales), ptr<int8_t>(q));
+      },
+      py::arg("w"), py::arg("N"), py::arg("K"), py::arg("scales"), py::arg("q"),
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "quantize_int4",
+      [](uintptr_t w, int64_t N, int64_t K, int64_t group_size, uintptr_t scales, uintptr_t zeros, uintptr_t packed) {
+        cgq::cpu::quantize_int4(ptr<const float>(w), N, K, group_size, ptr<const uint16_t>(scales),
+                                ptr<const uint8_t>(zeros), ptr<uint8_t>(packed));
+      },
+      py::arg("w"), py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("scales"), py::arg("zeros"),
+      py::arg("packed"), py::call_guard<py::gil_scoped_release>());
+  m.def(
       "read_checksum", [](uintptr_t data, int64_t bytes) { return cgq::cpu::read_checksum(ptr<const uint8_t>(data), bytes); },
       py::arg("data"), py::arg("bytes"), py::call_guard<py::gil_scoped_release>());
 

@@ -347,3 +347,19 @@ def test_to_cpu_keeps_values():
 def test_bad_arguments(weight, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         quantize_weight(weight, **kwargs)
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, False), (4, 32, False), (4, 64, True), (4, 128, False)])
+@pytest.mark.parametrize("magnitude", [1e-6, 1.0, 1e3])
+def test_native_pass_is_bit_identical_to_the_torch_reference(cpu_isa, bits, group_size, symmetric, magnitude):
+    # The CPU quantizer's per-element pass is native (one fused, threaded loop); the torch code in
+    # quantize_values_reference is its specification and must give the very same bytes.
+    from codegen_q.quantize import _quantize_rows, quantize_values_reference
+
+    g = torch.Generator().manual_seed(int(magnitude * 1e6) % 1000 + bits)
+    w = torch.randn(45, 640, generator=g) * magnitude
+    w[2] = 0.0                       # an all-zero row
+    w[4, 9] = 300.0 * magnitude      # an outlier
+    w[6, ::2] = 0.5 * magnitude      # ties: round half to even
+    q, scale, zero = _quantize_rows(w, bits, group_size, symmetric)
+    assert torch.equal(q, quantize_values_reference(w, bits, group_size, scale, zero))

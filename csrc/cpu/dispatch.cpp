@@ -21,10 +21,14 @@ struct KernelTable {
   void (*dequantize_int8)(const DequantArgs&, int64_t, int64_t);
   void (*dequantize_int4)(const DequantArgs&, int64_t, int64_t);
   uint64_t (*read_checksum)(const uint8_t*, int64_t);
+  void (*quantize_int8_rows)(const float*, int64_t, const uint16_t*, int8_t*, int64_t, int64_t);
+  void (*quantize_int4_rows)(const float*, int64_t, int64_t, const uint16_t*, const uint8_t*, uint8_t*, int64_t,
+                             int64_t);
 };
 
 #define CGQ_TABLE(isa) \
-  KernelTable { isa::qlinear_workspace_bytes, isa::qlinear_prepare, isa::qlinear_int8, isa::qlinear_int4, isa::dequantize_int8, isa::dequantize_int4, isa::read_checksum }
+  KernelTable { isa::qlinear_workspace_bytes, isa::qlinear_prepare, isa::qlinear_int8, isa::qlinear_int4, isa::dequantize_int8, isa::dequantize_int4, isa::read_checksum, \
+                isa::quantize_int8_rows, isa::quantize_int4_rows }
 
 const KernelTable& kernels() {
   static const KernelTable scalar_table = CGQ_TABLE(scalar);
@@ -136,6 +140,20 @@ void dequantize_int4(const DequantArgs& a) {
   check_shapes(a.N, a.K, a.qweight, a.scales, a.out, true, a.group_size);
   const auto fn = kernels().dequantize_int4;
   parallel_for(a.N, kRowGrain, [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+void quantize_int8(const float* w, int64_t N, int64_t K, const uint16_t* scales, int8_t* q) {
+  check_shapes(N, K, w, scales, q, false, 0);
+  const auto fn = kernels().quantize_int8_rows;
+  parallel_for(N, kRowGrain, [&](int64_t b, int64_t e) { fn(w, K, scales, q, b, e); }, max_jobs(1, N, K));
+}
+
+void quantize_int4(const float* w, int64_t N, int64_t K, int64_t group_size, const uint16_t* scales,
+                   const uint8_t* zeros, uint8_t* packed) {
+  check_shapes(N, K, w, scales, packed, true, group_size);
+  const auto fn = kernels().quantize_int4_rows;
+  parallel_for(N, kRowGrain, [&](int64_t b, int64_t e) { fn(w, K, group_size, scales, zeros, packed, b, e); },
+               max_jobs(1, N, K));
 }
 
 uint64_t read_checksum(const uint8_t* data, int64_t bytes) {

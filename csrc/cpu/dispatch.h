@@ -11,6 +11,10 @@ void qlinear_int8(const QLinearArgs& a);
 void qlinear_int4(const QLinearArgs& a);
 void dequantize_int8(const DequantArgs& a);
 void dequantize_int4(const DequantArgs& a);
+// The per-element quantization pass for rows [0, N) (see cpu/quantize_kernels.cpp).
+void quantize_int8(const float* w, int64_t N, int64_t K, const uint16_t* scales, int8_t* q);
+void quantize_int4(const float* w, int64_t N, int64_t K, int64_t group_size, const uint16_t* scales,
+                   const uint8_t* zeros, uint8_t* packed);
 // Reads `bytes` with every pool thread (one contiguous slice each) and returns a checksum.
 uint64_t read_checksum(const uint8_t* data, int64_t bytes);
 

@@ -17,6 +17,11 @@
   void dequantize_int8(const DequantArgs& a, int64_t n_begin, int64_t n_end);          \
   void dequantize_int4(const DequantArgs& a, int64_t n_begin, int64_t n_end);          \
   uint64_t read_checksum(const uint8_t* data, int64_t bytes);                          \
+  void quantize_int8_rows(const float* w, int64_t K, const uint16_t* scales, int8_t* q, \
+                          int64_t n_begin, int64_t n_end);                             \
+  void quantize_int4_rows(const float* w, int64_t K, int64_t group_size,                \
+                          const uint16_t* scales, const uint8_t* zeros, uint8_t* packed, \
+                          int64_t n_begin, int64_t n_end);                             \
   }
 
 CGQ_DECLARE_ISA_KERNELS(scalar)

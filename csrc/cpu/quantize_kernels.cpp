@@ -1,0 +1,50 @@
+// The per-element pass of round-to-nearest quantization, given the scales (and zero points) that
+// codegen_q/quantize.py computes: q = clamp(round(w / scale) + zero, lo, hi), packed as in
+// common/qformat.h. Written as plain loops that the compiler vectorizes per ISA (the file is
+// compiled once per ISA like qlinear_kernels.cpp). The operations and their order are those of
+// the torch reference in quantize.py, so both give bit-identical weights (tested).
+#include <cmath>
+
+#include "cpu/kernels.h"
+#include "cpu/simd.h"
+
+namespace cgq::cpu::CGQ_ISA {
+
+void quantize_int8_rows(const float* w, int64_t K, const uint16_t* scales, int8_t* q, int64_t n_begin, int64_t n_end) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    float s = Vec::half(scales[n]);
+    if (!(s > 0.0f)) s = 1.0f;  // an all-zero row: divide by 1, as the reference does
+    const float* row = w + n * K;
+    int8_t* out = q + n * K;
+    for (int64_t k = 0; k < K; ++k) {
+      float v = std::nearbyint(row[k] / s);
+      v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+      out[k] = static_cast<int8_t>(v);
+    }
+  }
+}
+
+void quantize_int4_rows(const float* w, int64_t K, int64_t group_size, const uint16_t* scales, const uint8_t* zeros,
+                        uint8_t* packed, int64_t n_begin, int64_t n_end) {
+  const int64_t groups = K / group_size;
+  alignas(64) uint8_t block[kInt4BlockElems];
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = Vec::half(scales[n * groups + g]);
+      if (!(s > 0.0f)) s = 1.0f;
+      const float z = zeros ? static_cast<float>(zeros[n * groups + g]) : static_cast<float>(kInt4SymmetricZero);
+      for (int64_t k0 = g * group_size; k0 < (g + 1) * group_size; k0 += kInt4BlockElems) {
+        const float* src = w + n * K + k0;
+        for (int j = 0; j < kInt4BlockElems; ++j) {
+          float v = std::nearbyint(src[j] / s) + z;
+          v = v < 0.0f ? 0.0f : (v > 15.0f ? 15.0f : v);
+          block[j] = static_cast<uint8_t>(v);
+        }
+        uint8_t* dst = packed + n * (K / 2) + k0 / 2;
+        for (int j = 0; j < kInt4BlockBytes; ++j) dst[j] = static_cast<uint8_t>(block[j] | (block[j + 16] << 4));
+      }
+    }
+  }
+}
+
+}  // namespace cgq::cpu::CGQ_ISA
