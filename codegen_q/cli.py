@@ -31,7 +31,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     print(f"wrote {summary['out']} ({scheme}, lm_head {q['lm_head']}, {summary['shards']} shard(s))")
     print(f"  size: {summary['bytes_in'] / 1e9:.3f} GB -> {summary['weight_bytes_out'] / 1e9:.3f} GB of weights "
           f"({summary['ratio']:.2f}x smaller)")
-    print(f"  relative error ||W - W_hat|| / ||W|| over {summary['quantized_tensors']} quantized tensors: "
+    print(f"  relative error ||W - W_hat|| / ||W|| (256 rows sampled per tensor) over {summary['quantized_tensors']} "
+          f"quantized tensors: "
           f"p50 {e['p50']:.4f}, p90 {e['p90']:.4f}, max {e['max']:.4f}")
     print(f"  time: {summary['seconds']:.1f} s, read {summary['read_gb_per_s']:.2f} GB/s")
     return 0

@@ -162,8 +162,10 @@ def _quantize_rows(w: torch.Tensor, bits: int, group_size: int | None, symmetric
     n, k = w.shape
     # One min/max pass per row or group gives the range, and the finiteness check for free: NaN and
     # inf propagate into it (a separate isfinite(w).all() cost 6x the quantization itself).
-    lo, hi = torch.aminmax(w if bits == 8 else w.view(n, k // group_size, group_size), dim=-1)
-    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+    lo, hi, finite = _row_group_minmax(w, k if bits == 8 else group_size)
+    if bits == 8:  # one scale per row: [N], not [N, 1]
+        lo, hi = lo.squeeze(1), hi.squeeze(1)
+    if not finite:
         raise ValueError("weight contains NaN or infinite values")
     if bits == 8 or symmetric:
         scale = _fp16_scale_at_least(torch.maximum(-lo, hi) / (127.0 if bits == 8 else 7.0))
@@ -177,6 +179,20 @@ def _quantize_rows(w: torch.Tensor, bits: int, group_size: int | None, symmetric
     else:
         q = quantize_values_reference(w, bits, group_size, scale, zero)
     return q, scale, zero
+
+
+def _row_group_minmax(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """min and max [N, K / group] of each row's groups of `group` elements, and whether w is finite."""
+    n, k = w.shape
+    if w.device.type != "cpu":
+        lo, hi = torch.aminmax(w.view(n, k // group, group), dim=-1)
+        return lo, hi, bool(torch.isfinite(lo).all() and torch.isfinite(hi).all())
+    from codegen_q import _native
+
+    lo = torch.empty((n, k // group), dtype=torch.float32)
+    hi = torch.empty_like(lo)
+    finite = _native.cpu().minmax(w.data_ptr(), n, k, group, lo.data_ptr(), hi.data_ptr())
+    return lo, hi, finite
 
 
 def quantize_values_reference(w: torch.Tensor, bits: int, group_size: int | None, scale: torch.Tensor,

@@ -97,6 +97,13 @@ PYBIND11_MODULE(_C_cpu, m) {
       py::arg("w"), py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("scales"), py::arg("zeros"),
       py::arg("packed"), py::call_guard<py::gil_scoped_release>());
   m.def(
+      "minmax",
+      [](uintptr_t w, int64_t N, int64_t K, int64_t group, uintptr_t lo, uintptr_t hi) {
+        return cgq::cpu::minmax(ptr<const float>(w), N, K, group, ptr<float>(lo), ptr<float>(hi));
+      },
+      py::arg("w"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("lo"), py::arg("hi"),
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
       "read_checksum", [](uintptr_t data, int64_t bytes) { return cgq::cpu::read_checksum(ptr<const uint8_t>(data), bytes); },
       py::arg("data"), py::arg("bytes"), py::call_guard<py::gil_scoped_release>());
 

@@ -363,3 +363,19 @@ def test_native_pass_is_bit_identical_to_the_torch_reference(cpu_isa, bits, grou
     w[6, ::2] = 0.5 * magnitude      # ties: round half to even
     q, scale, zero = _quantize_rows(w, bits, group_size, symmetric)
     assert torch.equal(q, quantize_values_reference(w, bits, group_size, scale, zero))
+
+
+@pytest.mark.parametrize("group", [32, 128, 1000])
+def test_native_row_group_minmax_matches_torch(cpu_isa, group):
+    from codegen_q.quantize import _row_group_minmax
+
+    g = torch.Generator().manual_seed(group)
+    w = torch.randn(19, 1000 if group == 1000 else 640, generator=g)
+    k = w.shape[1]
+    lo, hi, finite = _row_group_minmax(w, group)
+    ref_lo, ref_hi = torch.aminmax(w.view(19, k // group, group), dim=-1)
+    assert finite and torch.equal(lo, ref_lo) and torch.equal(hi, ref_hi)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        w2 = w.clone()
+        w2[11, k - 3] = bad  # in the last, possibly partial, 16-lane chunk
+        assert not _row_group_minmax(w2, group)[2]

@@ -24,11 +24,12 @@ struct KernelTable {
   void (*quantize_int8_rows)(const float*, int64_t, const uint16_t*, int8_t*, int64_t, int64_t);
   void (*quantize_int4_rows)(const float*, int64_t, int64_t, const uint16_t*, const uint8_t*, uint8_t*, int64_t,
                              int64_t);
+  bool (*minmax_rows)(const float*, int64_t, int64_t, float*, float*, int64_t, int64_t);
 };
 
 #define CGQ_TABLE(isa) \
   KernelTable { isa::qlinear_workspace_bytes, isa::qlinear_prepare, isa::qlinear_int8, isa::qlinear_int4, isa::dequantize_int8, isa::dequantize_int4, isa::read_checksum, \
-                isa::quantize_int8_rows, isa::quantize_int4_rows }
+                isa::quantize_int8_rows, isa::quantize_int4_rows, isa::minmax_rows }
 
 const KernelTable& kernels() {
   static const KernelTable scalar_table = CGQ_TABLE(scalar);
@@ -154,6 +155,17 @@ void quantize_int4(const float* w, int64_t N, int64_t K, int64_t group_size, con
   const auto fn = kernels().quantize_int4_rows;
   parallel_for(N, kRowGrain, [&](int64_t b, int64_t e) { fn(w, K, group_size, scales, zeros, packed, b, e); },
                max_jobs(1, N, K));
+}
+
+bool minmax(const float* w, int64_t N, int64_t K, int64_t group, float* lo, float* hi) {
+  if (N < 0 || K <= 0 || group <= 0 || K % group != 0) throw std::invalid_argument("group must divide K");
+  if (!w || !lo || !hi) throw std::invalid_argument("null pointer");
+  const auto fn = kernels().minmax_rows;
+  std::atomic<bool> all_finite{true};
+  parallel_for(N, kRowGrain, [&](int64_t b, int64_t e) {
+    if (!fn(w, K, group, lo, hi, b, e)) all_finite.store(false);
+  }, max_jobs(1, N, K * 4));
+  return all_finite.load();
 }
 
 uint64_t read_checksum(const uint8_t* data, int64_t bytes) {

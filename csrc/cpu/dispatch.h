@@ -15,6 +15,8 @@ void dequantize_int4(const DequantArgs& a);
 void quantize_int8(const float* w, int64_t N, int64_t K, const uint16_t* scales, int8_t* q);
 void quantize_int4(const float* w, int64_t N, int64_t K, int64_t group_size, const uint16_t* scales,
                    const uint8_t* zeros, uint8_t* packed);
+// lo/hi [N, K / group] = min/max of each row group; false if w holds NaN or inf.
+bool minmax(const float* w, int64_t N, int64_t K, int64_t group, float* lo, float* hi);
 // Reads `bytes` with every pool thread (one contiguous slice each) and returns a checksum.
 uint64_t read_checksum(const uint8_t* data, int64_t bytes);
 

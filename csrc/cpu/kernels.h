@@ -22,6 +22,8 @@
   void quantize_int4_rows(const float* w, int64_t K, int64_t group_size,                \
                           const uint16_t* scales, const uint8_t* zeros, uint8_t* packed, \
                           int64_t n_begin, int64_t n_end);                             \
+  bool minmax_rows(const float* w, int64_t K, int64_t group, float* lo, float* hi,      \
+                   int64_t n_begin, int64_t n_end);                                    \
   }
 
 CGQ_DECLARE_ISA_KERNELS(scalar)

@@ -4,6 +4,7 @@
 // compiled once per ISA like qlinear_kernels.cpp). The operations and their order are those of
 // the torch reference in quantize.py, so both give bit-identical weights (tested).
 #include <cmath>
+#include <cstdint>
 
 #include "cpu/kernels.h"
 #include "cpu/simd.h"
@@ -45,6 +46,46 @@ void quantize_int4_rows(const float* w, int64_t K, int64_t group_size, const uin
       }
     }
   }
+}
+
+// Per (row, group of `group` elements) minimum and maximum, for the scales; returns false if the
+// rows hold NaN or inf. Lane-wise running min/max over 16-element chunks (which vectorizes
+// without -ffast-math), then a 16-way reduction per group; v * 0 is NaN exactly for NaN and inf.
+bool minmax_rows(const float* w, int64_t K, int64_t group, float* lo, float* hi, int64_t n_begin, int64_t n_end) {
+  constexpr int kLanes = 16;
+  const int64_t groups = K / group;
+  float finite = 0.0f;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* src = w + n * K + g * group;
+      float l[kLanes], h[kLanes], z[kLanes];
+      for (int j = 0; j < kLanes; ++j) l[j] = h[j] = src[0], z[j] = 0.0f;
+      int64_t k = 0;
+      for (; k + kLanes <= group; k += kLanes)
+        for (int j = 0; j < kLanes; ++j) {
+          const float v = src[k + j];
+          l[j] = v < l[j] ? v : l[j];
+          h[j] = v > h[j] ? v : h[j];
+          z[j] += v * 0.0f;
+        }
+      for (; k < group; ++k) {
+        const float v = src[k];
+        l[0] = v < l[0] ? v : l[0];
+        h[0] = v > h[0] ? v : h[0];
+        z[0] += v * 0.0f;
+      }
+      float lmin = l[0], hmax = h[0];
+      for (int j = 1; j < kLanes; ++j) {
+        lmin = l[j] < lmin ? l[j] : lmin;
+        hmax = h[j] > hmax ? h[j] : hmax;
+        finite += z[j];
+      }
+      finite += z[0];
+      lo[n * groups + g] = lmin;
+      hi[n * groups + g] = hmax;
+    }
+  }
+  return finite == 0.0f;
 }
 
 }  // namespace cgq::cpu::CGQ_ISA
