@@ -95,6 +95,15 @@ class PagedKVCache:
         v = self.v[layer, table].flatten(0, 1)[:length]
         return k, v
 
+    def block_tables_tensor(self, seq_ids, lengths) -> tuple[torch.Tensor, torch.Tensor]:
+        """int32 block tables [S, max_blocks] (padded with block 0) and lengths [S], for the kernels."""
+        tables = [self._tables[s] for s in seq_ids]
+        width = max(1, max(len(t) for t in tables))
+        out = torch.zeros((len(tables), width), dtype=torch.int32)
+        for i, t in enumerate(tables):
+            out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        return out, torch.tensor(lengths, dtype=torch.int32)
+
     def advance(self, seq_id: int, n: int) -> None:
         self._lengths[seq_id] += n
 

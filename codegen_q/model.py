@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import torch
 
 from codegen_q.kv_cache import PagedKVCache
-from codegen_q.ops import qlinear
+from codegen_q.ops import paged_attention_decode, qlinear
 from codegen_q.quantize import QuantizedWeight
 
 WeightLike = torch.Tensor | QuantizedWeight
@@ -123,6 +123,10 @@ class CodeGenModel:
         positions = torch.cat([torch.arange(st, st + n) for st, n in zip(starts, counts)])
         sin, cos = self.sin[positions], self.cos[positions]
 
+        decode_step = decode_slots = None
+        if all(n == 1 for n in counts) and cache.k.dtype == torch.float32 and cache.k.device.type == "cpu":
+            decode_step = cache.block_tables_tensor(seq_ids, [st + 1 for st in starts])
+            decode_slots = (torch.cat([sl[0] for sl in slots]), torch.cat([sl[1] for sl in slots]))
         h = self.wte[torch.cat([ids.reshape(-1) for ids in input_ids])].to(self.dtype)
         d = self.config.n_embd
         for li, layer in enumerate(self.layers):
@@ -131,13 +135,18 @@ class CodeGenModel:
             q = apply_rotary(qkv[:, 0], sin, cos, self.rotary_dim)
             k = apply_rotary(qkv[:, 1], sin, cos, self.rotary_dim)
             v = qkv[:, 2]
-            attn = torch.empty_like(q)
-            offset = 0
-            for s, n, start, slot in zip(seq_ids, counts, starts, slots):
-                cache.write(li, slot, k[offset:offset + n], v[offset:offset + n])
-                keys, values = cache.read(li, s, start + n)
-                attn[offset:offset + n] = self._attend(q[offset:offset + n], keys, values, start)
-                offset += n
+            if decode_step is not None:  # one new token per sequence: the native paged kernel
+                cache.write(li, decode_slots, k, v)
+                attn = paged_attention_decode(q.float().contiguous(), cache.k[li], cache.v[li], *decode_step,
+                                              self.head_dim ** -0.5).to(q.dtype)
+            else:
+                attn = torch.empty_like(q)
+                offset = 0
+                for s, n, start, slot in zip(seq_ids, counts, starts, slots):
+                    cache.write(li, slot, k[offset:offset + n], v[offset:offset + n])
+                    keys, values = cache.read(li, s, start + n)
+                    attn[offset:offset + n] = self._attend(q[offset:offset + n], keys, values, start)
+                    offset += n
             h = h + layer["out"](attn.reshape(-1, d)) + layer["fc_out"](gelu_new(layer["fc_in"](x)))
         for s, n in zip(seq_ids, counts):
             cache.advance(s, n)

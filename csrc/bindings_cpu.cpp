@@ -104,6 +104,21 @@ PYBIND11_MODULE(_C_cpu, m) {
       py::arg("w"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("lo"), py::arg("hi"),
       py::call_guard<py::gil_scoped_release>());
   m.def(
+      "attention_decode",
+      [](uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t block_tables, uintptr_t lengths, uintptr_t out,
+         int64_t n_seq, int64_t n_head, int64_t head_dim, int64_t block_size, int64_t max_blocks, int64_t num_blocks,
+         float scale) {
+        cgq::AttentionArgs a;
+        a.q = ptr<const float>(q), a.k_cache = ptr<const float>(k_cache), a.v_cache = ptr<const float>(v_cache);
+        a.block_tables = ptr<const int32_t>(block_tables), a.lengths = ptr<const int32_t>(lengths);
+        a.out = ptr<float>(out), a.n_seq = n_seq, a.n_head = n_head, a.head_dim = head_dim;
+        a.block_size = block_size, a.max_blocks = max_blocks, a.num_blocks = num_blocks, a.scale = scale;
+        cgq::cpu::attention_decode(a);
+      },
+      py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("lengths"),
+      py::arg("out"), py::arg("n_seq"), py::arg("n_head"), py::arg("head_dim"), py::arg("block_size"),
+      py::arg("max_blocks"), py::arg("num_blocks"), py::arg("scale"), py::call_guard<py::gil_scoped_release>());
+  m.def(
       "read_checksum", [](uintptr_t data, int64_t bytes) { return cgq::cpu::read_checksum(ptr<const uint8_t>(data), bytes); },
       py::arg("data"), py::arg("bytes"), py::call_guard<py::gil_scoped_release>());
 

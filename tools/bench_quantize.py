@@ -4,6 +4,7 @@
     python tools/bench_quantize.py                 # makes 2B- and 6B-shaped fp16 .bin files (20 GB of disk)
     python tools/bench_quantize.py --skip-6b --json
     python tools/bench_quantize.py --src-2b DIR    # reuse a checkpoint
+    python tools/bench_quantize.py --skip-2b --skip-6b --with-16b   # 16B-shaped, 8 safetensors shards
 
 Memory is sampled from /proc/PID/status of the child process every 50 ms: RssAnon is private
 memory (what must stay bounded, DESIGN §3); VmRSS adds the mmap'd checkpoint's pages, which are
@@ -24,7 +25,9 @@ import time
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 SCHEMES = {"int8": ["--bits", "8"], "int4-g128": ["--bits", "4", "--group-size", "128"]}
-PRESET_BYTES = {"2B": 5.6e9, "6B": 14.2e9}
+PRESET_BYTES = {"2B": 5.6e9, "6B": 14.2e9, "16B": 32.2e9}
+# How each preset's checkpoint is written: the hub's single .bin, or (16B) sharded safetensors.
+PRESET_LAYOUT = {"2B": [], "6B": [], "16B": ["--format", "safetensors", "--shards", "8"]}
 
 
 def _status_kb(pid: int) -> dict[str, int]:
@@ -76,8 +79,10 @@ def bench_model(preset: str, src: str | None, work: str, keep: bool) -> list[dic
         need = PRESET_BYTES[preset] * 1.6  # the checkpoint plus the largest (int8) output
         if shutil.disk_usage(work).free < need:
             raise SystemExit(f"bench_quantize: not enough disk in {work} for {preset} ({need / 1e9:.0f} GB needed)")
-        r = run_measured([sys.executable, os.path.join(TOOLS, "make_checkpoint.py"), src, "--preset", preset, "--force"])
-        rows.append({"model": preset, "step": "make_checkpoint (fp16 .bin)", "wall_s": r["wall_s"],
+        r = run_measured([sys.executable, os.path.join(TOOLS, "make_checkpoint.py"), src, "--preset", preset, "--force",
+                          *PRESET_LAYOUT[preset]])
+        layout = "fp16 .bin" if not PRESET_LAYOUT[preset] else "fp16 8 safetensors"
+        rows.append({"model": preset, "step": f"make_checkpoint ({layout})", "wall_s": r["wall_s"],
                      "gb_per_s": dir_bytes(src) / r["wall_s"] / 1e9, "peak_private": r["peak_private"],
                      "peak_rss": r["peak_rss"], "bytes_out": dir_bytes(src)})
     try:
@@ -103,14 +108,18 @@ def main(argv=None) -> int:
     p.add_argument("--src-2b", default=None, help="an existing 2B-shaped checkpoint to reuse")
     p.add_argument("--src-6b", default=None, help="an existing 6B-shaped checkpoint to reuse")
     p.add_argument("--skip-6b", action="store_true")
+    p.add_argument("--with-16b", action="store_true", help="also a 16B-shaped sharded checkpoint (~50 GB of disk)")
+    p.add_argument("--skip-2b", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints this script makes")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     work = args.work or tempfile.mkdtemp(prefix="codegen-q-bench-")
     os.makedirs(work, exist_ok=True)
-    rows = bench_model("2B", args.src_2b, work, args.keep)
+    rows = [] if args.skip_2b else bench_model("2B", args.src_2b, work, args.keep)
     if not args.skip_6b:
         rows += bench_model("6B", args.src_6b, work, args.keep)
+    if args.with_16b:
+        rows += bench_model("16B", None, work, args.keep)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

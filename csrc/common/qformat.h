@@ -45,4 +45,17 @@ struct DequantArgs {
   float* out = nullptr;
 };
 
+// Decode attention over a paged KV cache (one layer): q/out [S, n_head, head_dim]; the caches
+// [num_blocks, block_size, n_head, head_dim]; block_tables int32 [S, max_blocks]; lengths int32 [S].
+struct AttentionArgs {
+  const float* q = nullptr;
+  const float* k_cache = nullptr;
+  const float* v_cache = nullptr;
+  const int32_t* block_tables = nullptr;
+  const int32_t* lengths = nullptr;
+  float* out = nullptr;
+  int64_t n_seq = 0, n_head = 0, head_dim = 0, block_size = 0, max_blocks = 0, num_blocks = 0;
+  float scale = 1.0f;
+};
+
 }  // namespace cgq

@@ -5,6 +5,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "common/thread_pool.h"
 #include "cpu/isa.h"
@@ -25,11 +26,13 @@ struct KernelTable {
   void (*quantize_int4_rows)(const float*, int64_t, int64_t, const uint16_t*, const uint8_t*, uint8_t*, int64_t,
                              int64_t);
   bool (*minmax_rows)(const float*, int64_t, int64_t, float*, float*, int64_t, int64_t);
+  void (*attention_decode)(const AttentionArgs&, float*, int64_t, int64_t);
 };
 
 #define CGQ_TABLE(isa) \
   KernelTable { isa::qlinear_workspace_bytes, isa::qlinear_prepare, isa::qlinear_int8, isa::qlinear_int4, isa::dequantize_int8, isa::dequantize_int4, isa::read_checksum, \
-                isa::quantize_int8_rows, isa::quantize_int4_rows, isa::minmax_rows }
+                isa::quantize_int8_rows, isa::quantize_int4_rows, isa::minmax_rows, \
+                isa::attention_decode }
 
 const KernelTable& kernels() {
   static const KernelTable scalar_table = CGQ_TABLE(scalar);
@@ -166,6 +169,33 @@ bool minmax(const float* w, int64_t N, int64_t K, int64_t group, float* lo, floa
     if (!fn(w, K, group, lo, hi, b, e)) all_finite.store(false);
   }, max_jobs(1, N, K * 4));
   return all_finite.load();
+}
+
+void attention_decode(const AttentionArgs& a) {
+  if (a.n_seq < 0 || a.n_head <= 0 || a.head_dim <= 0 || a.block_size <= 0 || a.max_blocks <= 0)
+    throw std::invalid_argument("attention: sizes must be positive");
+  if (!a.q || !a.k_cache || !a.v_cache || !a.block_tables || !a.lengths || !a.out)
+    throw std::invalid_argument("attention: null pointer");
+  int64_t longest = 0;
+  for (int64_t s = 0; s < a.n_seq; ++s) {
+    const int64_t L = a.lengths[s];
+    if (L < 1 || L > a.max_blocks * a.block_size)
+      throw std::invalid_argument("attention: sequence length " + std::to_string(L) + " outside its block table");
+    for (int64_t b = 0; b < (L + a.block_size - 1) / a.block_size; ++b) {
+      const int32_t blk = a.block_tables[s * a.max_blocks + b];
+      if (blk < 0 || blk >= a.num_blocks) throw std::invalid_argument("attention: block id out of range");
+    }
+    longest = L > longest ? L : longest;
+  }
+  const auto fn = kernels().attention_decode;
+  const int64_t tasks = a.n_seq * a.n_head;
+  // A (sequence, head) task reads longest * head_dim * 8 bytes of K and V at most.
+  const int jobs = max_jobs(1, tasks, longest * a.head_dim * 8);
+  parallel_for(tasks, 1, [&](int64_t b, int64_t e) {
+    thread_local std::vector<float> scores;
+    if (static_cast<int64_t>(scores.size()) < longest) scores.resize(static_cast<size_t>(longest));
+    fn(a, scores.data(), b, e);
+  }, jobs);
 }
 
 uint64_t read_checksum(const uint8_t* data, int64_t bytes) {

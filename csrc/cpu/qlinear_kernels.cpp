@@ -260,7 +260,7 @@ uint64_t read_checksum(const uint8_t* data, int64_t bytes) {
 #endif
   for (; i + 8 <= bytes; i += 8) {
     uint64_t v;
-    std::memcpy(&v, data + i, 8);
+    __builtin_memcpy(&v, data + i, 8);
     total += v;
   }
   for (; i < bytes; ++i) total += data[i];

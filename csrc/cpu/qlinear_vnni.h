@@ -103,7 +103,7 @@ inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
       }
       const float amax = _mm512_reduce_max_ps(vmax);
       const float abs_sum = _mm512_reduce_add_ps(vsum);
-      const bool use_fp32 = !std::isfinite(abs_sum) ||
+      const bool use_fp32 = !__builtin_isfinite(abs_sum) ||
                             static_cast<double>(amax) * static_cast<double>(len) * 16.0 >
                                 static_cast<double>(L.K + 2) * static_cast<double>(abs_sum);
       fp32_block[b] = use_fp32 ? 1 : 0;
@@ -119,18 +119,18 @@ inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
         continue;
       }
       // Smallest e with amax / 2^e <= 127, so |h| <= 127.
-      int e = std::ilogb(amax) - 6;
-      while (std::ldexp(amax, -e) > 127.0f) ++e;
-      while (std::ldexp(amax, -(e - 1)) <= 127.0f) --e;
-      const __m512 inv = _mm512_set1_ps(std::ldexp(1.0f, -e));  // 2^-e, exact
+      int e = ::ilogbf(amax) - 6;
+      while (::ldexpf(amax, -e) > 127.0f) ++e;
+      while (::ldexpf(amax, -(e - 1)) <= 127.0f) --e;
+      const __m512 inv = _mm512_set1_ps(::ldexpf(1.0f, -e));  // 2^-e, exact
       const __m512 c128 = _mm512_set1_ps(128.0f);
       __m512i sum_h = _mm512_setzero_si512(), sum_l = sum_h, sum_ll = sum_h;
       for (int64_t k = 0; k < len; k += 16) {
         const __mmask16 mask = (len - k >= 16) ? __mmask16(0xFFFF) : __mmask16((1u << (len - k)) - 1);
         // For 2^-e beyond the fp32 range (denormal x), scale in two exact steps.
         __m512 t = _mm512_maskz_loadu_ps(mask, xr + k0 + k);
-        if (e < -126) t = _mm512_mul_ps(_mm512_mul_ps(t, _mm512_set1_ps(std::ldexp(1.0f, 64))),
-                                        _mm512_set1_ps(std::ldexp(1.0f, -e - 64)));
+        if (e < -126) t = _mm512_mul_ps(_mm512_mul_ps(t, _mm512_set1_ps(::ldexpf(1.0f, 64))),
+                                        _mm512_set1_ps(::ldexpf(1.0f, -e - 64)));
         else t = _mm512_mul_ps(t, inv);
         const __m512 h = round_nearest(t);
         const __m512 r1 = _mm512_mul_ps(_mm512_sub_ps(t, h), c128);
@@ -148,8 +148,8 @@ inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
       const double x_hat_sum = static_cast<double>(_mm512_reduce_add_epi32(sum_h)) +
                                static_cast<double>(_mm512_reduce_add_epi32(sum_l)) / 128.0 +
                                static_cast<double>(_mm512_reduce_add_epi32(sum_ll)) / 16384.0;
-      scales[b] = std::ldexp(1.0f, e);
-      sums[b] = static_cast<float>(std::ldexp(x_hat_sum, e));
+      scales[b] = ::ldexpf(1.0f, e);
+      sums[b] = static_cast<float>(::ldexp(x_hat_sum, e));
     }
   }
 }

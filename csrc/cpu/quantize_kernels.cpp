@@ -18,7 +18,7 @@ void quantize_int8_rows(const float* w, int64_t K, const uint16_t* scales, int8_
     const float* row = w + n * K;
     int8_t* out = q + n * K;
     for (int64_t k = 0; k < K; ++k) {
-      float v = std::nearbyint(row[k] / s);
+      float v = ::nearbyintf(row[k] / s);
       v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
       out[k] = static_cast<int8_t>(v);
     }
@@ -37,7 +37,7 @@ void quantize_int4_rows(const float* w, int64_t K, int64_t group_size, const uin
       for (int64_t k0 = g * group_size; k0 < (g + 1) * group_size; k0 += kInt4BlockElems) {
         const float* src = w + n * K + k0;
         for (int j = 0; j < kInt4BlockElems; ++j) {
-          float v = std::nearbyint(src[j] / s) + z;
+          float v = ::nearbyintf(src[j] / s) + z;
           v = v < 0.0f ? 0.0f : (v > 15.0f ? 15.0f : v);
           block[j] = static_cast<uint8_t>(v);
         }

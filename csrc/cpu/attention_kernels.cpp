@@ -1,0 +1,48 @@
+// Decode attention over the paged KV cache: one new query per sequence, keys and values read
+// through the sequence's block table, fp32 softmax. Compiled once per ISA like the other CPU
+// kernels; the loops over head_dim are plain C++ that the compiler vectorizes.
+#include <cmath>
+#include <cstdint>
+
+#include "cpu/kernels.h"
+
+namespace cgq::cpu::CGQ_ISA {
+
+// For each (sequence s, head h) in [task_begin, task_end) (task = s * H + h):
+//   out[s, h, :] = softmax(scale * K_s[:, h, :] @ q[s, h, :]) @ V_s[:, h, :]
+// K_s / V_s are the first lengths[s] positions of the sequence, position t living in block
+// block_tables[s * max_blocks + t / block_size] at offset t % block_size. `scores` is scratch of
+// at least max(lengths) floats.
+void attention_decode(const AttentionArgs& a, float* scores, int64_t task_begin, int64_t task_end) {
+  const int64_t H = a.n_head, D = a.head_dim, B = a.block_size;
+  const int64_t token_stride = H * D, block_stride = B * H * D;
+  for (int64_t task = task_begin; task < task_end; ++task) {
+    const int64_t s = task / H, h = task % H;
+    const int64_t L = a.lengths[s];
+    const int32_t* table = a.block_tables + s * a.max_blocks;
+    const float* q = a.q + (s * H + h) * D;
+    float* out = a.out + (s * H + h) * D;
+    float max_score = -INFINITY;
+    for (int64_t t = 0; t < L; ++t) {
+      const float* k = a.k_cache + table[t / B] * block_stride + (t % B) * token_stride + h * D;
+      float dot = 0.0f;
+      for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
+      scores[t] = dot * a.scale;
+      max_score = scores[t] > max_score ? scores[t] : max_score;
+    }
+    float sum = 0.0f;
+    for (int64_t t = 0; t < L; ++t) {
+      scores[t] = ::expf(scores[t] - max_score);
+      sum += scores[t];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t d = 0; d < D; ++d) out[d] = 0.0f;
+    for (int64_t t = 0; t < L; ++t) {
+      const float* v = a.v_cache + table[t / B] * block_stride + (t % B) * token_stride + h * D;
+      const float p = scores[t] * inv;
+      for (int64_t d = 0; d < D; ++d) out[d] += p * v[d];
+    }
+  }
+}
+
+}  // namespace cgq::cpu::CGQ_ISA
