@@ -70,12 +70,24 @@ def test_qkv_reorder_matches_transformers_split(monkeypatch, n_embd, n_head):
     model = mc.CodeGenForCausalLM(cfg).eval()
     seen = {}
 
-    def capture(module, query, key, value, attention_mask, **kw):
-        seen.update(q=query, k=key, v=value)
-        return mc.__dict__["_orig_eager"](module, query, key, value, attention_mask, **kw)
+    # Catch q, k, v ([B, H, T, D]) where attention receives them: a module-level function in
+    # newer transformers, CodeGenAttention._attn in older ones.
+    if hasattr(mc, "eager_attention_forward"):
+        original = mc.eager_attention_forward
 
-    monkeypatch.setitem(mc.__dict__, "_orig_eager", mc.eager_attention_forward)
-    monkeypatch.setattr(mc, "eager_attention_forward", capture)
+        def capture(module, query, key, value, attention_mask, **kw):
+            seen.update(q=query, k=key, v=value)
+            return original(module, query, key, value, attention_mask, **kw)
+
+        monkeypatch.setattr(mc, "eager_attention_forward", capture)
+    else:
+        original_attn = mc.CodeGenAttention._attn
+
+        def capture_attn(self, query, key, value, *args, **kw):
+            seen.update(q=query, k=key, v=value)
+            return original_attn(self, query, key, value, *args, **kw)
+
+        monkeypatch.setattr(mc.CodeGenAttention, "_attn", capture_attn)
     monkeypatch.setattr(mc, "apply_rotary_pos_emb", lambda t, sin, cos: t)  # compare the raw projections
     ids = torch.randint(0, 64, (2, 5))
     with torch.no_grad():
