@@ -21,10 +21,11 @@ SCHEMES = {
     "int4-g32-sym": dict(bits=4, group_size=32, symmetric=True),
     "int4-g64-asym": dict(bits=4, group_size=64),
 }
-# N odd; K = 1120 is a multiple of 32 but not of 64 or 128.
-SHAPES = [(256, 101), (1120, 67), (4096, 37)]
-# 1 and 3: the native CUDA kernel; 17 and 300: above NATIVE_MAX_M_CUDA, dequantize + cuBLAS.
-MS = [1, 3, 17, 300]
+# N odd; K = 1120 is a multiple of 32 but not of 64 or 128; K = 8320 takes the GEMV's K loop
+# round more than once for int8 and int4 alike.
+SHAPES = [(256, 101), (1120, 67), (4096, 37), (8320, 29)]
+# 1, 3 and 8: the native CUDA GEMV; 17 and 300: above NATIVE_MAX_M_CUDA, dequantize + cuBLAS.
+MS = [1, 3, 8, 17, 300]
 CASES = [pytest.param(s, k, n, id=f"{s}-K{k}-N{n}")
          for s, kw in SCHEMES.items() for k, n in SHAPES if k % (kw.get("group_size") or 1) == 0]
 
@@ -105,6 +106,39 @@ def test_cuda_qlinear_exact_on_representable_problems(scheme, m, n):
     assert_sums_exact_in_fp32(x.double(), w64, bias.double())
     y = qlinear(x.cuda(), qw.to("cuda"), bias.cuda())
     assert torch.equal(y.cpu().double(), x.double() @ w64.T + bias.double())
+
+
+@pytest.mark.parametrize("scheme", ["int8-K256", "int4-g32-asym"])
+def test_cuda_qlinear_unaligned_x_takes_the_plain_kernel(scheme):
+    # A view starting one float into its storage is not 16-byte aligned: the GEMV's vector loads
+    # would fault or read wrong data, so the plain kernel must serve it, with the same result.
+    bits, k, group_size, symmetric = EXACT[scheme]
+    g = torch.Generator().manual_seed(11)
+    qw, w64 = exact_qweight(bits, 9, k, g, group_size, symmetric)
+    x = small_int_tensor((3, k), g)
+    storage = torch.zeros(3 * k + 1, device="cuda")
+    x_view = storage[1:].view(3, k)
+    x_view.copy_(x.cuda())
+    assert x_view.data_ptr() % 16 != 0
+    y = qlinear(x_view, qw.to("cuda"))
+    assert torch.equal(y.cpu().double(), x.double() @ w64.T)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-g128-asym"])
+def test_cuda_qlinear_is_graph_capturable(scheme):
+    # Decoding replays CUDA graphs: the op must launch only on the current stream and allocate
+    # through torch, so a captured call replays to the same result for new inputs.
+    x, qw, bias = _problem(scheme, 2, 1152, 67, seed=8)
+    qw, bias, x_static = qw.to("cuda"), bias.cuda(), torch.zeros(2, 1152, device="cuda")
+    qlinear(x_static, qw, bias)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = qlinear(x_static, qw, bias)
+    x_static.copy_(x.cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_static, qlinear(x.cuda(), qw, bias))
 
 
 @pytest.mark.parametrize("m", [2, 300])

@@ -1,9 +1,10 @@
-// Straightforward, correct weight-only qlinear: one warp per output element, lanes stride over K,
-// fp32 accumulation, warp-shuffle reduction. A tuned kernel (16-byte loads, lop3 dequant, tensor
-// cores for large M) replaces it later; this one is the CUDA twin the tests compare against.
+// Weight-only qlinear entry points. The small-M GEMV (qlinear_gemv.cu) serves every aligned
+// call; the plain kernel below (one warp per output element, lanes stride over K) serves the rest
+// (int8 with K not a multiple of 16, unaligned views), and stays as the obviously-correct version.
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/int4_unpack.cuh"
+#include "cuda/qlinear_gemv.cuh"
 
 namespace cgq::cuda {
 namespace {
@@ -61,6 +62,9 @@ dim3 grid_for(int64_t M, int64_t N) {
 void qlinear_int8(const QLinearArgs& a, uintptr_t stream) {
   check_linear_shapes(a.N, a.K, a.qweight, a.scales, a.y, false, 0);
   if (a.M == 0 || a.N == 0) return;
+  if (gemv_int8(a.x, a.M, a.K, static_cast<const int8_t*>(a.qweight), a.scales, a.bias, a.y, a.N,
+                as_stream(stream)))
+    return;
   qlinear_int8_kernel<<<grid_for(a.M, a.N), kWarpsPerBlock * 32, 0, as_stream(stream)>>>(
       a.x, static_cast<const int8_t*>(a.qweight), a.scales, a.bias, a.y, a.M, a.N, a.K);
   throw_if_error(cudaGetLastError(), "qlinear_int8 launch");
@@ -69,6 +73,9 @@ void qlinear_int8(const QLinearArgs& a, uintptr_t stream) {
 void qlinear_int4(const QLinearArgs& a, uintptr_t stream) {
   check_linear_shapes(a.N, a.K, a.qweight, a.scales, a.y, true, a.group_size);
   if (a.M == 0 || a.N == 0) return;
+  if (gemv_int4(a.x, a.M, a.K, static_cast<const uint8_t*>(a.qweight), a.scales, a.zeros, a.group_size, a.bias,
+                a.y, a.N, as_stream(stream)))
+    return;
   qlinear_int4_kernel<<<grid_for(a.M, a.N), kWarpsPerBlock * 32, 0, as_stream(stream)>>>(
       a.x, static_cast<const uint8_t*>(a.qweight), a.scales, a.zeros, a.group_size, a.bias, a.y, a.M, a.N, a.K);
   throw_if_error(cudaGetLastError(), "qlinear_int4 launch");
