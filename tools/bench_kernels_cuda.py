@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Weight-only GEMV/GEMM on an NVIDIA GPU: codegen-q int8/int4 beside torch fp16 on CodeGen shapes.
+
+Decode (M = 1..8) is memory-bound: the figure that matters is weight bytes read per second and
+how close that is to what this GPU can move at all. The script measures the GPU's copy bandwidth
+itself (a device-to-device copy much larger than L2, bytes read + written, and a read-only sum;
+the larger is the ceiling), then times each
+kernel. Kernels run from a captured CUDA graph (20 calls per replay), so the numbers are GPU time,
+not Python launch overhead; the capture also shows the ops are graph-safe.
+
+    python tools/bench_kernels_cuda.py                   # 350M/6B/16B shapes, M = 1, 4, 8, 512
+    python tools/bench_kernels_cuda.py --quick --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import codegen_q
+
+SHAPES = [
+    ("350M qkv_proj", 1024, 3072),
+    ("6B qkv_proj", 4096, 12288),
+    ("6B fc_in", 4096, 16384),
+    ("6B fc_out", 16384, 4096),
+    ("16B fc_in", 6144, 24576),
+    ("16B lm_head", 6144, 51200),
+]
+QUICK_SHAPES = [("6B fc_in", 4096, 16384)]
+CALLS_PER_GRAPH = 20
+
+
+def graph_seconds_per_call(fn, replays: int = 15) -> float:
+    """Median seconds per call of `fn`, from replays of a graph holding CALLS_PER_GRAPH calls."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (allocator, lazy module loading)
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS_PER_GRAPH):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3 / CALLS_PER_GRAPH)
+    return statistics.median(times)
+
+
+def measure_bandwidth(nbytes: int = 4 << 30) -> tuple[float, float]:
+    """(copy GB/s counting bytes read + written, read-only GB/s of a sum) over `nbytes` buffers."""
+    src = torch.ones(nbytes // 8, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    copy = src.numel() * 8 / graph_seconds_per_call(lambda: dst.copy_(src), replays=5) / 1e9
+    del dst
+    big = torch.ones(nbytes // 4, dtype=torch.float32, device="cuda")
+    read = big.numel() * 4 / graph_seconds_per_call(lambda: big.sum(), replays=5) / 1e9
+    return copy, read
+
+
+def bench_shape(name: str, k: int, n: int, m: int, bandwidth: float) -> list[dict]:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
+    x = torch.randn(m, k, device="cuda", generator=gen)
+    bias = torch.randn(n, device="cuda", generator=gen)
+    rows = []
+
+    def add(impl: str, seconds: float, weight_bytes: int) -> None:
+        gbs = weight_bytes / seconds / 1e9
+        rows.append({"shape": name, "K": k, "N": n, "M": m, "impl": impl, "us": seconds * 1e6,
+                     "weight_MB": weight_bytes / 1e6, "GB/s": gbs, "%bw": 100.0 * gbs / bandwidth})
+
+    for label, kwargs in (("codegen-q int8", dict(bits=8)), ("codegen-q int4 g128", dict(bits=4, group_size=128))):
+        qw = codegen_q.quantize_weight(w.cpu(), **kwargs).to("cuda")
+        add(label, graph_seconds_per_call(lambda: codegen_q.qlinear(x, qw, bias)), qw.nbytes)
+        del qw
+    w16, x16, b16 = w.half(), x.half(), bias.half()
+    add("torch fp16 linear", graph_seconds_per_call(lambda: F.linear(x16, w16, b16)), w16.numel() * 2)
+    return rows
+
+
+def print_table(rows: list[dict], bandwidth: float) -> None:
+    print(f"\nbandwidth used for %bw: {bandwidth:.0f} GB/s (the larger of copy and read-only)\n")
+    header = f"{'shape':<14} {'M':>4} {'impl':<22} {'us':>9} {'MB':>7} {'GB/s':>7} {'%bw':>5} {'vs fp16':>8}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        base = next(r for r in rows if r["shape"] == row["shape"] and r["M"] == row["M"]
+                    and r["impl"] == "torch fp16 linear")
+        print(f"{row['shape']:<14} {row['M']:>4} {row['impl']:<22} {row['us']:>9.1f} {row['weight_MB']:>7.1f} "
+              f"{row['GB/s']:>7.0f} {row['%bw']:>5.0f} {base['us'] / row['us']:>7.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8, 512], help="M values (default: 1 4 8 512)")
+    parser.add_argument("--quick", action="store_true", help="one shape")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_kernels_cuda: torch sees no CUDA device (a CPU build of torch, or no driver)", file=sys.stderr)
+        return 1
+    info = codegen_q.backends()["cuda"]
+    if not info.get("compiled"):
+        print("bench_kernels_cuda: this build of codegen-q has no CUDA module; rebuild with "
+              "-Ccmake.define.CODEGEN_Q_CUDA=ON", file=sys.stderr)
+        return 1
+    device = torch.cuda.get_device_name()
+    print(f"codegen-q {codegen_q.__version__}, {device}, CUDA archs {info.get('architectures')}, "
+          f"torch {torch.__version__}")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    copy_bw, read_bw = measure_bandwidth()
+    bandwidth = max(copy_bw, read_bw)
+    print(f"measured: copy {copy_bw:.0f} GB/s (read + write), read-only sum {read_bw:.0f} GB/s")
+    rows = []
+    for name, k, n in (QUICK_SHAPES if args.quick else SHAPES):
+        for m in args.batch:
+            rows.extend(bench_shape(name, k, n, m, bandwidth))
+            torch.cuda.empty_cache()
+    print_table(rows, bandwidth)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "copy_bandwidth_GBs": copy_bw, "read_bandwidth_GBs": read_bw, "torch": torch.__version__,
+                       "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
