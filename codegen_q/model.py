@@ -6,7 +6,10 @@ head's head_dim rows contiguous (checkpoint.qkv_head_major_permutation). Rotary 
 interleaved and partial (first rotary_dim dims of each head).
 
 The flattened batch: all new tokens of all sequences go through the Linear layers together (one
-qlinear per layer with M = total new tokens); attention runs per sequence over its own blocks.
+qlinear per layer with M = total new tokens). With an fp32 CPU cache (the CPU runtime), rotary and
+the KV append are one native pass over the fused qkv output, and attention is the native paged
+kernel for decode and causal prefill alike (each query attends to its own sequence's blocks up to
+its position). Other dtypes take a torch path that gathers each sequence's K/V.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from typing import Mapping, Sequence
 
 import torch
 
+from codegen_q.attention_ops import paged_attention, rotary_kv_append
 from codegen_q.kv_cache import PagedKVCache
-from codegen_q.ops import paged_attention_decode, qlinear
+from codegen_q.ops import qlinear
 from codegen_q.quantize import QuantizedWeight
 
 WeightLike = torch.Tensor | QuantizedWeight
@@ -121,25 +125,27 @@ class CodeGenModel:
         cache.reserve(dict(zip(seq_ids, counts)))
         slots = [cache.slots(s, n) for s, n in zip(seq_ids, counts)]
         positions = torch.cat([torch.arange(st, st + n) for st, n in zip(starts, counts)])
-        sin, cos = self.sin[positions], self.cos[positions]
 
-        decode_step = decode_slots = None
-        if all(n == 1 for n in counts) and cache.k.dtype == torch.float32 and cache.k.device.type == "cpu":
-            decode_step = cache.block_tables_tensor(seq_ids, [st + 1 for st in starts])
-            decode_slots = (torch.cat([sl[0] for sl in slots]), torch.cat([sl[1] for sl in slots]))
+        native = cache.k.dtype == torch.float32 and cache.k.device.type == "cpu" and self.dtype == torch.float32
+        if native:
+            plan = self._native_plan(cache, seq_ids, counts, starts, slots, positions)
+        else:
+            sin, cos = self.sin[positions], self.cos[positions]
         h = self.wte[torch.cat([ids.reshape(-1) for ids in input_ids])].to(self.dtype)
         d = self.config.n_embd
+        scale = self.head_dim ** -0.5
         for li, layer in enumerate(self.layers):
             x = torch.nn.functional.layer_norm(h, (d,), layer["ln_w"], layer["ln_b"], self.eps)
             qkv = layer["qkv"](x).view(-1, 3, self.n_head, self.head_dim)
-            q = apply_rotary(qkv[:, 0], sin, cos, self.rotary_dim)
-            k = apply_rotary(qkv[:, 1], sin, cos, self.rotary_dim)
-            v = qkv[:, 2]
-            if decode_step is not None:  # one new token per sequence: the native paged kernel
-                cache.write(li, decode_slots, k, v)
-                attn = paged_attention_decode(q.float().contiguous(), cache.k[li], cache.v[li], *decode_step,
-                                              self.head_dim ** -0.5).to(q.dtype)
+            if native:
+                rotary_kv_append(qkv, plan["positions"], self.sin, self.cos, plan["slot_blocks"],
+                                 plan["slot_offsets"], cache.k[li], cache.v[li], self.rotary_dim)
+                attn = paged_attention(qkv[:, 0], cache.k[li], cache.v[li], plan["tables"], plan["lengths"], scale,
+                                       plan["query_rows"])
             else:
+                q = apply_rotary(qkv[:, 0], sin, cos, self.rotary_dim)
+                k = apply_rotary(qkv[:, 1], sin, cos, self.rotary_dim)
+                v = qkv[:, 2]
                 attn = torch.empty_like(q)
                 offset = 0
                 for s, n, start, slot in zip(seq_ids, counts, starts, slots):
@@ -158,6 +164,21 @@ class CodeGenModel:
             out.append(self.lm_head(rows).float())
             offset += n
         return out
+
+    @staticmethod
+    def _native_plan(cache: PagedKVCache, seq_ids, counts, starts, slots, positions) -> dict[str, torch.Tensor]:
+        """The int32 index tensors the native rotary/append and attention kernels take, per step."""
+        query_rows = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32),
+                                             torch.tensor(counts, dtype=torch.int64))
+        tables, _ = cache.block_tables_tensor(seq_ids, [st + n for st, n in zip(starts, counts)])
+        return {
+            "positions": positions.to(torch.int32),
+            "slot_blocks": torch.cat([sl[0] for sl in slots]).to(torch.int32),
+            "slot_offsets": torch.cat([sl[1] for sl in slots]).to(torch.int32),
+            "tables": tables,
+            "query_rows": query_rows,
+            "lengths": (positions + 1).to(torch.int32),
+        }
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         """Causal attention of n queries at positions start.. over keys 0..start+n-1, fp32 softmax."""

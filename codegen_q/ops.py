@@ -1,6 +1,7 @@
 """The safe public face of the native kernels.
 
-This is the only module that calls `_C_cpu` / `_C_cuda`. It checks every tensor (type, dtype,
+This module (and attention_ops.py, for the attention-side ops) is the only caller of `_C_cpu` /
+`_C_cuda`. It checks every tensor (type, dtype,
 device, shape, contiguity) and raises TypeError/ValueError with a sentence that names the argument,
 so a mistake never reaches C++ as a bad pointer. Then it picks the kernel:
 
@@ -168,36 +169,3 @@ def _dequantize_gemm(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | N
         y[:, start:stop] = x @ wt.t()
     if bias is not None:
         y.add_(bias)
-
-
-def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, lengths: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of one new query per sequence over its cached keys and values.
-
-    q [S, H, D] float32; k_cache, v_cache [num_blocks, block_size, H, D] float32 (one layer of a
-    PagedKVCache); block_tables int32 [S, max_blocks] and lengths int32 [S] (positions to attend,
-    the new one included, already written). Returns [S, H, D] float32; softmax in fp32.
-    """
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device.type != "cpu":
-            raise TypeError(f"{name} must be a float32 CPU tensor")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-    for name, t in (("block_tables", block_tables), ("lengths", lengths)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.device.type != "cpu" or not t.is_contiguous():
-            raise TypeError(f"{name} must be a contiguous int32 CPU tensor")
-    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"expected q [S, H, D] and caches [blocks, block_size, H, D], got {list(q.shape)} and "
-                         f"{list(k_cache.shape)} / {list(v_cache.shape)}")
-    s, h, d = q.shape
-    num_blocks, block_size = k_cache.shape[:2]
-    if tuple(k_cache.shape[2:]) != (h, d):
-        raise ValueError(f"cache heads/head_dim {list(k_cache.shape[2:])} do not match q's {[h, d]}")
-    if block_tables.dim() != 2 or block_tables.shape[0] != s or tuple(lengths.shape) != (s,):
-        raise ValueError(f"block_tables must be [{s}, max_blocks] and lengths [{s}]")
-    out = torch.empty_like(q)
-    if s:
-        _native.cpu().attention_decode(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
-                                       lengths.data_ptr(), out.data_ptr(), s, h, d, block_size,
-                                       block_tables.shape[1], num_blocks, float(scale))
-    return out

@@ -1,11 +1,12 @@
-"""Native decode attention over the paged KV cache against a float64 torch reference."""
+"""Native paged attention (decode and causal prefill) and the rotary + KV-append pass, against
+float64 torch references written from the definitions."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from codegen_q.ops import paged_attention_decode
+from codegen_q.attention_ops import paged_attention, rotary_kv_append
 
 
 def reference(q, k_cache, v_cache, tables, lengths, scale):
@@ -33,7 +34,7 @@ def test_matches_reference_with_scattered_blocks(cpu_isa, head_dim):
     v_cache = torch.randn(num_blocks, block, n_head, head_dim, generator=g)
     q = torch.randn(len(lengths), n_head, head_dim, generator=g) * 0.5
     scale = head_dim ** -0.5
-    out = paged_attention_decode(q, k_cache, v_cache, tables, lengths, scale)
+    out = paged_attention(q, k_cache, v_cache, tables, lengths, scale)
     ref = reference(q, k_cache, v_cache, tables, lengths, scale)
     # fp32 dot products of head_dim terms and a softmax-weighted sum of L values of |v| ~ 1:
     # a few hundred ulps at most; 1e-5 absolute is ~100 ulps of the outputs' O(1) size.
@@ -43,7 +44,7 @@ def test_matches_reference_with_scattered_blocks(cpu_isa, head_dim):
 def test_one_position_returns_its_value():
     k = torch.randn(2, 16, 1, 8)
     v = torch.randn(2, 16, 1, 8)
-    out = paged_attention_decode(torch.randn(1, 1, 8), k, v, torch.tensor([[1]], dtype=torch.int32),
+    out = paged_attention(torch.randn(1, 1, 8), k, v, torch.tensor([[1]], dtype=torch.int32),
                                  torch.tensor([1], dtype=torch.int32), 1.0)
     assert torch.equal(out[0, 0], v[1, 0, 0])
 
@@ -53,12 +54,112 @@ def test_bad_inputs_are_errors_not_crashes():
     q = torch.zeros(1, 1, 8)
     ok_table, ok_len = torch.tensor([[1]], dtype=torch.int32), torch.tensor([3], dtype=torch.int32)
     with pytest.raises(ValueError, match="block id out of range"):
-        paged_attention_decode(q, k, k, torch.tensor([[7]], dtype=torch.int32), ok_len, 1.0)
+        paged_attention(q, k, k, torch.tensor([[7]], dtype=torch.int32), ok_len, 1.0)
     with pytest.raises(ValueError, match="outside its block table"):
-        paged_attention_decode(q, k, k, ok_table, torch.tensor([17], dtype=torch.int32), 1.0)
+        paged_attention(q, k, k, ok_table, torch.tensor([17], dtype=torch.int32), 1.0)
     with pytest.raises(TypeError, match="int32"):
-        paged_attention_decode(q, k, k, ok_table.long(), ok_len, 1.0)
+        paged_attention(q, k, k, ok_table.long(), ok_len, 1.0)
     with pytest.raises(TypeError, match="float32"):
-        paged_attention_decode(q.double(), k, k, ok_table, ok_len, 1.0)
+        paged_attention(q.double(), k, k, ok_table, ok_len, 1.0)
     with pytest.raises(ValueError, match="do not match"):
-        paged_attention_decode(torch.zeros(1, 2, 8), k, k, ok_table, ok_len, 1.0)
+        paged_attention(torch.zeros(1, 2, 8), k, k, ok_table, ok_len, 1.0)
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 256])
+def test_causal_prefill_with_strided_q_matches_reference(cpu_isa, head_dim):
+    # Two sequences take new tokens at once (3 after 14 cached, 20 from scratch): query i attends
+    # to its own sequence up to its own position, nothing later. q is the q part of a fused
+    # [T, 3, H, D] projection, as the model passes it (rows 3 * H * D floats apart).
+    g = torch.Generator().manual_seed(head_dim + 1)
+    n_head, block, num_blocks = 2, 16, 12
+    starts, counts = [14, 0], [3, 20]
+    tables = torch.tensor([[7, 2, 0], [5, 9, 11]], dtype=torch.int32)
+    k_cache = torch.randn(num_blocks, block, n_head, head_dim, generator=g)
+    v_cache = torch.randn(num_blocks, block, n_head, head_dim, generator=g)
+    qkv = torch.randn(sum(counts), 3, n_head, head_dim, generator=g) * 0.5
+    query_rows = torch.tensor([0] * counts[0] + [1] * counts[1], dtype=torch.int32)
+    positions = torch.cat([torch.arange(st, st + n) for st, n in zip(starts, counts)])
+    lengths = (positions + 1).to(torch.int32)
+    scale = head_dim ** -0.5
+    out = paged_attention(qkv[:, 0], k_cache, v_cache, tables, lengths, scale, query_rows)
+    ref = reference(qkv[:, 0], k_cache, v_cache, tables[query_rows.long()], lengths, scale)
+    assert (out.double() - ref).abs().max() < 1e-5
+    # Causality, directly: changing a key after a query's position must not change that query.
+    later = k_cache.clone()
+    later[tables[1, 1], 3] += 100.0  # position 19 of sequence 1
+    out2 = paged_attention(qkv[:, 0], later, v_cache, tables, lengths, scale, query_rows)
+    assert torch.equal(out2[: counts[0] + 19], out[: counts[0] + 19])
+    assert not torch.equal(out2[-1], out[-1])
+
+
+def rotary_reference(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """GPT-J rotate-every-two in float64, from the definition: pair (2j, 2j + 1) turns by
+    position * 10000^(-2j / rotary_dim)."""
+    x = x.double().clone()
+    j = torch.arange(rotary_dim // 2, dtype=torch.float64)
+    angle = positions.double()[:, None] * 10000.0 ** (-2.0 * j / rotary_dim)  # [T, rot/2]
+    s, c = torch.sin(angle)[:, None, :], torch.cos(angle)[:, None, :]
+    even, odd = x[..., 0:rotary_dim:2].clone(), x[..., 1:rotary_dim:2].clone()
+    x[..., 0:rotary_dim:2] = even * c - odd * s
+    x[..., 1:rotary_dim:2] = odd * c + even * s
+    return x
+
+
+@pytest.mark.parametrize("head_dim,rotary_dim", [(64, 32), (80, 64), (256, 64), (16, 16)])
+def test_rotary_kv_append_matches_reference(cpu_isa, head_dim, rotary_dim):
+    from codegen_q.model import rotary_tables
+
+    g = torch.Generator().manual_seed(head_dim * 3 + rotary_dim)
+    n_head, block, num_blocks, n_positions = 3, 16, 6, 300
+    sin, cos = rotary_tables(n_positions, rotary_dim)
+    positions = torch.tensor([0, 1, 17, 255, 299], dtype=torch.int32)
+    slot_blocks = torch.tensor([4, 4, 0, 2, 5], dtype=torch.int32)
+    slot_offsets = torch.tensor([0, 15, 3, 9, 1], dtype=torch.int32)
+    qkv = torch.randn(len(positions), 3, n_head, head_dim, generator=g)
+    original = qkv.clone()
+    k_cache = torch.full((num_blocks, block, n_head, head_dim), float("nan"))
+    v_cache = torch.full((num_blocks, block, n_head, head_dim), float("nan"))
+    rotary_kv_append(qkv, positions, sin, cos, slot_blocks, slot_offsets, k_cache, v_cache, rotary_dim)
+    q_ref = rotary_reference(original[:, 0], positions, rotary_dim)
+    k_ref = rotary_reference(original[:, 1], positions, rotary_dim)
+    # fp32 angle tables (as transformers builds them) and two fp32 products per output: the error
+    # is dominated by sin/cos of angles up to ~300 rad rounded in fp32 (~300 * 2^-24 each).
+    tol = 1e-4
+    assert (qkv[:, 0].double() - q_ref).abs().max() < tol
+    assert torch.equal(qkv[:, 0, :, rotary_dim:], original[:, 0, :, rotary_dim:])  # the pass-through dims
+    assert torch.equal(qkv[:, 2], original[:, 2])
+    written = k_cache[slot_blocks.long(), slot_offsets.long()]
+    assert (written.double() - k_ref).abs().max() < tol
+    assert torch.equal(written, qkv[:, 1])
+    assert torch.equal(v_cache[slot_blocks.long(), slot_offsets.long()], original[:, 2])
+    untouched = torch.ones(num_blocks, block, dtype=torch.bool)
+    untouched[slot_blocks.long(), slot_offsets.long()] = False
+    assert torch.isnan(k_cache[untouched]).all() and torch.isnan(v_cache[untouched]).all()
+
+
+def test_rotary_kv_append_bad_inputs_are_errors():
+    from codegen_q.model import rotary_tables
+
+    sin, cos = rotary_tables(10, 8)
+    qkv = torch.zeros(1, 3, 2, 16)
+    cache = torch.zeros(2, 16, 2, 16)
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    with pytest.raises(ValueError, match="outside the rotary table"):
+        rotary_kv_append(qkv, i32(10), sin, cos, i32(0), i32(0), cache, cache.clone(), 8)
+    with pytest.raises(ValueError, match="cache slot out of range"):
+        rotary_kv_append(qkv, i32(1), sin, cos, i32(2), i32(0), cache, cache.clone(), 8)
+    with pytest.raises(ValueError, match="cache slot out of range"):
+        rotary_kv_append(qkv, i32(1), sin, cos, i32(0), i32(16), cache, cache.clone(), 8)
+    with pytest.raises(ValueError, match=r"\[n_positions, 3\]"):
+        rotary_kv_append(qkv, i32(1), sin, cos, i32(0), i32(0), cache, cache.clone(), 6)
+    with pytest.raises(ValueError, match="contiguous \\[T, 3, H, D\\]"):
+        rotary_kv_append(qkv[:, :2], i32(1), sin, cos, i32(0), i32(0), cache, cache.clone(), 8)
+    with pytest.raises(TypeError, match="int32"):
+        rotary_kv_append(qkv, torch.tensor([1]), sin, cos, i32(0), i32(0), cache, cache.clone(), 8)
+
+
+def test_query_rows_out_of_range_is_an_error():
+    k = torch.zeros(2, 16, 1, 8)
+    with pytest.raises(ValueError, match="block table row 1 of 1"):
+        paged_attention(torch.zeros(1, 1, 8), k, k, torch.tensor([[1]], dtype=torch.int32),
+                        torch.tensor([3], dtype=torch.int32), 1.0, torch.tensor([1], dtype=torch.int32))

@@ -47,15 +47,38 @@ struct DequantArgs {
 
 // Decode attention over a paged KV cache (one layer): q/out [S, n_head, head_dim]; the caches
 // [num_blocks, block_size, n_head, head_dim]; block_tables int32 [S, max_blocks]; lengths int32 [S].
+// Attention of query rows over the paged KV cache (one layer's pool [num_blocks, block_size,
+// n_head, head_dim] fp32). Query i uses block table row query_rows[i] (nullptr: row i) and attends
+// to the first lengths[i] positions of that sequence: decode has one query per sequence; causal
+// prefill has one query per new token, with lengths = its position + 1.
 struct AttentionArgs {
-  const float* q = nullptr;
+  const float* q = nullptr;           // [n_query, n_head, head_dim], query rows q_stride floats apart
   const float* k_cache = nullptr;
   const float* v_cache = nullptr;
-  const int32_t* block_tables = nullptr;
-  const int32_t* lengths = nullptr;
-  float* out = nullptr;
-  int64_t n_seq = 0, n_head = 0, head_dim = 0, block_size = 0, max_blocks = 0, num_blocks = 0;
+  const int32_t* block_tables = nullptr;  // [n_table_rows, max_blocks]
+  const int32_t* query_rows = nullptr;    // [n_query] or nullptr
+  const int32_t* lengths = nullptr;       // [n_query]
+  float* out = nullptr;                   // [n_query, n_head, head_dim] contiguous
+  int64_t n_query = 0, n_head = 0, head_dim = 0, block_size = 0, max_blocks = 0, num_blocks = 0;
+  int64_t n_table_rows = 0;
+  int64_t q_stride = 0;  // 0 means n_head * head_dim
   float scale = 1.0f;
+};
+
+// Rotary embedding + KV-cache append in one pass over a fused projection qkv [T, 3, n_head,
+// head_dim] fp32 (q | k | v heads): rotates q in place (GPT-J interleaved pairs on the first
+// rotary_dim dims of each head, angle table row positions[t]), rotates k, and writes k and v of
+// token t to cache slot (slot_blocks[t], slot_offsets[t]).
+struct RotaryAppendArgs {
+  float* qkv = nullptr;
+  const int32_t* positions = nullptr;     // [T]
+  const float* sin = nullptr;             // [n_positions, rotary_dim / 2]
+  const float* cos = nullptr;
+  const int32_t* slot_blocks = nullptr;   // [T]
+  const int32_t* slot_offsets = nullptr;  // [T]
+  float* k_cache = nullptr;               // one layer: [num_blocks, block_size, n_head, head_dim]
+  float* v_cache = nullptr;
+  int64_t T = 0, n_head = 0, head_dim = 0, rotary_dim = 0, n_positions = 0, block_size = 0, num_blocks = 0;
 };
 
 }  // namespace cgq

@@ -1,6 +1,6 @@
-// Decode attention over the paged KV cache: one new query per sequence, keys and values read
-// through the sequence's block table, fp32 softmax. Compiled once per ISA like the other CPU
-// kernels; the loops over head_dim are plain C++ that the compiler vectorizes.
+// Attention over the paged KV cache (decode and causal prefill alike, see AttentionArgs): keys and
+// values read through the sequence's block table, fp32 softmax. Compiled once per ISA like the
+// other CPU kernels; the loops over head_dim are plain C++ that the compiler vectorizes.
 #include <cmath>
 #include <cstdint>
 
@@ -8,20 +8,22 @@
 
 namespace cgq::cpu::CGQ_ISA {
 
-// For each (sequence s, head h) in [task_begin, task_end) (task = s * H + h):
-//   out[s, h, :] = softmax(scale * K_s[:, h, :] @ q[s, h, :]) @ V_s[:, h, :]
-// K_s / V_s are the first lengths[s] positions of the sequence, position t living in block
-// block_tables[s * max_blocks + t / block_size] at offset t % block_size. `scores` is scratch of
-// at least max(lengths) floats.
-void attention_decode(const AttentionArgs& a, float* scores, int64_t task_begin, int64_t task_end) {
+// For each (query i, head h) in [task_begin, task_end) (task = i * H + h), with s = the query's
+// table row and L = lengths[i]:
+//   out[i, h, :] = softmax(scale * K_s[:L, h, :] @ q[i, h, :]) @ V_s[:L, h, :]
+// position t of sequence s living in block block_tables[s * max_blocks + t / block_size] at offset
+// t % block_size. `scores` is scratch of at least max(lengths) floats.
+void paged_attention(const AttentionArgs& a, float* scores, int64_t task_begin, int64_t task_end) {
   const int64_t H = a.n_head, D = a.head_dim, B = a.block_size;
   const int64_t token_stride = H * D, block_stride = B * H * D;
+  const int64_t q_stride = a.q_stride ? a.q_stride : H * D;
   for (int64_t task = task_begin; task < task_end; ++task) {
-    const int64_t s = task / H, h = task % H;
-    const int64_t L = a.lengths[s];
+    const int64_t i = task / H, h = task % H;
+    const int64_t s = a.query_rows ? a.query_rows[i] : i;
+    const int64_t L = a.lengths[i];
     const int32_t* table = a.block_tables + s * a.max_blocks;
-    const float* q = a.q + (s * H + h) * D;
-    float* out = a.out + (s * H + h) * D;
+    const float* q = a.q + i * q_stride + h * D;
+    float* out = a.out + (i * H + h) * D;
     float max_score = -INFINITY;
     for (int64_t t = 0; t < L; ++t) {
       const float* k = a.k_cache + table[t / B] * block_stride + (t % B) * token_stride + h * D;

@@ -26,13 +26,14 @@ struct KernelTable {
   void (*quantize_int4_rows)(const float*, int64_t, int64_t, const uint16_t*, const uint8_t*, uint8_t*, int64_t,
                              int64_t);
   bool (*minmax_rows)(const float*, int64_t, int64_t, float*, float*, int64_t, int64_t);
-  void (*attention_decode)(const AttentionArgs&, float*, int64_t, int64_t);
+  void (*paged_attention)(const AttentionArgs&, float*, int64_t, int64_t);
+  void (*rotary_kv_append)(const RotaryAppendArgs&, int64_t, int64_t);
 };
 
 #define CGQ_TABLE(isa) \
   KernelTable { isa::qlinear_workspace_bytes, isa::qlinear_prepare, isa::qlinear_int8, isa::qlinear_int4, isa::dequantize_int8, isa::dequantize_int4, isa::read_checksum, \
                 isa::quantize_int8_rows, isa::quantize_int4_rows, isa::minmax_rows, \
-                isa::attention_decode }
+                isa::paged_attention, isa::rotary_kv_append }
 
 const KernelTable& kernels() {
   static const KernelTable scalar_table = CGQ_TABLE(scalar);
@@ -171,14 +172,21 @@ bool minmax(const float* w, int64_t N, int64_t K, int64_t group, float* lo, floa
   return all_finite.load();
 }
 
-void attention_decode(const AttentionArgs& a) {
-  if (a.n_seq < 0 || a.n_head <= 0 || a.head_dim <= 0 || a.block_size <= 0 || a.max_blocks <= 0)
+void paged_attention(const AttentionArgs& a) {
+  if (a.n_query < 0 || a.n_head <= 0 || a.head_dim <= 0 || a.block_size <= 0 || a.max_blocks <= 0 ||
+      a.n_table_rows <= 0)
     throw std::invalid_argument("attention: sizes must be positive");
   if (!a.q || !a.k_cache || !a.v_cache || !a.block_tables || !a.lengths || !a.out)
     throw std::invalid_argument("attention: null pointer");
+  if (a.q_stride != 0 && a.q_stride < a.n_head * a.head_dim)
+    throw std::invalid_argument("attention: q rows overlap (q_stride < n_head * head_dim)");
   int64_t longest = 0;
-  for (int64_t s = 0; s < a.n_seq; ++s) {
-    const int64_t L = a.lengths[s];
+  for (int64_t i = 0; i < a.n_query; ++i) {
+    const int64_t s = a.query_rows ? a.query_rows[i] : i;
+    if (s < 0 || s >= a.n_table_rows)
+      throw std::invalid_argument("attention: query " + std::to_string(i) + " names block table row " +
+                                  std::to_string(s) + " of " + std::to_string(a.n_table_rows));
+    const int64_t L = a.lengths[i];
     if (L < 1 || L > a.max_blocks * a.block_size)
       throw std::invalid_argument("attention: sequence length " + std::to_string(L) + " outside its block table");
     for (int64_t b = 0; b < (L + a.block_size - 1) / a.block_size; ++b) {
@@ -187,15 +195,35 @@ void attention_decode(const AttentionArgs& a) {
     }
     longest = L > longest ? L : longest;
   }
-  const auto fn = kernels().attention_decode;
-  const int64_t tasks = a.n_seq * a.n_head;
-  // A (sequence, head) task reads longest * head_dim * 8 bytes of K and V at most.
+  const auto fn = kernels().paged_attention;
+  const int64_t tasks = a.n_query * a.n_head;
+  // A (query, head) task reads longest * head_dim * 8 bytes of K and V at most.
   const int jobs = max_jobs(1, tasks, longest * a.head_dim * 8);
   parallel_for(tasks, 1, [&](int64_t b, int64_t e) {
     thread_local std::vector<float> scores;
     if (static_cast<int64_t>(scores.size()) < longest) scores.resize(static_cast<size_t>(longest));
     fn(a, scores.data(), b, e);
   }, jobs);
+}
+
+void rotary_kv_append(const RotaryAppendArgs& a) {
+  if (a.T < 0 || a.n_head <= 0 || a.head_dim <= 0 || a.block_size <= 0 || a.num_blocks <= 0 || a.n_positions <= 0)
+    throw std::invalid_argument("rotary_kv_append: sizes must be positive");
+  if (a.rotary_dim < 0 || a.rotary_dim % 2 != 0 || a.rotary_dim > a.head_dim)
+    throw std::invalid_argument("rotary_kv_append: rotary_dim must be even and at most head_dim");
+  if (!a.qkv || !a.positions || !a.sin || !a.cos || !a.slot_blocks || !a.slot_offsets || !a.k_cache || !a.v_cache)
+    throw std::invalid_argument("rotary_kv_append: null pointer");
+  for (int64_t t = 0; t < a.T; ++t) {
+    if (a.positions[t] < 0 || a.positions[t] >= a.n_positions)
+      throw std::invalid_argument("rotary_kv_append: position " + std::to_string(a.positions[t]) +
+                                  " outside the rotary table of " + std::to_string(a.n_positions));
+    if (a.slot_blocks[t] < 0 || a.slot_blocks[t] >= a.num_blocks || a.slot_offsets[t] < 0 ||
+        a.slot_offsets[t] >= a.block_size)
+      throw std::invalid_argument("rotary_kv_append: cache slot out of range");
+  }
+  const auto fn = kernels().rotary_kv_append;
+  const int64_t token_bytes = 3 * a.n_head * a.head_dim * 4;
+  parallel_for(a.T, 1, [&](int64_t b, int64_t e) { fn(a, b, e); }, max_jobs(1, a.T, token_bytes));
 }
 
 uint64_t read_checksum(const uint8_t* data, int64_t bytes) {

@@ -17,8 +17,10 @@ void quantize_int4(const float* w, int64_t N, int64_t K, int64_t group_size, con
                    const uint8_t* zeros, uint8_t* packed);
 // lo/hi [N, K / group] = min/max of each row group; false if w holds NaN or inf.
 bool minmax(const float* w, int64_t N, int64_t K, int64_t group, float* lo, float* hi);
-// Decode attention for all (sequence, head) pairs, threaded; validates tables against num_blocks.
-void attention_decode(const AttentionArgs& a);
+// Attention of every (query, head) pair over the paged cache, threaded; validates the tables.
+void paged_attention(const AttentionArgs& a);
+// Rotary on q and k of a fused qkv projection + append of k and v to the cache; validated.
+void rotary_kv_append(const RotaryAppendArgs& a);
 // Reads `bytes` with every pool thread (one contiguous slice each) and returns a checksum.
 uint64_t read_checksum(const uint8_t* data, int64_t bytes);
 

@@ -24,8 +24,9 @@
                           int64_t n_begin, int64_t n_end);                             \
   bool minmax_rows(const float* w, int64_t K, int64_t group, float* lo, float* hi,      \
                    int64_t n_begin, int64_t n_end);                                    \
-  void attention_decode(const AttentionArgs& a, float* scores, int64_t task_begin,      \
-                        int64_t task_end);                                             \
+  void paged_attention(const AttentionArgs& a, float* scores, int64_t task_begin,       \
+                       int64_t task_end);                                              \
+  void rotary_kv_append(const RotaryAppendArgs& a, int64_t t_begin, int64_t t_end);     \
   }
 
 CGQ_DECLARE_ISA_KERNELS(scalar)

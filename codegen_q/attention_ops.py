@@ -1,0 +1,104 @@
+"""Attention-side native ops on the paged KV cache: rotary + KV append, and paged attention.
+
+Like ops.py, these check every tensor before handing raw pointers to `_C_cpu`, so a bad call is
+a TypeError/ValueError naming the argument, never a crash. CPU, float32 only (the runtime's CPU
+cache dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from codegen_q import _native
+
+
+def _check_float(name: str, t: torch.Tensor, dim: int) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device.type != "cpu":
+        raise TypeError(f"{name} must be a float32 CPU tensor")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimensions, got shape {list(t.shape)}")
+
+
+def _check_int32(name: str, t: torch.Tensor, shape: tuple[int, ...] | None = None) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.device.type != "cpu" or not t.is_contiguous():
+        raise TypeError(f"{name} must be a contiguous int32 CPU tensor")
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_float(name, t, 4)
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ")
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    lengths: torch.Tensor, scale: float, query_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of query rows over cached keys and values, softmax in fp32.
+
+    q [T, H, D] float32 (rows may be strided, e.g. the q part of a fused qkv; each row's H x D
+    block contiguous); k_cache, v_cache [num_blocks, block_size, H, D] (one layer of a
+    PagedKVCache); block_tables int32 [S, max_blocks]; lengths int32 [T]: query i attends to the
+    first lengths[i] positions of sequence query_rows[i] (int32 [T]; default: sequence i).
+    Decode: one query per sequence, lengths = new length. Causal prefill: one query per new token,
+    lengths = its position + 1. Returns [T, H, D] float32.
+    """
+    _check_float("q", q, 3)
+    _check_cache(k_cache, v_cache)
+    t, h, d = q.shape
+    if q.stride(2) != 1 or q.stride(1) != d or (t > 1 and q.stride(0) < h * d):
+        raise ValueError("q must have contiguous [H, D] rows (row stride at least H * D)")
+    num_blocks, block_size = k_cache.shape[:2]
+    if tuple(k_cache.shape[2:]) != (h, d):
+        raise ValueError(f"cache heads/head_dim {list(k_cache.shape[2:])} do not match q's {[h, d]}")
+    _check_int32("block_tables", block_tables)
+    if block_tables.dim() != 2 or block_tables.shape[0] < 1:
+        raise ValueError(f"block_tables must be [sequences, max_blocks], got {list(block_tables.shape)}")
+    _check_int32("lengths", lengths, (t,))
+    if query_rows is None:
+        if block_tables.shape[0] != t:
+            raise ValueError(f"without query_rows, block_tables needs one row per query ({t}), "
+                             f"got {block_tables.shape[0]}")
+    else:
+        _check_int32("query_rows", query_rows, (t,))
+    out = torch.empty((t, h, d), dtype=torch.float32)
+    if t:
+        _native.cpu().paged_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                                      block_tables.data_ptr(), block_tables.shape[0],
+                                      0 if query_rows is None else query_rows.data_ptr(), lengths.data_ptr(),
+                                      out.data_ptr(), t, h, d, block_size, block_tables.shape[1], num_blocks,
+                                      float(scale))
+    return out
+
+
+def rotary_kv_append(qkv: torch.Tensor, positions: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
+                     slot_blocks: torch.Tensor, slot_offsets: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, rotary_dim: int) -> None:
+    """In one pass: rotary on q and k of qkv [T, 3, H, D] (in place), k and v into the cache.
+
+    positions int32 [T] index the sin/cos tables [n_positions, rotary_dim / 2] (float32); token t
+    goes to cache slot (slot_blocks[t], slot_offsets[t]) of k_cache / v_cache [num_blocks,
+    block_size, H, D]. Rotary is GPT-J's interleaved pairs on the first rotary_dim dims of each head.
+    """
+    _check_float("qkv", qkv, 4)
+    if not qkv.is_contiguous() or qkv.shape[1] != 3:
+        raise ValueError(f"qkv must be a contiguous [T, 3, H, D] tensor, got shape {list(qkv.shape)}")
+    _check_cache(k_cache, v_cache)
+    t, _, h, d = qkv.shape
+    if tuple(k_cache.shape[2:]) != (h, d):
+        raise ValueError(f"cache heads/head_dim {list(k_cache.shape[2:])} do not match qkv's {[h, d]}")
+    for name, table in (("sin", sin), ("cos", cos)):
+        _check_float(name, table, 2)
+        if not table.is_contiguous() or table.shape[1] != rotary_dim // 2:
+            raise ValueError(f"{name} must be a contiguous [n_positions, {rotary_dim // 2}] table")
+    if sin.shape != cos.shape:
+        raise ValueError("sin and cos tables differ in shape")
+    for name, tensor in (("positions", positions), ("slot_blocks", slot_blocks), ("slot_offsets", slot_offsets)):
+        _check_int32(name, tensor, (t,))
+    if t:
+        _native.cpu().rotary_kv_append(qkv.data_ptr(), t, h, d, int(rotary_dim), positions.data_ptr(), sin.data_ptr(),
+                                       cos.data_ptr(), sin.shape[0], slot_blocks.data_ptr(), slot_offsets.data_ptr(),
+                                       k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], k_cache.shape[0])

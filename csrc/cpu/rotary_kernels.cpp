@@ -1,0 +1,45 @@
+// Rotary embedding + KV-cache append in one pass (see RotaryAppendArgs): each token's q and k
+// heads are rotated where they lie in the fused qkv projection, and k and v go straight into the
+// token's cache slot, so nothing is copied twice. Compiled once per ISA; the loops are plain C++.
+#include <cstdint>
+
+#include "cpu/kernels.h"
+
+namespace cgq::cpu::CGQ_ISA {
+namespace {
+
+// GPT-J interleaved rotary on the first rotary_dim dims of one head: pairs (2j, 2j + 1) turn by
+// angle j, as transformers' rotate_every_two does.
+inline void rotate_head(float* x, const float* sin, const float* cos, int64_t half) {
+  for (int64_t j = 0; j < half; ++j) {
+    const float even = x[2 * j], odd = x[2 * j + 1];
+    x[2 * j] = even * cos[j] - odd * sin[j];
+    x[2 * j + 1] = odd * cos[j] + even * sin[j];
+  }
+}
+
+inline void copy_floats(float* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+}
+
+}  // namespace
+
+void rotary_kv_append(const RotaryAppendArgs& a, int64_t t_begin, int64_t t_end) {
+  const int64_t H = a.n_head, D = a.head_dim, half = a.rotary_dim / 2, row = H * D;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    float* q = a.qkv + t * 3 * row;
+    float* k = q + row;
+    const float* v = k + row;
+    const float* sin = a.sin + a.positions[t] * half;
+    const float* cos = a.cos + a.positions[t] * half;
+    for (int64_t h = 0; h < H; ++h) {
+      rotate_head(q + h * D, sin, cos, half);
+      rotate_head(k + h * D, sin, cos, half);
+    }
+    const int64_t slot = (static_cast<int64_t>(a.slot_blocks[t]) * a.block_size + a.slot_offsets[t]) * row;
+    copy_floats(a.k_cache + slot, k, row);
+    copy_floats(a.v_cache + slot, v, row);
+  }
+}
+
+}  // namespace cgq::cpu::CGQ_ISA
