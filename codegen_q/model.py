@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 import torch
 
 from codegen_q.attention_ops import paged_attention, rotary_kv_append
+from codegen_q.fused_decode import FusedDecoder
 from codegen_q.kv_cache import PagedKVCache
 from codegen_q.ops import qlinear
 from codegen_q.quantize import QuantizedWeight
@@ -97,6 +98,8 @@ class CodeGenModel:
         self.ln_f_w, self.ln_f_b = tensor("transformer.ln_f.weight"), tensor("transformer.ln_f.bias")
         self.lm_head = linear("lm_head", True)
         self.sin, self.cos = rotary_tables(config.n_positions, self.rotary_dim)
+        # One native call per decode step for quantized CPU models (see fused_decode.py).
+        self.fused = FusedDecoder(self) if FusedDecoder.supports(self) else None
 
     @property
     def nbytes(self) -> int:
@@ -131,10 +134,15 @@ class CodeGenModel:
             plan = self._native_plan(cache, seq_ids, counts, starts, slots, positions)
         else:
             sin, cos = self.sin[positions], self.cos[positions]
-        h = self.wte[torch.cat([ids.reshape(-1) for ids in input_ids])].to(self.dtype)
+        h = self.wte[torch.cat([ids.reshape(-1) for ids in input_ids])].to(self.dtype).contiguous()
         d = self.config.n_embd
         scale = self.head_dim ** -0.5
-        for li, layer in enumerate(self.layers):
+        if native and self.fused is not None and all(n == 1 for n in counts) and cache.k.is_contiguous():
+            self.fused.step(h, cache, plan)
+            layers = []
+        else:
+            layers = self.layers
+        for li, layer in enumerate(layers):
             x = torch.nn.functional.layer_norm(h, (d,), layer["ln_w"], layer["ln_b"], self.eps)
             qkv = layer["qkv"](x).view(-1, 3, self.n_head, self.head_dim)
             if native:

@@ -1,7 +1,7 @@
 """The safe public face of the native kernels.
 
-This module (and attention_ops.py, for the attention-side ops) is the only caller of `_C_cpu` /
-`_C_cuda`. It checks every tensor (type, dtype,
+This module (with attention_ops.py for the attention-side ops and fused_decode.py for the fused
+decode step) is the only caller of `_C_cpu` / `_C_cuda`. It checks every tensor (type, dtype,
 device, shape, contiguity) and raises TypeError/ValueError with a sentence that names the argument,
 so a mistake never reaches C++ as a bad pointer. Then it picks the kernel:
 

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "common/thread_pool.h"
+#include "cpu/decode_step.h"
 #include "cpu/dispatch.h"
 #include "cpu/isa.h"
 
@@ -138,6 +139,52 @@ PYBIND11_MODULE(_C_cpu, m) {
       py::arg("positions"), py::arg("sin"), py::arg("cos"), py::arg("n_positions"), py::arg("slot_blocks"),
       py::arg("slot_offsets"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_size"),
       py::arg("num_blocks"), py::call_guard<py::gil_scoped_release>());
+  py::class_<cgq::cpu::DecodeModel>(m, "DecodeModel")
+      .def(py::init([](const std::vector<std::vector<uintptr_t>>& blocks, const std::vector<int64_t>& linear_shapes,
+                       int64_t d, int64_t n_head, int64_t head_dim, int64_t rotary_dim, int64_t n_positions, bool int4,
+                       int64_t group_size, float eps, uintptr_t sin, uintptr_t cos) {
+             // blocks[i] = [ln_w, ln_b] + 4 x [qweight, scales, zeros, bias] (qkv, out, fc_in, fc_out);
+             // linear_shapes = 4 x [N, K], the same for every block.
+             if (linear_shapes.size() != 8) throw std::invalid_argument("linear_shapes must hold 4 (N, K) pairs");
+             cgq::cpu::DecodeModel model;
+             for (const auto& p : blocks) {
+               if (p.size() != 18) throw std::invalid_argument("each block needs 18 addresses");
+               cgq::cpu::DecodeBlock b;
+               b.ln_w = ptr<const float>(p[0]), b.ln_b = ptr<const float>(p[1]);
+               cgq::cpu::DecodeLinear* linears[4] = {&b.qkv, &b.out, &b.fc_in, &b.fc_out};
+               for (int i = 0; i < 4; ++i) {
+                 linears[i]->qweight = ptr<const void>(p[2 + 4 * i]);
+                 linears[i]->scales = ptr<const uint16_t>(p[3 + 4 * i]);
+                 linears[i]->zeros = ptr<const uint8_t>(p[4 + 4 * i]);
+                 linears[i]->bias = ptr<const float>(p[5 + 4 * i]);
+                 linears[i]->N = linear_shapes[2 * i], linears[i]->K = linear_shapes[2 * i + 1];
+               }
+               model.blocks.push_back(b);
+             }
+             model.d = d, model.n_head = n_head, model.head_dim = head_dim, model.rotary_dim = rotary_dim;
+             model.n_positions = n_positions, model.int4 = int4, model.group_size = group_size, model.eps = eps;
+             model.sin = ptr<const float>(sin), model.cos = ptr<const float>(cos);
+             return model;
+           }),
+           py::arg("blocks"), py::arg("linear_shapes"), py::arg("d"), py::arg("n_head"), py::arg("head_dim"),
+           py::arg("rotary_dim"), py::arg("n_positions"), py::arg("int4"), py::arg("group_size"), py::arg("eps"),
+           py::arg("sin"), py::arg("cos"))
+      .def_readwrite("min_block_bytes_per_job", &cgq::cpu::DecodeModel::min_block_bytes_per_job);
+  m.def(
+      "decode_step",
+      [](const cgq::cpu::DecodeModel& model, uintptr_t h, int64_t S, uintptr_t k_cache, uintptr_t v_cache,
+         int64_t num_blocks, int64_t block_size, uintptr_t positions, uintptr_t slot_blocks, uintptr_t slot_offsets,
+         uintptr_t block_tables, int64_t max_blocks) {
+        cgq::cpu::DecodeStepArgs a;
+        a.h = ptr<float>(h), a.S = S, a.k_cache = ptr<float>(k_cache), a.v_cache = ptr<float>(v_cache);
+        a.num_blocks = num_blocks, a.block_size = block_size, a.positions = ptr<const int32_t>(positions);
+        a.slot_blocks = ptr<const int32_t>(slot_blocks), a.slot_offsets = ptr<const int32_t>(slot_offsets);
+        a.block_tables = ptr<const int32_t>(block_tables), a.max_blocks = max_blocks;
+        cgq::cpu::decode_step(model, a);
+      },
+      py::arg("model"), py::arg("h"), py::arg("S"), py::arg("k_cache"), py::arg("v_cache"), py::arg("num_blocks"),
+      py::arg("block_size"), py::arg("positions"), py::arg("slot_blocks"), py::arg("slot_offsets"),
+      py::arg("block_tables"), py::arg("max_blocks"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "read_checksum", [](uintptr_t data, int64_t bytes) { return cgq::cpu::read_checksum(ptr<const uint8_t>(data), bytes); },
       py::arg("data"), py::arg("bytes"), py::call_guard<py::gil_scoped_release>());

@@ -155,6 +155,14 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
   });
 }
 
+void parallel_region(int max_jobs, const std::function<void(int, int)>& fn) {
+  std::lock_guard<std::mutex> lock(g_pool_mutex);
+  Pool& pool = pool_locked();
+  int n_jobs = pool.size() < max_jobs ? pool.size() : max_jobs;
+  if (n_jobs < 1) n_jobs = 1;
+  pool.run(n_jobs, [&](int j) { fn(j, n_jobs); });
+}
+
 int get_num_threads() {
   std::lock_guard<std::mutex> lock(g_pool_mutex);
   if (g_requested_threads == 0) g_requested_threads = default_num_threads();

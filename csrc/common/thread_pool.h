@@ -7,14 +7,56 @@
 // serialised, since each call already uses every core).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
+#include <thread>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 namespace cgq {
 
 // Calls fn(begin, end) on disjoint, contiguous chunks that cover [0, n) (chunk boundaries are
 // multiples of `grain`), using up to min(num_threads(), max_jobs) threads including the caller.
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn, int max_jobs = 1 << 30);
+
+// Runs fn(job, n_jobs) for job = 0 .. n_jobs - 1, each job on its own thread at the same time (the
+// caller runs job 0), with n_jobs = min(num_threads(), max_jobs). For work whose stages are
+// separated by SpinBarrier: one wake-up for the whole region instead of one per stage.
+void parallel_region(int max_jobs, const std::function<void(int, int)>& fn);
+
+// A reusable barrier for the n jobs of one parallel_region. Waiters spin briefly (stages a few
+// microseconds apart are common: a sleep/wake round trip costs 30-70 us here), then sleep on the
+// atomic (futex): a long spin on a VM whose vCPUs share a core slows the job still working.
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int n) : n_(n) {}
+  void wait() {
+    if (n_ <= 1) return;
+    const int gen = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+      generation_.notify_all();
+      return;
+    }
+    for (int spins = 0; spins < kSpins; ++spins) {
+      if (generation_.load(std::memory_order_acquire) != gen) return;
+#if defined(__x86_64__) || defined(__i386__)
+      _mm_pause();
+#endif
+    }
+    while (generation_.load(std::memory_order_acquire) == gen) generation_.wait(gen, std::memory_order_acquire);
+  }
+
+ private:
+  static constexpr int kSpins = 2000;  // a few microseconds of pause
+  const int n_;
+  std::atomic<int> arrived_{0};
+  std::atomic<int> generation_{0};
+};
 
 // Threads used by parallel_for. Defaults to CODEGEN_Q_NUM_THREADS, else the CPUs this process may
 // run on. set_num_threads(n) with n >= 1 resizes the pool.

@@ -9,26 +9,9 @@
 
 #include "common/thread_pool.h"
 #include "cpu/isa.h"
-#include "cpu/kernels.h"
+#include "cpu/kernel_table.h"
 
 namespace cgq::cpu {
-namespace {
-
-struct KernelTable {
-  int64_t (*qlinear_workspace_bytes)(const QLinearArgs&, bool);
-  void (*qlinear_prepare)(const QLinearArgs&, bool, void*);
-  void (*qlinear_int8)(const QLinearArgs&, int64_t, int64_t);
-  void (*qlinear_int4)(const QLinearArgs&, int64_t, int64_t);
-  void (*dequantize_int8)(const DequantArgs&, int64_t, int64_t);
-  void (*dequantize_int4)(const DequantArgs&, int64_t, int64_t);
-  uint64_t (*read_checksum)(const uint8_t*, int64_t);
-  void (*quantize_int8_rows)(const float*, int64_t, const uint16_t*, int8_t*, int64_t, int64_t);
-  void (*quantize_int4_rows)(const float*, int64_t, int64_t, const uint16_t*, const uint8_t*, uint8_t*, int64_t,
-                             int64_t);
-  bool (*minmax_rows)(const float*, int64_t, int64_t, float*, float*, int64_t, int64_t);
-  void (*paged_attention)(const AttentionArgs&, float*, int64_t, int64_t);
-  void (*rotary_kv_append)(const RotaryAppendArgs&, int64_t, int64_t);
-};
 
 #define CGQ_TABLE(isa) \
   KernelTable { isa::qlinear_workspace_bytes, isa::qlinear_prepare, isa::qlinear_int8, isa::qlinear_int4, isa::dequantize_int8, isa::dequantize_int4, isa::read_checksum, \
@@ -57,6 +40,8 @@ const KernelTable& kernels() {
   }
 }
 #undef CGQ_TABLE
+
+namespace {
 
 // Threads take whole 8-row tiles so every thread runs the wide kernel; a weight row is at least
 // a few KB, so even 8 rows are worth a thread.
@@ -94,25 +79,6 @@ void check(const QLinearArgs& a, bool int4) {
   if (a.M < 0 || (a.M > 0 && !a.x)) throw std::invalid_argument("M must be >= 0 with a non-null x");
 }
 
-// Per-thread-of-caller scratch for qlinear_prepare, grown as needed and kept: decode calls the
-// same shapes thousands of times.
-struct Workspace {
-  void* data = nullptr;
-  int64_t bytes = 0;
-  ~Workspace() { std::free(data); }
-  void* get(int64_t want) {
-    if (want > bytes) {
-      std::free(data);
-      data = nullptr;
-      bytes = 0;
-      const int64_t rounded = (want + 4095) / 4096 * 4096;
-      data = std::aligned_alloc(64, static_cast<size_t>(rounded));
-      if (!data) throw std::bad_alloc();
-      bytes = rounded;
-    }
-    return data;
-  }
-};
 
 void run_qlinear(QLinearArgs a, bool int4) {
   check(a, int4);
@@ -120,7 +86,7 @@ void run_qlinear(QLinearArgs a, bool int4) {
   const KernelTable& k = kernels();
   const int64_t ws_bytes = k.qlinear_workspace_bytes(a, int4);
   if (ws_bytes > 0) {
-    thread_local Workspace workspace;
+    thread_local AlignedScratch workspace;
     void* ws = workspace.get(ws_bytes);
     k.qlinear_prepare(a, int4, ws);
     a.workspace = ws;

@@ -1,0 +1,244 @@
+// The fused decode step (see decode_step.h). Stages of one block, for the jobs j = 0 .. T-1 of one
+// parallel_region:
+//   1. every job: x = ln_1(h) and x's activation limbs, privately (a few microseconds);
+//   2. qkv and fc_in rows, split across jobs as one list (same K, same cost per row); each job
+//      applies gelu_new to the fc_in outputs it produced;                          -- barrier
+//   3. (sequence, head) tasks split across jobs: rotary on that head's q and k, its k and v into
+//      the cache slot, then attention over the sequence's blocks (the task wrote the only new
+//      position it reads, so no barrier is needed in between);                     -- barrier
+//   4. output rows split across jobs: out_proj(attn) + fc_out(gelu) + bias added into h;
+//                                                                                   -- barrier
+#include "cpu/decode_step.h"
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "common/qformat.h"
+#include "common/thread_pool.h"
+#include "cpu/kernel_table.h"
+
+namespace cgq::cpu {
+namespace {
+
+constexpr int64_t kRowGrain = 8;  // whole 8-row tiles per job, as the qlinear dispatcher does
+
+struct Range {
+  int64_t begin, end;
+};
+
+Range share(int64_t n, int64_t grain, int job, int n_jobs) {
+  const int64_t units = (n + grain - 1) / grain;
+  const int64_t b = units * job / n_jobs * grain;
+  const int64_t e = units * (job + 1) / n_jobs * grain;
+  return {b < n ? b : n, e < n ? e : n};
+}
+
+// Row `job`'s share of a list of n_a rows of cost w_a followed by n_b rows of cost w_b, in whole
+// grains (the boundary of job j is computed the same way for j - 1's end, so shares tile the list).
+Range share_weighted(int64_t n_a, int64_t w_a, int64_t n_b, int64_t w_b, int64_t grain, int job, int n_jobs) {
+  const int64_t total = n_a * w_a + n_b * w_b;
+  auto boundary = [&](int j) {
+    const int64_t pos = total * j / n_jobs;
+    const int64_t row = pos <= n_a * w_a ? pos / w_a : n_a + (pos - n_a * w_a) / w_b;
+    const int64_t rounded = (row + grain / 2) / grain * grain;
+    return j == n_jobs ? n_a + n_b : (rounded < n_a + n_b ? rounded : n_a + n_b);
+  };
+  return {boundary(job), boundary(job + 1)};
+}
+
+// gelu_new (a tanhf per element) costs about a fifth of streaming its fc_in row at K = 1024.
+constexpr int64_t kQkvRowCost = 5, kFcInRowCost = 6;
+
+QLinearArgs linear_args(const DecodeLinear& l, const float* x, int64_t M, float* y, int64_t group_size) {
+  QLinearArgs a;
+  a.x = x, a.M = M, a.K = l.K, a.N = l.N, a.qweight = l.qweight, a.scales = l.scales, a.zeros = l.zeros;
+  a.group_size = group_size, a.bias = l.bias, a.y = y;
+  return a;
+}
+
+void layer_norm_rows(const float* h, int64_t S, int64_t d, const float* w, const float* b, float eps, float* out) {
+  for (int64_t s = 0; s < S; ++s) {
+    const float* row = h + s * d;
+    double sum = 0.0;
+    for (int64_t i = 0; i < d; ++i) sum += row[i];
+    const double mean = sum / static_cast<double>(d);
+    double sq = 0.0;
+    for (int64_t i = 0; i < d; ++i) sq += (row[i] - mean) * (row[i] - mean);
+    const float inv = static_cast<float>(1.0 / std::sqrt(sq / static_cast<double>(d) + eps));
+    const float m = static_cast<float>(mean);
+    for (int64_t i = 0; i < d; ++i) out[s * d + i] = (row[i] - m) * inv * w[i] + b[i];
+  }
+}
+
+// transformers' NewGELUActivation: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
+inline float gelu_new(float x) {
+  constexpr float kSqrt2OverPi = 0.7978845608028654f;
+  return 0.5f * x * (1.0f + std::tanh(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
+}
+
+inline void rotate_head(float* x, const float* sin, const float* cos, int64_t half) {
+  for (int64_t j = 0; j < half; ++j) {
+    const float even = x[2 * j], odd = x[2 * j + 1];
+    x[2 * j] = even * cos[j] - odd * sin[j];
+    x[2 * j + 1] = odd * cos[j] + even * sin[j];
+  }
+}
+
+void check_linear(const DecodeLinear& l, int64_t N, int64_t K, const char* name, bool int4, int64_t group_size) {
+  if (!l.qweight || !l.scales) throw std::invalid_argument(std::string("decode_step: ") + name + " has no weight");
+  if (l.N != N || l.K != K)
+    throw std::invalid_argument(std::string("decode_step: ") + name + " is [" + std::to_string(l.N) + ", " +
+                                std::to_string(l.K) + "], expected [" + std::to_string(N) + ", " + std::to_string(K) + "]");
+  if (int4 && (!is_supported_group_size(group_size) || K % group_size != 0))
+    throw std::invalid_argument("decode_step: group_size must be 32, 64 or 128 and divide K");
+}
+
+void validate(const DecodeModel& m, const DecodeStepArgs& a) {
+  if (m.blocks.empty() || m.d <= 0 || m.n_head <= 0 || m.head_dim <= 0 || m.d != m.n_head * m.head_dim)
+    throw std::invalid_argument("decode_step: model sizes are inconsistent");
+  if (m.rotary_dim < 0 || m.rotary_dim % 2 || m.rotary_dim > m.head_dim || !m.sin || !m.cos || m.n_positions <= 0)
+    throw std::invalid_argument("decode_step: bad rotary table");
+  const int64_t inner = m.blocks[0].fc_in.N;
+  for (const DecodeBlock& b : m.blocks) {
+    if (!b.ln_w || !b.ln_b) throw std::invalid_argument("decode_step: missing layer norm");
+    check_linear(b.qkv, 3 * m.d, m.d, "qkv_proj", m.int4, m.group_size);
+    check_linear(b.out, m.d, m.d, "out_proj", m.int4, m.group_size);
+    check_linear(b.fc_in, inner, m.d, "fc_in", m.int4, m.group_size);
+    check_linear(b.fc_out, m.d, inner, "fc_out", m.int4, m.group_size);
+  }
+  if (a.S < 1 || !a.h || !a.k_cache || !a.v_cache || !a.positions || !a.slot_blocks || !a.slot_offsets ||
+      !a.block_tables || a.num_blocks <= 0 || a.block_size <= 0 || a.max_blocks <= 0)
+    throw std::invalid_argument("decode_step: bad step arguments");
+  for (int64_t s = 0; s < a.S; ++s) {
+    const int64_t pos = a.positions[s];
+    if (pos < 0 || pos >= m.n_positions)
+      throw std::invalid_argument("decode_step: position " + std::to_string(pos) + " outside the context of " +
+                                  std::to_string(m.n_positions));
+    if (a.slot_blocks[s] < 0 || a.slot_blocks[s] >= a.num_blocks || a.slot_offsets[s] < 0 ||
+        a.slot_offsets[s] >= a.block_size)
+      throw std::invalid_argument("decode_step: cache slot out of range");
+    const int64_t length = pos + 1;
+    if (length > a.max_blocks * a.block_size)
+      throw std::invalid_argument("decode_step: sequence length " + std::to_string(length) + " outside its block table");
+    for (int64_t b = 0; b < (length + a.block_size - 1) / a.block_size; ++b) {
+      const int32_t blk = a.block_tables[s * a.max_blocks + b];
+      if (blk < 0 || blk >= a.num_blocks) throw std::invalid_argument("decode_step: block id out of range");
+    }
+    if (a.block_tables[s * a.max_blocks + pos / a.block_size] != a.slot_blocks[s] || a.slot_offsets[s] != pos % a.block_size)
+      throw std::invalid_argument("decode_step: the new token's slot is not its position in the block table");
+  }
+}
+
+// Threads for a step: one per model.min_block_bytes_per_job (default 16 MB) of weights in a
+// block. Every block costs each extra job three barriers and the stages' imbalance; on the 2-vCPU
+// dev VM a second job made CodeGen-350M's step slower, not faster (int8, 12 MB per block: 16-17 ms
+// alone, 19-20 ms on two; int4: 12 vs 14-18 ms), while a lone 50+ MB GEMV still gains from one.
+
+int64_t linear_bytes(const DecodeLinear& l, bool int4) { return l.N * (int4 ? l.K / 2 : l.K); }
+
+int jobs_for(const DecodeModel& m) {
+  const DecodeBlock& b = m.blocks[0];
+  const int64_t bytes = linear_bytes(b.qkv, m.int4) + linear_bytes(b.out, m.int4) + linear_bytes(b.fc_in, m.int4) +
+                        linear_bytes(b.fc_out, m.int4);
+  const int64_t wanted = bytes / (m.min_block_bytes_per_job > 0 ? m.min_block_bytes_per_job : 1);
+  const int threads = get_num_threads();
+  return wanted < 1 ? 1 : (wanted < threads ? static_cast<int>(wanted) : threads);
+}
+
+}  // namespace
+
+void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
+  validate(m, a);
+  const KernelTable& k = kernels();
+  const int64_t S = a.S, d = m.d, H = m.n_head, D = m.head_dim, inner = m.blocks[0].fc_in.N;
+  const int64_t half = m.rotary_dim / 2;
+  const int64_t layer_stride = a.num_blocks * a.block_size * d;
+
+  // Shared between the jobs (written by one job per element, read after a barrier).
+  thread_local AlignedScratch qkv_buf, inner_buf, attn_buf, out_buf, fc_buf, length_buf;
+  float* qkv = qkv_buf.get_as<float>(S * 3 * d);
+  float* act = inner_buf.get_as<float>(S * inner);  // fc_in output, then gelu in place
+  float* attn = attn_buf.get_as<float>(S * d);
+  float* out = out_buf.get_as<float>(S * d);
+  float* fc = fc_buf.get_as<float>(S * d);
+  int32_t* lengths = length_buf.get_as<int32_t>(S);
+  int64_t longest = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    lengths[s] = a.positions[s] + 1;
+    longest = lengths[s] > longest ? lengths[s] : longest;
+  }
+
+  const auto qlinear = m.int4 ? k.qlinear_int4 : k.qlinear_int8;
+  // parallel_region runs min(pool size, n) jobs; fewer jobs than threads for small blocks.
+  const int n = jobs_for(m);
+  SpinBarrier barrier(n);
+  parallel_region(n, [&](int job, int n_jobs) {
+    // Private: x, and the activation workspaces of x, attn and gelu(fc_in(x)).
+    thread_local AlignedScratch x_buf, ws_x, ws_attn, ws_act, score_buf;
+    float* x = x_buf.get_as<float>(S * d);
+    float* scores = score_buf.get_as<float>(longest);
+    const Range qkv_fc = share_weighted(3 * d, kQkvRowCost, inner, kFcInRowCost, kRowGrain, job, n_jobs);
+    const Range heads = share(S * H, 1, job, n_jobs);
+    const Range rows = share(d, kRowGrain, job, n_jobs);
+    for (size_t li = 0; li < m.blocks.size(); ++li) {
+      const DecodeBlock& b = m.blocks[li];
+      // 1. x = ln_1(h), privately.
+      layer_norm_rows(a.h, S, d, b.ln_w, b.ln_b, m.eps, x);
+      QLinearArgs qa = linear_args(b.qkv, x, S, qkv, m.group_size);
+      QLinearArgs fa = linear_args(b.fc_in, x, S, act, m.group_size);
+      qa.workspace = fa.workspace = ws_x.get(k.qlinear_workspace_bytes(qa, m.int4));
+      k.qlinear_prepare(qa, m.int4, const_cast<void*>(qa.workspace));
+      // 2. qkv rows, then fc_in rows + gelu.
+      if (qkv_fc.begin < 3 * d) qlinear(qa, qkv_fc.begin, qkv_fc.end < 3 * d ? qkv_fc.end : 3 * d);
+      if (qkv_fc.end > 3 * d) {
+        const int64_t fb = qkv_fc.begin > 3 * d ? qkv_fc.begin - 3 * d : 0, fe = qkv_fc.end - 3 * d;
+        qlinear(fa, fb, fe);
+        for (int64_t s = 0; s < S; ++s)
+          for (int64_t n = fb; n < fe; ++n) act[s * inner + n] = gelu_new(act[s * inner + n]);
+      }
+      barrier.wait();
+      // 3. Per (sequence, head): rotary, KV append, attention.
+      float* k_layer = a.k_cache + static_cast<int64_t>(li) * layer_stride;
+      float* v_layer = a.v_cache + static_cast<int64_t>(li) * layer_stride;
+      AttentionArgs at;
+      at.q = qkv, at.q_stride = 3 * d, at.k_cache = k_layer, at.v_cache = v_layer;
+      at.block_tables = a.block_tables, at.n_table_rows = S, at.lengths = lengths, at.out = attn;
+      at.n_query = S, at.n_head = H, at.head_dim = D, at.block_size = a.block_size, at.max_blocks = a.max_blocks;
+      at.num_blocks = a.num_blocks, at.scale = 1.0f / std::sqrt(static_cast<float>(D));
+      for (int64_t task = heads.begin; task < heads.end; ++task) {
+        const int64_t s = task / H, h = task % H;
+        float* q_head = qkv + s * 3 * d + h * D;
+        float* k_head = q_head + d;
+        const float* v_head = q_head + 2 * d;
+        const float* sin = m.sin + a.positions[s] * half;
+        const float* cos = m.cos + a.positions[s] * half;
+        rotate_head(q_head, sin, cos, half);
+        rotate_head(k_head, sin, cos, half);
+        const int64_t slot = ((static_cast<int64_t>(a.slot_blocks[s]) * a.block_size + a.slot_offsets[s]) * H + h) * D;
+        for (int64_t i = 0; i < D; ++i) {
+          k_layer[slot + i] = k_head[i];
+          v_layer[slot + i] = v_head[i];
+        }
+        k.paged_attention(at, scores, task, task + 1);
+      }
+      barrier.wait();
+      // 4. h += out_proj(attn) + fc_out(gelu) for this job's output rows.
+      QLinearArgs oa = linear_args(b.out, attn, S, out, m.group_size);
+      QLinearArgs ca = linear_args(b.fc_out, act, S, fc, m.group_size);
+      oa.workspace = ws_attn.get(k.qlinear_workspace_bytes(oa, m.int4));
+      ca.workspace = ws_act.get(k.qlinear_workspace_bytes(ca, m.int4));
+      if (rows.begin < rows.end) {
+        k.qlinear_prepare(oa, m.int4, const_cast<void*>(oa.workspace));
+        k.qlinear_prepare(ca, m.int4, const_cast<void*>(ca.workspace));
+        qlinear(oa, rows.begin, rows.end);
+        qlinear(ca, rows.begin, rows.end);
+        for (int64_t s = 0; s < S; ++s)
+          for (int64_t n = rows.begin; n < rows.end; ++n) a.h[s * d + n] += out[s * d + n] + fc[s * d + n];
+      }
+      barrier.wait();
+    }
+  });
+}
+
+}  // namespace cgq::cpu
