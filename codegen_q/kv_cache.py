@@ -81,7 +81,7 @@ class PagedKVCache:
         start = self._lengths[seq_id]
         pos = torch.arange(start, start + n_new)
         table = torch.tensor(self._tables[seq_id], dtype=torch.long)
-        return table[pos // self.block_size], pos % self.block_size
+        return (table[pos // self.block_size]).to(self.k.device), (pos % self.block_size).to(self.k.device)
 
     def write(self, layer: int, slots: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> None:
         blocks, offsets = slots
@@ -90,7 +90,7 @@ class PagedKVCache:
 
     def read(self, layer: int, seq_id: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the first `length` positions of a sequence, each [length, n_head, head_dim]."""
-        table = torch.tensor(self._tables[seq_id][: self._blocks_for(length)], dtype=torch.long)
+        table = torch.tensor(self._tables[seq_id][: self._blocks_for(length)], dtype=torch.long, device=self.k.device)
         k = self.k[layer, table].flatten(0, 1)[:length]
         v = self.v[layer, table].flatten(0, 1)[:length]
         return k, v

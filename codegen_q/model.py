@@ -97,7 +97,8 @@ class CodeGenModel:
             })
         self.ln_f_w, self.ln_f_b = tensor("transformer.ln_f.weight"), tensor("transformer.ln_f.bias")
         self.lm_head = linear("lm_head", True)
-        self.sin, self.cos = rotary_tables(config.n_positions, self.rotary_dim)
+        self.device = self.wte.device
+        self.sin, self.cos = (t.to(self.device) for t in rotary_tables(config.n_positions, self.rotary_dim))
         # One native call per decode step for quantized CPU models (see fused_decode.py).
         self.fused = FusedDecoder(self) if FusedDecoder.supports(self) else None
 
@@ -109,12 +110,13 @@ class CodeGenModel:
 
     def new_cache(self, max_tokens: int, **kwargs) -> PagedKVCache:
         kwargs.setdefault("dtype", torch.float32 if self.dtype == torch.float32 else self.dtype)
+        kwargs.setdefault("device", self.device)
         return PagedKVCache.for_tokens(self.config, max_tokens, **kwargs)
 
     @torch.inference_mode()
     def forward(self, input_ids: Sequence[torch.Tensor], cache: PagedKVCache, seq_ids: Sequence[int],
                 last_only: bool = True) -> list[torch.Tensor]:
-        """Run the new tokens of each sequence; returns fp32 logits per sequence, [1 or n_new, vocab].
+        """Run the new tokens of each sequence; returns fp32 CPU logits per sequence, [1 or n_new, vocab].
 
         Each sequence continues from its length in `cache`; the cache is extended by its tokens.
         On an error (e.g. the cache is full) the cache is left as it was.
@@ -133,8 +135,9 @@ class CodeGenModel:
         if native:
             plan = self._native_plan(cache, seq_ids, counts, starts, slots, positions)
         else:
-            sin, cos = self.sin[positions], self.cos[positions]
-        h = self.wte[torch.cat([ids.reshape(-1) for ids in input_ids])].to(self.dtype).contiguous()
+            sin, cos = self.sin[positions.to(self.device)], self.cos[positions.to(self.device)]
+        ids = torch.cat([ids.reshape(-1) for ids in input_ids]).to(self.device)
+        h = self.wte[ids].to(self.dtype).contiguous()
         d = self.config.n_embd
         scale = self.head_dim ** -0.5
         if native and self.fused is not None and all(n == 1 for n in counts) and cache.k.is_contiguous():
@@ -169,7 +172,7 @@ class CodeGenModel:
         out, offset = [], 0
         for n in counts:
             rows = h[offset + n - 1: offset + n] if last_only else h[offset:offset + n]
-            out.append(self.lm_head(rows).float())
+            out.append(self.lm_head(rows).float().cpu())  # sampling runs on the CPU
             offset += n
         return out
 
@@ -192,7 +195,7 @@ class CodeGenModel:
         """Causal attention of n queries at positions start.. over keys 0..start+n-1, fp32 softmax."""
         n, total = q.shape[0], k.shape[0]
         scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * self.head_dim ** -0.5
-        allowed = torch.arange(total)[None, :] <= (start + torch.arange(n))[:, None]
+        allowed = torch.arange(total, device=q.device)[None, :] <= (start + torch.arange(n, device=q.device))[:, None]
         scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         return torch.einsum("hqk,khd->qhd", probs, v)

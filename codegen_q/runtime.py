@@ -64,16 +64,15 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
          num_threads: int | None = None, verify: bool = True) -> LoadedModel:
     """Load a directory written by `codegen-q quantize`, or a hub CodeGen directory (float path).
 
-    Quantized weights stay mmap'd (no copy); `dtype` is the activation / float-weight dtype
-    (float32 by default, bfloat16 to halve a float model). `verify` checks the manifest checksums.
+    On the CPU quantized weights stay mmap'd (no copy); with device="cuda" they are copied to the
+    GPU once and decode uses the CUDA GEMV (the rest of the step is torch on the GPU). `dtype` is
+    the activation / float-weight dtype (float32 by default, bfloat16 to halve a float model).
+    `verify` checks the manifest checksums.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path} does not exist")
-    if device == "auto":
-        device = "cpu"  # the CUDA runtime path is not implemented yet
-    if device != "cpu":
-        raise ValueError(f"device {device!r} is not supported yet; generation currently runs on the CPU")
+    device = _resolve_device(device)
     if isinstance(dtype, str):
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
@@ -91,8 +90,33 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
         weights = load_quantized(path, verify=verify).tensors
     else:
         weights = _load_hub_weights(path, config)
+    if device != "cpu":
+        weights = {name: w.to(device) for name, w in weights.items()}
     tokenizer = CodeGenTokenizer.from_dir(path)
     return LoadedModel(path, config, CodeGenModel(config, weights, dtype=dtype), tokenizer)
+
+
+def _resolve_device(device: str) -> str:
+    """'cpu', 'cuda' / 'cuda:N' (needs a CUDA torch, a visible GPU and codegen-q's CUDA module), or
+    'auto' (the GPU when all of that holds, else the CPU)."""
+    from codegen_q import _native
+
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a str ('cpu', 'cuda' or 'auto'), got {type(device).__name__}")
+    cuda_ready = torch.cuda.is_available() and _native.cuda() is not None
+    if device == "auto":
+        return "cuda" if cuda_ready else "cpu"
+    if device == "cpu":
+        return device
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for, but torch sees no CUDA device (a CPU build of "
+                             f"torch, or no GPU/driver); use device='cpu'")
+        if _native.cuda() is None:
+            raise ValueError(f"device {device!r} was asked for, but this build of codegen-q has no CUDA module "
+                             f"({_native.cuda_import_error()}); reinstall it where nvcc is available")
+        return device
+    raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
 
 
 def _load_hub_weights(path: str, config: CodeGenConfig) -> dict[str, torch.Tensor | QuantizedWeight]:

@@ -13,6 +13,7 @@ from codegen_q.cli import main as cli_main
 from codegen_q.convert import quantize_checkpoint
 from codegen_q.runtime import load
 from codegen_q.testing.checkpoints import make_checkpoint, tiny_config
+from support import CUDA_USABLE
 
 transformers.logging.set_verbosity_error()
 
@@ -62,8 +63,14 @@ def test_generate_accepts_a_loaded_model_at_top_level(dirs):
 def test_load_errors(dirs, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load(tmp_path / "nope")
-    with pytest.raises(ValueError, match="not supported yet"):
-        load(dirs["int8"], device="cuda")
+    if not CUDA_USABLE:
+        with pytest.raises(ValueError, match="device 'cuda' was asked for"):
+            load(dirs["int8"], device="cuda")
+        assert load(dirs["int8"], device="auto").model.device.type == "cpu"
+    with pytest.raises(ValueError, match="device must be"):
+        load(dirs["int8"], device="tpu")
+    with pytest.raises(TypeError, match="device must be a str"):
+        load(dirs["int8"], device=0)
     with pytest.raises(ValueError, match="dtype"):
         load(dirs["int8"], dtype="float64")
 
@@ -88,3 +95,27 @@ def test_cli_generate_reads_stdin_and_fails_cleanly(dirs, capsys, monkeypatch):
     assert len(err) == 1 and "context" in err[0]
     assert cli_main(["generate", dirs["int8"], "x", "--temperature", "-1"]) != 0
     assert "temperature" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not CUDA_USABLE, reason="no usable CUDA device (needs a GPU, a driver and the CUDA build)")
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_cuda_runtime_matches_cpu(dirs, kind):
+    # Same checkpoint on both devices: fp32 everywhere, different summation orders (CUDA GEMV and
+    # torch attention vs the fused CPU step), so logits agree to fp32 rounding and greedy text is equal.
+    cpu, gpu = load(dirs[kind], device="cpu"), load(dirs[kind], device="cuda")
+    assert gpu.model.device.type == "cuda"
+    assert gpu.model.layers[0]["qkv"].weight.device.type == "cuda"
+    ids = torch.tensor(cpu.tokenizer.encode("def fib(n):\n    if n < 2:\n        return n"))
+    logits = []
+    for m in (cpu, gpu):
+        cache = m.model.new_cache(64)
+        seq = cache.add_sequence()
+        prefill = m.model.forward([ids], cache, [seq], last_only=False)[0]
+        step = m.model.forward([torch.tensor([7])], cache, [seq])[0]
+        logits.append(torch.cat([prefill, step]))
+    assert logits[1].device.type == "cpu"
+    assert (logits[1] - logits[0]).abs().max() <= 1e-5 * logits[0].abs().max()
+    prompts = ["def add(a, b):", "class Stack:\n    def"]
+    want = [c.token_ids for c in cpu.generate(prompts, max_new_tokens=16)]
+    got = [c.token_ids for c in gpu.generate(prompts, max_new_tokens=16)]
+    assert got == want
