@@ -120,6 +120,16 @@ void run_rows(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
 }
 
 #if defined(CGQ_ISA_AVX512)
+// The VNNI kernels pay three vpdpbusd (one per activation limb) for every 64 products of each row
+// of x; the fp32 kernels convert each weight once and pay one FMA per 16 products per row. So the
+// integer path wins at M = 1 and loses as rows are added. Measured single-threaded on the dev VM
+// (GMAC/s, VNNI vs FMA, CodeGen-350M/6B shapes): int8 M=1 33-37 vs 25-26, M=2 32-33 vs 41-43,
+// M=8 23-34 vs 36-44; int4 M=2 31-38 vs 22-28, M=4 30-31 vs 30-40, M=8 30-31 vs 34-40.
+constexpr int64_t kVnniMaxMInt8 = 1;
+constexpr int64_t kVnniMaxMInt4 = 3;
+
+bool uses_vnni(const QLinearArgs& a, bool int4) { return a.M <= (int4 ? kVnniMaxMInt4 : kVnniMaxMInt8); }
+
 // VNNI tiles keep 3 integer accumulators per (row of x, row of W) plus a float one, so 4 pairs
 // (16 of the 32 zmm registers) per tile: MR x NR in {1x4, 2x2, 4x1}.
 vnni::Layout vnni_layout(const QLinearArgs& a, bool int4) {
@@ -167,7 +177,7 @@ void run_rows_vnni(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
 
 int64_t qlinear_workspace_bytes(const QLinearArgs& a, bool int4) {
 #if defined(CGQ_ISA_AVX512)
-  return a.M * vnni_layout(a, int4).row_bytes;
+  return uses_vnni(a, int4) ? a.M * vnni_layout(a, int4).row_bytes : 0;
 #else
   (void)a;
   (void)int4;
@@ -177,7 +187,7 @@ int64_t qlinear_workspace_bytes(const QLinearArgs& a, bool int4) {
 
 void qlinear_prepare(const QLinearArgs& a, bool int4, void* workspace) {
 #if defined(CGQ_ISA_AVX512)
-  vnni::prepare(a.x, a.M, vnni_layout(a, int4), static_cast<uint8_t*>(workspace));
+  if (uses_vnni(a, int4)) vnni::prepare(a.x, a.M, vnni_layout(a, int4), static_cast<uint8_t*>(workspace));
 #else
   (void)a;
   (void)int4;
@@ -187,6 +197,7 @@ void qlinear_prepare(const QLinearArgs& a, bool int4, void* workspace) {
 
 void qlinear_int8(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
 #if defined(CGQ_ISA_AVX512)
+  if (!uses_vnni(a, false)) return run_rows<Int8TileImpl>(a, n_begin, n_end);
   run_rows_vnni<false>(a, n_begin, n_end);
 #else
   run_rows<Int8TileImpl>(a, n_begin, n_end);
@@ -195,6 +206,7 @@ void qlinear_int8(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
 
 void qlinear_int4(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
 #if defined(CGQ_ISA_AVX512)
+  if (!uses_vnni(a, true)) return run_rows<Int4TileImpl>(a, n_begin, n_end);
   run_rows_vnni<true>(a, n_begin, n_end);
 #else
   run_rows<Int4TileImpl>(a, n_begin, n_end);
