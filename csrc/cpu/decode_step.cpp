@@ -130,18 +130,18 @@ void validate(const DecodeModel& m, const DecodeStepArgs& a) {
   }
 }
 
-// Threads for a step: one per model.min_block_bytes_per_job (default 16 MB) of weights in a
-// block. Every block costs each extra job three barriers and the stages' imbalance; on the 2-vCPU
-// dev VM a second job made CodeGen-350M's step slower, not faster (int8, 12 MB per block: 16-17 ms
-// alone, 19-20 ms on two; int4: 12 vs 14-18 ms), while a lone 50+ MB GEMV still gains from one.
-
+// Threads for a step: one per model.min_block_bytes_per_job (default 16 MB) of a block's weight
+// bytes times the rows of x (work grows with the batch once the kernels are compute-bound).
+// Every block costs each extra job three barriers and the stages' imbalance; on the 2-vCPU dev VM
+// a second job made CodeGen-350M's batch-1 step slower (int8, 12 MB per block: 16-17 ms alone,
+// 19-20 ms on two; int4: 12 vs 14-18 ms) but its batch-8 throughput faster (67-70 -> 88-90 tok/s).
 int64_t linear_bytes(const DecodeLinear& l, bool int4) { return l.N * (int4 ? l.K / 2 : l.K); }
 
-int jobs_for(const DecodeModel& m) {
+int jobs_for(const DecodeModel& m, int64_t S) {
   const DecodeBlock& b = m.blocks[0];
   const int64_t bytes = linear_bytes(b.qkv, m.int4) + linear_bytes(b.out, m.int4) + linear_bytes(b.fc_in, m.int4) +
                         linear_bytes(b.fc_out, m.int4);
-  const int64_t wanted = bytes / (m.min_block_bytes_per_job > 0 ? m.min_block_bytes_per_job : 1);
+  const int64_t wanted = bytes * S / (m.min_block_bytes_per_job > 0 ? m.min_block_bytes_per_job : 1);
   const int threads = get_num_threads();
   return wanted < 1 ? 1 : (wanted < threads ? static_cast<int>(wanted) : threads);
 }
@@ -171,7 +171,7 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
 
   const auto qlinear = m.int4 ? k.qlinear_int4 : k.qlinear_int8;
   // parallel_region runs min(pool size, n) jobs; fewer jobs than threads for small blocks.
-  const int n = jobs_for(m);
+  const int n = jobs_for(m, S);
   SpinBarrier barrier(n);
   parallel_region(n, [&](int job, int n_jobs) {
     // Private: x, and the activation workspaces of x, attn and gelu(fc_in(x)).

@@ -37,7 +37,7 @@ struct DecodeModel {
   float eps = 1e-5f;
   const float* sin = nullptr;  // [n_positions, rotary_dim / 2]
   const float* cos = nullptr;
-  // One job (thread) per this many bytes of a block's weights, at most the pool's threads.
+  // One job (thread) per this many bytes of a block's weights x rows of x, at most the pool's threads.
   int64_t min_block_bytes_per_job = int64_t(16) << 20;
 };
 
