@@ -130,11 +130,11 @@ void validate(const DecodeModel& m, const DecodeStepArgs& a) {
   }
 }
 
-// Threads for a step: one per model.min_block_bytes_per_job (default 16 MB) of a block's weight
-// bytes times the rows of x (work grows with the batch once the kernels are compute-bound).
-// Every block costs each extra job three barriers and the stages' imbalance; on the 2-vCPU dev VM
-// a second job made CodeGen-350M's batch-1 step slower (int8, 12 MB per block: 16-17 ms alone,
-// 19-20 ms on two; int4: 12 vs 14-18 ms) but its batch-8 throughput faster (67-70 -> 88-90 tok/s).
+// Threads for a step: one per model.min_block_bytes_per_job (default 1 MB, as for a lone GEMV) of
+// a block's weight bytes times the rows of x, at most the pool's threads. Tiny blocks stay on one
+// thread, where three barriers per block would cost more than they split. Measured on the
+// 2-vCPU dev VM, CodeGen-350M batch 1 (12 MB per int8 block): one job 45-48 tok/s int8 and
+// 55-60 int4, two jobs 66-68 and 86-94; batch 8 67-70 -> 88-90; 2B int8 208 -> 122 ms per step.
 int64_t linear_bytes(const DecodeLinear& l, bool int4) { return l.N * (int4 ? l.K / 2 : l.K); }
 
 int jobs_for(const DecodeModel& m, int64_t S) {

@@ -5,7 +5,7 @@
 // Why one call: at decode a 350M block is ~12 MB of weights, a few hundred microseconds, and the
 // per-op Python dispatch and per-GEMV thread wake-ups (25-40 us each) of the op-by-op path cost
 // about as much as the weights' reading. Here the pool is woken once per step; the threads split
-// each stage's rows and meet at spin barriers (3 per block); tiny per-token work (layer norm,
+// each stage's rows and meet at spinning barriers (3 per block); tiny per-token work (layer norm,
 // activation limbs) is done redundantly by every thread instead of being waited for.
 #pragma once
 
@@ -38,7 +38,7 @@ struct DecodeModel {
   const float* sin = nullptr;  // [n_positions, rotary_dim / 2]
   const float* cos = nullptr;
   // One job (thread) per this many bytes of a block's weights x rows of x, at most the pool's threads.
-  int64_t min_block_bytes_per_job = int64_t(16) << 20;
+  int64_t min_block_bytes_per_job = int64_t(1) << 20;
 };
 
 struct DecodeStepArgs {
