@@ -31,6 +31,8 @@ def next_token(logits: torch.Tensor, params: SamplingParams, vocab_limit: int, s
 
     Rows at or past `vocab_limit` (the tokenizer's size) are embedding padding and never chosen.
     """
+    if params.temperature == 0 and params.repetition_penalty == 1.0:  # plain greedy: no copy needed
+        return int(torch.argmax(logits[:vocab_limit]))
     logits = logits.float().clone()
     logits[vocab_limit:] = float("-inf")
     if params.repetition_penalty != 1.0 and seen:

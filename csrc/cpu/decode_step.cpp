@@ -11,6 +11,7 @@
 #include "cpu/decode_step.h"
 
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -71,10 +72,38 @@ void layer_norm_rows(const float* h, int64_t S, int64_t d, const float* w, const
   }
 }
 
-// transformers' NewGELUActivation: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
-inline float gelu_new(float x) {
+// exp(x) for the gelu below, in plain arithmetic the compiler vectorises (libm's expf/tanhf calls
+// are not): 2^(x log2 e) split into 2^n (exponent bits) x 2^f, |f| <= 1/2, by a degree-6
+// polynomial; relative error ~2e-7 over the clamped range.
+inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : (x > 87.0f ? 87.0f : x);
+  const float t = x * 1.44269504088896341f;
+  const float n = static_cast<float>(static_cast<int>(t + (t >= 0.0f ? 0.5f : -0.5f)));
+  const float f = t - n;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const int bits = (static_cast<int>(n) + 127) << 23;
+  float scale;
+  __builtin_memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// transformers' NewGELUActivation, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), in place
+// over v[0, n), with tanh(u) = 1 - 2 / (exp(2u) + 1). tanhf per element cost ~1 ms per 350M
+// token; this loop vectorises. Errors are ~1e-7 relative to |x|, as with tanhf.
+void gelu_new_rows(float* v, int64_t n) {
   constexpr float kSqrt2OverPi = 0.7978845608028654f;
-  return 0.5f * x * (1.0f + std::tanh(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = v[i];
+    const float u = kSqrt2OverPi * (x + 0.044715f * x * x * x);
+    const float tanh_u = 1.0f - 2.0f / (exp_approx(2.0f * u) + 1.0f);
+    v[i] = 0.5f * x * (1.0f + tanh_u);
+  }
 }
 
 inline void rotate_head(float* x, const float* sin, const float* cos, int64_t half) {
@@ -194,8 +223,7 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
       if (qkv_fc.end > 3 * d) {
         const int64_t fb = qkv_fc.begin > 3 * d ? qkv_fc.begin - 3 * d : 0, fe = qkv_fc.end - 3 * d;
         qlinear(fa, fb, fe);
-        for (int64_t s = 0; s < S; ++s)
-          for (int64_t n = fb; n < fe; ++n) act[s * inner + n] = gelu_new(act[s * inner + n]);
+        for (int64_t s = 0; s < S; ++s) gelu_new_rows(act + s * inner + fb, fe - fb);
       }
       barrier.wait();
       // 3. Per (sequence, head): rotary, KV append, attention.
