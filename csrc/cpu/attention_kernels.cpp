@@ -4,9 +4,28 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cpu/fast_exp.h"
 #include "cpu/kernels.h"
 
 namespace cgq::cpu::CGQ_ISA {
+namespace {
+
+// q . k over head_dim with 16 independent partial sums: a plain `dot += q[d] * k[d]` is one
+// dependent chain the compiler may not reorder (no -ffast-math), 64-256 FMA latencies per key;
+// 16 lanes make it one vector FMA per 16 dims.
+inline float dot(const float* q, const float* k, int64_t D) {
+  constexpr int kLanes = 16;
+  float part[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes)
+    for (int j = 0; j < kLanes; ++j) part[j] += q[d + j] * k[d + j];
+  float sum = 0.0f;
+  for (; d < D; ++d) sum += q[d] * k[d];
+  for (int j = 0; j < kLanes; ++j) sum += part[j];
+  return sum;
+}
+
+}  // namespace
 
 // For each (query i, head h) in [task_begin, task_end) (task = i * H + h), with s = the query's
 // table row and L = lengths[i]:
@@ -27,14 +46,12 @@ void paged_attention(const AttentionArgs& a, float* scores, int64_t task_begin, 
     float max_score = -INFINITY;
     for (int64_t t = 0; t < L; ++t) {
       const float* k = a.k_cache + table[t / B] * block_stride + (t % B) * token_stride + h * D;
-      float dot = 0.0f;
-      for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
-      scores[t] = dot * a.scale;
+      scores[t] = dot(q, k, D) * a.scale;
       max_score = scores[t] > max_score ? scores[t] : max_score;
     }
     float sum = 0.0f;
     for (int64_t t = 0; t < L; ++t) {
-      scores[t] = ::expf(scores[t] - max_score);
+      scores[t] = exp_approx(scores[t] - max_score);
       sum += scores[t];
     }
     const float inv = 1.0f / sum;

@@ -17,6 +17,7 @@
 
 #include "common/qformat.h"
 #include "common/thread_pool.h"
+#include "cpu/fast_exp.h"
 #include "cpu/kernel_table.h"
 
 namespace cgq::cpu {
@@ -70,27 +71,6 @@ void layer_norm_rows(const float* h, int64_t S, int64_t d, const float* w, const
     const float m = static_cast<float>(mean);
     for (int64_t i = 0; i < d; ++i) out[s * d + i] = (row[i] - m) * inv * w[i] + b[i];
   }
-}
-
-// exp(x) for the gelu below, in plain arithmetic the compiler vectorises (libm's expf/tanhf calls
-// are not): 2^(x log2 e) split into 2^n (exponent bits) x 2^f, |f| <= 1/2, by a degree-6
-// polynomial; relative error ~2e-7 over the clamped range.
-inline float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : (x > 87.0f ? 87.0f : x);
-  const float t = x * 1.44269504088896341f;
-  const float n = static_cast<float>(static_cast<int>(t + (t >= 0.0f ? 0.5f : -0.5f)));
-  const float f = t - n;
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
-  const int bits = (static_cast<int>(n) + 127) << 23;
-  float scale;
-  __builtin_memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
 }
 
 // transformers' NewGELUActivation, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), in place
