@@ -2,7 +2,9 @@
 """Weight-only GEMV/GEMM benchmark: codegen-q int8/int4 beside torch on CodeGen shapes.
 
 Decode is memory-bound: a batch-1 token reads every weight once, so the figure that matters is
-weight bytes read per second, and how close that is to what this machine can read at all. The
+weight bytes read per second, and how close that is to what this machine can read at all. Each
+timed call reads a different copy of the weights (256 MB of copies in rotation), so no figure
+comes from the last-level cache. The
 script measures the machine's read bandwidth itself (a streaming read over a buffer much larger
 than the caches, with the same threads), then reports each kernel's median time, its GB/s of
 weight bytes and that as a % of the measured bandwidth.
@@ -62,6 +64,15 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+# Each timed call reads a different copy of the weights, cycling through at least this many bytes:
+# one matrix re-read back to back would be timed from the 32 MB L3 (int4 6B shapes are 26-35 MB).
+ROTATE_BYTES = 256 << 20
+
+
+def rotating(make_copy, nbytes: int) -> list:
+    return [make_copy() for _ in range(max(1, -(-ROTATE_BYTES // nbytes)))]
+
+
 def bench_shape(name: str, k: int, n: int, m: int, bandwidth: float, with_peers: bool) -> list[dict]:
     torch.manual_seed(0)
     w = torch.randn(n, k) * 0.02
@@ -73,20 +84,34 @@ def bench_shape(name: str, k: int, n: int, m: int, bandwidth: float, with_peers:
         rows.append({"shape": name, "K": k, "N": n, "M": m, "impl": impl, "ms": seconds * 1e3,
                      "weight_MB": weight_bytes / 1e6, "GB/s": gbs, "%bw": 100.0 * gbs / bandwidth})
 
+    def cycle(items, fn):
+        state = {"i": 0}
+
+        def call():
+            fn(items[state["i"] % len(items)])
+            state["i"] += 1
+        return call
+
     for label, kwargs in (("codegen-q int8", dict(bits=8)), ("codegen-q int4 g128", dict(bits=4, group_size=128))):
         qw = codegen_q.quantize_weight(w, **kwargs)
-        add(label, median_seconds(lambda: codegen_q.qlinear(x, qw)), qw.nbytes)
-        del qw
+        copies = rotating(lambda: codegen_q.QuantizedWeight(
+            qw.bits, qw.shape, qw.qweight.clone(), qw.scales.clone(), None if qw.zeros is None else qw.zeros.clone(),
+            qw.group_size), qw.nbytes)
+        add(label, median_seconds(cycle(copies, lambda c: codegen_q.qlinear(x, c))), qw.nbytes)
+        del qw, copies
 
     if with_peers:
-        add("torch fp32 matmul", median_seconds(lambda: x @ w.T), w.numel() * 4)
-        wb, xb = w.to(torch.bfloat16), x.to(torch.bfloat16)
-        add("torch bf16 matmul", median_seconds(lambda: xb @ wb.T), wb.numel() * 2)
-        del wb
+        copies = rotating(lambda: w.clone(), w.numel() * 4)
+        add("torch fp32 matmul", median_seconds(cycle(copies, lambda c: x @ c.T)), w.numel() * 4)
+        xb = x.to(torch.bfloat16)
+        copies = rotating(lambda: w.to(torch.bfloat16), w.numel() * 2)
+        add("torch bf16 matmul", median_seconds(cycle(copies, lambda c: xb @ c.T)), w.numel() * 2)
+        del copies
         if hasattr(torch, "_weight_int8pack_mm"):
             scale = w.abs().amax(dim=1) / 127
             w8 = torch.round(w / scale[:, None]).to(torch.int8).contiguous()
-            add("torch _weight_int8pack_mm", median_seconds(lambda: torch._weight_int8pack_mm(x, w8, scale)),
+            copies = rotating(lambda: w8.clone(), w8.numel())
+            add("torch _weight_int8pack_mm", median_seconds(cycle(copies, lambda c: torch._weight_int8pack_mm(x, c, scale))),
                 w8.numel() + scale.numel() * 4)
     return rows
 
