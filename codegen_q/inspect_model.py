@@ -20,8 +20,12 @@ from codegen_q.safetensors_stream import spec_nbytes
 GPU_RUNTIME_OVERHEAD = 500 * 2**20
 
 
+# The runtime's KV cache is fp32 (codegen_q.load's default activation dtype, on CPU and GPU).
+KV_CACHE_BYTES_PER_ELEMENT = 4
+
+
 def kv_cache_bytes(cfg: CodeGenConfig, context: int, batch: int) -> int:
-    return 2 * cfg.n_layer * cfg.n_embd * context * batch * 2  # K and V, fp16
+    return 2 * cfg.n_layer * cfg.n_embd * context * batch * KV_CACHE_BYTES_PER_ELEMENT  # K and V
 
 
 def activation_bytes(cfg: CodeGenConfig, context: int, batch: int) -> int:
@@ -92,7 +96,7 @@ def format_report(d: dict[str, Any]) -> str:
                      + f" {q['scheme']}, lm_head {q['lm_head']}, {q['method']}, format v{q['format_version']}")
     else:
         lines.append("  quantization: none (fp weights; convert with `codegen-q quantize`)")
-    lines.append(f"  memory plan for context {d['context']} x batch {d['batch']} (KV cache fp16):")
+    lines.append(f"  memory plan for context {d['context']} x batch {d['batch']} (KV cache fp32, as the runtime allocates it):")
     lines.append(f"    {'weights as':<12}{'weights':>12}{'KV cache':>12}{'activations':>13}{'CPU total':>12}{'GPU total':>12}")
     for name, m in d["memory"].items():
         lines.append(f"    {name:<12}{gb(m['weights']):>12}{gb(m['kv_cache']):>12}{gb(m['activations']):>13}"

@@ -94,7 +94,10 @@ def test_inspect_hub_and_quantized(tmp_path, src, capsys):
     assert d["kind"] == "codegen-q quantized" and d["quantization"]["bits"] == 4
     cfg = d["config"]
     m = d["memory"]["as stored"]
-    assert m["kv_cache"] == 2 * cfg["n_layer"] * cfg["n_embd"] * cfg["n_positions"] * 1 * 2
+    assert m["kv_cache"] == 2 * cfg["n_layer"] * cfg["n_embd"] * cfg["n_positions"] * 1 * 4  # fp32, as loaded
+    from codegen_q.runtime import load  # the plan must match what the runtime reports for itself
+
+    assert load(out).memory(context=cfg["n_positions"], batch=1)["kv_cache_bytes"] == m["kv_cache"]
     assert m["gpu_total"] > m["cpu_total"] > m["weights"] > 0
 
 
