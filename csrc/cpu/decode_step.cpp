@@ -19,6 +19,7 @@
 #include "common/thread_pool.h"
 #include "cpu/fast_exp.h"
 #include "cpu/kernel_table.h"
+#include "cpu/rotary.h"
 
 namespace cgq::cpu {
 namespace {
@@ -83,14 +84,6 @@ void gelu_new_rows(float* v, int64_t n) {
     const float u = kSqrt2OverPi * (x + 0.044715f * x * x * x);
     const float tanh_u = 1.0f - 2.0f / (exp_approx(2.0f * u) + 1.0f);
     v[i] = 0.5f * x * (1.0f + tanh_u);
-  }
-}
-
-inline void rotate_head(float* x, const float* sin, const float* cos, int64_t half) {
-  for (int64_t j = 0; j < half; ++j) {
-    const float even = x[2 * j], odd = x[2 * j + 1];
-    x[2 * j] = even * cos[j] - odd * sin[j];
-    x[2 * j + 1] = odd * cos[j] + even * sin[j];
   }
 }
 

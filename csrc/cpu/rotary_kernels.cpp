@@ -4,19 +4,10 @@
 #include <cstdint>
 
 #include "cpu/kernels.h"
+#include "cpu/rotary.h"
 
 namespace cgq::cpu::CGQ_ISA {
 namespace {
-
-// GPT-J interleaved rotary on the first rotary_dim dims of one head: pairs (2j, 2j + 1) turn by
-// angle j, as transformers' rotate_every_two does.
-inline void rotate_head(float* x, const float* sin, const float* cos, int64_t half) {
-  for (int64_t j = 0; j < half; ++j) {
-    const float even = x[2 * j], odd = x[2 * j + 1];
-    x[2 * j] = even * cos[j] - odd * sin[j];
-    x[2 * j + 1] = odd * cos[j] + even * sin[j];
-  }
-}
 
 inline void copy_floats(float* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
