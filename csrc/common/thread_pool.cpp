@@ -141,13 +141,9 @@ Pool& pool_locked() {
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn, int max_jobs) {
   if (n <= 0) return;
   if (grain < 1) grain = 1;
-  std::lock_guard<std::mutex> lock(g_pool_mutex);
-  Pool& pool = pool_locked();
   const int64_t units = (n + grain - 1) / grain;
-  int64_t limit = pool.size() < max_jobs ? pool.size() : max_jobs;
-  if (limit < 1) limit = 1;
-  const int n_jobs = static_cast<int>(units < limit ? units : limit);
-  pool.run(n_jobs, [&](int j) {
+  // One job per thread, never more jobs than grains; each job takes one contiguous share.
+  parallel_region(units < max_jobs ? static_cast<int>(units) : max_jobs, [&](int j, int n_jobs) {
     const int64_t begin = units * j / n_jobs * grain;
     int64_t end = units * (j + 1) / n_jobs * grain;
     if (end > n) end = n;
