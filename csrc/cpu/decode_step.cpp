@@ -17,6 +17,7 @@
 
 #include "common/qformat.h"
 #include "common/thread_pool.h"
+#include "cpu/dispatch.h"
 #include "cpu/fast_exp.h"
 #include "cpu/kernel_table.h"
 #include "cpu/rotary.h"
@@ -120,13 +121,13 @@ void validate(const DecodeModel& m, const DecodeStepArgs& a) {
     if (a.slot_blocks[s] < 0 || a.slot_blocks[s] >= a.num_blocks || a.slot_offsets[s] < 0 ||
         a.slot_offsets[s] >= a.block_size)
       throw std::invalid_argument("decode_step: cache slot out of range");
-    const int64_t length = pos + 1;
-    if (length > a.max_blocks * a.block_size)
-      throw std::invalid_argument("decode_step: sequence length " + std::to_string(length) + " outside its block table");
-    for (int64_t b = 0; b < (length + a.block_size - 1) / a.block_size; ++b) {
-      const int32_t blk = a.block_tables[s * a.max_blocks + b];
-      if (blk < 0 || blk >= a.num_blocks) throw std::invalid_argument("decode_step: block id out of range");
-    }
+  }
+}
+
+// After check_attention_tables has vouched for every table entry up to each position.
+void check_slots_match_tables(const DecodeStepArgs& a) {
+  for (int64_t s = 0; s < a.S; ++s) {
+    const int64_t pos = a.positions[s];
     if (a.block_tables[s * a.max_blocks + pos / a.block_size] != a.slot_blocks[s] || a.slot_offsets[s] != pos % a.block_size)
       throw std::invalid_argument("decode_step: the new token's slot is not its position in the block table");
   }
@@ -155,7 +156,6 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
   const KernelTable& k = kernels();
   const int64_t S = a.S, d = m.d, H = m.n_head, D = m.head_dim, inner = m.blocks[0].fc_in.N;
   const int64_t half = m.rotary_dim / 2;
-  const int64_t layer_stride = a.num_blocks * a.block_size * d;
 
   // Shared between the jobs (written by one job per element, read after a barrier).
   thread_local AlignedScratch qkv_buf, inner_buf, attn_buf, out_buf, fc_buf, length_buf;
@@ -165,11 +165,17 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
   float* out = out_buf.get_as<float>(S * d);
   float* fc = fc_buf.get_as<float>(S * d);
   int32_t* lengths = length_buf.get_as<int32_t>(S);
-  int64_t longest = 0;
-  for (int64_t s = 0; s < S; ++s) {
-    lengths[s] = a.positions[s] + 1;
-    longest = lengths[s] > longest ? lengths[s] : longest;
-  }
+  for (int64_t s = 0; s < S; ++s) lengths[s] = a.positions[s] + 1;
+  // Attention over the first layer's pool; the other layers differ only in the cache pointers.
+  const int64_t layer_stride = a.num_blocks * a.block_size * d;
+  AttentionArgs attention;
+  attention.q = qkv, attention.q_stride = 3 * d, attention.k_cache = a.k_cache, attention.v_cache = a.v_cache;
+  attention.block_tables = a.block_tables, attention.n_table_rows = S, attention.lengths = lengths;
+  attention.out = attn, attention.n_query = S, attention.n_head = H, attention.head_dim = D;
+  attention.block_size = a.block_size, attention.max_blocks = a.max_blocks, attention.num_blocks = a.num_blocks;
+  attention.scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int64_t longest = check_attention_tables(attention);
+  check_slots_match_tables(a);
 
   const auto qlinear = m.int4 ? k.qlinear_int4 : k.qlinear_int8;
   // parallel_region runs min(pool size, n) jobs; fewer jobs than threads for small blocks.
@@ -202,11 +208,8 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
       // 3. Per (sequence, head): rotary, KV append, attention.
       float* k_layer = a.k_cache + static_cast<int64_t>(li) * layer_stride;
       float* v_layer = a.v_cache + static_cast<int64_t>(li) * layer_stride;
-      AttentionArgs at;
-      at.q = qkv, at.q_stride = 3 * d, at.k_cache = k_layer, at.v_cache = v_layer;
-      at.block_tables = a.block_tables, at.n_table_rows = S, at.lengths = lengths, at.out = attn;
-      at.n_query = S, at.n_head = H, at.head_dim = D, at.block_size = a.block_size, at.max_blocks = a.max_blocks;
-      at.num_blocks = a.num_blocks, at.scale = 1.0f / std::sqrt(static_cast<float>(D));
+      AttentionArgs at = attention;
+      at.k_cache = k_layer, at.v_cache = v_layer;
       for (int64_t task = heads.begin; task < heads.end; ++task) {
         const int64_t s = task / H, h = task % H;
         float* q_head = qkv + s * 3 * d + h * D;

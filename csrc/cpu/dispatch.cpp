@@ -138,7 +138,7 @@ bool minmax(const float* w, int64_t N, int64_t K, int64_t group, float* lo, floa
   return all_finite.load();
 }
 
-void paged_attention(const AttentionArgs& a) {
+int64_t check_attention_tables(const AttentionArgs& a) {
   if (a.n_query < 0 || a.n_head <= 0 || a.head_dim <= 0 || a.block_size <= 0 || a.max_blocks <= 0 ||
       a.n_table_rows <= 0)
     throw std::invalid_argument("attention: sizes must be positive");
@@ -161,6 +161,11 @@ void paged_attention(const AttentionArgs& a) {
     }
     longest = L > longest ? L : longest;
   }
+  return longest;
+}
+
+void paged_attention(const AttentionArgs& a) {
+  const int64_t longest = check_attention_tables(a);
   const auto fn = kernels().paged_attention;
   const int64_t tasks = a.n_query * a.n_head;
   // A (query, head) task reads longest * head_dim * 8 bytes of K and V at most.

@@ -19,6 +19,9 @@ void quantize_int4(const float* w, int64_t N, int64_t K, int64_t group_size, con
 bool minmax(const float* w, int64_t N, int64_t K, int64_t group, float* lo, float* hi);
 // Attention of every (query, head) pair over the paged cache, threaded; validates the tables.
 void paged_attention(const AttentionArgs& a);
+// The checks paged_attention makes (sizes, pointers, every table row and block id a query will
+// read; std::invalid_argument otherwise). Returns the longest length, the kernel's scratch size.
+int64_t check_attention_tables(const AttentionArgs& a);
 // Rotary on q and k of a fused qkv projection + append of k and v to the cache; validated.
 void rotary_kv_append(const RotaryAppendArgs& a);
 // Reads `bytes` with every pool thread (one contiguous slice each) and returns a checksum.
