@@ -72,7 +72,7 @@ class SafetensorsStreamWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._thread = threading.Thread(target=self._drain, name="safetensors-writer", daemon=True)
         self._thread.start()
-        self._queue.put(memoryview(header_bytes(self._specs)))
+        self._queue.put((None, header_bytes(self._specs)))
 
     def _drain(self) -> None:
         while True:
@@ -82,7 +82,7 @@ class SafetensorsStreamWriter:
             if self._error is not None:
                 continue  # keep consuming so a blocked producer is released; nothing more is written
             try:
-                buf = item if isinstance(item, memoryview) else memoryview(item[1])
+                buf = memoryview(item[1])  # item: (what keeps the bytes alive, the bytes)
                 self._f.write(buf)
                 self._sha.update(buf)
                 self._size += buf.nbytes
