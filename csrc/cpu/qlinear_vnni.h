@@ -190,13 +190,16 @@ inline float dot_int4_fp32(const uint8_t* w, const float* x, int64_t len, float 
 
 // A tile reads its NR weight rows as NR interleaved streams, which the hardware prefetchers
 // follow poorly when rows are short (int8 K = 1024: 1 KB rows): one thread then pulled ~5 GB/s
-// from DRAM where it computes at 20+. So with rows of at most kPrefetchRowBytes, each 64-byte
+// from DRAM where it computes at 20+. So with rows of at most kPrefetchRowBytesInt8/Int4, each 64-byte
 // step of a tile also prefetches NR cache lines of the next tile, front to back: by the time the
-// tile is done, the next one (NR rows ahead, <= 8 KB) is on its way. With longer rows the hardware
-// does well alone and the extra prefetches measured slower (int8 K = 4096: 21 -> 14-18 GB/s).
+// tile is done, the next one (NR rows ahead) is on its way. With longer rows the hardware does
+// well alone and the extra prefetches measured slower (int8 K = 4096: 21 -> 14-18 GB/s). int4 does
+// more work per byte, so its limit is higher: 3 KB rows (16B fc_in) gained 10 % from the prefetch
+// (18.6 -> 20.4 GB/s, median of 5 alternating runs), 8 KB rows (6B fc_out) lost 14 %.
 // Measured on the 2-core dev VM, lm_head-sized int8 K = 1024: 11-13 -> 18-34 GB/s; int4 K = 1024
 // to 4096: 10-16 -> 16-29 GB/s. Prefetches past the buffer's end are harmless hints.
-constexpr int64_t kPrefetchRowBytes = 2048;
+constexpr int64_t kPrefetchRowBytesInt8 = 2048;
+constexpr int64_t kPrefetchRowBytesInt4 = 4096;
 
 template <int NR>
 inline void prefetch_next_tile(const void* next_tile, int64_t step) {
@@ -219,7 +222,7 @@ void int8_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
     const int64_t k_end = (b + 1) * kInt8Block < a.K ? (b + 1) * kInt8Block : a.K;
     for (int64_t k = b * kInt8Block; k < k_end; k += 64) {
       const __mmask64 mask = (k_end - k >= 64) ? ~__mmask64(0) : ((__mmask64(1) << (k_end - k)) - 1);
-      if (a.K <= kPrefetchRowBytes) prefetch_next_tile<NR>(w + NR * a.K, k / 64);
+      if (a.K <= kPrefetchRowBytesInt8) prefetch_next_tile<NR>(w + NR * a.K, k / 64);
       __m512i xl[MR][kLimbs];
       for (int m = 0; m < MR; ++m)
         for (int j = 0; j < kLimbs; ++j) xl[m][j] = _mm512_load_si512(L.limb(ws, m0 + m, j) + k);
@@ -298,7 +301,7 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
         xl[m][j][0] = _mm512_load_si512(L.limb(ws, m0 + m, j) + k);
         xl[m][j][1] = _mm512_load_si512(L.limb(ws, m0 + m, j) + k + 64);
       }
-    if (row_bytes <= kPrefetchRowBytes) prefetch_next_tile<NR>(w + NR * row_bytes, k / 128);
+    if (row_bytes <= kPrefetchRowBytesInt4) prefetch_next_tile<NR>(w + NR * row_bytes, k / 128);
     for (int r = 0; r < NR; ++r) {
       const __m512i raw = _mm512_maskz_loadu_epi8(byte_mask, w + r * row_bytes + k / 2);
       const __m512i lo = _mm512_and_si512(raw, nibble);
