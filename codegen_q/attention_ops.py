@@ -1,8 +1,8 @@
 """Attention-side native ops on the paged KV cache: rotary + KV append, and paged attention.
 
 Like ops.py, these check every tensor before handing raw pointers to `_C_cpu`, so a bad call is
-a TypeError/ValueError naming the argument, never a crash. CPU, float32 only (the runtime's CPU
-cache dtype).
+a TypeError/ValueError naming the argument, never a crash. CPU; activations float32, the KV
+cache float32 or float16 (written rounded to nearest, read back exactly).
 """
 
 from __future__ import annotations
@@ -26,13 +26,23 @@ def _check_int32(name: str, t: torch.Tensor, shape: tuple[int, ...] | None = Non
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
 
 
-def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+KV_DTYPES = (torch.float32, torch.float16)
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Validates a layer's K and V caches; True when they hold float16."""
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _check_float(name, t, 4)
+        if not isinstance(t, torch.Tensor) or t.dtype not in KV_DTYPES or t.device.type != "cpu":
+            raise TypeError(f"{name} must be a float32 or float16 CPU tensor")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions, got shape {list(t.shape)}")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ")
+    if k_cache.dtype != v_cache.dtype:
+        raise TypeError(f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}; they must match")
+    return k_cache.dtype == torch.float16
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -47,7 +57,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     lengths = its position + 1. Returns [T, H, D] float32.
     """
     _check_float("q", q, 3)
-    _check_cache(k_cache, v_cache)
+    kv_half = _check_cache(k_cache, v_cache)
     t, h, d = q.shape
     if q.stride(2) != 1 or q.stride(1) != d or (t > 1 and q.stride(0) < h * d):
         raise ValueError("q must have contiguous [H, D] rows (row stride at least H * D)")
@@ -70,7 +80,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                       block_tables.data_ptr(), block_tables.shape[0],
                                       0 if query_rows is None else query_rows.data_ptr(), lengths.data_ptr(),
                                       out.data_ptr(), t, h, d, block_size, block_tables.shape[1], num_blocks,
-                                      float(scale))
+                                      float(scale), kv_half)
     return out
 
 
@@ -86,7 +96,7 @@ def rotary_kv_append(qkv: torch.Tensor, positions: torch.Tensor, sin: torch.Tens
     _check_float("qkv", qkv, 4)
     if not qkv.is_contiguous() or qkv.shape[1] != 3:
         raise ValueError(f"qkv must be a contiguous [T, 3, H, D] tensor, got shape {list(qkv.shape)}")
-    _check_cache(k_cache, v_cache)
+    kv_half = _check_cache(k_cache, v_cache)
     t, _, h, d = qkv.shape
     if tuple(k_cache.shape[2:]) != (h, d):
         raise ValueError(f"cache heads/head_dim {list(k_cache.shape[2:])} do not match qkv's {[h, d]}")
@@ -101,4 +111,5 @@ def rotary_kv_append(qkv: torch.Tensor, positions: torch.Tensor, sin: torch.Tens
     if t:
         _native.cpu().rotary_kv_append(qkv.data_ptr(), t, h, d, int(rotary_dim), positions.data_ptr(), sin.data_ptr(),
                                        cos.data_ptr(), sin.shape[0], slot_blocks.data_ptr(), slot_offsets.data_ptr(),
-                                       k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], k_cache.shape[0])
+                                       k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], k_cache.shape[0],
+                                       kv_half)

@@ -2,7 +2,7 @@
 in one call into `_C_cpu` (csrc/cpu/decode_step.h says why and how).
 
 Used by CodeGenModel.forward when all its block Linears are quantized with one scheme, the cache
-is fp32 on the CPU, and each sequence brings exactly one token; everything else (prefill, float
+is fp32 or fp16 on the CPU, and each sequence brings exactly one token; everything else (prefill, float
 models, other dtypes) takes the op-by-op path, which computes the same function.
 """
 
@@ -67,4 +67,4 @@ class FusedDecoder:
         _native.cpu().decode_step(self.native, h.data_ptr(), h.shape[0], cache.k.data_ptr(), cache.v.data_ptr(),
                                   cache.num_blocks, cache.block_size, plan["positions"].data_ptr(),
                                   plan["slot_blocks"].data_ptr(), plan["slot_offsets"].data_ptr(),
-                                  tables.data_ptr(), tables.shape[1])
+                                  tables.data_ptr(), tables.shape[1], cache.k.dtype == torch.float16)

@@ -20,12 +20,14 @@ from codegen_q.safetensors_stream import spec_nbytes
 GPU_RUNTIME_OVERHEAD = 500 * 2**20
 
 
-# The runtime's KV cache is fp32 (codegen_q.load's default activation dtype, on CPU and GPU).
-KV_CACHE_BYTES_PER_ELEMENT = 4
+# What codegen_q.load allocates by default: an fp16 KV cache for a quantized model on the CPU,
+# fp32 (the activation dtype) otherwise, i.e. for float models and on the GPU.
+def kv_bytes_per_element(quantized: bool, device: str) -> int:
+    return 2 if quantized and device == "cpu" else 4
 
 
-def kv_cache_bytes(cfg: CodeGenConfig, context: int, batch: int) -> int:
-    return 2 * cfg.n_layer * cfg.n_embd * context * batch * KV_CACHE_BYTES_PER_ELEMENT  # K and V
+def kv_cache_bytes(cfg: CodeGenConfig, context: int, batch: int, bytes_per_element: int) -> int:
+    return 2 * cfg.n_layer * cfg.n_embd * context * batch * bytes_per_element  # K and V
 
 
 def activation_bytes(cfg: CodeGenConfig, context: int, batch: int) -> int:
@@ -65,9 +67,14 @@ def describe(path: str, context: int | None = None, batch: int = 1) -> dict[str,
         q_dict = None
         plans = {"fp16": _weights_bytes(cfg, None), "int8": _weights_bytes(cfg, 8),
                  "int4 g128": _weights_bytes(cfg, 4, 128)}
-    kv, act = kv_cache_bytes(cfg, context, batch), activation_bytes(cfg, context, batch)
-    memory = {name: {"weights": w, "kv_cache": kv, "activations": act, "cpu_total": w + kv + act,
-                     "gpu_total": w + kv + act + GPU_RUNTIME_OVERHEAD} for name, w in plans.items()}
+    act = activation_bytes(cfg, context, batch)
+    memory = {}
+    for name, w in plans.items():
+        quantized = name != "fp16"
+        kv_cpu, kv_gpu = (kv_cache_bytes(cfg, context, batch, kv_bytes_per_element(quantized, device))
+                          for device in ("cpu", "cuda"))
+        memory[name] = {"weights": w, "kv_cache_cpu": kv_cpu, "kv_cache_gpu": kv_gpu, "activations": act,
+                        "cpu_total": w + kv_cpu + act, "gpu_total": w + kv_gpu + act + GPU_RUNTIME_OVERHEAD}
     return {
         "path": os.path.abspath(path),
         "kind": "codegen-q quantized" if q is not None else "hub checkpoint",
@@ -96,9 +103,11 @@ def format_report(d: dict[str, Any]) -> str:
                      + f" {q['scheme']}, lm_head {q['lm_head']}, {q['method']}, format v{q['format_version']}")
     else:
         lines.append("  quantization: none (fp weights; convert with `codegen-q quantize`)")
-    lines.append(f"  memory plan for context {d['context']} x batch {d['batch']} (KV cache fp32, as the runtime allocates it):")
-    lines.append(f"    {'weights as':<12}{'weights':>12}{'KV cache':>12}{'activations':>13}{'CPU total':>12}{'GPU total':>12}")
+    lines.append(f"  memory plan for context {d['context']} x batch {d['batch']} (KV cache as the runtime allocates it: "
+                 "fp16 for quantized weights on the CPU, else fp32):")
+    lines.append(f"    {'weights as':<12}{'weights':>12}{'KV CPU':>12}{'KV GPU':>12}{'activations':>13}"
+                 f"{'CPU total':>12}{'GPU total':>12}")
     for name, m in d["memory"].items():
-        lines.append(f"    {name:<12}{gb(m['weights']):>12}{gb(m['kv_cache']):>12}{gb(m['activations']):>13}"
-                     f"{gb(m['cpu_total']):>12}{gb(m['gpu_total']):>12}")
+        lines.append(f"    {name:<12}{gb(m['weights']):>12}{gb(m['kv_cache_cpu']):>12}{gb(m['kv_cache_gpu']):>12}"
+                     f"{gb(m['activations']):>13}{gb(m['cpu_total']):>12}{gb(m['gpu_total']):>12}")
     return "\n".join(lines)

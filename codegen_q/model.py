@@ -69,7 +69,8 @@ def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, rotary_d
 
 
 class CodeGenModel:
-    def __init__(self, config, weights: Mapping[str, WeightLike], dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, config, weights: Mapping[str, WeightLike], dtype: torch.dtype = torch.float32,
+                 kv_dtype: torch.dtype | None = None) -> None:
         self.config = config
         self.dtype = dtype
         self.n_head = config.n_head
@@ -101,6 +102,17 @@ class CodeGenModel:
         self.sin, self.cos = (t.to(self.device) for t in rotary_tables(config.n_positions, self.rotary_dim))
         # One native call per decode step for quantized CPU models (see fused_decode.py).
         self.fused = FusedDecoder(self) if FusedDecoder.supports(self) else None
+        self.kv_dtype = kv_dtype or self._default_kv_dtype()
+
+    def _default_kv_dtype(self) -> torch.dtype:
+        """fp16 for a quantized model on the CPU: decode attention streams the whole cache per token
+        (at 2K tokens, more bytes than 350M's int4 weights), and fp16 halves that and the cache's
+        memory; its rounding (2^-11 relative) is far below the weights' quantization error. Float
+        models keep their activation dtype, so the float path matches transformers to fp32."""
+        quantized = self.layers[0]["qkv"].quantized
+        if quantized and self.device.type == "cpu" and self.dtype == torch.float32:
+            return torch.float16
+        return self.dtype
 
     @property
     def nbytes(self) -> int:
@@ -109,7 +121,7 @@ class CodeGenModel:
         return sum(l.nbytes for l in linears)
 
     def new_cache(self, max_tokens: int, **kwargs) -> PagedKVCache:
-        kwargs.setdefault("dtype", torch.float32 if self.dtype == torch.float32 else self.dtype)
+        kwargs.setdefault("dtype", self.kv_dtype)
         kwargs.setdefault("device", self.device)
         return PagedKVCache.for_tokens(self.config, max_tokens, **kwargs)
 
@@ -131,7 +143,8 @@ class CodeGenModel:
         slots = [cache.slots(s, n) for s, n in zip(seq_ids, counts)]
         positions = torch.cat([torch.arange(st, st + n) for st, n in zip(starts, counts)])
 
-        native = cache.k.dtype == torch.float32 and cache.k.device.type == "cpu" and self.dtype == torch.float32
+        native = (cache.k.dtype in (torch.float32, torch.float16) and cache.k.device.type == "cpu"
+                  and self.dtype == torch.float32)
         if native:
             plan = self._native_plan(cache, seq_ids, counts, starts, slots, positions)
         else:

@@ -16,6 +16,7 @@ from codegen_q.quantize import QuantizedWeight
 from codegen_q.tokenizer import CodeGenTokenizer
 
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class LoadedModel:
@@ -38,7 +39,7 @@ class LoadedModel:
         """Bytes of weights held (and of those read per token), and of the KV cache for `batch`
         sequences of `context` tokens."""
         context = context or self.config.n_positions
-        kv = 2 * self.config.n_layer * self.config.n_embd * context * batch * torch.finfo(self.model.dtype).bits // 8
+        kv = 2 * self.config.n_layer * self.config.n_embd * context * batch * torch.finfo(self.model.kv_dtype).bits // 8
         wte = self.model.wte
         return {"weights_bytes": self.model.nbytes + wte.numel() * wte.element_size(),
                 "streamed_per_token_bytes": self.model.nbytes, "kv_cache_bytes": kv, "context": context,
@@ -61,12 +62,14 @@ def _warn_if_openmp_spins() -> None:
 
 
 def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str | None = None,
-         num_threads: int | None = None, verify: bool = True) -> LoadedModel:
+         num_threads: int | None = None, verify: bool = True,
+         kv_dtype: torch.dtype | str | None = None) -> LoadedModel:
     """Load a directory written by `codegen-q quantize`, or a hub CodeGen directory (float path).
 
     On the CPU quantized weights stay mmap'd (no copy); with device="cuda" they are copied to the
     GPU once and decode uses the CUDA GEMV (the rest of the step is torch on the GPU). `dtype` is
     the activation / float-weight dtype (float32 by default, bfloat16 to halve a float model).
+    `kv_dtype` is the KV cache's: by default float16 for a quantized model on the CPU, else `dtype`.
     `verify` checks the manifest checksums.
     """
     path = os.fspath(path)
@@ -80,6 +83,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     dtype = dtype or torch.float32
     if dtype not in FLOAT_DTYPES.values():
         raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    kv_dtype = _resolve_kv_dtype(kv_dtype)
     if num_threads is not None:
         set_num_threads(num_threads)
         torch.set_num_threads(num_threads)
@@ -93,7 +97,19 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     if device != "cpu":
         weights = {name: w.to(device) for name, w in weights.items()}
     tokenizer = CodeGenTokenizer.from_dir(path)
-    return LoadedModel(path, config, CodeGenModel(config, weights, dtype=dtype), tokenizer)
+    return LoadedModel(path, config, CodeGenModel(config, weights, dtype=dtype, kv_dtype=kv_dtype), tokenizer)
+
+
+def _resolve_kv_dtype(kv_dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if kv_dtype is None or kv_dtype == "auto":
+        return None
+    if isinstance(kv_dtype, str):
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of auto, {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+        return KV_DTYPES[kv_dtype]
+    if kv_dtype not in KV_DTYPES.values():
+        raise ValueError(f"kv_dtype must be torch.float32, torch.float16 or torch.bfloat16, got {kv_dtype}")
+    return kv_dtype
 
 
 def _resolve_device(device: str) -> str:

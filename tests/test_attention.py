@@ -22,22 +22,24 @@ def reference(q, k_cache, v_cache, tables, lengths, scale):
     return out
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 80, 256])
-def test_matches_reference_with_scattered_blocks(cpu_isa, head_dim):
+def test_matches_reference_with_scattered_blocks(cpu_isa, head_dim, kv_dtype):
     g = torch.Generator().manual_seed(head_dim)
     lengths = torch.tensor([1, 15, 16, 17, 100], dtype=torch.int32)
     n_head, block, num_blocks = 3, 16, 40
     max_blocks = int((lengths.max() + block - 1) // block)
     perm = torch.randperm(num_blocks, generator=g).to(torch.int32)  # blocks not in order, not contiguous
     tables = perm[: len(lengths) * max_blocks].view(len(lengths), max_blocks).contiguous()
-    k_cache = torch.randn(num_blocks, block, n_head, head_dim, generator=g)
-    v_cache = torch.randn(num_blocks, block, n_head, head_dim, generator=g)
+    k_cache = torch.randn(num_blocks, block, n_head, head_dim, generator=g).to(kv_dtype)
+    v_cache = torch.randn(num_blocks, block, n_head, head_dim, generator=g).to(kv_dtype)
     q = torch.randn(len(lengths), n_head, head_dim, generator=g) * 0.5
     scale = head_dim ** -0.5
     out = paged_attention(q, k_cache, v_cache, tables, lengths, scale)
-    ref = reference(q, k_cache, v_cache, tables, lengths, scale)
+    ref = reference(q, k_cache, v_cache, tables, lengths, scale)  # of the cache's values, exactly
     # fp32 dot products of head_dim terms and a softmax-weighted sum of L values of |v| ~ 1:
-    # a few hundred ulps at most; 1e-5 absolute is ~100 ulps of the outputs' O(1) size.
+    # a few hundred ulps at most; 1e-5 absolute is ~100 ulps of the outputs' O(1) size. An fp16
+    # cache is read exactly (fp16 -> fp32 is exact), so the same bound holds.
     assert (out.double() - ref).abs().max() < 1e-5
 
 
@@ -105,8 +107,9 @@ def rotary_reference(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int) 
     return x
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("head_dim,rotary_dim", [(64, 32), (80, 64), (256, 64), (16, 16)])
-def test_rotary_kv_append_matches_reference(cpu_isa, head_dim, rotary_dim):
+def test_rotary_kv_append_matches_reference(cpu_isa, head_dim, rotary_dim, kv_dtype):
     from codegen_q.model import rotary_tables
 
     g = torch.Generator().manual_seed(head_dim * 3 + rotary_dim)
@@ -117,8 +120,8 @@ def test_rotary_kv_append_matches_reference(cpu_isa, head_dim, rotary_dim):
     slot_offsets = torch.tensor([0, 15, 3, 9, 1], dtype=torch.int32)
     qkv = torch.randn(len(positions), 3, n_head, head_dim, generator=g)
     original = qkv.clone()
-    k_cache = torch.full((num_blocks, block, n_head, head_dim), float("nan"))
-    v_cache = torch.full((num_blocks, block, n_head, head_dim), float("nan"))
+    k_cache = torch.full((num_blocks, block, n_head, head_dim), float("nan"), dtype=kv_dtype)
+    v_cache = torch.full((num_blocks, block, n_head, head_dim), float("nan"), dtype=kv_dtype)
     rotary_kv_append(qkv, positions, sin, cos, slot_blocks, slot_offsets, k_cache, v_cache, rotary_dim)
     q_ref = rotary_reference(original[:, 0], positions, rotary_dim)
     k_ref = rotary_reference(original[:, 1], positions, rotary_dim)
@@ -129,12 +132,37 @@ def test_rotary_kv_append_matches_reference(cpu_isa, head_dim, rotary_dim):
     assert torch.equal(qkv[:, 0, :, rotary_dim:], original[:, 0, :, rotary_dim:])  # the pass-through dims
     assert torch.equal(qkv[:, 2], original[:, 2])
     written = k_cache[slot_blocks.long(), slot_offsets.long()]
-    assert (written.double() - k_ref).abs().max() < tol
-    assert torch.equal(written, qkv[:, 1])
-    assert torch.equal(v_cache[slot_blocks.long(), slot_offsets.long()], original[:, 2])
+    # An fp16 cache holds the rotated k rounded to nearest even, exactly as torch rounds it.
+    assert torch.equal(written, qkv[:, 1].to(kv_dtype))
+    assert (written.double() - k_ref).abs().max() < tol + (k_ref.abs().max() * 2.0 ** -11 if kv_dtype == torch.float16 else 0)
+    assert torch.equal(v_cache[slot_blocks.long(), slot_offsets.long()], original[:, 2].to(kv_dtype))
     untouched = torch.ones(num_blocks, block, dtype=torch.bool)
     untouched[slot_blocks.long(), slot_offsets.long()] = False
     assert torch.isnan(k_cache[untouched]).all() and torch.isnan(v_cache[untouched]).all()
+
+
+def test_fp16_cache_rounding_matches_torch_on_awkward_values(cpu_isa):
+    # Round-to-nearest-even at ties, subnormals, overflow to inf, NaN, signed zero: the scalar ISA
+    # converts in software, the others with F16C; all must store what torch's .half() gives.
+    from codegen_q.model import rotary_tables
+
+    specials = [0.0, -0.0, 1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, 65504.0, 65520.0, 1e6, -1e6, 2.0 ** -24,
+                2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -15 + 2.0 ** -25, 6.0e-5, float("inf"), float("-inf")]
+    g = torch.Generator().manual_seed(3)
+    values = torch.cat([torch.tensor(specials), torch.randn(64 * 3 - len(specials), generator=g) * 1e-4])
+    n_head, head_dim = 1, 64
+    qkv = torch.zeros(1, 3, n_head, head_dim)
+    qkv[0, 2] = values[:head_dim].view(n_head, head_dim)  # v is stored as given (no rotary)
+    sin, cos = rotary_tables(4, 2)
+    k = torch.zeros(1, 16, n_head, head_dim, dtype=torch.float16)
+    v = torch.zeros_like(k)
+    i32 = lambda *x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    rotary_kv_append(qkv, i32(0), sin, cos, i32(0), i32(0), k, v, 2)
+    want = values[:head_dim].half()
+    assert torch.equal(v[0, 0, 0].view(torch.int16), want.view(torch.int16))  # bit for bit, signs of zero too
+    nan_qkv = torch.full((1, 3, n_head, head_dim), float("nan"))
+    rotary_kv_append(nan_qkv, i32(0), sin, cos, i32(0), i32(1), k, v, 2)
+    assert torch.isnan(v[0, 1]).all()
 
 
 def test_rotary_kv_append_bad_inputs_are_errors():
@@ -156,6 +184,10 @@ def test_rotary_kv_append_bad_inputs_are_errors():
         rotary_kv_append(qkv[:, :2], i32(1), sin, cos, i32(0), i32(0), cache, cache.clone(), 8)
     with pytest.raises(TypeError, match="int32"):
         rotary_kv_append(qkv, torch.tensor([1]), sin, cos, i32(0), i32(0), cache, cache.clone(), 8)
+    with pytest.raises(TypeError, match="must match"):
+        rotary_kv_append(qkv, i32(1), sin, cos, i32(0), i32(0), cache, cache.half(), 8)
+    with pytest.raises(TypeError, match="float32 or float16"):
+        rotary_kv_append(qkv, i32(1), sin, cos, i32(0), i32(0), cache.double(), cache.double(), 8)
 
 
 def test_query_rows_out_of_range_is_an_error():

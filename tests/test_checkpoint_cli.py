@@ -88,16 +88,21 @@ def test_inspect_hub_and_quantized(tmp_path, src, capsys):
     capsys.readouterr()
     assert main(["inspect", src, "--context", "64", "--batch", "2"]) == 0
     text = capsys.readouterr().out
-    assert "hub checkpoint" in text and "int4 g128" in text and "KV cache" in text
+    assert "hub checkpoint" in text and "int4 g128" in text and "KV CPU" in text
     assert main(["inspect", out, "--json", "--verify"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["kind"] == "codegen-q quantized" and d["quantization"]["bits"] == 4
     cfg = d["config"]
     m = d["memory"]["as stored"]
-    assert m["kv_cache"] == 2 * cfg["n_layer"] * cfg["n_embd"] * cfg["n_positions"] * 1 * 4  # fp32, as loaded
+    # A quantized model's cache is fp16 on the CPU, fp32 on the GPU (as load() allocates it).
+    assert m["kv_cache_cpu"] == 2 * cfg["n_layer"] * cfg["n_embd"] * cfg["n_positions"] * 1 * 2
+    assert m["kv_cache_gpu"] == 2 * m["kv_cache_cpu"]
     from codegen_q.runtime import load  # the plan must match what the runtime reports for itself
 
-    assert load(out).memory(context=cfg["n_positions"], batch=1)["kv_cache_bytes"] == m["kv_cache"]
+    loaded = load(out)
+    assert loaded.memory(context=cfg["n_positions"], batch=1)["kv_cache_bytes"] == m["kv_cache_cpu"]
+    cache = loaded.model.new_cache(cfg["n_positions"])
+    assert cache.nbytes == m["kv_cache_cpu"]
     assert m["gpu_total"] > m["cpu_total"] > m["weights"] > 0
 
 

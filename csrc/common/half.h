@@ -34,4 +34,29 @@ static inline float half_bits_to_float(uint16_t h) {
   return f;
 }
 
+// fp32 -> IEEE fp16 bits, rounded to nearest even (as F16C's vcvtps2ph): overflow gives inf,
+// NaN stays NaN, small values become subnormal or zero.
+static inline uint16_t float_to_half_bits(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t abs = x & 0x7FFFFFFFu;
+  if (abs >= 0x7F800000u) return sign | (abs > 0x7F800000u ? 0x7E00u : 0x7C00u);  // NaN, inf
+  if (abs >= 0x477FF000u) return sign | 0x7C00u;  // rounds to above 65504: inf
+  if (abs < 0x38800000u) {  // below 2^-14: subnormal half (or zero)
+    if (abs < 0x33000000u) return sign;  // below 2^-25: rounds to zero
+    const uint32_t mantissa = (abs & 0x7FFFFFu) | 0x800000u;
+    const int shift = 126 - static_cast<int>(abs >> 23);  // 14..24 bits to drop beyond 13
+    const uint32_t kept = mantissa >> (shift);
+    const uint32_t rest = mantissa & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+    const uint32_t rounded = kept + (rest > halfway || (rest == halfway && (kept & 1u)));
+    return sign | static_cast<uint16_t>(rounded);
+  }
+  // Normal: rebias the exponent and round the 13 dropped mantissa bits (a carry may bump the
+  // exponent, which is still the right answer).
+  const uint32_t rebased = abs - (112u << 23);
+  const uint32_t kept = rebased >> 13, rest = rebased & 0x1FFFu;
+  return sign | static_cast<uint16_t>(kept + (rest > 0x1000u || (rest == 0x1000u && (kept & 1u))));
+}
+
 }  // namespace cgq

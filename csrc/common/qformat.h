@@ -53,8 +53,9 @@ struct DequantArgs {
 // prefill has one query per new token, with lengths = its position + 1.
 struct AttentionArgs {
   const float* q = nullptr;           // [n_query, n_head, head_dim], query rows q_stride floats apart
-  const float* k_cache = nullptr;
-  const float* v_cache = nullptr;
+  const void* k_cache = nullptr;      // [num_blocks, block_size, n_head, head_dim], fp32 or fp16
+  const void* v_cache = nullptr;
+  bool kv_half = false;               // the caches hold fp16 (uint16 bits) instead of fp32
   const int32_t* block_tables = nullptr;  // [n_table_rows, max_blocks]
   const int32_t* query_rows = nullptr;    // [n_query] or nullptr
   const int32_t* lengths = nullptr;       // [n_query]
@@ -64,6 +65,9 @@ struct AttentionArgs {
   int64_t q_stride = 0;  // 0 means n_head * head_dim
   float scale = 1.0f;
 };
+
+// Floats of scratch the CPU attention kernel needs per thread: the scores of the longest sequence.
+inline int64_t attention_scratch_floats(int64_t longest) { return longest; }
 
 // Rotary embedding + KV-cache append in one pass over a fused projection qkv [T, 3, n_head,
 // head_dim] fp32 (q | k | v heads): rotates q in place (GPT-J interleaved pairs on the first
@@ -76,8 +80,9 @@ struct RotaryAppendArgs {
   const float* cos = nullptr;
   const int32_t* slot_blocks = nullptr;   // [T]
   const int32_t* slot_offsets = nullptr;  // [T]
-  float* k_cache = nullptr;               // one layer: [num_blocks, block_size, n_head, head_dim]
-  float* v_cache = nullptr;
+  void* k_cache = nullptr;                // one layer: [num_blocks, block_size, n_head, head_dim]
+  void* v_cache = nullptr;
+  bool kv_half = false;                   // fp16 caches (rounded to nearest even) instead of fp32
   int64_t T = 0, n_head = 0, head_dim = 0, rotary_dim = 0, n_positions = 0, block_size = 0, num_blocks = 0;
 };
 

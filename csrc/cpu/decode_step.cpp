@@ -170,6 +170,7 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
   const int64_t layer_stride = a.num_blocks * a.block_size * d;
   AttentionArgs attention;
   attention.q = qkv, attention.q_stride = 3 * d, attention.k_cache = a.k_cache, attention.v_cache = a.v_cache;
+  attention.kv_half = a.kv_half;
   attention.block_tables = a.block_tables, attention.n_table_rows = S, attention.lengths = lengths;
   attention.out = attn, attention.n_query = S, attention.n_head = H, attention.head_dim = D;
   attention.block_size = a.block_size, attention.max_blocks = a.max_blocks, attention.num_blocks = a.num_blocks;
@@ -185,7 +186,7 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
     // Private: x, and the activation workspaces of x, attn and gelu(fc_in(x)).
     thread_local AlignedScratch x_buf, ws_x, ws_attn, ws_act, score_buf;
     float* x = x_buf.get_as<float>(S * d);
-    float* scores = score_buf.get_as<float>(longest);
+    float* scores = score_buf.get_as<float>(attention_scratch_floats(longest));
     const Range qkv_fc = share_weighted(3 * d, kQkvRowCost, inner, kFcInRowCost, kRowGrain, job, n_jobs);
     const Range heads = share(S * H, 1, job, n_jobs);
     const Range rows = share(d, kRowGrain, job, n_jobs);
@@ -206,8 +207,9 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
       }
       barrier.wait();
       // 3. Per (sequence, head): rotary, KV append, attention.
-      float* k_layer = a.k_cache + static_cast<int64_t>(li) * layer_stride;
-      float* v_layer = a.v_cache + static_cast<int64_t>(li) * layer_stride;
+      const int64_t element = a.kv_half ? 2 : 4;
+      void* k_layer = static_cast<char*>(a.k_cache) + static_cast<int64_t>(li) * layer_stride * element;
+      void* v_layer = static_cast<char*>(a.v_cache) + static_cast<int64_t>(li) * layer_stride * element;
       AttentionArgs at = attention;
       at.k_cache = k_layer, at.v_cache = v_layer;
       for (int64_t task = heads.begin; task < heads.end; ++task) {
@@ -220,10 +222,8 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
         rotate_head(q_head, sin, cos, half);
         rotate_head(k_head, sin, cos, half);
         const int64_t slot = ((static_cast<int64_t>(a.slot_blocks[s]) * a.block_size + a.slot_offsets[s]) * H + h) * D;
-        for (int64_t i = 0; i < D; ++i) {
-          k_layer[slot + i] = k_head[i];
-          v_layer[slot + i] = v_head[i];
-        }
+        k.store_kv_row(k_layer, a.kv_half, slot, k_head, D);
+        k.store_kv_row(v_layer, a.kv_half, slot, v_head, D);
         k.paged_attention(at, scores, task, task + 1);
       }
       barrier.wait();

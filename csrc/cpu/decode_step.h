@@ -44,8 +44,9 @@ struct DecodeModel {
 struct DecodeStepArgs {
   float* h = nullptr;  // [S, d] fp32: the embeddings in, the last block's output out
   int64_t S = 0;
-  float* k_cache = nullptr;  // [n_layer, num_blocks, block_size, n_head, head_dim] fp32
-  float* v_cache = nullptr;
+  void* k_cache = nullptr;  // [n_layer, num_blocks, block_size, n_head, head_dim] fp32, or fp16
+  void* v_cache = nullptr;  // bits with kv_half
+  bool kv_half = false;
   int64_t num_blocks = 0, block_size = 0;
   const int32_t* positions = nullptr;     // [S]: the new token's position (= cached length)
   const int32_t* slot_blocks = nullptr;   // [S]: cache slot of the new token

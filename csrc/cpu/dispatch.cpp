@@ -16,7 +16,7 @@ namespace cgq::cpu {
 #define CGQ_TABLE(isa) \
   KernelTable { isa::qlinear_workspace_bytes, isa::qlinear_prepare, isa::qlinear_int8, isa::qlinear_int4, isa::dequantize_int8, isa::dequantize_int4, isa::read_checksum, \
                 isa::quantize_int8_rows, isa::quantize_int4_rows, isa::minmax_rows, \
-                isa::paged_attention, isa::rotary_kv_append }
+                isa::paged_attention, isa::rotary_kv_append, isa::store_kv_row }
 
 const KernelTable& kernels() {
   static const KernelTable scalar_table = CGQ_TABLE(scalar);
@@ -168,11 +168,12 @@ void paged_attention(const AttentionArgs& a) {
   const int64_t longest = check_attention_tables(a);
   const auto fn = kernels().paged_attention;
   const int64_t tasks = a.n_query * a.n_head;
-  // A (query, head) task reads longest * head_dim * 8 bytes of K and V at most.
-  const int jobs = max_jobs(1, tasks, longest * a.head_dim * 8);
+  // A (query, head) task reads longest * head_dim * 8 (fp16: 4) bytes of K and V at most.
+  const int jobs = max_jobs(1, tasks, longest * a.head_dim * (a.kv_half ? 4 : 8));
   parallel_for(tasks, 1, [&](int64_t b, int64_t e) {
     thread_local std::vector<float> scores;
-    if (static_cast<int64_t>(scores.size()) < longest) scores.resize(static_cast<size_t>(longest));
+    const int64_t need = attention_scratch_floats(longest);
+    if (static_cast<int64_t>(scores.size()) < need) scores.resize(static_cast<size_t>(need));
     fn(a, scores.data(), b, e);
   }, jobs);
 }

@@ -27,6 +27,8 @@
   void paged_attention(const AttentionArgs& a, float* scores, int64_t task_begin,       \
                        int64_t task_end);                                              \
   void rotary_kv_append(const RotaryAppendArgs& a, int64_t t_begin, int64_t t_end);     \
+  /* src[0, n) into a KV cache at element `slot`, as fp16 (half) or fp32 */              \
+  void store_kv_row(void* cache, bool half, int64_t slot, const float* src, int64_t n);  \
   }
 
 CGQ_DECLARE_ISA_KERNELS(scalar)

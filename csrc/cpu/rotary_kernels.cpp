@@ -5,6 +5,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/rotary.h"
+#include "cpu/simd.h"
 
 namespace cgq::cpu::CGQ_ISA {
 namespace {
@@ -14,6 +15,11 @@ inline void copy_floats(float* dst, const float* src, int64_t n) {
 }
 
 }  // namespace
+
+void store_kv_row(void* cache, bool half, int64_t slot, const float* src, int64_t n) {
+  if (half) floats_to_halves(src, static_cast<uint16_t*>(cache) + slot, n);
+  else copy_floats(static_cast<float*>(cache) + slot, src, n);
+}
 
 void rotary_kv_append(const RotaryAppendArgs& a, int64_t t_begin, int64_t t_end) {
   const int64_t H = a.n_head, D = a.head_dim, half = a.rotary_dim / 2, row = H * D;
@@ -28,8 +34,8 @@ void rotary_kv_append(const RotaryAppendArgs& a, int64_t t_begin, int64_t t_end)
       rotate_head(k + h * D, sin, cos, half);
     }
     const int64_t slot = (static_cast<int64_t>(a.slot_blocks[t]) * a.block_size + a.slot_offsets[t]) * row;
-    copy_floats(a.k_cache + slot, k, row);
-    copy_floats(a.v_cache + slot, v, row);
+    store_kv_row(a.k_cache, a.kv_half, slot, k, row);
+    store_kv_row(a.v_cache, a.kv_half, slot, v, row);
   }
 }
 

@@ -24,6 +24,7 @@ struct Vec {
   static R load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
   static float sum(R v) { return _mm512_reduce_add_ps(v); }
   static R from_i8(const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
@@ -38,6 +39,7 @@ struct Vec {
     out[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
   }
   static float half(uint16_t h) { return _cvtsh_ss(h); }
+  static R load_half(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 };
 
 #elif defined(CGQ_ISA_AVX2)
@@ -50,6 +52,7 @@ struct Vec {
   static R load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
   static float sum(R v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -70,6 +73,7 @@ struct Vec {
     out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
   }
   static float half(uint16_t h) { return _cvtsh_ss(h); }
+  static R load_half(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 };
 
 #else  // scalar reference: the plainest possible code, also the fallback on non-x86 machines
@@ -82,6 +86,7 @@ struct Vec {
   static R load(const float* p) { return *p; }
   static void store(float* p, R v) { *p = v; }
   static R fma(R a, R b, R c) { return a * b + c; }
+  static R add(R a, R b) { return a + b; }
   static float sum(R v) { return v; }
   static R from_i8(const int8_t* p) { return static_cast<float>(*p); }
   static void from_u4_block(const uint8_t* p, R* out) {
@@ -91,8 +96,37 @@ struct Vec {
     }
   }
   static float half(uint16_t h) { return half_bits_to_float(h); }
+  static R load_half(const uint16_t* p) { return half_bits_to_float(*p); }
 };
 
 #endif
+
+// fp16 <-> fp32 for the KV cache (which may hold fp16 to halve what attention reads); fp32 -> fp16
+// rounds to nearest even, on every ISA the same bits.
+inline void halves_to_floats(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(CGQ_ISA_AVX512)
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+#elif defined(CGQ_ISA_AVX2)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  for (; i < n; ++i) dst[i] = Vec::half(src[i]);
+}
+
+inline void floats_to_halves(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(CGQ_ISA_AVX512)
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(CGQ_ISA_AVX2)
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (; i < n; ++i) dst[i] = float_to_half_bits(src[i]);
+}
 
 }  // namespace cgq::cpu::CGQ_ISA
