@@ -119,6 +119,11 @@ def test_cli_generate_reads_stdin_and_fails_cleanly(dirs, capsys, monkeypatch):
     assert len(err) == 1 and "context" in err[0]
     assert cli_main(["generate", dirs["int8"], "x", "--temperature", "-1"]) != 0
     assert "temperature" in capsys.readouterr().err
+    assert cli_main(["generate", dirs["int8"], "x", "--max-new-tokens", "2", "--kv-dtype", "float32", "--no-stream"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:  # argparse rejects a dtype it does not offer
+        cli_main(["generate", dirs["int8"], "x", "--kv-dtype", "int8"])
+    assert exc.value.code != 0 and "kv-dtype" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not CUDA_USABLE, reason="no usable CUDA device (needs a GPU, a driver and the CUDA build)")
