@@ -46,8 +46,9 @@ static inline uint16_t float_to_half_bits(float f) {
   if (abs < 0x38800000u) {  // below 2^-14: subnormal half (or zero)
     if (abs < 0x33000000u) return sign;  // below 2^-25: rounds to zero
     const uint32_t mantissa = (abs & 0x7FFFFFu) | 0x800000u;
-    const int shift = 126 - static_cast<int>(abs >> 23);  // 14..24 bits to drop beyond 13
-    const uint32_t kept = mantissa >> (shift);
+    // The half's subnormal units are 2^-24: drop the significand's low 14..24 bits.
+    const int shift = 126 - static_cast<int>(abs >> 23);
+    const uint32_t kept = mantissa >> shift;
     const uint32_t rest = mantissa & ((1u << shift) - 1), halfway = 1u << (shift - 1);
     const uint32_t rounded = kept + (rest > halfway || (rest == halfway && (kept & 1u)));
     return sign | static_cast<uint16_t>(rounded);

@@ -66,9 +66,6 @@ struct AttentionArgs {
   float scale = 1.0f;
 };
 
-// Floats of scratch the CPU attention kernel needs per thread: the scores of the longest sequence.
-inline int64_t attention_scratch_floats(int64_t longest) { return longest; }
-
 // Rotary embedding + KV-cache append in one pass over a fused projection qkv [T, 3, n_head,
 // head_dim] fp32 (q | k | v heads): rotates q in place (GPT-J interleaved pairs on the first
 // rotary_dim dims of each head, angle table row positions[t]), rotates k, and writes k and v of

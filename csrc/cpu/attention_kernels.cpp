@@ -70,9 +70,9 @@ void attend(const AttentionArgs& a, float* scores, int64_t task_begin, int64_t t
     }
     const float inv = 1.0f / sum;
     // out = sum_t p_t v_t, kChunk vectors of out at a time held in registers over all tokens.
-    int64_t d0 = 0;
-    for (; d0 + W <= D; d0 += kChunk * W) {
-      const int64_t n = (D - d0) / W < kChunk ? (D - d0) / W : kChunk;
+    const int64_t vector_dims = D / W * W;
+    for (int64_t d0 = 0; d0 < vector_dims; d0 += kChunk * W) {
+      const int64_t n = (vector_dims - d0) / W < kChunk ? (vector_dims - d0) / W : kChunk;
       R acc[kChunk];
       for (int64_t j = 0; j < kChunk; ++j) acc[j] = Vec::zero();
       for_each_row([&](int64_t t, int64_t at) {
@@ -81,12 +81,8 @@ void attend(const AttentionArgs& a, float* scores, int64_t task_begin, int64_t t
         for (int64_t j = 0; j < n; ++j) acc[j] = Vec::fma(p, load_kv(v + j * W), acc[j]);
       });
       for (int64_t j = 0; j < n; ++j) Vec::store(out + d0 + j * W, acc[j]);
-      if (n < kChunk) {
-        d0 += n * W;
-        break;
-      }
     }
-    for (int64_t d = d0; d < D; ++d) {  // dims past the last whole vector
+    for (int64_t d = vector_dims; d < D; ++d) {  // dims past the last whole vector
       float o = 0.0f;
       for_each_row([&](int64_t t, int64_t at) { o += scores[t] * inv * kv_value(v_cache[at + d]); });
       out[d] = o;
@@ -100,7 +96,7 @@ void attend(const AttentionArgs& a, float* scores, int64_t task_begin, int64_t t
 // table row and L = lengths[i]:
 //   out[i, h, :] = softmax(scale * K_s[:L, h, :] @ q[i, h, :]) @ V_s[:L, h, :]
 // position t of sequence s living in block block_tables[s * max_blocks + t / block_size] at offset
-// t % block_size. `scores` holds attention_scratch_floats(max(lengths)) floats. fp16 caches are
+// t % block_size. `scores` is scratch of at least max(lengths) floats. fp16 caches are
 // converted on load (exactly), so they give the same arithmetic on the same values.
 void paged_attention(const AttentionArgs& a, float* scores, int64_t task_begin, int64_t task_end) {
   if (a.kv_half) attend<uint16_t>(a, scores, task_begin, task_end);

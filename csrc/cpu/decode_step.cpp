@@ -167,7 +167,7 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
   int32_t* lengths = length_buf.get_as<int32_t>(S);
   for (int64_t s = 0; s < S; ++s) lengths[s] = a.positions[s] + 1;
   // Attention over the first layer's pool; the other layers differ only in the cache pointers.
-  const int64_t layer_stride = a.num_blocks * a.block_size * d;
+  const int64_t layer_bytes = a.num_blocks * a.block_size * d * (a.kv_half ? 2 : 4);
   AttentionArgs attention;
   attention.q = qkv, attention.q_stride = 3 * d, attention.k_cache = a.k_cache, attention.v_cache = a.v_cache;
   attention.kv_half = a.kv_half;
@@ -186,7 +186,7 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
     // Private: x, and the activation workspaces of x, attn and gelu(fc_in(x)).
     thread_local AlignedScratch x_buf, ws_x, ws_attn, ws_act, score_buf;
     float* x = x_buf.get_as<float>(S * d);
-    float* scores = score_buf.get_as<float>(attention_scratch_floats(longest));
+    float* scores = score_buf.get_as<float>(longest);
     const Range qkv_fc = share_weighted(3 * d, kQkvRowCost, inner, kFcInRowCost, kRowGrain, job, n_jobs);
     const Range heads = share(S * H, 1, job, n_jobs);
     const Range rows = share(d, kRowGrain, job, n_jobs);
@@ -207,9 +207,8 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
       }
       barrier.wait();
       // 3. Per (sequence, head): rotary, KV append, attention.
-      const int64_t element = a.kv_half ? 2 : 4;
-      void* k_layer = static_cast<char*>(a.k_cache) + static_cast<int64_t>(li) * layer_stride * element;
-      void* v_layer = static_cast<char*>(a.v_cache) + static_cast<int64_t>(li) * layer_stride * element;
+      void* k_layer = static_cast<char*>(a.k_cache) + static_cast<int64_t>(li) * layer_bytes;
+      void* v_layer = static_cast<char*>(a.v_cache) + static_cast<int64_t>(li) * layer_bytes;
       AttentionArgs at = attention;
       at.k_cache = k_layer, at.v_cache = v_layer;
       for (int64_t task = heads.begin; task < heads.end; ++task) {

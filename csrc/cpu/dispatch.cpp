@@ -172,8 +172,7 @@ void paged_attention(const AttentionArgs& a) {
   const int jobs = max_jobs(1, tasks, longest * a.head_dim * (a.kv_half ? 4 : 8));
   parallel_for(tasks, 1, [&](int64_t b, int64_t e) {
     thread_local std::vector<float> scores;
-    const int64_t need = attention_scratch_floats(longest);
-    if (static_cast<int64_t>(scores.size()) < need) scores.resize(static_cast<size_t>(need));
+    if (static_cast<int64_t>(scores.size()) < longest) scores.resize(static_cast<size_t>(longest));
     fn(a, scores.data(), b, e);
   }, jobs);
 }

@@ -101,20 +101,8 @@ struct Vec {
 
 #endif
 
-// fp16 <-> fp32 for the KV cache (which may hold fp16 to halve what attention reads); fp32 -> fp16
-// rounds to nearest even, on every ISA the same bits.
-inline void halves_to_floats(const uint16_t* src, float* dst, int64_t n) {
-  int64_t i = 0;
-#if defined(CGQ_ISA_AVX512)
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
-#elif defined(CGQ_ISA_AVX2)
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-#endif
-  for (; i < n; ++i) dst[i] = Vec::half(src[i]);
-}
-
+// fp32 -> fp16 for the KV cache (which may hold fp16 to halve what attention reads; it reads with
+// Vec::load_half), rounded to nearest even: on every ISA the same bits.
 inline void floats_to_halves(const float* src, uint16_t* dst, int64_t n) {
   int64_t i = 0;
 #if defined(CGQ_ISA_AVX512)
