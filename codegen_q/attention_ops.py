@@ -26,13 +26,13 @@ def _check_int32(name: str, t: torch.Tensor, shape: tuple[int, ...] | None = Non
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
 
 
-KV_DTYPES = (torch.float32, torch.float16)
+NATIVE_KV_DTYPES = (torch.float32, torch.float16)  # what the native kernels read and write
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Validates a layer's K and V caches; True when they hold float16."""
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor) or t.dtype not in KV_DTYPES or t.device.type != "cpu":
+        if not isinstance(t, torch.Tensor) or t.dtype not in NATIVE_KV_DTYPES or t.device.type != "cpu":
             raise TypeError(f"{name} must be a float32 or float16 CPU tensor")
         if t.dim() != 4:
             raise ValueError(f"{name} must have 4 dimensions, got shape {list(t.shape)}")

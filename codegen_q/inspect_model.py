@@ -9,21 +9,18 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
+
 from codegen_q.checkpoint import expected_tensors
 from codegen_q.config import CodeGenConfig
 from codegen_q.convert import quantization_config
+from codegen_q.model import default_kv_dtype
 from codegen_q.qformat import output_specs
 from codegen_q.safetensors_stream import spec_nbytes
 
 # What a CUDA context and the allocator's slack take besides our tensors (measured on typical
 # drivers at 300-500 MB); the CPU runtime has no such fixed cost worth counting.
 GPU_RUNTIME_OVERHEAD = 500 * 2**20
-
-
-# What codegen_q.load allocates by default: an fp16 KV cache for a quantized model on the CPU,
-# fp32 (the activation dtype) otherwise, i.e. for float models and on the GPU.
-def kv_bytes_per_element(quantized: bool, device: str) -> int:
-    return 2 if quantized and device == "cpu" else 4
 
 
 def kv_cache_bytes(cfg: CodeGenConfig, context: int, batch: int, bytes_per_element: int) -> int:
@@ -71,7 +68,8 @@ def describe(path: str, context: int | None = None, batch: int = 1) -> dict[str,
     memory = {}
     for name, w in plans.items():
         quantized = name != "fp16"
-        kv_cpu, kv_gpu = (kv_cache_bytes(cfg, context, batch, kv_bytes_per_element(quantized, device))
+        # As codegen_q.load allocates it by default (fp32 activations).
+        kv_cpu, kv_gpu = (kv_cache_bytes(cfg, context, batch, torch.finfo(default_kv_dtype(quantized, device)).bits // 8)
                           for device in ("cpu", "cuda"))
         memory[name] = {"weights": w, "kv_cache_cpu": kv_cpu, "kv_cache_gpu": kv_gpu, "activations": act,
                         "cpu_total": w + kv_cpu + act, "gpu_total": w + kv_gpu + act + GPU_RUNTIME_OVERHEAD}

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from codegen_q.attention_ops import paged_attention, rotary_kv_append
+from codegen_q.attention_ops import NATIVE_KV_DTYPES, paged_attention, rotary_kv_append
 from codegen_q.fused_decode import FusedDecoder
 from codegen_q.kv_cache import PagedKVCache
 from codegen_q.ops import qlinear
@@ -68,6 +68,16 @@ def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, rotary_d
     return torch.cat((rotated.to(x.dtype), x[..., rotary_dim:]), dim=-1)
 
 
+def default_kv_dtype(quantized: bool, device_type: str, dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """The KV cache dtype load() picks: fp16 for a quantized model on the CPU, since decode attention
+    streams the whole cache per token (at 2K tokens, more bytes than 350M's int4 weights) and fp16
+    halves that and the cache's memory; its rounding (2^-11 relative) is far below the weights'
+    quantization error. Otherwise the activation dtype, so the float path matches transformers."""
+    if quantized and device_type == "cpu" and dtype == torch.float32:
+        return torch.float16
+    return dtype
+
+
 class CodeGenModel:
     def __init__(self, config, weights: Mapping[str, WeightLike], dtype: torch.dtype = torch.float32,
                  kv_dtype: torch.dtype | None = None) -> None:
@@ -102,17 +112,7 @@ class CodeGenModel:
         self.sin, self.cos = (t.to(self.device) for t in rotary_tables(config.n_positions, self.rotary_dim))
         # One native call per decode step for quantized CPU models (see fused_decode.py).
         self.fused = FusedDecoder(self) if FusedDecoder.supports(self) else None
-        self.kv_dtype = kv_dtype or self._default_kv_dtype()
-
-    def _default_kv_dtype(self) -> torch.dtype:
-        """fp16 for a quantized model on the CPU: decode attention streams the whole cache per token
-        (at 2K tokens, more bytes than 350M's int4 weights), and fp16 halves that and the cache's
-        memory; its rounding (2^-11 relative) is far below the weights' quantization error. Float
-        models keep their activation dtype, so the float path matches transformers to fp32."""
-        quantized = self.layers[0]["qkv"].quantized
-        if quantized and self.device.type == "cpu" and self.dtype == torch.float32:
-            return torch.float16
-        return self.dtype
+        self.kv_dtype = kv_dtype or default_kv_dtype(self.layers[0]["qkv"].quantized, self.device.type, dtype)
 
     @property
     def nbytes(self) -> int:
@@ -143,8 +143,7 @@ class CodeGenModel:
         slots = [cache.slots(s, n) for s, n in zip(seq_ids, counts)]
         positions = torch.cat([torch.arange(st, st + n) for st, n in zip(starts, counts)])
 
-        native = (cache.k.dtype in (torch.float32, torch.float16) and cache.k.device.type == "cpu"
-                  and self.dtype == torch.float32)
+        native = cache.k.dtype in NATIVE_KV_DTYPES and cache.k.device.type == "cpu" and self.dtype == torch.float32
         if native:
             plan = self._native_plan(cache, seq_ids, counts, starts, slots, positions)
         else:

@@ -76,14 +76,8 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path} does not exist")
     device = _resolve_device(device)
-    if isinstance(dtype, str):
-        if dtype not in FLOAT_DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
-        dtype = FLOAT_DTYPES[dtype]
-    dtype = dtype or torch.float32
-    if dtype not in FLOAT_DTYPES.values():
-        raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
-    kv_dtype = _resolve_kv_dtype(kv_dtype)
+    dtype = _dtype_argument("dtype", dtype, FLOAT_DTYPES) or torch.float32
+    kv_dtype = None if kv_dtype == "auto" else _dtype_argument("kv_dtype", kv_dtype, KV_DTYPES)
     if num_threads is not None:
         set_num_threads(num_threads)
         torch.set_num_threads(num_threads)
@@ -100,16 +94,17 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     return LoadedModel(path, config, CodeGenModel(config, weights, dtype=dtype, kv_dtype=kv_dtype), tokenizer)
 
 
-def _resolve_kv_dtype(kv_dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if kv_dtype is None or kv_dtype == "auto":
+def _dtype_argument(name: str, value: torch.dtype | str | None, allowed: dict[str, torch.dtype]) -> torch.dtype | None:
+    """A dtype given by name or as a torch dtype, one of `allowed`; None stays None (the default)."""
+    if value is None:
         return None
-    if isinstance(kv_dtype, str):
-        if kv_dtype not in KV_DTYPES:
-            raise ValueError(f"kv_dtype must be one of auto, {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
-        return KV_DTYPES[kv_dtype]
-    if kv_dtype not in KV_DTYPES.values():
-        raise ValueError(f"kv_dtype must be torch.float32, torch.float16 or torch.bfloat16, got {kv_dtype}")
-    return kv_dtype
+    if isinstance(value, str):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        return allowed[value]
+    if value not in allowed.values():
+        raise ValueError(f"{name} must be one of {', '.join('torch.' + n for n in allowed)}, got {value}")
+    return value
 
 
 def _resolve_device(device: str) -> str:
