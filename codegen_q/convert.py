@@ -8,6 +8,8 @@ tensor, not of the model.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import sys
 import time
@@ -45,6 +47,19 @@ def keep_freed_memory_for_reuse() -> bool:
         return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
     except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
         return False
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused():
+    """Python's cycle collector off for the tensor loop, which creates no cycles: each collection
+    walks every object torch has made, and collections were 4% of a 2B conversion's CPU time."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def quantization_config(bits: int, group_size: int | None, symmetric: bool, lm_head: str) -> QuantizationConfig:
@@ -125,7 +140,7 @@ def quantize_checkpoint(src: str, out: str, bits: int = 8, group_size: int | Non
             from tqdm import tqdm
             bar = tqdm(total=total_in, unit="B", unit_scale=True, desc="quantize", file=sys.stderr,
                        dynamic_ncols=True)
-        with atomic_output_dir(out, force) as tmp:
+        with atomic_output_dir(out, force) as tmp, _cyclic_gc_paused():
             weight_map, hashes = {}, {}
             shard_i, writer, left = -1, None, 0
             try:

@@ -23,9 +23,13 @@ INT4_BLOCK = 32
 INT4_GROUP_SIZES = (32, 64, 128)
 INT4_SYMMETRIC_ZERO = 8
 DEFAULT_INT4_GROUP_SIZE = 128
-# Rows quantized at a time: bounds the float32 temporaries to a few hundred MB even for a
-# 16B lm_head, so quantizing a checkpoint needs memory for one tensor, not for the model.
-_ROW_CHUNK_ELEMENTS = 1 << 25
+# Rows quantized at a time. On the CPU the native passes read the weight in its own dtype, and a
+# chunk of 4M elements (8 MB of fp16) is still in L3 when the second pass (quantize) follows the
+# first (min/max); elsewhere it bounds the float32 temporaries. Either way quantizing needs
+# memory for one tensor, not for the model.
+_ROW_CHUNK_ELEMENTS = 1 << 22
+# The weight dtypes the native CPU passes read directly (the codes of csrc/cpu/kernels.h).
+_NATIVE_WEIGHT_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 @dataclass(frozen=True, eq=False)
@@ -147,18 +151,31 @@ def quantize_weight(weight: torch.Tensor, bits: int = 8, group_size: int | None 
                              f"choose a group size that divides it")
         symmetric = bool(symmetric)
 
+    dev = weight.device
+    if bits == 8:
+        qweight, scales, zeros = (torch.empty((n, k), dtype=torch.int8, device=dev),
+                                  torch.empty((n,), dtype=torch.float16, device=dev), None)
+    else:
+        groups = k // group_size
+        qweight = torch.empty((n, k // 2), dtype=torch.uint8, device=dev)
+        scales = torch.empty((n, groups), dtype=torch.float16, device=dev)
+        zeros = None if symmetric else torch.empty((n, groups), dtype=torch.uint8, device=dev)
     rows_per_chunk = max(1, _ROW_CHUNK_ELEMENTS // k)
-    parts = [_quantize_rows(weight[r:r + rows_per_chunk], bits, group_size, symmetric)
-             for r in range(0, n, rows_per_chunk)]
-    qweight = torch.cat([p[0] for p in parts])
-    scales = torch.cat([p[1] for p in parts])
-    zeros = None if bits == 8 or symmetric else torch.cat([p[2] for p in parts])
-    return QuantizedWeight(bits, (n, k), qweight.contiguous(), scales.contiguous(),
-                           None if zeros is None else zeros.contiguous(), None if bits == 8 else group_size)
+    for r in range(0, n, rows_per_chunk):  # each chunk's results land in its rows of the outputs
+        rows = slice(r, r + rows_per_chunk)
+        _quantize_rows(weight[rows], bits, group_size, symmetric,
+                       out=(qweight[rows], scales[rows], None if zeros is None else zeros[rows]))
+    return QuantizedWeight(bits, (n, k), qweight, scales, zeros, None if bits == 8 else group_size)
 
 
-def _quantize_rows(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool):
-    w = w.float().contiguous()
+def _quantize_rows(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+                   out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None):
+    """(q, scale, zero) of the rows w; with ``out`` (contiguous row slices of the final tensors)
+    they are written there, the native pass writing q in place."""
+    native = w.device.type == "cpu"
+    if not native or w.dtype not in _NATIVE_WEIGHT_TYPES:  # e.g. float64: the native passes take float32
+        w = w.float()
+    w = w.contiguous()
     n, k = w.shape
     # One min/max pass per row or group gives the range, and the finiteness check for free: NaN and
     # inf propagate into it (a separate isfinite(w).all() cost 6x the quantization itself).
@@ -174,11 +191,16 @@ def _quantize_rows(w: torch.Tensor, bits: int, group_size: int | None, symmetric
         lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)  # keep 0 exactly representable
         scale = _fp16_scale_at_least((hi - lo) / 15.0)
         zero = torch.round(-lo / _safe(scale).float()).clamp_(0, 15).to(torch.uint8)
-    if w.device.type == "cpu":
-        q = _quantize_values_native(w, bits, group_size, scale, zero)
+    if native:
+        q = _quantize_values_native(w, bits, group_size, scale, zero, None if out is None else out[0])
     else:
         q = quantize_values_reference(w, bits, group_size, scale, zero)
-    return q, scale, zero
+    if out is None:
+        return q, scale, zero
+    for dst, src in zip(out, (q, scale, zero)):
+        if dst is not None and dst is not src:
+            dst.copy_(src)
+    return out
 
 
 def _row_group_minmax(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -191,7 +213,8 @@ def _row_group_minmax(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.
 
     lo = torch.empty((n, k // group), dtype=torch.float32)
     hi = torch.empty_like(lo)
-    finite = _native.cpu().minmax(w.data_ptr(), n, k, group, lo.data_ptr(), hi.data_ptr())
+    finite = _native.cpu().minmax(w.data_ptr(), n, k, group, lo.data_ptr(), hi.data_ptr(),
+                                  _NATIVE_WEIGHT_TYPES[w.dtype])
     return lo, hi, finite
 
 
@@ -211,7 +234,7 @@ def quantize_values_reference(w: torch.Tensor, bits: int, group_size: int | None
 
 
 def _quantize_values_native(w: torch.Tensor, bits: int, group_size: int | None, scale: torch.Tensor,
-                            zero: torch.Tensor | None) -> torch.Tensor:
+                            zero: torch.Tensor | None, q: torch.Tensor | None = None) -> torch.Tensor:
     # One fused, threaded pass instead of six allocating torch passes: quantizing a checkpoint was
     # bound by these (0.2-0.3 GB/s), not by reading it.
     from codegen_q import _native
@@ -219,12 +242,12 @@ def _quantize_values_native(w: torch.Tensor, bits: int, group_size: int | None, 
     cpu = _native.cpu()
     n, k = w.shape
     if bits == 8:
-        q = torch.empty((n, k), dtype=torch.int8)
-        cpu.quantize_int8(w.data_ptr(), n, k, scale.data_ptr(), q.data_ptr())
+        q = torch.empty((n, k), dtype=torch.int8) if q is None else q
+        cpu.quantize_int8(w.data_ptr(), n, k, scale.data_ptr(), q.data_ptr(), _NATIVE_WEIGHT_TYPES[w.dtype])
         return q
-    packed = torch.empty((n, k // 2), dtype=torch.uint8)
+    packed = torch.empty((n, k // 2), dtype=torch.uint8) if q is None else q
     cpu.quantize_int4(w.data_ptr(), n, k, group_size, scale.data_ptr(), 0 if zero is None else zero.data_ptr(),
-                      packed.data_ptr())
+                      packed.data_ptr(), _NATIVE_WEIGHT_TYPES[w.dtype])
     return packed
 
 

@@ -21,6 +21,11 @@ T* ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
+// The type code is checked by the op (an unknown one raises), so the cast here is only a relabel.
+cgq::cpu::WeightRows weight_rows(uintptr_t w, int64_t K, int w_type) {
+  return {ptr<const void>(w), static_cast<cgq::cpu::WeightType>(w_type), K};
+}
+
 QLinearArgs qlinear_args(uintptr_t x, int64_t M, int64_t K, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
                          int64_t group_size, uintptr_t bias, uintptr_t y, int64_t N) {
   QLinearArgs a;
@@ -82,27 +87,29 @@ PYBIND11_MODULE(_C_cpu, m) {
          uintptr_t out) { cgq::cpu::dequantize_int4(dequant_args(qweight, scales, zeros, group_size, N, K, out)); },
       py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("N"), py::arg("K"),
       py::arg("out"), py::call_guard<py::gil_scoped_release>());
+  // w_type: 0 float32, 1 float16, 2 bfloat16 (the weight's own dtype; rows are widened in cache).
   m.def(
       "quantize_int8",
-      [](uintptr_t w, int64_t N, int64_t K, uintptr_t scales, uintptr_t q) {
-        cgq::cpu::quantize_int8(ptr<const float>(w), N, K, ptr<const uint16_t>(scales), ptr<int8_t>(q));
+      [](uintptr_t w, int64_t N, int64_t K, uintptr_t scales, uintptr_t q, int w_type) {
+        cgq::cpu::quantize_int8(weight_rows(w, K, w_type), N, ptr<const uint16_t>(scales), ptr<int8_t>(q));
       },
-      py::arg("w"), py::arg("N"), py::arg("K"), py::arg("scales"), py::arg("q"),
+      py::arg("w"), py::arg("N"), py::arg("K"), py::arg("scales"), py::arg("q"), py::arg("w_type") = 0,
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "quantize_int4",
-      [](uintptr_t w, int64_t N, int64_t K, int64_t group_size, uintptr_t scales, uintptr_t zeros, uintptr_t packed) {
-        cgq::cpu::quantize_int4(ptr<const float>(w), N, K, group_size, ptr<const uint16_t>(scales),
+      [](uintptr_t w, int64_t N, int64_t K, int64_t group_size, uintptr_t scales, uintptr_t zeros, uintptr_t packed,
+         int w_type) {
+        cgq::cpu::quantize_int4(weight_rows(w, K, w_type), N, group_size, ptr<const uint16_t>(scales),
                                 ptr<const uint8_t>(zeros), ptr<uint8_t>(packed));
       },
       py::arg("w"), py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("scales"), py::arg("zeros"),
-      py::arg("packed"), py::call_guard<py::gil_scoped_release>());
+      py::arg("packed"), py::arg("w_type") = 0, py::call_guard<py::gil_scoped_release>());
   m.def(
       "minmax",
-      [](uintptr_t w, int64_t N, int64_t K, int64_t group, uintptr_t lo, uintptr_t hi) {
-        return cgq::cpu::minmax(ptr<const float>(w), N, K, group, ptr<float>(lo), ptr<float>(hi));
+      [](uintptr_t w, int64_t N, int64_t K, int64_t group, uintptr_t lo, uintptr_t hi, int w_type) {
+        return cgq::cpu::minmax(weight_rows(w, K, w_type), N, group, ptr<float>(lo), ptr<float>(hi));
       },
-      py::arg("w"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("lo"), py::arg("hi"),
+      py::arg("w"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("lo"), py::arg("hi"), py::arg("w_type") = 0,
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "paged_attention",

@@ -109,29 +109,22 @@ def test_interrupted_write_leaves_nothing_that_loads(tmp_path, src, monkeypatch,
 
 
 def test_disk_full_during_background_write_is_an_error_and_leaves_nothing(tmp_path, src, monkeypatch):
-    # Shard bytes are written by the writer's thread; an OSError there (here ENOSPC on the 5th
-    # buffer) must surface in the caller as an OSError naming the file, and the partial output go.
+    # Shard bytes reach the disk from DirectFile's own thread; an OSError there (here ENOSPC on the
+    # 5th write) must surface in the caller as an OSError naming the file, and the partial output go.
     import errno
 
-    from codegen_q import safetensors_stream
+    from codegen_q import direct_file
 
     calls = {"n": 0}
-    real_drain = safetensors_stream.SafetensorsStreamWriter._drain
+    real_write_all = direct_file.DirectFile._write_all
 
-    def failing_drain(self):
-        real_write = self._f.write
+    def failing_write_all(self, view):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_all(self, view)
 
-        def write(buf):
-            calls["n"] += 1
-            if calls["n"] == 5:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return real_write(buf)
-
-        self._f = type("F", (), {"write": staticmethod(write), "flush": self._f.flush,
-                                 "fileno": self._f.fileno, "close": self._f.close})()
-        real_drain(self)
-
-    monkeypatch.setattr(safetensors_stream.SafetensorsStreamWriter, "_drain", failing_drain)
+    monkeypatch.setattr(direct_file.DirectFile, "_write_all", failing_write_all)
     out = tmp_path / "q"
     with pytest.raises(OSError, match=r"writing .*\.safetensors failed: .*No space left"):
         quantize_checkpoint(src, out, bits=8, progress=False, max_shard_bytes=100_000)

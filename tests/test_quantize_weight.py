@@ -349,33 +349,41 @@ def test_bad_arguments(weight, kwargs, exc, match):
         quantize_weight(weight, **kwargs)
 
 
+WEIGHT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=["f32", "f16", "bf16"])
 @pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, False), (4, 32, False), (4, 64, True), (4, 128, False)])
 @pytest.mark.parametrize("magnitude", [1e-6, 1.0, 1e3])
-def test_native_pass_is_bit_identical_to_the_torch_reference(cpu_isa, bits, group_size, symmetric, magnitude):
-    # The CPU quantizer's per-element pass is native (one fused, threaded loop); the torch code in
-    # quantize_values_reference is its specification and must give the very same bytes.
+def test_native_pass_is_bit_identical_to_the_torch_reference(cpu_isa, bits, group_size, symmetric, magnitude, dtype):
+    # The CPU quantizer's per-element pass is native (one fused, threaded loop, reading fp16/bf16
+    # weights as they are); the torch code in quantize_values_reference, on the float32 values,
+    # is its specification and must give the very same bytes.
     from codegen_q.quantize import _quantize_rows, quantize_values_reference
 
     g = torch.Generator().manual_seed(int(magnitude * 1e6) % 1000 + bits)
     w = torch.randn(45, 640, generator=g) * magnitude
     w[2] = 0.0                       # an all-zero row
-    w[4, 9] = 300.0 * magnitude      # an outlier
+    w[4, 9] = (60.0 if dtype == torch.float16 else 300.0) * magnitude  # an outlier (finite in fp16)
     w[6, ::2] = 0.5 * magnitude      # ties: round half to even
+    w = w.to(dtype)
     q, scale, zero = _quantize_rows(w, bits, group_size, symmetric)
-    assert torch.equal(q, quantize_values_reference(w, bits, group_size, scale, zero))
+    assert torch.equal(q, quantize_values_reference(w.float(), bits, group_size, scale, zero))
 
 
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=["f32", "f16", "bf16"])
 @pytest.mark.parametrize("group", [32, 128, 1000])
-def test_native_row_group_minmax_matches_torch(cpu_isa, group):
+def test_native_row_group_minmax_matches_torch(cpu_isa, group, dtype):
     from codegen_q.quantize import _row_group_minmax
 
     g = torch.Generator().manual_seed(group)
-    w = torch.randn(19, 1000 if group == 1000 else 640, generator=g)
+    w = torch.randn(19, 1000 if group == 1000 else 640, generator=g).to(dtype)  # K = 1000: 8 past a 16-multiple
     k = w.shape[1]
     lo, hi, finite = _row_group_minmax(w, group)
-    ref_lo, ref_hi = torch.aminmax(w.view(19, k // group, group), dim=-1)
+    ref_lo, ref_hi = torch.aminmax(w.float().view(19, k // group, group), dim=-1)
     assert finite and torch.equal(lo, ref_lo) and torch.equal(hi, ref_hi)
     for bad in (float("nan"), float("inf"), -float("inf")):
-        w2 = w.clone()
-        w2[11, k - 3] = bad  # in the last, possibly partial, 16-lane chunk
-        assert not _row_group_minmax(w2, group)[2]
+        for col in (k - 3, 5):  # in the last, possibly partial, vector chunk, and in the first
+            w2 = w.clone()
+            w2[11, col] = bad
+            assert not _row_group_minmax(w2, group)[2]

@@ -79,7 +79,16 @@ class Pool {
     }
     sleep_cv_.notify_all();
     job(0);
-    while (pending_.load(std::memory_order_acquire) != 0) CGQ_CPU_RELAX();
+    // Spin for the other jobs (they usually end within microseconds of job 0), but yield the core
+    // now and then: when more threads are runnable than there are cores (the quantizer's writer
+    // thread beside two jobs), a worker may be waiting for this very core.
+    for (int spins = 0; pending_.load(std::memory_order_acquire) != 0;) {
+      CGQ_CPU_RELAX();
+      if (++spins == 1 << 10) {
+        spins = 0;
+        std::this_thread::yield();
+      }
+    }
     job_ = nullptr;
   }
 

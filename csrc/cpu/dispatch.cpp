@@ -113,28 +113,39 @@ void dequantize_int4(const DequantArgs& a) {
   parallel_for(a.N, kRowGrain, [&](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
-void quantize_int8(const float* w, int64_t N, int64_t K, const uint16_t* scales, int8_t* q) {
-  check_shapes(N, K, w, scales, q, false, 0);
+void check_weight_type(const WeightRows& w) {
+  if (w.type != WeightType::kFloat32 && w.type != WeightType::kFloat16 && w.type != WeightType::kBFloat16)
+    throw std::invalid_argument("weight type must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+}
+
+int64_t element_bytes(WeightType t) { return t == WeightType::kFloat32 ? 4 : 2; }
+
+void quantize_int8(const WeightRows& w, int64_t N, const uint16_t* scales, int8_t* q) {
+  check_shapes(N, w.K, w.data, scales, q, false, 0);
+  check_weight_type(w);
   const auto fn = kernels().quantize_int8_rows;
-  parallel_for(N, kRowGrain, [&](int64_t b, int64_t e) { fn(w, K, scales, q, b, e); }, max_jobs(1, N, K));
+  parallel_for(N, kRowGrain, [&](int64_t b, int64_t e) { fn(w, scales, q, b, e); },
+               max_jobs(1, N, w.K * element_bytes(w.type)));
 }
 
-void quantize_int4(const float* w, int64_t N, int64_t K, int64_t group_size, const uint16_t* scales,
-                   const uint8_t* zeros, uint8_t* packed) {
-  check_shapes(N, K, w, scales, packed, true, group_size);
+void quantize_int4(const WeightRows& w, int64_t N, int64_t group_size, const uint16_t* scales, const uint8_t* zeros,
+                   uint8_t* packed) {
+  check_shapes(N, w.K, w.data, scales, packed, true, group_size);
+  check_weight_type(w);
   const auto fn = kernels().quantize_int4_rows;
-  parallel_for(N, kRowGrain, [&](int64_t b, int64_t e) { fn(w, K, group_size, scales, zeros, packed, b, e); },
-               max_jobs(1, N, K));
+  parallel_for(N, kRowGrain, [&](int64_t b, int64_t e) { fn(w, group_size, scales, zeros, packed, b, e); },
+               max_jobs(1, N, w.K * element_bytes(w.type)));
 }
 
-bool minmax(const float* w, int64_t N, int64_t K, int64_t group, float* lo, float* hi) {
-  if (N < 0 || K <= 0 || group <= 0 || K % group != 0) throw std::invalid_argument("group must divide K");
-  if (!w || !lo || !hi) throw std::invalid_argument("null pointer");
+bool minmax(const WeightRows& w, int64_t N, int64_t group, float* lo, float* hi) {
+  if (N < 0 || w.K <= 0 || group <= 0 || w.K % group != 0) throw std::invalid_argument("group must divide K");
+  if (!w.data || !lo || !hi) throw std::invalid_argument("null pointer");
+  check_weight_type(w);
   const auto fn = kernels().minmax_rows;
   std::atomic<bool> all_finite{true};
   parallel_for(N, kRowGrain, [&](int64_t b, int64_t e) {
-    if (!fn(w, K, group, lo, hi, b, e)) all_finite.store(false);
-  }, max_jobs(1, N, K * 4));
+    if (!fn(w, group, lo, hi, b, e)) all_finite.store(false);
+  }, max_jobs(1, N, w.K * element_bytes(w.type)));
   return all_finite.load();
 }
 

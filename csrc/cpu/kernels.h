@@ -8,6 +8,17 @@
 
 #include "common/qformat.h"
 
+namespace cgq::cpu {
+// A [N, K] weight to quantize, row-major, in the checkpoint's own element type: the kernels widen
+// each row to float32 in cache, so a fp16 checkpoint is never copied to float32 in memory first.
+enum class WeightType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+struct WeightRows {
+  const void* data = nullptr;
+  WeightType type = WeightType::kFloat32;
+  int64_t K = 0;
+};
+}  // namespace cgq::cpu
+
 #define CGQ_DECLARE_ISA_KERNELS(isa)                                                   \
   namespace cgq::cpu::isa {                                                            \
   int64_t qlinear_workspace_bytes(const QLinearArgs& a, bool int4);                    \
@@ -17,12 +28,12 @@
   void dequantize_int8(const DequantArgs& a, int64_t n_begin, int64_t n_end);          \
   void dequantize_int4(const DequantArgs& a, int64_t n_begin, int64_t n_end);          \
   uint64_t read_checksum(const uint8_t* data, int64_t bytes);                          \
-  void quantize_int8_rows(const float* w, int64_t K, const uint16_t* scales, int8_t* q, \
+  void quantize_int8_rows(const WeightRows& w, const uint16_t* scales, int8_t* q,      \
                           int64_t n_begin, int64_t n_end);                             \
-  void quantize_int4_rows(const float* w, int64_t K, int64_t group_size,                \
+  void quantize_int4_rows(const WeightRows& w, int64_t group_size,                     \
                           const uint16_t* scales, const uint8_t* zeros, uint8_t* packed, \
                           int64_t n_begin, int64_t n_end);                             \
-  bool minmax_rows(const float* w, int64_t K, int64_t group, float* lo, float* hi,      \
+  bool minmax_rows(const WeightRows& w, int64_t group, float* lo, float* hi,           \
                    int64_t n_begin, int64_t n_end);                                    \
   void paged_attention(const AttentionArgs& a, float* scores, int64_t task_begin,       \
                        int64_t task_end);                                              \
