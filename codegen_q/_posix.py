@@ -39,3 +39,19 @@ def preallocate(fd: int, nbytes: int) -> bool:
     if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
         return False
     raise OSError(err, f"cannot reserve {nbytes / 1e9:.2f} GB on disk: {os.strerror(err)}")
+
+
+_MADV_WILLNEED = 3
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def advise_willneed(address: int, nbytes: int) -> bool:
+    """Start reading a file-backed mapping's pages [address, address + nbytes) in the background
+    (madvise MADV_WILLNEED), so the first touch later finds them in the page cache."""
+    libc = _linux_libc()
+    if libc is None or nbytes <= 0:
+        return False
+    start = address - address % _PAGE
+    madvise = libc.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise(start, nbytes + (address - start), _MADV_WILLNEED) == 0

@@ -12,15 +12,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from typing import Iterator
 
 import torch
 from safetensors import safe_open
 
+from codegen_q._posix import advise_willneed
 from codegen_q.config import MP_NUM, CodeGenConfig
 
 # Buffers old transformers versions saved with the weights; they are recomputed, never loaded.
 _LEGACY_BUFFER = re.compile(r".*\.attn\.(causal_mask|bias|masked_bias)$")
+# How far ahead of the tensor being processed reads are started (tensors() prefetches at least the
+# next one): enough requests in flight to keep the disk streaming through the small tensors.
+PREFETCH_BYTES = 256 << 20
 QUANTIZED_LINEARS = ("attn.qkv_proj", "attn.out_proj", "mlp.fc_in", "mlp.fc_out")
 
 
@@ -60,6 +65,16 @@ def qkv_head_major_permutation(n_embd: int, n_head: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _safetensors_byte_ranges(path: str) -> dict[str, tuple[int, int]]:
+    """tensor name -> [start, end) byte offsets in the file (after safe_open accepted its header)."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    base = 8 + header_len
+    return {k: (base + v["data_offsets"][0], base + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
+
+
 def _fail_reading(path: str, exc: BaseException) -> ValueError:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return ValueError(f"cannot read weight file {path}: it is truncated or corrupt ({reason})")
@@ -74,6 +89,7 @@ class HubCheckpoint:
         self.files = self._weight_files()
         self._where: dict[str, str] = {}  # tensor name -> file
         self._handles: dict[str, object] = {}
+        self._readahead: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {}  # safetensors: fd, byte ranges
         for f in self.files:
             for name in self._open(f):
                 if not is_legacy_buffer(name):
@@ -104,6 +120,7 @@ class HubCheckpoint:
             if f.endswith(".safetensors"):
                 h = safe_open(f, framework="pt", device="cpu")
                 names = list(h.keys())
+                self._readahead[f] = (os.open(f, os.O_RDONLY), _safetensors_byte_ranges(f))
             else:
                 h = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
                 if not isinstance(h, dict):
@@ -157,12 +174,41 @@ class HubCheckpoint:
             raise ValueError(f"{self.path} does not match its config.json: " + "; ".join(problems))
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) in canonical order, one at a time; drop each before asking for the next."""
-        for name in expected_tensors(self.config):
-            yield name, self.get(name)
+        """(name, tensor) in canonical order, one at a time; drop each before asking for the next.
+
+        Each step asks the OS to start reading the next tensor, so a checkpoint that is not in the
+        page cache streams from the disk while the current one is processed.
+        """
+        names = list(expected_tensors(self.config))
+        ahead, ahead_bytes = 0, 0  # tensors [i, ahead) have been prefetched, ahead_bytes of them
+        for i, name in enumerate(names):
+            while ahead < len(names) and (ahead <= i + 1 or ahead_bytes < PREFETCH_BYTES):
+                ahead_bytes += self.prefetch(names[ahead])
+                ahead += 1
+            t = self.get(name)
+            ahead_bytes -= t.numel() * t.element_size()
+            yield name, t
+
+    def prefetch(self, name: str) -> int:
+        """Start reading tensor ``name`` from the disk in the background (a hint; never fails);
+        returns its size in bytes."""
+        f = self._where[name]
+        if f.endswith(".safetensors"):
+            fd, ranges = self._readahead[f]
+            start, end = ranges[name]
+            if fd >= 0 and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+            return end - start
+        t = self._handles[f][name]
+        nbytes = t.numel() * t.element_size()
+        advise_willneed(t.data_ptr(), nbytes)
+        return nbytes
 
     def close(self) -> None:
         self._handles.clear()
+        for fd, _ in self._readahead.values():
+            os.close(fd)
+        self._readahead.clear()
 
     def __enter__(self) -> "HubCheckpoint":
         return self

@@ -35,6 +35,27 @@ def test_transformers_loads_what_make_checkpoint_writes(tmp_path, fmt, dtype, sh
             assert torch.equal(state[name], ckpt.get(name)), name
 
 
+@pytest.mark.parametrize("fmt,shards", [("bin", 1), ("safetensors", 3)])
+def test_streaming_prefetch_sizes_and_byte_ranges_are_the_tensors(tmp_path, fmt, shards):
+    # tensors() hints the next tensors to the OS by byte range (safetensors) or address (.bin);
+    # the sizes it counts and, for safetensors, the ranges it parses from the header must be
+    # exactly the tensors' bytes, or the hints would read the wrong part of the file.
+    from codegen_q.checkpoint import _safetensors_byte_ranges
+
+    src = make_tiny(tmp_path / "m", fmt=fmt, dtype="float16", shards=shards)
+    with HubCheckpoint(src) as ckpt:
+        streamed = dict(ckpt.tensors())
+        assert set(streamed) == set(ckpt.names())
+        for name, t in streamed.items():
+            assert ckpt.prefetch(name) == t.numel() * t.element_size(), name
+        if fmt == "safetensors":
+            for f in ckpt.files:
+                raw = open(f, "rb").read()
+                for name, (start, end) in _safetensors_byte_ranges(f).items():
+                    want = streamed[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                    assert raw[start:end] == want, name
+
+
 def test_legacy_buffers_are_written_and_skipped(tmp_path):
     src = make_tiny(tmp_path / "m", fmt="bin")
     sd = torch.load(os.path.join(src, "pytorch_model.bin"), mmap=True, weights_only=True)

@@ -1,12 +1,19 @@
 #!/usr/bin/env python
 """Benchmark `codegen-q quantize` on hub-shaped checkpoints: wall time, GB/s read, peak memory,
-and how much of the wall time the disk's own sustained write speed accounts for ("write-bound":
-output bytes / measured write GB/s / wall time; 100% means the quantizer waits only on the disk).
+and how much of the time the disk itself accounts for.
 
     python tools/bench_quantize.py                 # makes 2B- and 6B-shaped fp16 .bin files (20 GB of disk)
     python tools/bench_quantize.py --skip-6b --json
     python tools/bench_quantize.py --src-2b DIR    # reuse a checkpoint
     python tools/bench_quantize.py --skip-2b --skip-6b --with-16b   # 16B-shaped, 8 safetensors shards
+
+Every run starts with the source checkpoint out of the page cache (posix_fadvise DONTNEED), as
+for a checkpoint just copied in or too big for RAM, so the source is read from the disk. In the
+same run the script measures the disk: reading the source cold (mmap, read-ahead hints, no
+computation: how fast the bytes can arrive) and writing 2 GB the way the quantizer writes
+(preallocated, O_DIRECT where allowed, fsync). "disk s" is source bytes / read speed + output
+bytes / write speed; "disk-bound" is disk s / the quantizer's own time (100%: the quantizer only
+waits for the disk, with reads and writes taking turns on it).
 
 Memory is sampled from /proc/PID/status of the child process every 50 ms: RssAnon is private
 memory (what must stay bounded, DESIGN §3); VmRSS adds the mmap'd checkpoint's pages, which are
@@ -70,20 +77,68 @@ def run_measured(cmd: list[str]) -> dict:
 
 
 def measure_disk_write(work: str, nbytes: int = 2 << 30) -> float:
-    """Sustained GB/s of writing `nbytes` to a file in `work` and fsyncing it (what the quantizer
-    must do with its output; a page-cache-only figure would flatter the disk)."""
-    block = os.urandom(64 << 20)
+    """Sustained GB/s of writing `nbytes` to a file in `work` as the quantizer does (DirectFile:
+    preallocated, O_DIRECT where allowed) and fsyncing it; page-cache-only figures would flatter it."""
+    import numpy as np
+
+    from codegen_q.direct_file import DirectFile
+
+    block = np.frombuffer(os.urandom(64 << 20), dtype=np.uint8)
     path = os.path.join(work, ".disk-write-test")
     start = time.perf_counter()
     try:
-        with open(path, "wb") as f:
-            for _ in range(nbytes // len(block)):
-                f.write(block)
-            f.flush()
-            os.fsync(f.fileno())
+        f = DirectFile(path, nbytes)
+        for _ in range(nbytes // block.nbytes):
+            f.write(block)
+        f.close()
         return nbytes / (time.perf_counter() - start) / 1e9
     finally:
         os.remove(path)
+
+
+def weight_files(src: str) -> list[str]:
+    return [os.path.join(src, f) for f in sorted(os.listdir(src)) if f.endswith((".bin", ".safetensors"))]
+
+
+def evict_from_page_cache(paths: list[str]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def measure_disk_read(src: str, limit: int = 4 << 30) -> float:
+    """GB/s of reading (up to `limit` bytes of) the source's weight files cold, through mmap with
+    read-ahead hints 256 MB ahead, touching one byte per page: the fastest the quantizer's input
+    can arrive."""
+    import mmap
+
+    import numpy as np
+
+    from codegen_q._posix import advise_willneed
+
+    files = weight_files(src)
+    evict_from_page_cache(files)
+    done, window = 0, 32 << 20
+    start = time.perf_counter()
+    for path in files:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            data = np.frombuffer(m, dtype=np.uint8)
+            size, hinted = min(data.nbytes, limit - done), 0
+            for off in range(0, size, window):
+                while hinted < min(size, off + (256 << 20)):
+                    advise_willneed(data.ctypes.data + hinted, min(window, size - hinted))
+                    hinted += window
+                int(data[off:min(size, off + window):mmap.PAGESIZE].sum())
+            del data
+            done += size
+        if done >= limit:
+            break
+    seconds = time.perf_counter() - start
+    evict_from_page_cache(files)
+    return done / seconds / 1e9
 
 
 def dir_bytes(path: str) -> int:
@@ -105,15 +160,18 @@ def bench_model(preset: str, src: str | None, work: str, keep: bool) -> list[dic
                      "gb_per_s": dir_bytes(src) / r["wall_s"] / 1e9, "peak_private": r["peak_private"],
                      "peak_rss": r["peak_rss"], "bytes_out": dir_bytes(src)})
     try:
+        read_gbps = measure_disk_read(src)
         for scheme, flags in SCHEMES.items():
             out = os.path.join(work, f"codegen-{preset}-{scheme}")
+            evict_from_page_cache(weight_files(src))
             r = run_measured([sys.executable, "-m", "codegen_q.cli", "quantize", src, out, *flags,
                               "--json", "--no-progress", "--force"])
             summary = json.loads(r["stdout"])
             rows.append({"model": preset, "step": f"quantize {scheme}", "wall_s": r["wall_s"],
-                         "gb_per_s": summary["bytes_in"] / r["wall_s"] / 1e9, "peak_private": r["peak_private"],
-                         "peak_rss": r["peak_rss"], "bytes_out": summary["bytes_out"],
-                         "rel_error_p50": summary["rel_error"]["p50"]})
+                         "quantize_s": summary["seconds"], "gb_per_s": summary["bytes_in"] / summary["seconds"] / 1e9,
+                         "peak_private": r["peak_private"], "peak_rss": r["peak_rss"],
+                         "bytes_in": summary["bytes_in"], "bytes_out": summary["bytes_out"],
+                         "disk_read_gb_per_s": read_gbps, "rel_error_p50": summary["rel_error"]["p50"]})
             shutil.rmtree(out)
     finally:
         if made and not keep:
@@ -140,16 +198,24 @@ def main(argv=None) -> int:
         rows += bench_model("6B", args.src_6b, work, args.keep)
     if args.with_16b:
         rows += bench_model("16B", None, work, args.keep)
-    for r in rows:  # how much of the wall time writing the output at the disk's measured speed takes
-        r["disk_write_share"] = r["bytes_out"] / 1e9 / disk_write / r["wall_s"]
+    for r in rows:
+        if "quantize_s" in r:
+            r["disk_write_gb_per_s"] = disk_write
+            r["disk_s"] = r["bytes_in"] / 1e9 / r["disk_read_gb_per_s"] + r["bytes_out"] / 1e9 / disk_write
+            r["disk_bound"] = r["disk_s"] / r["quantize_s"]
     if args.json:
         print(json.dumps({"disk_write_gb_per_s": disk_write, "rows": rows}, indent=2))
         return 0
-    print(f"disk: sustained write {disk_write:.2f} GB/s (2 GB + fsync, measured in {work})\n")
-    print(f"{'model':<6}{'step':<30}{'wall s':>8}{'GB/s':>7}{'private GB':>12}{'RSS GB':>8}{'out GB':>8}{'write-bound':>12}")
+    print(f"disk: write {disk_write:.2f} GB/s (2 GB as the quantizer writes, + fsync, in {work}); cold read of "
+          "each source measured before its runs\n")
+    print(f"{'model':<6}{'step':<30}{'wall s':>8}{'quant s':>9}{'GB/s':>7}{'private GB':>12}{'RSS GB':>8}"
+          f"{'out GB':>8}{'read GB/s':>11}{'disk s':>8}{'disk-bound':>12}")
     for r in rows:
-        print(f"{r['model']:<6}{r['step']:<30}{r['wall_s']:>8.1f}{r['gb_per_s']:>7.2f}{r['peak_private'] / 1e9:>12.2f}"
-              f"{r['peak_rss'] / 1e9:>8.2f}{r['bytes_out'] / 1e9:>8.2f}{100 * r['disk_write_share']:>11.0f}%")
+        line = (f"{r['model']:<6}{r['step']:<30}{r['wall_s']:>8.1f}{r.get('quantize_s', r['wall_s']):>9.1f}"
+                f"{r['gb_per_s']:>7.2f}{r['peak_private'] / 1e9:>12.2f}{r['peak_rss'] / 1e9:>8.2f}{r['bytes_out'] / 1e9:>8.2f}")
+        if "quantize_s" in r:
+            line += f"{r['disk_read_gb_per_s']:>11.2f}{r['disk_s']:>8.1f}{100 * r['disk_bound']:>11.0f}%"
+        print(line)
     return 0
 
 
