@@ -8,10 +8,10 @@ and how much of the time the disk itself accounts for.
     python tools/bench_quantize.py --skip-2b --skip-6b --with-16b   # 16B-shaped, 8 safetensors shards
 
 Every run starts with the source checkpoint out of the page cache (posix_fadvise DONTNEED), as
-for a checkpoint just copied in or too big for RAM, so the source is read from the disk. In the
-same run the script measures the disk: reading the source cold (mmap, read-ahead hints, no
-computation: how fast the bytes can arrive) and writing 2 GB the way the quantizer writes
-(preallocated, O_DIRECT where allowed, fsync). "disk s" is source bytes / read speed + output
+for a checkpoint just copied in or too big for RAM, so the source is read from the disk. The
+script measures the disk too: just before each run, reading (up to 4 GB of) the source cold
+(mmap, read-ahead hints, no computation: how fast the bytes can arrive), and once, writing 2 GB
+the way the quantizer writes (preallocated, O_DIRECT where allowed, fsync). "disk s" is source bytes / read speed + output
 bytes / write speed; "disk-bound" is disk s / the quantizer's own time (100%: the quantizer only
 waits for the disk, with reads and writes taking turns on it).
 
@@ -160,9 +160,9 @@ def bench_model(preset: str, src: str | None, work: str, keep: bool) -> list[dic
                      "gb_per_s": dir_bytes(src) / r["wall_s"] / 1e9, "peak_private": r["peak_private"],
                      "peak_rss": r["peak_rss"], "bytes_out": dir_bytes(src)})
     try:
-        read_gbps = measure_disk_read(src)
         for scheme, flags in SCHEMES.items():
             out = os.path.join(work, f"codegen-{preset}-{scheme}")
+            read_gbps = measure_disk_read(src)  # just before the run: this VM's disk speed drifts by minutes
             evict_from_page_cache(weight_files(src))
             r = run_measured([sys.executable, "-m", "codegen_q.cli", "quantize", src, out, *flags,
                               "--json", "--no-progress", "--force"])
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
         print(json.dumps({"disk_write_gb_per_s": disk_write, "rows": rows}, indent=2))
         return 0
     print(f"disk: write {disk_write:.2f} GB/s (2 GB as the quantizer writes, + fsync, in {work}); cold read of "
-          "each source measured before its runs\n")
+          "the source measured just before each run\n")
     print(f"{'model':<6}{'step':<30}{'wall s':>8}{'quant s':>9}{'GB/s':>7}{'private GB':>12}{'RSS GB':>8}"
           f"{'out GB':>8}{'read GB/s':>11}{'disk s':>8}{'disk-bound':>12}")
     for r in rows:

@@ -119,46 +119,24 @@ void quantize_int4_rows(const WeightRows& w, int64_t group_size, const uint16_t*
 }
 
 // min and max of src[0, group); finite accumulates src * 0, which is NaN exactly when some element
-// is NaN or inf. The vector paths keep one running min/max per lane, as min(v, l) / max(v, h)
-// (the second operand wins ties and NaNs, like the scalar `v < l ? v : l`), then reduce the lanes.
+// is NaN or inf. One running min/max per lane (Vec::min/max keep the scalar `v < l ? v : l`
+// semantics), reduced once per group; the scalar tail covers groups that are not a multiple of W.
 inline void group_minmax(const float* src, int64_t group, float* lo, float* hi, float& finite) {
   float lmin = src[0], hmax = src[0];
   int64_t k = 0;
-#if defined(CGQ_ISA_AVX512)
-  if (group >= 16) {
-    __m512 l = _mm512_set1_ps(src[0]), h = l, z = _mm512_setzero_ps();
-    const __m512 zero = _mm512_setzero_ps();
-    for (; k + 16 <= group; k += 16) {
-      const __m512 v = _mm512_loadu_ps(src + k);
-      l = _mm512_min_ps(v, l);
-      h = _mm512_max_ps(v, h);
-      z = _mm512_add_ps(z, _mm512_mul_ps(v, zero));
+  if (group >= Vec::W) {
+    Vec::R l = Vec::set1(src[0]), h = l, z = Vec::zero();
+    const Vec::R zero = Vec::zero();
+    for (; k + Vec::W <= group; k += Vec::W) {
+      const Vec::R v = Vec::load(src + k);
+      l = Vec::min(v, l);
+      h = Vec::max(v, h);
+      z = Vec::add(z, Vec::mul(v, zero));
     }
-    lmin = _mm512_reduce_min_ps(l);
-    hmax = _mm512_reduce_max_ps(h);
-    finite += _mm512_reduce_add_ps(z);
+    lmin = Vec::reduce_min(l);
+    hmax = Vec::reduce_max(h);
+    finite += Vec::sum(z);
   }
-#elif defined(CGQ_ISA_AVX2)
-  if (group >= 8) {
-    __m256 l = _mm256_set1_ps(src[0]), h = l, z = _mm256_setzero_ps();
-    const __m256 zero = _mm256_setzero_ps();
-    for (; k + 8 <= group; k += 8) {
-      const __m256 v = _mm256_loadu_ps(src + k);
-      l = _mm256_min_ps(v, l);
-      h = _mm256_max_ps(v, h);
-      z = _mm256_add_ps(z, _mm256_mul_ps(v, zero));
-    }
-    __m128 l4 = _mm_min_ps(_mm256_castps256_ps128(l), _mm256_extractf128_ps(l, 1));
-    __m128 h4 = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    l4 = _mm_min_ps(l4, _mm_movehl_ps(l4, l4));
-    h4 = _mm_max_ps(h4, _mm_movehl_ps(h4, h4));
-    lmin = _mm_cvtss_f32(_mm_min_ss(l4, _mm_shuffle_ps(l4, l4, 1)));
-    hmax = _mm_cvtss_f32(_mm_max_ss(h4, _mm_shuffle_ps(h4, h4, 1)));
-    alignas(32) float zs[8];
-    _mm256_store_ps(zs, z);
-    for (float v : zs) finite += v;
-  }
-#endif
   for (; k < group; ++k) {
     const float v = src[k];
     lmin = v < lmin ? v : lmin;

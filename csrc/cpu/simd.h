@@ -25,6 +25,12 @@ struct Vec {
   static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  // min(v, m) / max(v, m) lane-wise as `v < m ? v : m` / `v > m ? v : m`: m wins ties and NaN.
+  static R min(R v, R m) { return _mm512_min_ps(v, m); }
+  static R max(R v, R m) { return _mm512_max_ps(v, m); }
+  static float reduce_min(R v) { return _mm512_reduce_min_ps(v); }
+  static float reduce_max(R v) { return _mm512_reduce_max_ps(v); }
   static float sum(R v) { return _mm512_reduce_add_ps(v); }
   static R from_i8(const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
@@ -53,6 +59,19 @@ struct Vec {
   static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R min(R v, R m) { return _mm256_min_ps(v, m); }
+  static R max(R v, R m) { return _mm256_max_ps(v, m); }
+  static float reduce_min(R v) {
+    __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_min_ss(m, _mm_movehdup_ps(m)));
+  }
+  static float reduce_max(R v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  }
   static float sum(R v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -87,6 +106,11 @@ struct Vec {
   static void store(float* p, R v) { *p = v; }
   static R fma(R a, R b, R c) { return a * b + c; }
   static R add(R a, R b) { return a + b; }
+  static R mul(R a, R b) { return a * b; }
+  static R min(R v, R m) { return v < m ? v : m; }
+  static R max(R v, R m) { return v > m ? v : m; }
+  static float reduce_min(R v) { return v; }
+  static float reduce_max(R v) { return v; }
   static float sum(R v) { return v; }
   static R from_i8(const int8_t* p) { return static_cast<float>(*p); }
   static void from_u4_block(const uint8_t* p, R* out) {
