@@ -126,6 +126,22 @@ def quantize_weight(weight: torch.Tensor, bits: int = 8, group_size: int | None 
     bits=4: group-wise over the input dimension, ``group_size`` 32, 64 or 128 (default 128),
     asymmetric with zero points unless ``symmetric=True``.
     """
+    return _quantize_weight(weight, bits, group_size, symmetric, measure_error=False)[0]
+
+
+def quantize_weight_with_error(weight: torch.Tensor, bits: int = 8, group_size: int | None = None,
+                               symmetric: bool | None = None) -> tuple[QuantizedWeight, float]:
+    """``quantize_weight`` and the relative error ||W - W_hat|| / ||W|| over the whole tensor.
+
+    On the CPU the native pass sums the squares as it quantizes each row (the row is in cache
+    then); elsewhere the error comes from a full dequantization.
+    """
+    return _quantize_weight(weight, bits, group_size, symmetric, measure_error=True)
+
+
+def _quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool | None,
+                     measure_error: bool) -> tuple[QuantizedWeight, float]:
+
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
@@ -160,18 +176,31 @@ def quantize_weight(weight: torch.Tensor, bits: int = 8, group_size: int | None 
         qweight = torch.empty((n, k // 2), dtype=torch.uint8, device=dev)
         scales = torch.empty((n, groups), dtype=torch.float16, device=dev)
         zeros = None if symmetric else torch.empty((n, groups), dtype=torch.uint8, device=dev)
+    native_sums = measure_error and dev.type == "cpu"
+    err2, sq = (torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)) if native_sums else (None, None)
     rows_per_chunk = max(1, _ROW_CHUNK_ELEMENTS // k)
     for r in range(0, n, rows_per_chunk):  # each chunk's results land in its rows of the outputs
         rows = slice(r, r + rows_per_chunk)
         _quantize_rows(weight[rows], bits, group_size, symmetric,
-                       out=(qweight[rows], scales[rows], None if zeros is None else zeros[rows]))
-    return QuantizedWeight(bits, (n, k), qweight, scales, zeros, None if bits == 8 else group_size)
+                       out=(qweight[rows], scales[rows], None if zeros is None else zeros[rows]),
+                       error_sums=(err2[rows], sq[rows]) if native_sums else None)
+    qw = QuantizedWeight(bits, (n, k), qweight, scales, zeros, None if bits == 8 else group_size)
+    if not measure_error:
+        return qw, 0.0
+    if native_sums:
+        total_err2, total_sq = float(err2.sum()), float(sq.sum())
+    else:
+        ref = weight.double()
+        total_err2, total_sq = float((ref - qw.dequantize().double()).square().sum()), float(ref.square().sum())
+    return qw, (total_err2 / total_sq) ** 0.5 if total_sq > 0 else 0.0
 
 
 def _quantize_rows(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-                   out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None):
+                   out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+                   error_sums: tuple[torch.Tensor, torch.Tensor] | None = None):
     """(q, scale, zero) of the rows w; with ``out`` (contiguous row slices of the final tensors)
-    they are written there, the native pass writing q in place."""
+    they are written there, the native pass writing q in place. ``error_sums`` (CPU only: float64
+    [rows] each) receive each row's sum((w - dequant(q))^2) and sum(w^2)."""
     native = w.device.type == "cpu"
     if not native or w.dtype not in _NATIVE_WEIGHT_TYPES:  # e.g. float64: the native passes take float32
         w = w.float()
@@ -192,7 +221,7 @@ def _quantize_rows(w: torch.Tensor, bits: int, group_size: int | None, symmetric
         scale = _fp16_scale_at_least((hi - lo) / 15.0)
         zero = torch.round(-lo / _safe(scale).float()).clamp_(0, 15).to(torch.uint8)
     if native:
-        q = _quantize_values_native(w, bits, group_size, scale, zero, None if out is None else out[0])
+        q = _quantize_values_native(w, bits, group_size, scale, zero, None if out is None else out[0], error_sums)
     else:
         q = quantize_values_reference(w, bits, group_size, scale, zero)
     if out is None:
@@ -234,20 +263,22 @@ def quantize_values_reference(w: torch.Tensor, bits: int, group_size: int | None
 
 
 def _quantize_values_native(w: torch.Tensor, bits: int, group_size: int | None, scale: torch.Tensor,
-                            zero: torch.Tensor | None, q: torch.Tensor | None = None) -> torch.Tensor:
+                            zero: torch.Tensor | None, q: torch.Tensor | None = None,
+                            error_sums: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     # One fused, threaded pass instead of six allocating torch passes: quantizing a checkpoint was
     # bound by these (0.2-0.3 GB/s), not by reading it.
     from codegen_q import _native
 
     cpu = _native.cpu()
     n, k = w.shape
+    sums = (0, 0) if error_sums is None else tuple(t.data_ptr() for t in error_sums)
     if bits == 8:
         q = torch.empty((n, k), dtype=torch.int8) if q is None else q
-        cpu.quantize_int8(w.data_ptr(), n, k, scale.data_ptr(), q.data_ptr(), _NATIVE_WEIGHT_TYPES[w.dtype])
+        cpu.quantize_int8(w.data_ptr(), n, k, scale.data_ptr(), q.data_ptr(), _NATIVE_WEIGHT_TYPES[w.dtype], *sums)
         return q
     packed = torch.empty((n, k // 2), dtype=torch.uint8) if q is None else q
     cpu.quantize_int4(w.data_ptr(), n, k, group_size, scale.data_ptr(), 0 if zero is None else zero.data_ptr(),
-                      packed.data_ptr(), _NATIVE_WEIGHT_TYPES[w.dtype])
+                      packed.data_ptr(), _NATIVE_WEIGHT_TYPES[w.dtype], *sums)
     return packed
 
 

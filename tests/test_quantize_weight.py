@@ -387,3 +387,25 @@ def test_native_row_group_minmax_matches_torch(cpu_isa, group, dtype):
             w2 = w.clone()
             w2[11, col] = bad
             assert not _row_group_minmax(w2, group)[2]
+
+
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("kw,k", [(dict(bits=8), 1000), (dict(bits=8), 17), (dict(bits=4, group_size=32), 640),
+                                  (dict(bits=4, group_size=128, symmetric=True), 384)],
+                         ids=["int8-k1000", "int8-k17", "int4-g32", "int4-g128-sym"])
+def test_relative_error_summed_by_the_native_pass_matches_float64(cpu_isa, kw, k, dtype):
+    # The quantizer reports ||W - W_hat|| / ||W|| from per-row sums the native pass accumulates in
+    # fp32 lanes while quantizing; float64 over the dequantized tensor is the reference. fp32 sums
+    # of ~1000 positive terms are good to ~1e-5 relative, so 1e-4 leaves room and still catches
+    # a wrong scale, zero point, lane or tail.
+    from codegen_q.quantize import quantize_weight_with_error
+
+    g = torch.Generator().manual_seed(k + kw["bits"])
+    w = (torch.randn(37, k, generator=g) * 0.02).to(dtype)
+    w[3] = 0.0  # an all-zero row (scale 0) adds nothing to either sum
+    qw, rel = quantize_weight_with_error(w, **kw)
+    ref_qw = quantize_weight(w, **kw)
+    assert torch.equal(qw.qweight, ref_qw.qweight) and torch.equal(qw.scales, ref_qw.scales)
+    x = w.double()
+    want = float((x - dequantize_ref(qw)).square().sum() / x.square().sum()) ** 0.5
+    assert want > 0 and rel == pytest.approx(want, rel=1e-4)

@@ -120,20 +120,22 @@ void check_weight_type(const WeightRows& w) {
 
 int64_t element_bytes(WeightType t) { return t == WeightType::kFloat32 ? 4 : 2; }
 
-void quantize_int8(const WeightRows& w, int64_t N, const uint16_t* scales, int8_t* q) {
+void quantize_int8(const WeightRows& w, int64_t N, const uint16_t* scales, int8_t* q, const RowErrors& err) {
   check_shapes(N, w.K, w.data, scales, q, false, 0);
   check_weight_type(w);
+  if ((err.err2 == nullptr) != (err.sq == nullptr)) throw std::invalid_argument("give both error sums or neither");
   const auto fn = kernels().quantize_int8_rows;
-  parallel_for(N, kRowGrain, [&](int64_t b, int64_t e) { fn(w, scales, q, b, e); },
+  parallel_for(N, kRowGrain, [&](int64_t b, int64_t e) { fn(w, scales, q, err, b, e); },
                max_jobs(1, N, w.K * element_bytes(w.type)));
 }
 
 void quantize_int4(const WeightRows& w, int64_t N, int64_t group_size, const uint16_t* scales, const uint8_t* zeros,
-                   uint8_t* packed) {
+                   uint8_t* packed, const RowErrors& err) {
   check_shapes(N, w.K, w.data, scales, packed, true, group_size);
   check_weight_type(w);
+  if ((err.err2 == nullptr) != (err.sq == nullptr)) throw std::invalid_argument("give both error sums or neither");
   const auto fn = kernels().quantize_int4_rows;
-  parallel_for(N, kRowGrain, [&](int64_t b, int64_t e) { fn(w, group_size, scales, zeros, packed, b, e); },
+  parallel_for(N, kRowGrain, [&](int64_t b, int64_t e) { fn(w, group_size, scales, zeros, packed, err, b, e); },
                max_jobs(1, N, w.K * element_bytes(w.type)));
 }
 

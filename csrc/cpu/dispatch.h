@@ -13,9 +13,9 @@ void qlinear_int4(const QLinearArgs& a);
 void dequantize_int8(const DequantArgs& a);
 void dequantize_int4(const DequantArgs& a);
 // The per-element quantization pass for rows [0, N) (see cpu/quantize_kernels.cpp).
-void quantize_int8(const WeightRows& w, int64_t N, const uint16_t* scales, int8_t* q);
+void quantize_int8(const WeightRows& w, int64_t N, const uint16_t* scales, int8_t* q, const RowErrors& err = {});
 void quantize_int4(const WeightRows& w, int64_t N, int64_t group_size, const uint16_t* scales, const uint8_t* zeros,
-                   uint8_t* packed);
+                   uint8_t* packed, const RowErrors& err = {});
 // lo/hi [N, K / group] = min/max of each row group; false if w holds NaN or inf.
 bool minmax(const WeightRows& w, int64_t N, int64_t group, float* lo, float* hi);
 // Attention of every (query, head) pair over the paged cache, threaded; validates the tables.

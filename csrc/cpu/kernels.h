@@ -17,6 +17,12 @@ struct WeightRows {
   WeightType type = WeightType::kFloat32;
   int64_t K = 0;
 };
+// Optional by-product of quantizing rows [0, N): per row, sum over k of (w - dequant(q))^2 and
+// of w^2, for the relative error the quantizer reports (both null: not measured).
+struct RowErrors {
+  double* err2 = nullptr;
+  double* sq = nullptr;
+};
 }  // namespace cgq::cpu
 
 #define CGQ_DECLARE_ISA_KERNELS(isa)                                                   \
@@ -29,10 +35,10 @@ struct WeightRows {
   void dequantize_int4(const DequantArgs& a, int64_t n_begin, int64_t n_end);          \
   uint64_t read_checksum(const uint8_t* data, int64_t bytes);                          \
   void quantize_int8_rows(const WeightRows& w, const uint16_t* scales, int8_t* q,      \
-                          int64_t n_begin, int64_t n_end);                             \
+                          const RowErrors& err, int64_t n_begin, int64_t n_end);       \
   void quantize_int4_rows(const WeightRows& w, int64_t group_size,                     \
                           const uint16_t* scales, const uint8_t* zeros, uint8_t* packed, \
-                          int64_t n_begin, int64_t n_end);                             \
+                          const RowErrors& err, int64_t n_begin, int64_t n_end);       \
   bool minmax_rows(const WeightRows& w, int64_t group, float* lo, float* hi,           \
                    int64_t n_begin, int64_t n_end);                                    \
   void paged_attention(const AttentionArgs& a, float* scores, int64_t task_begin,       \

@@ -47,12 +47,42 @@ struct RowBuffer {
 
 }  // namespace
 
-void quantize_int8_rows(const WeightRows& w, const uint16_t* scales, int8_t* q, int64_t n_begin, int64_t n_end) {
+// Sums of squares for RowErrors, over x[0, n) against its dequantized values xhat, accumulated in
+// float lanes (a reported statistic: fp32 sums of up to 24576 terms are ample) and added as double.
+struct SquareSums {
+  Vec::R err = Vec::zero(), sq = Vec::zero();
+  float err_tail = 0.0f, sq_tail = 0.0f;
+  void add(Vec::R x, Vec::R xhat) {
+    const Vec::R d = Vec::add(x, Vec::mul(xhat, Vec::set1(-1.0f)));
+    err = Vec::fma(d, d, err);
+    sq = Vec::fma(x, x, sq);
+  }
+  void add_one(float x, float xhat) {
+    err_tail += (x - xhat) * (x - xhat);
+    sq_tail += x * x;
+  }
+  void store(const RowErrors& e, int64_t n) const {
+    e.err2[n] = static_cast<double>(Vec::sum(err)) + err_tail;
+    e.sq[n] = static_cast<double>(Vec::sum(sq)) + sq_tail;
+  }
+};
+
+void int8_row_error(const float* x, const int8_t* q, int64_t K, float scale, const RowErrors& e, int64_t n) {
+  SquareSums sums;
+  const Vec::R s = Vec::set1(scale);
+  int64_t k = 0;
+  for (; k + Vec::W <= K; k += Vec::W) sums.add(Vec::load(x + k), Vec::mul(Vec::from_i8(q + k), s));
+  for (; k < K; ++k) sums.add_one(x[k], static_cast<float>(q[k]) * scale);
+  sums.store(e, n);
+}
+
+void quantize_int8_rows(const WeightRows& w, const uint16_t* scales, int8_t* q, const RowErrors& err, int64_t n_begin,
+                        int64_t n_end) {
   const int64_t K = w.K;
   RowBuffer buf(w);
   for (int64_t n = n_begin; n < n_end; ++n) {
-    float s = Vec::half(scales[n]);
-    if (!(s > 0.0f)) s = 1.0f;  // an all-zero row: divide by 1, as the reference does
+    const float stored = Vec::half(scales[n]);
+    const float s = stored > 0.0f ? stored : 1.0f;  // an all-zero row: divide by 1, as the reference does
     const float* row = row_as_float(w, n, buf.get());
     int8_t* out = q + n * K;
     for (int64_t k = 0; k < K; ++k) {
@@ -60,6 +90,7 @@ void quantize_int8_rows(const WeightRows& w, const uint16_t* scales, int8_t* q, 
       v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
       out[k] = static_cast<int8_t>(v);
     }
+    if (err.err2) int8_row_error(row, out, K, stored, err, n);
   }
 }
 
@@ -102,19 +133,29 @@ inline void quantize_block32(const float* src, float s, float z, uint8_t* dst) {
 }
 
 void quantize_int4_rows(const WeightRows& w, int64_t group_size, const uint16_t* scales, const uint8_t* zeros,
-                        uint8_t* packed, int64_t n_begin, int64_t n_end) {
+                        uint8_t* packed, const RowErrors& err, int64_t n_begin, int64_t n_end) {
   const int64_t K = w.K;
   const int64_t groups = K / group_size;
   RowBuffer buf(w);
   for (int64_t n = n_begin; n < n_end; ++n) {
     const float* row = row_as_float(w, n, buf.get());
+    SquareSums sums;
     for (int64_t g = 0; g < groups; ++g) {
-      float s = Vec::half(scales[n * groups + g]);
-      if (!(s > 0.0f)) s = 1.0f;
+      const float stored = Vec::half(scales[n * groups + g]);
+      const float s = stored > 0.0f ? stored : 1.0f;
       const float z = zeros ? static_cast<float>(zeros[n * groups + g]) : static_cast<float>(kInt4SymmetricZero);
-      for (int64_t k0 = g * group_size; k0 < (g + 1) * group_size; k0 += kInt4BlockElems)
-        quantize_block32(row + k0, s, z, packed + n * (K / 2) + k0 / 2);
+      for (int64_t k0 = g * group_size; k0 < (g + 1) * group_size; k0 += kInt4BlockElems) {
+        uint8_t* dst = packed + n * (K / 2) + k0 / 2;
+        quantize_block32(row + k0, s, z, dst);
+        if (err.err2) {  // dequantize the block just written: (q - z) * scale, W lanes at a time
+          Vec::R qv[kInt4BlockElems / Vec::W];
+          Vec::from_u4_block(dst, qv);
+          for (int r = 0; r < kInt4BlockElems / Vec::W; ++r)
+            sums.add(Vec::load(row + k0 + r * Vec::W), Vec::mul(Vec::add(qv[r], Vec::set1(-z)), Vec::set1(stored)));
+        }
+      }
     }
+    if (err.err2) sums.store(err, n);
   }
 }
 
