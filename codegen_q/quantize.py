@@ -23,12 +23,12 @@ INT4_BLOCK = 32
 INT4_GROUP_SIZES = (32, 64, 128)
 INT4_SYMMETRIC_ZERO = 8
 DEFAULT_INT4_GROUP_SIZE = 128
-# Rows quantized at a time. On the CPU the native passes read the weight in its own dtype, and a
-# chunk of 4M elements (8 MB of fp16) is still in L3 when the second pass (quantize) follows the
-# first (min/max); elsewhere it bounds the float32 temporaries. Either way quantizing needs
-# memory for one tensor, not for the model.
+# Rows quantized at a time by the torch path (weights not on the CPU): bounds its float32
+# temporaries, so quantizing needs memory for one tensor, not for the model. The CPU's native
+# pass needs no temporaries beyond one widened row per thread.
 _ROW_CHUNK_ELEMENTS = 1 << 22
-# The weight dtypes the native CPU passes read directly (the codes of csrc/cpu/kernels.h).
+_SCALE_TOO_LARGE = "weight values are too large for fp16 scales (|w| > 65504 * qmax)"
+# The weight dtypes the native CPU pass reads directly (the codes of csrc/cpu/kernels.h).
 _NATIVE_WEIGHT_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -176,18 +176,23 @@ def _quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None, sy
         qweight = torch.empty((n, k // 2), dtype=torch.uint8, device=dev)
         scales = torch.empty((n, groups), dtype=torch.float16, device=dev)
         zeros = None if symmetric else torch.empty((n, groups), dtype=torch.uint8, device=dev)
-    native_sums = measure_error and dev.type == "cpu"
-    err2, sq = (torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)) if native_sums else (None, None)
-    rows_per_chunk = max(1, _ROW_CHUNK_ELEMENTS // k)
-    for r in range(0, n, rows_per_chunk):  # each chunk's results land in its rows of the outputs
-        rows = slice(r, r + rows_per_chunk)
-        _quantize_rows(weight[rows], bits, group_size, symmetric,
-                       out=(qweight[rows], scales[rows], None if zeros is None else zeros[rows]),
-                       error_sums=(err2[rows], sq[rows]) if native_sums else None)
+    native = dev.type == "cpu"
+    err2, sq = (torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)) if native else (None, None)
+    if native:  # one threaded native pass over the whole tensor, rows widened in cache
+        _quantize_rows(weight, bits, group_size, symmetric, out=(qweight, scales, zeros),
+                       error_sums=(err2, sq) if measure_error else None)
+    else:  # the torch specification, a chunk of rows at a time to bound its float32 temporaries
+        rows_per_chunk = max(1, _ROW_CHUNK_ELEMENTS // k)
+        for r in range(0, n, rows_per_chunk):
+            rows = slice(r, r + rows_per_chunk)
+            q, scale, zero = _quantize_rows_reference(weight[rows], bits, group_size, symmetric)
+            qweight[rows], scales[rows] = q, scale
+            if zeros is not None:
+                zeros[rows] = zero
     qw = QuantizedWeight(bits, (n, k), qweight, scales, zeros, None if bits == 8 else group_size)
     if not measure_error:
         return qw, 0.0
-    if native_sums:
+    if native:
         total_err2, total_sq = float(err2.sum()), float(sq.sum())
     else:
         ref = weight.double()
@@ -198,21 +203,45 @@ def _quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None, sy
 def _quantize_rows(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
                    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
                    error_sums: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """(q, scale, zero) of the rows w; with ``out`` (contiguous row slices of the final tensors)
-    they are written there, the native pass writing q in place. ``error_sums`` (CPU only: float64
-    [rows] each) receive each row's sum((w - dequant(q))^2) and sum(w^2)."""
-    native = w.device.type == "cpu"
-    if not native or w.dtype not in _NATIVE_WEIGHT_TYPES:  # e.g. float64: the native passes take float32
+    """(q, scale, zero) of the CPU rows w, by the native pass: per row its min/max, fp16 scales
+    (and zero points), codes and, into ``error_sums`` (float64 [rows] each), sum((w - W_hat)^2)
+    and sum(w^2), with the operations of _quantize_rows_reference (tested: the same bytes).
+    ``out``: contiguous tensors to write q, scale, zero into."""
+    from codegen_q import _native
+
+    if w.dtype not in _NATIVE_WEIGHT_TYPES:  # e.g. float64: the native pass reads float32/16, bfloat16
         w = w.float()
     w = w.contiguous()
     n, k = w.shape
-    # One min/max pass per row or group gives the range, and the finiteness check for free: NaN and
-    # inf propagate into it (a separate isfinite(w).all() cost 6x the quantization itself).
-    lo, hi, finite = _row_group_minmax(w, k if bits == 8 else group_size)
+    if out is None:
+        groups = 1 if bits == 8 else k // group_size
+        out = (torch.empty((n, k) if bits == 8 else (n, k // 2), dtype=torch.int8 if bits == 8 else torch.uint8),
+               torch.empty((n,) if bits == 8 else (n, groups), dtype=torch.float16),
+               None if bits == 8 or symmetric else torch.empty((n, groups), dtype=torch.uint8))
+    q, scale, zero = out
+    sums = (0, 0) if error_sums is None else tuple(t.data_ptr() for t in error_sums)
+    status = _native.cpu().quantize(w.data_ptr(), n, k, _NATIVE_WEIGHT_TYPES[w.dtype], bits, group_size or 0,
+                                    bits == 8 or symmetric, q.data_ptr(), scale.data_ptr(),
+                                    0 if zero is None else zero.data_ptr(), *sums)
+    # One min/max per row or group gives the range and the finiteness check for free: NaN and inf
+    # propagate into it (a separate isfinite(w).all() cost 6x the quantization itself).
+    if status & 1:
+        raise ValueError("weight contains NaN or infinite values")
+    if status & 2:
+        raise ValueError(_SCALE_TOO_LARGE)
+    return q, scale, zero
+
+
+def _quantize_rows_reference(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool):
+    """(q, scale, zero) of the rows w in torch: the specification of the native pass, and the
+    path for weights on other devices."""
+    w = w.float().contiguous()
+    n, k = w.shape
+    lo, hi = torch.aminmax(w.view(n, k // (k if bits == 8 else group_size), -1), dim=-1)
+    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise ValueError("weight contains NaN or infinite values")
     if bits == 8:  # one scale per row: [N], not [N, 1]
         lo, hi = lo.squeeze(1), hi.squeeze(1)
-    if not finite:
-        raise ValueError("weight contains NaN or infinite values")
     if bits == 8 or symmetric:
         scale = _fp16_scale_at_least(torch.maximum(-lo, hi) / (127.0 if bits == 8 else 7.0))
         zero = None
@@ -220,31 +249,7 @@ def _quantize_rows(w: torch.Tensor, bits: int, group_size: int | None, symmetric
         lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)  # keep 0 exactly representable
         scale = _fp16_scale_at_least((hi - lo) / 15.0)
         zero = torch.round(-lo / _safe(scale).float()).clamp_(0, 15).to(torch.uint8)
-    if native:
-        q = _quantize_values_native(w, bits, group_size, scale, zero, None if out is None else out[0], error_sums)
-    else:
-        q = quantize_values_reference(w, bits, group_size, scale, zero)
-    if out is None:
-        return q, scale, zero
-    for dst, src in zip(out, (q, scale, zero)):
-        if dst is not None and dst is not src:
-            dst.copy_(src)
-    return out
-
-
-def _row_group_minmax(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """min and max [N, K / group] of each row's groups of `group` elements, and whether w is finite."""
-    n, k = w.shape
-    if w.device.type != "cpu":
-        lo, hi = torch.aminmax(w.view(n, k // group, group), dim=-1)
-        return lo, hi, bool(torch.isfinite(lo).all() and torch.isfinite(hi).all())
-    from codegen_q import _native
-
-    lo = torch.empty((n, k // group), dtype=torch.float32)
-    hi = torch.empty_like(lo)
-    finite = _native.cpu().minmax(w.data_ptr(), n, k, group, lo.data_ptr(), hi.data_ptr(),
-                                  _NATIVE_WEIGHT_TYPES[w.dtype])
-    return lo, hi, finite
+    return quantize_values_reference(w, bits, group_size, scale, zero), scale, zero
 
 
 def quantize_values_reference(w: torch.Tensor, bits: int, group_size: int | None, scale: torch.Tensor,
@@ -262,26 +267,6 @@ def quantize_values_reference(w: torch.Tensor, bits: int, group_size: int | None
     return pack_int4(q.view(n, k))
 
 
-def _quantize_values_native(w: torch.Tensor, bits: int, group_size: int | None, scale: torch.Tensor,
-                            zero: torch.Tensor | None, q: torch.Tensor | None = None,
-                            error_sums: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    # One fused, threaded pass instead of six allocating torch passes: quantizing a checkpoint was
-    # bound by these (0.2-0.3 GB/s), not by reading it.
-    from codegen_q import _native
-
-    cpu = _native.cpu()
-    n, k = w.shape
-    sums = (0, 0) if error_sums is None else tuple(t.data_ptr() for t in error_sums)
-    if bits == 8:
-        q = torch.empty((n, k), dtype=torch.int8) if q is None else q
-        cpu.quantize_int8(w.data_ptr(), n, k, scale.data_ptr(), q.data_ptr(), _NATIVE_WEIGHT_TYPES[w.dtype], *sums)
-        return q
-    packed = torch.empty((n, k // 2), dtype=torch.uint8) if q is None else q
-    cpu.quantize_int4(w.data_ptr(), n, k, group_size, scale.data_ptr(), 0 if zero is None else zero.data_ptr(),
-                      packed.data_ptr(), _NATIVE_WEIGHT_TYPES[w.dtype], *sums)
-    return packed
-
-
 def _fp16_scale_at_least(scale: torch.Tensor) -> torch.Tensor:
     """fp16 scales no smaller than `scale` (fp32), so the quantization grid covers every value."""
     s16 = scale.to(torch.float16)
@@ -290,7 +275,7 @@ def _fp16_scale_at_least(scale: torch.Tensor) -> torch.Tensor:
     s16 = torch.where(too_small, bumped, s16)
     # Checked after rounding up: a scale just above 65504 rounds down to it, then up to inf.
     if not torch.isfinite(s16).all():
-        raise ValueError("weight values are too large for fp16 scales (|w| > 65504 * qmax)")
+        raise ValueError(_SCALE_TOO_LARGE)
     return s16
 
 

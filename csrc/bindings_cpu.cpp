@@ -87,32 +87,26 @@ PYBIND11_MODULE(_C_cpu, m) {
          uintptr_t out) { cgq::cpu::dequantize_int4(dequant_args(qweight, scales, zeros, group_size, N, K, out)); },
       py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("N"), py::arg("K"),
       py::arg("out"), py::call_guard<py::gil_scoped_release>());
+  // Quantize rows [0, N) of a [N, K] weight in one pass per row (min/max, fp16 scale, codes).
   // w_type: 0 float32, 1 float16, 2 bfloat16 (the weight's own dtype; rows are widened in cache).
   // err2/sq: optional float64 [N] outputs, per row sum((w - dequant(q))^2) and sum(w^2).
+  // Returns status bits: 1 the rows hold NaN or inf, 2 a scale does not fit fp16.
   m.def(
-      "quantize_int8",
-      [](uintptr_t w, int64_t N, int64_t K, uintptr_t scales, uintptr_t q, int w_type, uintptr_t err2, uintptr_t sq) {
-        cgq::cpu::quantize_int8(weight_rows(w, K, w_type), N, ptr<const uint16_t>(scales), ptr<int8_t>(q),
-                                {ptr<double>(err2), ptr<double>(sq)});
+      "quantize",
+      [](uintptr_t w, int64_t N, int64_t K, int w_type, int bits, int64_t group_size, bool symmetric, uintptr_t q,
+         uintptr_t scales, uintptr_t zeros, uintptr_t err2, uintptr_t sq) {
+        cgq::cpu::QuantizeOut o;
+        o.bits = bits;
+        o.group_size = group_size;
+        o.symmetric = symmetric;
+        o.q = ptr<void>(q);
+        o.scales = ptr<uint16_t>(scales);
+        o.zeros = ptr<uint8_t>(zeros);
+        o.err = {ptr<double>(err2), ptr<double>(sq)};
+        return cgq::cpu::quantize(weight_rows(w, K, w_type), N, o);
       },
-      py::arg("w"), py::arg("N"), py::arg("K"), py::arg("scales"), py::arg("q"), py::arg("w_type") = 0,
-      py::arg("err2") = 0, py::arg("sq") = 0, py::call_guard<py::gil_scoped_release>());
-  m.def(
-      "quantize_int4",
-      [](uintptr_t w, int64_t N, int64_t K, int64_t group_size, uintptr_t scales, uintptr_t zeros, uintptr_t packed,
-         int w_type, uintptr_t err2, uintptr_t sq) {
-        cgq::cpu::quantize_int4(weight_rows(w, K, w_type), N, group_size, ptr<const uint16_t>(scales),
-                                ptr<const uint8_t>(zeros), ptr<uint8_t>(packed), {ptr<double>(err2), ptr<double>(sq)});
-      },
-      py::arg("w"), py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("scales"), py::arg("zeros"),
-      py::arg("packed"), py::arg("w_type") = 0, py::arg("err2") = 0, py::arg("sq") = 0,
-      py::call_guard<py::gil_scoped_release>());
-  m.def(
-      "minmax",
-      [](uintptr_t w, int64_t N, int64_t K, int64_t group, uintptr_t lo, uintptr_t hi, int w_type) {
-        return cgq::cpu::minmax(weight_rows(w, K, w_type), N, group, ptr<float>(lo), ptr<float>(hi));
-      },
-      py::arg("w"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("lo"), py::arg("hi"), py::arg("w_type") = 0,
+      py::arg("w"), py::arg("N"), py::arg("K"), py::arg("w_type"), py::arg("bits"), py::arg("group_size"),
+      py::arg("symmetric"), py::arg("q"), py::arg("scales"), py::arg("zeros"), py::arg("err2") = 0, py::arg("sq") = 0,
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "paged_attention",

@@ -356,37 +356,37 @@ WEIGHT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, False), (4, 32, False), (4, 64, True), (4, 128, False)])
 @pytest.mark.parametrize("magnitude", [1e-6, 1.0, 1e3])
 def test_native_pass_is_bit_identical_to_the_torch_reference(cpu_isa, bits, group_size, symmetric, magnitude, dtype):
-    # The CPU quantizer's per-element pass is native (one fused, threaded loop, reading fp16/bf16
-    # weights as they are); the torch code in quantize_values_reference, on the float32 values,
-    # is its specification and must give the very same bytes.
-    from codegen_q.quantize import _quantize_rows, quantize_values_reference
+    # The CPU quantizer is one native pass per row (min/max, fp16 scale, zero point, codes),
+    # reading fp16/bf16 weights as they are; _quantize_rows_reference, the same steps in torch on
+    # the float32 values, is its specification: codes, scales and zero points must be identical.
+    from codegen_q.quantize import _quantize_rows, _quantize_rows_reference
 
     g = torch.Generator().manual_seed(int(magnitude * 1e6) % 1000 + bits)
     w = torch.randn(45, 640, generator=g) * magnitude
     w[2] = 0.0                       # an all-zero row
     w[4, 9] = (60.0 if dtype == torch.float16 else 300.0) * magnitude  # an outlier (finite in fp16)
     w[6, ::2] = 0.5 * magnitude      # ties: round half to even
+    w[8, :64] = -w[8, :64].abs()     # groups with no positive value (asymmetric zero point at 15)
     w = w.to(dtype)
-    q, scale, zero = _quantize_rows(w, bits, group_size, symmetric)
-    assert torch.equal(q, quantize_values_reference(w.float(), bits, group_size, scale, zero))
+    got = _quantize_rows(w, bits, group_size, symmetric)
+    want = _quantize_rows_reference(w.float(), bits, group_size, symmetric)
+    for name, a, b in zip(("codes", "scales", "zeros"), got, want):
+        assert (a is None and b is None) or torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=["f32", "f16", "bf16"])
-@pytest.mark.parametrize("group", [32, 128, 1000])
-def test_native_row_group_minmax_matches_torch(cpu_isa, group, dtype):
-    from codegen_q.quantize import _row_group_minmax
-
-    g = torch.Generator().manual_seed(group)
-    w = torch.randn(19, 1000 if group == 1000 else 640, generator=g).to(dtype)  # K = 1000: 8 past a 16-multiple
-    k = w.shape[1]
-    lo, hi, finite = _row_group_minmax(w, group)
-    ref_lo, ref_hi = torch.aminmax(w.float().view(19, k // group, group), dim=-1)
-    assert finite and torch.equal(lo, ref_lo) and torch.equal(hi, ref_hi)
+@pytest.mark.parametrize("kw,k", [(dict(bits=8), 1000), (dict(bits=4, group_size=32), 640),
+                                  (dict(bits=4, group_size=128, symmetric=True), 640)], ids=["int8", "int4-g32", "int4-sym"])
+def test_native_pass_rejects_nan_and_inf_anywhere(cpu_isa, kw, k, dtype):
+    # The min/max of each group doubles as the finiteness check (K = 1000: 8 past a 16-multiple).
+    w = torch.randn(19, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+    quantize_weight(w, **kw)
     for bad in (float("nan"), float("inf"), -float("inf")):
         for col in (k - 3, 5):  # in the last, possibly partial, vector chunk, and in the first
             w2 = w.clone()
             w2[11, col] = bad
-            assert not _row_group_minmax(w2, group)[2]
+            with pytest.raises(ValueError, match="NaN or infinite"):
+                quantize_weight(w2, **kw)
 
 
 @pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=["f32", "f16", "bf16"])

@@ -15,7 +15,7 @@ namespace cgq::cpu {
 
 #define CGQ_TABLE(isa) \
   KernelTable { isa::qlinear_workspace_bytes, isa::qlinear_prepare, isa::qlinear_int8, isa::qlinear_int4, isa::dequantize_int8, isa::dequantize_int4, isa::read_checksum, \
-                isa::quantize_int8_rows, isa::quantize_int4_rows, isa::minmax_rows, \
+                isa::quantize_rows, \
                 isa::paged_attention, isa::rotary_kv_append, isa::store_kv_row }
 
 const KernelTable& kernels() {
@@ -120,35 +120,18 @@ void check_weight_type(const WeightRows& w) {
 
 int64_t element_bytes(WeightType t) { return t == WeightType::kFloat32 ? 4 : 2; }
 
-void quantize_int8(const WeightRows& w, int64_t N, const uint16_t* scales, int8_t* q, const RowErrors& err) {
-  check_shapes(N, w.K, w.data, scales, q, false, 0);
+int quantize(const WeightRows& w, int64_t N, const QuantizeOut& o) {
+  const bool int4 = o.bits == 4;
+  if (o.bits != 8 && !int4) throw std::invalid_argument("bits must be 8 or 4, got " + std::to_string(o.bits));
+  check_shapes(N, w.K, w.data, o.scales, o.q, int4, o.group_size);
   check_weight_type(w);
-  if ((err.err2 == nullptr) != (err.sq == nullptr)) throw std::invalid_argument("give both error sums or neither");
-  const auto fn = kernels().quantize_int8_rows;
-  parallel_for(N, kRowGrain, [&](int64_t b, int64_t e) { fn(w, scales, q, err, b, e); },
+  if (int4 && !o.symmetric && !o.zeros) throw std::invalid_argument("asymmetric int4 needs a zero-point output");
+  if ((o.err.err2 == nullptr) != (o.err.sq == nullptr)) throw std::invalid_argument("give both error sums or neither");
+  const auto fn = kernels().quantize_rows;
+  std::atomic<int> status{0};
+  parallel_for(N, kRowGrain, [&](int64_t b, int64_t e) { status.fetch_or(fn(w, o, b, e)); },
                max_jobs(1, N, w.K * element_bytes(w.type)));
-}
-
-void quantize_int4(const WeightRows& w, int64_t N, int64_t group_size, const uint16_t* scales, const uint8_t* zeros,
-                   uint8_t* packed, const RowErrors& err) {
-  check_shapes(N, w.K, w.data, scales, packed, true, group_size);
-  check_weight_type(w);
-  if ((err.err2 == nullptr) != (err.sq == nullptr)) throw std::invalid_argument("give both error sums or neither");
-  const auto fn = kernels().quantize_int4_rows;
-  parallel_for(N, kRowGrain, [&](int64_t b, int64_t e) { fn(w, group_size, scales, zeros, packed, err, b, e); },
-               max_jobs(1, N, w.K * element_bytes(w.type)));
-}
-
-bool minmax(const WeightRows& w, int64_t N, int64_t group, float* lo, float* hi) {
-  if (N < 0 || w.K <= 0 || group <= 0 || w.K % group != 0) throw std::invalid_argument("group must divide K");
-  if (!w.data || !lo || !hi) throw std::invalid_argument("null pointer");
-  check_weight_type(w);
-  const auto fn = kernels().minmax_rows;
-  std::atomic<bool> all_finite{true};
-  parallel_for(N, kRowGrain, [&](int64_t b, int64_t e) {
-    if (!fn(w, group, lo, hi, b, e)) all_finite.store(false);
-  }, max_jobs(1, N, w.K * element_bytes(w.type)));
-  return all_finite.load();
+  return status.load();
 }
 
 int64_t check_attention_tables(const AttentionArgs& a) {

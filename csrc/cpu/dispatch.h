@@ -12,12 +12,9 @@ void qlinear_int8(const QLinearArgs& a);
 void qlinear_int4(const QLinearArgs& a);
 void dequantize_int8(const DequantArgs& a);
 void dequantize_int4(const DequantArgs& a);
-// The per-element quantization pass for rows [0, N) (see cpu/quantize_kernels.cpp).
-void quantize_int8(const WeightRows& w, int64_t N, const uint16_t* scales, int8_t* q, const RowErrors& err = {});
-void quantize_int4(const WeightRows& w, int64_t N, int64_t group_size, const uint16_t* scales, const uint8_t* zeros,
-                   uint8_t* packed, const RowErrors& err = {});
-// lo/hi [N, K / group] = min/max of each row group; false if w holds NaN or inf.
-bool minmax(const WeightRows& w, int64_t N, int64_t group, float* lo, float* hi);
+// Quantize rows [0, N) of a weight in one pass per row (see cpu/quantize_kernels.cpp).
+// Returns kQuantize* status bits (0: all finite and every scale fits fp16).
+int quantize(const WeightRows& w, int64_t N, const QuantizeOut& out);
 // Attention of every (query, head) pair over the paged cache, threaded; validates the tables.
 void paged_attention(const AttentionArgs& a);
 // The checks paged_attention makes (sizes, pointers, every table row and block id a query will

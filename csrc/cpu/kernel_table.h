@@ -18,10 +18,7 @@ struct KernelTable {
   void (*dequantize_int8)(const DequantArgs&, int64_t, int64_t);
   void (*dequantize_int4)(const DequantArgs&, int64_t, int64_t);
   uint64_t (*read_checksum)(const uint8_t*, int64_t);
-  void (*quantize_int8_rows)(const WeightRows&, const uint16_t*, int8_t*, const RowErrors&, int64_t, int64_t);
-  void (*quantize_int4_rows)(const WeightRows&, int64_t, const uint16_t*, const uint8_t*, uint8_t*, const RowErrors&,
-                             int64_t, int64_t);
-  bool (*minmax_rows)(const WeightRows&, int64_t, float*, float*, int64_t, int64_t);
+  int (*quantize_rows)(const WeightRows&, const QuantizeOut&, int64_t, int64_t);
   void (*paged_attention)(const AttentionArgs&, float*, int64_t, int64_t);
   void (*rotary_kv_append)(const RotaryAppendArgs&, int64_t, int64_t);
   void (*store_kv_row)(void*, bool, int64_t, const float*, int64_t);

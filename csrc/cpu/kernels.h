@@ -23,6 +23,20 @@ struct RowErrors {
   double* err2 = nullptr;
   double* sq = nullptr;
 };
+// Where quantize_rows puts rows [0, N) of a weight: codes, fp16 scales (and zero points), computed
+// in one pass per row (min/max, scale, codes, error) as codegen_q/quantize.py specifies them.
+struct QuantizeOut {
+  int bits = 8;                  // 8: symmetric int8, one scale per row; 4: int4 per group
+  int64_t group_size = 0;        // int4 only
+  bool symmetric = true;         // int4 only; int8 is always symmetric
+  void* q = nullptr;             // int8 [N, K] or packed uint8 [N, K/2] (common/qformat.h)
+  uint16_t* scales = nullptr;    // fp16 bits, [N] or [N, K/group_size]
+  uint8_t* zeros = nullptr;      // int4 asymmetric only, [N, K/group_size]
+  RowErrors err;
+};
+// quantize_rows' status bits: the rows held NaN or inf; a scale does not fit fp16.
+constexpr int kQuantizeNonFinite = 1;
+constexpr int kQuantizeScaleOverflow = 2;
 }  // namespace cgq::cpu
 
 #define CGQ_DECLARE_ISA_KERNELS(isa)                                                   \
@@ -34,13 +48,8 @@ struct RowErrors {
   void dequantize_int8(const DequantArgs& a, int64_t n_begin, int64_t n_end);          \
   void dequantize_int4(const DequantArgs& a, int64_t n_begin, int64_t n_end);          \
   uint64_t read_checksum(const uint8_t* data, int64_t bytes);                          \
-  void quantize_int8_rows(const WeightRows& w, const uint16_t* scales, int8_t* q,      \
-                          const RowErrors& err, int64_t n_begin, int64_t n_end);       \
-  void quantize_int4_rows(const WeightRows& w, int64_t group_size,                     \
-                          const uint16_t* scales, const uint8_t* zeros, uint8_t* packed, \
-                          const RowErrors& err, int64_t n_begin, int64_t n_end);       \
-  bool minmax_rows(const WeightRows& w, int64_t group, float* lo, float* hi,           \
-                   int64_t n_begin, int64_t n_end);                                    \
+  int quantize_rows(const WeightRows& w, const QuantizeOut& out, int64_t n_begin,       \
+                    int64_t n_end);                                                    \
   void paged_attention(const AttentionArgs& a, float* scores, int64_t task_begin,       \
                        int64_t task_end);                                              \
   void rotary_kv_append(const RotaryAppendArgs& a, int64_t t_begin, int64_t t_end);     \

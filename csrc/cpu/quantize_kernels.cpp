@@ -1,14 +1,14 @@
-// The per-element pass of round-to-nearest quantization, given the scales (and zero points) that
-// codegen_q/quantize.py computes: q = clamp(round(w / scale) + zero, lo, hi), packed as in
-// common/qformat.h, and the min/max pass those scales come from. Written as plain loops that the
-// compiler vectorizes per ISA (the file is compiled once per ISA like qlinear_kernels.cpp). The
-// operations and their order are those of the torch reference in quantize.py, so both give
-// bit-identical weights (tested).
+// Round-to-nearest quantization of a weight's rows in one pass per row: min/max per row (int8) or
+// group (int4), the fp16 scale (and zero point), the codes q = clamp(round(w / scale) + zero, lo,
+// hi) packed as in common/qformat.h, and optionally the error sums the quantizer reports. The
+// operations and their order are those of the torch specification in codegen_q/quantize.py
+// (_quantize_rows_reference), so both give bit-identical bytes (tested on every ISA). The file is
+// compiled once per ISA like qlinear_kernels.cpp.
 //
 // The weight arrives in the checkpoint's dtype; each row is widened to float32 into a buffer that
-// stays in L1/L2 (fp16 -> fp32 is exact, as is bf16 -> fp32). Widening the whole tensor first
-// instead cost a float32 copy twice the source's size, written and read back twice: on a 2B
-// checkpoint that was more time than the two passes themselves.
+// stays in L1/L2 (fp16 -> fp32 is exact, as is bf16 -> fp32) and every step reads it there.
+// Before, a float32 copy of each chunk was made, read by a min/max pass, scales were computed by
+// a dozen small torch ops, and a second pass read the chunk again for the codes.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -76,24 +76,6 @@ void int8_row_error(const float* x, const int8_t* q, int64_t K, float scale, con
   sums.store(e, n);
 }
 
-void quantize_int8_rows(const WeightRows& w, const uint16_t* scales, int8_t* q, const RowErrors& err, int64_t n_begin,
-                        int64_t n_end) {
-  const int64_t K = w.K;
-  RowBuffer buf(w);
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const float stored = Vec::half(scales[n]);
-    const float s = stored > 0.0f ? stored : 1.0f;  // an all-zero row: divide by 1, as the reference does
-    const float* row = row_as_float(w, n, buf.get());
-    int8_t* out = q + n * K;
-    for (int64_t k = 0; k < K; ++k) {
-      float v = ::nearbyintf(row[k] / s);
-      v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
-      out[k] = static_cast<int8_t>(v);
-    }
-    if (err.err2) int8_row_error(row, out, K, stored, err, n);
-  }
-}
-
 // 32 consecutive elements of one group -> 16 packed bytes (byte j = q[j] | q[j + 16] << 4), with
 // q = clamp(round_half_even(x / s) + z, 0, 15): the reference's operations, in vector registers.
 // The plain loop left this to the compiler, which packed byte by byte (vpextrb) and made the int4
@@ -132,33 +114,6 @@ inline void quantize_block32(const float* src, float s, float z, uint8_t* dst) {
 #endif
 }
 
-void quantize_int4_rows(const WeightRows& w, int64_t group_size, const uint16_t* scales, const uint8_t* zeros,
-                        uint8_t* packed, const RowErrors& err, int64_t n_begin, int64_t n_end) {
-  const int64_t K = w.K;
-  const int64_t groups = K / group_size;
-  RowBuffer buf(w);
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const float* row = row_as_float(w, n, buf.get());
-    SquareSums sums;
-    for (int64_t g = 0; g < groups; ++g) {
-      const float stored = Vec::half(scales[n * groups + g]);
-      const float s = stored > 0.0f ? stored : 1.0f;
-      const float z = zeros ? static_cast<float>(zeros[n * groups + g]) : static_cast<float>(kInt4SymmetricZero);
-      for (int64_t k0 = g * group_size; k0 < (g + 1) * group_size; k0 += kInt4BlockElems) {
-        uint8_t* dst = packed + n * (K / 2) + k0 / 2;
-        quantize_block32(row + k0, s, z, dst);
-        if (err.err2) {  // dequantize the block just written: (q - z) * scale, W lanes at a time
-          Vec::R qv[kInt4BlockElems / Vec::W];
-          Vec::from_u4_block(dst, qv);
-          for (int r = 0; r < kInt4BlockElems / Vec::W; ++r)
-            sums.add(Vec::load(row + k0 + r * Vec::W), Vec::mul(Vec::add(qv[r], Vec::set1(-z)), Vec::set1(stored)));
-        }
-      }
-    }
-    if (err.err2) sums.store(err, n);
-  }
-}
-
 // min and max of src[0, group); finite accumulates src * 0, which is NaN exactly when some element
 // is NaN or inf. One running min/max per lane (Vec::min/max keep the scalar `v < l ? v : l`
 // semantics), reduced once per group; the scalar tail covers groups that are not a multiple of W.
@@ -188,18 +143,78 @@ inline void group_minmax(const float* src, int64_t group, float* lo, float* hi, 
   *hi = hmax;
 }
 
-// Per (row, group of `group` elements) minimum and maximum, for the scales; returns false if the
-// rows hold NaN or inf.
-bool minmax_rows(const WeightRows& w, int64_t group, float* lo, float* hi, int64_t n_begin, int64_t n_end) {
-  const int64_t groups = w.K / group;
+// The fp16 bits of the smallest fp16 >= v: quantize.py's _fp16_scale_at_least, so the grid covers
+// every value (round to nearest even, then one step up if that fell below v).
+inline uint16_t half_at_least(float v) {
+  uint16_t h = float_to_half_bits(v);
+  if (half_bits_to_float(h) < v) ++h;
+  return h;
+}
+
+inline bool half_is_finite(uint16_t h) { return (h & 0x7C00) != 0x7C00; }
+
+// One pass per row: widen it into cache, then per group its min/max, the fp16 scale (and zero
+// point), the codes and the error sums, with quantize.py's reference operations in its order
+// (_scales_reference, quantize_values_reference): the same bytes, tested on every ISA.
+int quantize_rows(const WeightRows& w, const QuantizeOut& o, int64_t n_begin, int64_t n_end) {
+  const int64_t K = w.K;
+  const bool int4 = o.bits == 4;
+  const int64_t group = int4 ? o.group_size : K;
+  const int64_t groups = K / group;
   RowBuffer buf(w);
+  int status = 0;
   float finite = 0.0f;
   for (int64_t n = n_begin; n < n_end; ++n) {
     const float* row = row_as_float(w, n, buf.get());
-    for (int64_t g = 0; g < groups; ++g)
-      group_minmax(row + g * group, group, lo + n * groups + g, hi + n * groups + g, finite);
+    SquareSums sums;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* src = row + g * group;
+      float lo, hi;
+      group_minmax(src, group, &lo, &hi, finite);
+      uint16_t s16;
+      float z = int4 ? static_cast<float>(kInt4SymmetricZero) : 0.0f;
+      if (!int4 || o.symmetric) {
+        const float m = -lo > hi ? -lo : hi;  // torch.maximum(-lo, hi)
+        s16 = half_at_least(m / (int4 ? 7.0f : 127.0f));
+      } else {
+        lo = lo > 0.0f ? 0.0f : lo;  // keep 0 exactly representable
+        hi = hi < 0.0f ? 0.0f : hi;
+        s16 = half_at_least((hi - lo) / 15.0f);
+        const float h = half_bits_to_float(s16);
+        float zr = ::nearbyintf(-lo / (h > 0.0f ? h : 1.0f));
+        zr = zr < 0.0f ? 0.0f : (zr > 15.0f ? 15.0f : zr);
+        o.zeros[n * groups + g] = static_cast<uint8_t>(zr);
+        z = zr;
+      }
+      if (!half_is_finite(s16)) status |= kQuantizeScaleOverflow;
+      o.scales[n * groups + g] = s16;
+      const float stored = half_bits_to_float(s16);
+      const float s = stored > 0.0f ? stored : 1.0f;  // an all-zero group: divide by 1, as the reference does
+      if (!int4) {
+        int8_t* out = static_cast<int8_t*>(o.q) + n * K;
+        for (int64_t k = 0; k < K; ++k) {
+          float v = ::nearbyintf(row[k] / s);
+          v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+          out[k] = static_cast<int8_t>(v);
+        }
+        if (o.err.err2) int8_row_error(row, out, K, stored, o.err, n);
+        continue;
+      }
+      for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += kInt4BlockElems) {
+        uint8_t* dst = static_cast<uint8_t*>(o.q) + n * (K / 2) + k0 / 2;
+        quantize_block32(row + k0, s, z, dst);
+        if (o.err.err2) {  // dequantize the block just written: (q - z) * scale, W lanes at a time
+          Vec::R qv[kInt4BlockElems / Vec::W];
+          Vec::from_u4_block(dst, qv);
+          for (int r = 0; r < kInt4BlockElems / Vec::W; ++r)
+            sums.add(Vec::load(row + k0 + r * Vec::W), Vec::mul(Vec::add(qv[r], Vec::set1(-z)), Vec::set1(stored)));
+        }
+      }
+    }
+    if (int4 && o.err.err2) sums.store(o.err, n);
   }
-  return finite == 0.0f;
+  if (finite != 0.0f) status |= kQuantizeNonFinite;
+  return status;
 }
 
 }  // namespace cgq::cpu::CGQ_ISA
