@@ -243,13 +243,20 @@ def _quantize_rows_reference(w: torch.Tensor, bits: int, group_size: int | None,
     if bits == 8:  # one scale per row: [N], not [N, 1]
         lo, hi = lo.squeeze(1), hi.squeeze(1)
     if bits == 8 or symmetric:
-        scale = _fp16_scale_at_least(torch.maximum(-lo, hi) / (127.0 if bits == 8 else 7.0))
+        scale = _fp16_scale_at_least(_divide(torch.maximum(-lo, hi), 127.0 if bits == 8 else 7.0))
         zero = None
     else:
         lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)  # keep 0 exactly representable
-        scale = _fp16_scale_at_least((hi - lo) / 15.0)
+        scale = _fp16_scale_at_least(_divide(hi - lo, 15.0))
         zero = torch.round(-lo / _safe(scale).float()).clamp_(0, 15).to(torch.uint8)
     return quantize_values_reference(w, bits, group_size, scale, zero), scale, zero
+
+
+def _divide(x: torch.Tensor, d: float) -> torch.Tensor:
+    """x / d correctly rounded on every device: CUDA torch turns division by a Python scalar into
+    multiplication by its reciprocal (1/15 is inexact), which moved scales by an ulp against the
+    CPU's native pass (found by the CUDA-vs-CPU quantize test)."""
+    return x / torch.full_like(x, d)
 
 
 def quantize_values_reference(w: torch.Tensor, bits: int, group_size: int | None, scale: torch.Tensor,

@@ -181,3 +181,20 @@ def test_cuda_device_mismatches_are_value_errors():
         qlinear(x.cuda(), qw_cuda, bias)           # bias left behind
     with pytest.raises(ValueError, match="one device"):
         codegen_q.QuantizedWeight(8, qw.shape, qw.qweight.cuda(), qw.scales)  # mixed weight tensors
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+def test_quantize_weight_on_cuda_equals_the_native_cpu_pass(scheme, dtype):
+    # A weight on the GPU is quantized by the torch specification (_quantize_rows_reference), the
+    # CPU by the native one-pass kernel: codes, scales and zero points must be the same bytes, and
+    # quantize_weight_with_error's error must agree.
+    from codegen_q.quantize import quantize_weight_with_error
+
+    w = (torch.randn(203, 1152, generator=torch.Generator().manual_seed(7)) * 0.05).to(dtype)
+    w[5] = 0.0
+    cpu, cpu_err = quantize_weight_with_error(w, **SCHEMES[scheme])
+    gpu, gpu_err = quantize_weight_with_error(w.cuda(), **SCHEMES[scheme])
+    for name, t in cpu.tensors().items():
+        assert torch.equal(gpu.tensors()[name].cpu(), t), name
+    assert gpu_err == pytest.approx(cpu_err, rel=1e-4)
