@@ -196,7 +196,7 @@ class HubCheckpoint:
         if f.endswith(".safetensors"):
             fd, ranges = self._readahead[f]
             start, end = ranges[name]
-            if fd >= 0 and hasattr(os, "posix_fadvise"):
+            if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
             return end - start
         t = self._handles[f][name]

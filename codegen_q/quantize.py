@@ -24,12 +24,15 @@ INT4_GROUP_SIZES = (32, 64, 128)
 INT4_SYMMETRIC_ZERO = 8
 DEFAULT_INT4_GROUP_SIZE = 128
 # Rows quantized at a time by the torch path (weights not on the CPU): bounds its float32
-# temporaries, so quantizing needs memory for one tensor, not for the model. The CPU's native
-# pass needs no temporaries beyond one widened row per thread.
-_ROW_CHUNK_ELEMENTS = 1 << 22
+# temporaries to a few hundred MB even for a 16B lm_head, so quantizing needs memory for one
+# tensor, not for the model. The CPU's native pass needs no temporaries beyond one widened row
+# per thread.
+_ROW_CHUNK_ELEMENTS = 1 << 25
 _SCALE_TOO_LARGE = "weight values are too large for fp16 scales (|w| > 65504 * qmax)"
 # The weight dtypes the native CPU pass reads directly (the codes of csrc/cpu/kernels.h).
 _NATIVE_WEIGHT_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# The native pass's status bits (kQuantizeNonFinite, kQuantizeScaleOverflow in csrc/cpu/kernels.h).
+_STATUS_NON_FINITE, _STATUS_SCALE_OVERFLOW = 1, 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -141,7 +144,6 @@ def quantize_weight_with_error(weight: torch.Tensor, bits: int = 8, group_size: 
 
 def _quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool | None,
                      measure_error: bool) -> tuple[QuantizedWeight, float]:
-
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
@@ -167,20 +169,12 @@ def _quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None, sy
                              f"choose a group size that divides it")
         symmetric = bool(symmetric)
 
-    dev = weight.device
-    if bits == 8:
-        qweight, scales, zeros = (torch.empty((n, k), dtype=torch.int8, device=dev),
-                                  torch.empty((n,), dtype=torch.float16, device=dev), None)
-    else:
-        groups = k // group_size
-        qweight = torch.empty((n, k // 2), dtype=torch.uint8, device=dev)
-        scales = torch.empty((n, groups), dtype=torch.float16, device=dev)
-        zeros = None if symmetric else torch.empty((n, groups), dtype=torch.uint8, device=dev)
-    native = dev.type == "cpu"
-    err2, sq = (torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)) if native else (None, None)
+    qweight, scales, zeros = _empty_outputs(n, k, bits, group_size, symmetric, weight.device)
+    native = weight.device.type == "cpu"
+    # Per row sum((w - W_hat)^2) and sum(w^2), summed by the native pass.
+    sums = tuple(torch.zeros(n, dtype=torch.float64) for _ in range(2)) if native and measure_error else None
     if native:  # one threaded native pass over the whole tensor, rows widened in cache
-        _quantize_rows(weight, bits, group_size, symmetric, out=(qweight, scales, zeros),
-                       error_sums=(err2, sq) if measure_error else None)
+        _quantize_rows(weight, bits, group_size, symmetric, out=(qweight, scales, zeros), error_sums=sums)
     else:  # the torch specification, a chunk of rows at a time to bound its float32 temporaries
         rows_per_chunk = max(1, _ROW_CHUNK_ELEMENTS // k)
         for r in range(0, n, rows_per_chunk):
@@ -193,11 +187,23 @@ def _quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None, sy
     if not measure_error:
         return qw, 0.0
     if native:
-        total_err2, total_sq = float(err2.sum()), float(sq.sum())
+        total_err2, total_sq = (float(t.sum()) for t in sums)
     else:
         ref = weight.double()
         total_err2, total_sq = float((ref - qw.dequantize().double()).square().sum()), float(ref.square().sum())
     return qw, (total_err2 / total_sq) ** 0.5 if total_sq > 0 else 0.0
+
+
+def _empty_outputs(n: int, k: int, bits: int, group_size: int | None, symmetric: bool,
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Uninitialised (codes, fp16 scales, zero points or None) for an [n, k] weight."""
+    if bits == 8:
+        return (torch.empty((n, k), dtype=torch.int8, device=device),
+                torch.empty((n,), dtype=torch.float16, device=device), None)
+    groups = k // group_size
+    return (torch.empty((n, k // 2), dtype=torch.uint8, device=device),
+            torch.empty((n, groups), dtype=torch.float16, device=device),
+            None if symmetric else torch.empty((n, groups), dtype=torch.uint8, device=device))
 
 
 def _quantize_rows(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
@@ -213,21 +219,16 @@ def _quantize_rows(w: torch.Tensor, bits: int, group_size: int | None, symmetric
         w = w.float()
     w = w.contiguous()
     n, k = w.shape
-    if out is None:
-        groups = 1 if bits == 8 else k // group_size
-        out = (torch.empty((n, k) if bits == 8 else (n, k // 2), dtype=torch.int8 if bits == 8 else torch.uint8),
-               torch.empty((n,) if bits == 8 else (n, groups), dtype=torch.float16),
-               None if bits == 8 or symmetric else torch.empty((n, groups), dtype=torch.uint8))
-    q, scale, zero = out
+    q, scale, zero = _empty_outputs(n, k, bits, group_size, symmetric) if out is None else out
     sums = (0, 0) if error_sums is None else tuple(t.data_ptr() for t in error_sums)
     status = _native.cpu().quantize(w.data_ptr(), n, k, _NATIVE_WEIGHT_TYPES[w.dtype], bits, group_size or 0,
                                     bits == 8 or symmetric, q.data_ptr(), scale.data_ptr(),
                                     0 if zero is None else zero.data_ptr(), *sums)
     # One min/max per row or group gives the range and the finiteness check for free: NaN and inf
     # propagate into it (a separate isfinite(w).all() cost 6x the quantization itself).
-    if status & 1:
+    if status & _STATUS_NON_FINITE:
         raise ValueError("weight contains NaN or infinite values")
-    if status & 2:
+    if status & _STATUS_SCALE_OVERFLOW:
         raise ValueError(_SCALE_TOO_LARGE)
     return q, scale, zero
 

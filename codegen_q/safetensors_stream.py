@@ -120,8 +120,7 @@ class SafetensorsStreamWriter:
         # A uint8 view of the tensor's own memory: no copy on the way to the file. The tensor
         # travels with its view so its memory lives until the thread has written it.
         tensor = tensor.detach().contiguous()
-        while self._written:
-            self._written.popleft()
+        self._written.clear()
         self._queue.put((tensor, tensor.reshape(-1).view(torch.uint8).numpy()))
         self._next += 1
 

@@ -155,7 +155,7 @@ inline bool half_is_finite(uint16_t h) { return (h & 0x7C00) != 0x7C00; }
 
 // One pass per row: widen it into cache, then per group its min/max, the fp16 scale (and zero
 // point), the codes and the error sums, with quantize.py's reference operations in its order
-// (_scales_reference, quantize_values_reference): the same bytes, tested on every ISA.
+// (_quantize_rows_reference): the same bytes, tested on every ISA.
 int quantize_rows(const WeightRows& w, const QuantizeOut& o, int64_t n_begin, int64_t n_end) {
   const int64_t K = w.K;
   const bool int4 = o.bits == 4;
