@@ -244,6 +244,15 @@ void dequantize_int4(const DequantArgs& a, int64_t n_begin, int64_t n_end) {
   }
 }
 
+#if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
+// The bandwidth probe must be the best plain read we know, or kernels that prefetch would look
+// better than the memory allows: a software prefetch 4 KB ahead into L2 read 20.9 -> 22.8 GB/s on
+// one thread of the dev VM (1, 2 and 8 KB ahead: no gain or less).
+inline void prefetch_ahead(const uint8_t* p, int bytes) {
+  for (int j = 0; j < bytes; j += 64) _mm_prefetch(reinterpret_cast<const char*>(p + 4096 + j), _MM_HINT_T1);
+}
+#endif
+
 // Streams `bytes` of memory with the widest loads this ISA has; the checksum keeps the compiler
 // from dropping the loads. Used to measure the machine's read bandwidth next to the kernels.
 uint64_t read_checksum(const uint8_t* data, int64_t bytes) {
@@ -252,6 +261,7 @@ uint64_t read_checksum(const uint8_t* data, int64_t bytes) {
 #if defined(CGQ_ISA_AVX512)
   __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
   for (; i + 256 <= bytes; i += 256) {
+    prefetch_ahead(data + i, 256);
     s0 = _mm512_add_epi64(s0, _mm512_loadu_si512(data + i));
     s1 = _mm512_add_epi64(s1, _mm512_loadu_si512(data + i + 64));
     s2 = _mm512_add_epi64(s2, _mm512_loadu_si512(data + i + 128));
@@ -261,6 +271,7 @@ uint64_t read_checksum(const uint8_t* data, int64_t bytes) {
 #elif defined(CGQ_ISA_AVX2)
   __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
   for (; i + 128 <= bytes; i += 128) {
+    prefetch_ahead(data + i, 128);
     s0 = _mm256_add_epi64(s0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data + i)));
     s1 = _mm256_add_epi64(s1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data + i + 32)));
     s2 = _mm256_add_epi64(s2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data + i + 64)));

@@ -188,58 +188,66 @@ inline float dot_int4_fp32(const uint8_t* w, const float* x, int64_t len, float 
   return _mm512_reduce_add_ps(acc);
 }
 
-// A tile reads its NR weight rows as NR interleaved streams, which the hardware prefetchers
-// follow poorly when rows are short (int8 K = 1024: 1 KB rows): one thread then pulled ~5 GB/s
-// from DRAM where it computes at 20+. So with rows of at most kPrefetchRowBytesInt8/Int4, each 64-byte
-// step of a tile also prefetches NR cache lines of the next tile, front to back: by the time the
-// tile is done, the next one (NR rows ahead) is on its way. With longer rows the hardware does
-// well alone and the extra prefetches measured slower (int8 K = 4096: 21 -> 14-18 GB/s). int4 does
-// more work per byte, so its limit is higher: 3 KB rows (16B fc_in) gained 10 % from the prefetch
-// (18.6 -> 20.4 GB/s, median of 5 alternating runs), 8 KB rows (6B fc_out) lost 14 %.
-// Measured on the 2-core dev VM, lm_head-sized int8 K = 1024: 11-13 -> 18-34 GB/s; int4 K = 1024
-// to 4096: 10-16 -> 16-29 GB/s. Prefetches past the buffer's end are harmless hints.
-constexpr int64_t kPrefetchRowBytesInt8 = 2048;
-constexpr int64_t kPrefetchRowBytesInt4 = 4096;
-
-template <int NR>
+// A tile reads its NR weight rows as NR interleaved streams. On the 2-core dev VM (Zen 4) the
+// hardware prefetchers serve several interleaved streams far worse than one sequential one, so
+// every tile prefetches the next tile (the next NR rows, contiguous in memory) front to back,
+// spread evenly over its own steps: one tile ahead, in memory order, into L2 (_MM_HINT_T1; the
+// 8-32 KB a tile spans would flush L1). Measured single-threaded, GB/s of weights read from DRAM
+// at M = 1 (read bandwidth 20-22 GB/s), before -> after:
+//   int4 g128  2 KB rows (6B qkv/fc_in, prefetched before into L1) 17.2 -> 17.4-17.9,
+//              3 KB rows (16B fc_in, prefetched into L1) 10.8-11.8 -> 18.7-19.3,
+//              8 KB rows (6B fc_out, not prefetched)      10.6-13.1 -> 18.4-19.0;
+//   int8       4 KB rows (not prefetched)                 11.5-13.8 -> 15.2-16.7 (20.6-24.8 with
+//              int8_tile's per-block accumulators).
+// Prefetching a few lines ahead within each row instead (the textbook form) measured 30 % slower
+// for 2 KB rows and gained half as much for long ones. Prefetches past the buffer's end are
+// harmless hints.
+template <int NR, int kLinesPerRowStep>
 inline void prefetch_next_tile(const void* next_tile, int64_t step) {
-  const char* p = static_cast<const char*>(next_tile) + step * NR * 64;
-  for (int j = 0; j < NR; ++j) _mm_prefetch(p + j * 64, _MM_HINT_T0);
+  constexpr int kLines = NR * kLinesPerRowStep;
+  const char* p = static_cast<const char*>(next_tile) + step * kLines * 64;
+  for (int j = 0; j < kLines; ++j) _mm_prefetch(p + j * 64, _MM_HINT_T1);
 }
 
-// y[m0 .. m0+MR, n0 .. n0+NR] for int8 weights.
+// Low `n` bits set, n in [0, 64].
+inline __mmask64 low_bytes(int64_t n) { return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << (n > 0 ? n : 0)) - 1; }
+
+// y[m0 .. m0+MR, n0 .. n0+NR] for int8 weights. Each activation block (128 elements, two 64-byte
+// loads per weight row) gets fresh integer accumulators that are folded into the fp32 ones at
+// its end; keeping the integer ones across a loop instead made GCC spill all twelve to the stack
+// (a load and a store per vpdpbusd).
 template <int MR, int NR>
 void int8_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t m0, int64_t n0) {
+  static_assert(kInt8Block == 128, "two 64-byte steps per block");
   const int8_t* w = static_cast<const int8_t*>(a.qweight) + n0 * a.K;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[MR][NR];
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < L.n_blocks; ++b) {
-    __m512i ih[MR][NR], il[MR][NR], ill[MR][NR];
+    const int64_t k = b * kInt8Block;
+    // Masked loads: the tail of the last row must not read past the weight buffer. Lanes past K
+    // load 0 -> 128 after the flip, but meet zero limbs.
+    const __mmask64 mask0 = low_bytes(a.K - k), mask1 = low_bytes(a.K - k - 64);
+    prefetch_next_tile<NR, 2>(w + NR * a.K, b);
+    __m512i xl[MR][kLimbs][2];
     for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < NR; ++r) ih[m][r] = il[m][r] = ill[m][r] = _mm512_setzero_si512();
-    const int64_t k_end = (b + 1) * kInt8Block < a.K ? (b + 1) * kInt8Block : a.K;
-    for (int64_t k = b * kInt8Block; k < k_end; k += 64) {
-      const __mmask64 mask = (k_end - k >= 64) ? ~__mmask64(0) : ((__mmask64(1) << (k_end - k)) - 1);
-      if (a.K <= kPrefetchRowBytesInt8) prefetch_next_tile<NR>(w + NR * a.K, k / 64);
-      __m512i xl[MR][kLimbs];
-      for (int m = 0; m < MR; ++m)
-        for (int j = 0; j < kLimbs; ++j) xl[m][j] = _mm512_load_si512(L.limb(ws, m0 + m, j) + k);
-      for (int r = 0; r < NR; ++r) {
-        // Masked load: the tail of the last row must not read past the weight buffer. Lanes past
-        // K load 0 -> 128 after the flip, but meet zero limbs.
-        const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + r * a.K + k), flip);
-        for (int m = 0; m < MR; ++m) {
-          ih[m][r] = _mm512_dpbusd_epi32(ih[m][r], wv, xl[m][0]);
-          il[m][r] = _mm512_dpbusd_epi32(il[m][r], wv, xl[m][1]);
-          ill[m][r] = _mm512_dpbusd_epi32(ill[m][r], wv, xl[m][2]);
-        }
+      for (int j = 0; j < kLimbs; ++j) {
+        xl[m][j][0] = _mm512_load_si512(L.limb(ws, m0 + m, j) + k);
+        xl[m][j][1] = _mm512_load_si512(L.limb(ws, m0 + m, j) + k + 64);
       }
-    }
-    for (int m = 0; m < MR; ++m) {
-      const __m512 s = _mm512_set1_ps(L.block_scale(ws, m0 + m)[b]);
-      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(combine(ih[m][r], il[m][r], ill[m][r]), s, acc[m][r]);
+    __m512 s[MR];
+    for (int m = 0; m < MR; ++m) s[m] = _mm512_set1_ps(L.block_scale(ws, m0 + m)[b]);
+    for (int r = 0; r < NR; ++r) {
+      const __m512i w0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask0, w + r * a.K + k), flip);
+      const __m512i w1 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask1, w + r * a.K + k + 64), flip);
+      for (int m = 0; m < MR; ++m) {
+        const __m512i zero = _mm512_setzero_si512();
+        const __m512i ih = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, w0, xl[m][0][0]), w1, xl[m][0][1]);
+        const __m512i il = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, w0, xl[m][1][0]), w1, xl[m][1][1]);
+        const __m512i ill = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, w0, xl[m][2][0]), w1, xl[m][2][1]);
+        acc[m][r] = _mm512_fmadd_ps(combine(ih, il, ill), s[m], acc[m][r]);
+      }
     }
   }
   for (int m = 0; m < MR; ++m) {
@@ -267,18 +275,17 @@ void int8_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
 // lane i of a dot-product vector covers bytes 4i..4i+3, i.e. 32-block i / 4, so lane quarters
 // (G = 32), halves (G = 64) or the whole vector (G = 128) belong to one group.
 //
-// The group size is a template parameter: with G = 128 a chunk is one group and its scale is a
-// plain broadcast. The three limb accumulators of a chunk are folded in int32 before the single
-// conversion: a lane sums 8 products per chunk, |H| <= 15 * 127 * 8 < 2^14, so
-// (H << 14) + (L << 7) + LL < 2^29 cannot overflow.
+// The group size is a template parameter, so the lane arithmetic is constant. The three limbs' dot products of a chunk are folded in int32 before the single
+// conversion, as ((H << 7) + L) << 7) + LL: each limb's vpdpbusd pair starts from the shifted sum
+// of the limbs before it, so the fold costs two shifts and no adds. A lane sums 8 products per
+// chunk, |H| <= 15 * 127 * 8 < 2^14, so the result, < 2^29 in magnitude, cannot overflow.
 template <int G, int MR, int NR>
 void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t m0, int64_t n0) {
   static_assert(G == 32 || G == 64 || G == 128, "int4 group size");
   const int64_t groups = a.K / G;
   const int64_t row_bytes = a.K / 2;
-  constexpr int groups_per_chunk = 128 / G;
   const uint8_t* w = static_cast<const uint8_t*>(a.qweight) + n0 * row_bytes;
-  // Lane -> group-in-chunk index for the scale vector.
+  // Lane -> group-in-chunk index: a lane covers 8 elements, so G / 8 lanes share a group.
   const __m512i lane_group = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                                G == 32 ? 2 : (G == 64 ? 3 : 4));
   const __m512i nibble = _mm512_set1_epi8(0x0F);
@@ -286,50 +293,45 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
 
-  for (int64_t k = 0; k < a.K; k += 128) {
-    const int64_t g0 = k / G;
-    const int64_t chunk_groups = (groups - g0 < groups_per_chunk) ? groups - g0 : groups_per_chunk;
-    const int64_t chunk_bytes = (a.K - k >= 128) ? 64 : (a.K - k) / 2;
-    const __mmask64 byte_mask = chunk_bytes == 64 ? ~__mmask64(0) : ((__mmask64(1) << chunk_bytes) - 1);
-    const __mmask16 group_mask = static_cast<__mmask16>((1u << chunk_groups) - 1);
-    __m512i ih[MR][NR], il[MR][NR], ill[MR][NR];
-    for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < NR; ++r) ih[m][r] = il[m][r] = ill[m][r] = _mm512_setzero_si512();
-    __m512i xl[MR][kLimbs][2];
-    for (int m = 0; m < MR; ++m)
-      for (int j = 0; j < kLimbs; ++j) {
-        xl[m][j][0] = _mm512_load_si512(L.limb(ws, m0 + m, j) + k);
-        xl[m][j][1] = _mm512_load_si512(L.limb(ws, m0 + m, j) + k + 64);
-      }
-    if (row_bytes <= kPrefetchRowBytesInt4) prefetch_next_tile<NR>(w + NR * row_bytes, k / 128);
-    for (int r = 0; r < NR; ++r) {
-      const __m512i raw = _mm512_maskz_loadu_epi8(byte_mask, w + r * row_bytes + k / 2);
-      const __m512i lo = _mm512_and_si512(raw, nibble);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
-      for (int m = 0; m < MR; ++m) {
-        ih[m][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ih[m][r], lo, xl[m][0][0]), hi, xl[m][0][1]);
-        il[m][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(il[m][r], lo, xl[m][1][0]), hi, xl[m][1][1]);
-        ill[m][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ill[m][r], lo, xl[m][2][0]), hi, xl[m][2][1]);
-      }
-    }
-    // Activation block scales 2^e of this chunk's groups, times 2^-14 for the limb fold.
-    __m512 sx[MR];
+  // Scales go 16 groups at a time: one vector of weight scale x activation scale per (row of x,
+  // row of W), from which each chunk takes its groups' lanes with one permute. Fetching and
+  // multiplying the scales chunk by chunk instead cost four of a chunk's ~17 instructions.
+  for (int64_t g_base = 0; g_base < groups; g_base += 16) {
+    const int64_t span = (groups - g_base < 16) ? groups - g_base : 16;
+    const __mmask16 span_mask = static_cast<__mmask16>((1u << span) - 1);
+    __m512 scale[MR][NR];
     for (int m = 0; m < MR; ++m) {
-      if constexpr (G == 128) sx[m] = _mm512_set1_ps(L.block_scale(ws, m0 + m)[g0] * (1.0f / 16384.0f));
-      else sx[m] = _mm512_mul_ps(_mm512_maskz_loadu_ps(group_mask, L.block_scale(ws, m0 + m) + g0),
-                                 _mm512_set1_ps(1.0f / 16384.0f));
+      // Activation block scales 2^e, times 2^-14 for the limb fold.
+      const __m512 sx = _mm512_mul_ps(_mm512_maskz_loadu_ps(span_mask, L.block_scale(ws, m0 + m) + g_base),
+                                      _mm512_set1_ps(1.0f / 16384.0f));
+      for (int r = 0; r < NR; ++r)
+        scale[m][r] = _mm512_mul_ps(
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(span_mask, a.scales + (n0 + r) * groups + g_base)), sx);
     }
-    for (int r = 0; r < NR; ++r) {
-      // Weight scales of this chunk's groups, spread over their lanes.
-      __m512 sw;
-      if constexpr (G == 128) sw = _mm512_set1_ps(_cvtsh_ss(a.scales[(n0 + r) * groups + g0]));
-      else sw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(group_mask, a.scales + (n0 + r) * groups + g0));
-      for (int m = 0; m < MR; ++m) {
-        __m512 s = _mm512_mul_ps(sw, sx[m]);
-        if constexpr (G != 128) s = _mm512_permutexvar_ps(lane_group, s);
-        const __m512i folded = _mm512_add_epi32(
-            _mm512_add_epi32(_mm512_slli_epi32(ih[m][r], 14), _mm512_slli_epi32(il[m][r], 7)), ill[m][r]);
-        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(folded), s, acc[m][r]);
+    const int64_t k_end = (g_base + span) * G;
+    for (int64_t k = g_base * G; k < k_end; k += 128) {
+      const int64_t chunk_bytes = (k_end - k >= 128) ? 64 : (k_end - k) / 2;
+      const __mmask64 byte_mask = chunk_bytes == 64 ? ~__mmask64(0) : ((__mmask64(1) << chunk_bytes) - 1);
+      __m512i xl[MR][kLimbs][2];
+      for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < kLimbs; ++j) {
+          xl[m][j][0] = _mm512_load_si512(L.limb(ws, m0 + m, j) + k);
+          xl[m][j][1] = _mm512_load_si512(L.limb(ws, m0 + m, j) + k + 64);
+        }
+      prefetch_next_tile<NR, 1>(w + NR * row_bytes, k / 128);
+      const __m512i lanes = _mm512_add_epi32(lane_group, _mm512_set1_epi32(static_cast<int>(k / G - g_base)));
+      for (int r = 0; r < NR; ++r) {
+        const __m512i raw = _mm512_maskz_loadu_epi8(byte_mask, w + r * row_bytes + k / 2);
+        const __m512i lo = _mm512_and_si512(raw, nibble);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
+        for (int m = 0; m < MR; ++m) {
+          __m512i folded = _mm512_setzero_si512();
+          for (int j = 0; j < kLimbs; ++j) {
+            if (j > 0) folded = _mm512_slli_epi32(folded, 7);
+            folded = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(folded, lo, xl[m][j][0]), hi, xl[m][j][1]);
+          }
+          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(folded), _mm512_permutexvar_ps(lanes, scale[m][r]), acc[m][r]);
+        }
       }
     }
   }
