@@ -106,16 +106,22 @@ def test_qlinear_int8_tiny_k_within_fp32_bound(cpu_isa, k):
 # y = x @ W.T in IEEE arithmetic: a NaN in a row of x makes that whole row of y NaN, an inf gives
 # +-inf (NaN where the weight is exactly 0), and the other rows are unaffected. A kernel must not
 # turn a non-finite activation into a finite number (silently corrupting the next layer's input).
-# M = 3 runs the native kernels, M = 100 the dequantize + GEMM path.
+# M = 3 runs the native kernels, M = 100 the dequantize + GEMM path, and M = 1 calls qlinear row by
+# row (AVX2's integer kernel serves M = 1 only).
 
-@pytest.mark.parametrize("m", [3, 100])
+
+def _call(x, qw, m):
+    return qlinear(x, qw) if m > 1 else torch.cat([qlinear(x[i:i + 1], qw) for i in range(x.shape[0])])
+
+
+@pytest.mark.parametrize("m", [1, 3, 100])
 @pytest.mark.parametrize("scheme", ["int8", "int4-g128-asym", "int4-g32-sym"])
 def test_qlinear_nan_in_x_propagates(cpu_isa, scheme, m):
     k, n = 256, 37
-    x, qw, _ = make_problem(scheme, m, k, n, seed=m, with_bias=False)
+    x, qw, _ = make_problem(scheme, max(m, 3), k, n, seed=m, with_bias=False)
     x[0, 3] = float("nan")      # among the first 16 elements, where a running max could drop it
     x[1, k - 1] = float("nan")  # the last element
-    y = qlinear(x, qw)
+    y = _call(x, qw, m)
     ref, tol = reference(x, qw, None)
     for row in (0, 1):
         all_nan = bool(y[row].isnan().all())
@@ -123,14 +129,14 @@ def test_qlinear_nan_in_x_propagates(cpu_isa, scheme, m):
     assert_within(y[2:], ref[2:], tol[2:], f"{cpu_isa} rows without NaN")
 
 
-@pytest.mark.parametrize("m", [3, 100])
+@pytest.mark.parametrize("m", [1, 3, 100])
 @pytest.mark.parametrize("scheme", ["int8", "int4-g128-asym", "int4-g32-sym"])
 def test_qlinear_inf_in_x_gives_ieee_infinities(cpu_isa, scheme, m):
     k, n = 256, 37
-    x, qw, _ = make_problem(scheme, m, k, n, seed=m, with_bias=False)
+    x, qw, _ = make_problem(scheme, max(m, 3), k, n, seed=m, with_bias=False)
     x[0, 40] = float("inf")
     x[1, 200] = float("-inf")
-    y = qlinear(x, qw)
+    y = _call(x, qw, m)
     ref, tol = reference(x, qw, None)
     for row in (0, 1):
         assert not torch.isfinite(y[row]).any(), f"{cpu_isa}: inf in x row {row} gave finite outputs"

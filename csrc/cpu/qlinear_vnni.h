@@ -4,13 +4,10 @@
 // Why: converting every weight to fp32 and FMA-ing makes a CPU GEMV ALU-bound far below memory
 // bandwidth. ggml's answer is to quantize the activation row to int8 and use integer dot products
 // (vpdpbusd: 64 u8 x s8 products per instruction), at the cost of activation precision. Here the
-// activation is instead split *exactly enough* into three int8 "limbs" on a power-of-two scale per
-// block: x ~= 2^e (h + l / 128 + ll / 128^2), |h| <= 127, |l|, |ll| <= 64. Power-of-two scaling and
-// the limb splits are exact in fp32, so the only representation error is the last limb's rounding,
-// <= 2^e / 2^15 ~ max|x_block| * 2^-21, and small integers (and anything with <= 21 significant
-// bits relative to the block max) are represented exactly. Integer partial sums are exact; blocks
-// are combined in fp32. The result holds the same fp32-accumulation error bound as the float
-// kernels (tests/test_qlinear.py), for about a third of the instructions.
+// activation is instead split *exactly enough* into three int8 "limbs" per block (limb_layout.h):
+// anything with <= 21 significant bits relative to the block max is represented exactly. The
+// result holds the same fp32-accumulation error bound as the float kernels
+// (tests/test_qlinear.py), for about a third of the instructions.
 //
 // Weights enter vpdpbusd as the unsigned operand: int4 nibbles are 0..15 already; int8 is offset by
 // +128 (xor 0x80). The offset (zero point) term z * sum(x_block) comes from per-block limb sums
@@ -23,69 +20,27 @@
 #include <cstdint>
 
 #include "common/qformat.h"
+#include "cpu/limb_layout.h"
 
 namespace cgq::cpu::CGQ_ISA::vnni {
 
-constexpr int kLimbs = 3;
-constexpr int kInt8Block = 128;  // activation block for int8 weights (int4 uses its group size)
-constexpr int64_t kAlign = 128;  // one int4 chunk: 64 bytes of weights, 128 elements
-
-inline int64_t round_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
-
-// Workspace layout for M activation rows: per row, kLimbs int8 arrays of Kp (K padded to 128, zero
-// filled) then, per block, the block scale 2^e and the block's zero-point sum 2^e * sum(x_hat).
-//
-// With `nibble_order` (int4 weights) each 128-element chunk of limbs is stored in the order one
-// 64-byte load of packed weights yields after masking: first the low nibbles of its four 32-blocks
-// (elements 0-15 of each), then the high nibbles (elements 16-31 of each). The weights then need
-// no shuffles at all: `w & 0xF` and `(w >> 4) & 0xF` line up with the two halves of the limbs.
-struct Layout {
-  int64_t K, Kp, block, n_blocks, row_bytes;
-  bool nibble_order;
-  Layout(int64_t K_, int64_t block_, bool nibble_order_)
-      : K(K_), Kp(round_up(K_, kAlign)), block(block_), nibble_order(nibble_order_) {
-    n_blocks = (K + block - 1) / block;
-    row_bytes = round_up(kLimbs * Kp + 2 * n_blocks * static_cast<int64_t>(sizeof(float)) + n_blocks + 1, kAlign);
-  }
-  const int8_t* limb(const uint8_t* ws, int64_t m, int j) const {
-    return reinterpret_cast<const int8_t*>(ws + m * row_bytes + j * Kp);
-  }
-  const float* block_scale(const uint8_t* ws, int64_t m) const {
-    return reinterpret_cast<const float*>(ws + m * row_bytes + kLimbs * Kp);
-  }
-  const float* block_sum(const uint8_t* ws, int64_t m) const { return block_scale(ws, m) + n_blocks; }
-  // 1 for blocks the kernels must compute in fp32 instead (see prepare), else 0; entry n_blocks
-  // says whether the row has any, so the common case costs one byte read.
-  const uint8_t* fp32_block(const uint8_t* ws, int64_t m) const {
-    return reinterpret_cast<const uint8_t*>(block_sum(ws, m) + n_blocks);
-  }
-  // Where the 16 elements starting at natural index k (a multiple of 16) are stored.
-  int64_t position(int64_t k) const {
-    if (!nibble_order) return k;
-    const int64_t chunk = k & ~int64_t(127), in_chunk = k & 127;
-    return chunk + ((in_chunk & 16) ? 64 : 0) + (in_chunk >> 5) * 16;
-  }
-};
+using limbs::kAlign;
+using limbs::kInt8Block;
+using limbs::kLimbs;
+using limbs::Layout;
 
 inline __m512 round_nearest(__m512 v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 
-// Splits activation rows into limbs (see the file comment). Runs once per qlinear call.
-//
-// The limb error is relative to the block maximum, so a block whose maximum towers over its other
-// values (LLMs' "massive activations") would lose the small values' precision. Such blocks, and
-// blocks holding NaN or inf, are marked for an fp32 pass instead: a block keeps limbs only if
-//   amax * len * 16 <= (K + 2) * sum|x_block|,
-// i.e. if its limb error (< amax * 2^-21 per element) costs at most half of the fp32-accumulation
-// error bound (K + 2) 2^-24 sum|x||w| that the float kernels meet (for weights of comparable
-// size across the block). Small K therefore runs in fp32 entirely.
+// Splits activation rows into limbs (limb_layout.h). Runs once per qlinear call. Blocks that
+// fail limbs::keeps_limbs are marked for the fp32 pass.
 inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * L.K;
     uint8_t* row = ws + m * L.row_bytes;
-    int8_t* limbs[kLimbs];
+    int8_t* limb[kLimbs];
     for (int j = 0; j < kLimbs; ++j) {
-      limbs[j] = reinterpret_cast<int8_t*>(row + j * L.Kp);
-      for (int64_t k = L.K; k < L.Kp; ++k) limbs[j][k] = 0;
+      limb[j] = reinterpret_cast<int8_t*>(row + j * L.Kp);
+      for (int64_t k = L.K; k < L.Kp; ++k) limb[j][k] = 0;
     }
     float* scales = reinterpret_cast<float*>(row + kLimbs * L.Kp);
     float* sums = scales + L.n_blocks;
@@ -103,25 +58,20 @@ inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
       }
       const float amax = _mm512_reduce_max_ps(vmax);
       const float abs_sum = _mm512_reduce_add_ps(vsum);
-      const bool use_fp32 = !__builtin_isfinite(abs_sum) ||
-                            static_cast<double>(amax) * static_cast<double>(len) * 16.0 >
-                                static_cast<double>(L.K + 2) * static_cast<double>(abs_sum);
+      const bool use_fp32 = !limbs::keeps_limbs(amax, abs_sum, len, L.K);
       fp32_block[b] = use_fp32 ? 1 : 0;
       fp32_block[L.n_blocks] |= fp32_block[b];
       if (use_fp32 || !(amax > 0.0f)) {  // fp32 pass, or all zeros: no limbs
         for (int j = 0; j < kLimbs; ++j)
           for (int64_t k = 0; k < len; k += 16) {
             const int64_t n = (len - k < 16) ? len - k : 16;
-            for (int64_t i = 0; i < n; ++i) limbs[j][L.position(k0 + k) + i] = 0;
+            for (int64_t i = 0; i < n; ++i) limb[j][L.position(k0 + k) + i] = 0;
           }
         scales[b] = 0.0f;
         sums[b] = 0.0f;
         continue;
       }
-      // Smallest e with amax / 2^e <= 127, so |h| <= 127.
-      int e = ::ilogbf(amax) - 6;
-      while (::ldexpf(amax, -e) > 127.0f) ++e;
-      while (::ldexpf(amax, -(e - 1)) <= 127.0f) --e;
+      const int e = limbs::block_exponent(amax);
       const __m512 inv = _mm512_set1_ps(::ldexpf(1.0f, -e));  // 2^-e, exact
       const __m512 c128 = _mm512_set1_ps(128.0f);
       __m512i sum_h = _mm512_setzero_si512(), sum_l = sum_h, sum_ll = sum_h;
@@ -138,18 +88,16 @@ inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
         const __m512 ll = round_nearest(_mm512_mul_ps(_mm512_sub_ps(r1, l), c128));
         const __m512i hi = _mm512_cvtps_epi32(h), li = _mm512_cvtps_epi32(l), lli = _mm512_cvtps_epi32(ll);
         const int64_t pos = L.position(k0 + k);
-        _mm_mask_storeu_epi8(limbs[0] + pos, mask, _mm512_cvtepi32_epi8(hi));
-        _mm_mask_storeu_epi8(limbs[1] + pos, mask, _mm512_cvtepi32_epi8(li));
-        _mm_mask_storeu_epi8(limbs[2] + pos, mask, _mm512_cvtepi32_epi8(lli));
+        _mm_mask_storeu_epi8(limb[0] + pos, mask, _mm512_cvtepi32_epi8(hi));
+        _mm_mask_storeu_epi8(limb[1] + pos, mask, _mm512_cvtepi32_epi8(li));
+        _mm_mask_storeu_epi8(limb[2] + pos, mask, _mm512_cvtepi32_epi8(lli));
         sum_h = _mm512_add_epi32(sum_h, hi);  // masked-off lanes loaded as 0
         sum_l = _mm512_add_epi32(sum_l, li);
         sum_ll = _mm512_add_epi32(sum_ll, lli);
       }
-      const double x_hat_sum = static_cast<double>(_mm512_reduce_add_epi32(sum_h)) +
-                               static_cast<double>(_mm512_reduce_add_epi32(sum_l)) / 128.0 +
-                               static_cast<double>(_mm512_reduce_add_epi32(sum_ll)) / 16384.0;
       scales[b] = ::ldexpf(1.0f, e);
-      sums[b] = static_cast<float>(::ldexp(x_hat_sum, e));
+      sums[b] = limbs::limb_sum(_mm512_reduce_add_epi32(sum_h), _mm512_reduce_add_epi32(sum_l),
+                                _mm512_reduce_add_epi32(sum_ll), e);
     }
   }
 }

@@ -1,0 +1,87 @@
+// The activation "limbs" workspace shared by the integer-dot-product GEMV kernels (AVX-512 VNNI in
+// qlinear_vnni.h, AVX2 in qlinear_limbs_avx2.h). Each activation block is split on a power-of-two
+// scale into three int8 limbs, x ~= 2^e (h + l / 128 + ll / 128^2), |h| <= 127, |l|, |ll| <= 64:
+// power-of-two scaling and the limb splits are exact in fp32, so the only representation error is
+// the last limb's rounding, <= 2^e / 2^15 ~ max|x_block| * 2^-21. Integer partial sums of limb x
+// weight products are exact; blocks are combined in fp32.
+//
+// Included by per-ISA translation units only: everything here lives in the ISA's namespace, so no
+// inline function compiled for one ISA can stand in for another's at link time.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+namespace cgq::cpu::CGQ_ISA::limbs {
+
+constexpr int kLimbs = 3;
+constexpr int kInt8Block = 128;  // activation block for int8 weights (int4 uses its group size)
+constexpr int64_t kAlign = 128;  // one int4 chunk: 64 bytes of weights, 128 elements
+
+inline int64_t round_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
+
+// Workspace layout for M activation rows: per row, kLimbs int8 arrays of Kp (K padded to 128, zero
+// filled) then, per block, the block scale 2^e and the block's zero-point sum 2^e * sum(x_hat).
+//
+// With `nibble_order` (int4 weights) each 128-element chunk of limbs is stored in the order one
+// 64-byte load of packed weights yields after masking: first the low nibbles of its four 32-blocks
+// (elements 0-15 of each), then the high nibbles (elements 16-31 of each). The weights then need
+// no shuffles at all: `w & 0xF` and `(w >> 4) & 0xF` line up with the two halves of the limbs.
+struct Layout {
+  int64_t K, Kp, block, n_blocks, row_bytes;
+  bool nibble_order;
+  Layout(int64_t K_, int64_t block_, bool nibble_order_)
+      : K(K_), Kp(round_up(K_, kAlign)), block(block_), nibble_order(nibble_order_) {
+    n_blocks = (K + block - 1) / block;
+    row_bytes = round_up(kLimbs * Kp + 2 * n_blocks * static_cast<int64_t>(sizeof(float)) + n_blocks + 1, kAlign);
+  }
+  const int8_t* limb(const uint8_t* ws, int64_t m, int j) const {
+    return reinterpret_cast<const int8_t*>(ws + m * row_bytes + j * Kp);
+  }
+  const float* block_scale(const uint8_t* ws, int64_t m) const {
+    return reinterpret_cast<const float*>(ws + m * row_bytes + kLimbs * Kp);
+  }
+  const float* block_sum(const uint8_t* ws, int64_t m) const { return block_scale(ws, m) + n_blocks; }
+  // 1 for blocks the kernels must compute in fp32 instead (see keeps_limbs), else 0; entry
+  // n_blocks says whether the row has any, so the common case costs one byte read.
+  const uint8_t* fp32_block(const uint8_t* ws, int64_t m) const {
+    return reinterpret_cast<const uint8_t*>(block_sum(ws, m) + n_blocks);
+  }
+  // Where the 16 elements starting at natural index k (a multiple of 16) are stored.
+  int64_t position(int64_t k) const {
+    if (!nibble_order) return k;
+    const int64_t chunk = k & ~int64_t(127), in_chunk = k & 127;
+    return chunk + ((in_chunk & 16) ? 64 : 0) + (in_chunk >> 5) * 16;
+  }
+};
+
+// Whether a block of `len` activations (max |x| = amax, sum |x| = abs_sum) of a row of K keeps
+// limbs. The limb error is relative to the block maximum, so a block whose maximum towers over its
+// other values (LLMs' "massive activations") would lose the small values' precision. Such blocks,
+// and blocks holding NaN or inf, are computed in fp32 instead: a block keeps limbs only if
+//   amax * len * 16 <= (K + 2) * sum|x_block|,
+// i.e. if its limb error (< amax * 2^-21 per element) costs at most half of the fp32-accumulation
+// error bound (K + 2) 2^-24 sum|x||w| that the float kernels meet (for weights of comparable
+// size across the block). Small K therefore runs in fp32 entirely.
+inline bool keeps_limbs(float amax, float abs_sum, int64_t len, int64_t K) {
+  return __builtin_isfinite(abs_sum) &&
+         static_cast<double>(amax) * static_cast<double>(len) * 16.0 <=
+             static_cast<double>(K + 2) * static_cast<double>(abs_sum);
+}
+
+// Smallest e with amax / 2^e <= 127, so |h| <= 127 (amax > 0 and finite).
+inline int block_exponent(float amax) {
+  int e = std::ilogb(amax) - 6;
+  while (std::ldexp(amax, -e) > 127.0f) ++e;
+  while (std::ldexp(amax, -(e - 1)) <= 127.0f) --e;
+  return e;
+}
+
+// The block's zero-point sum 2^e * sum(x_hat) from the integer sums of its three limbs.
+inline float limb_sum(int64_t sum_h, int64_t sum_l, int64_t sum_ll, int e) {
+  const double x_hat_sum = static_cast<double>(sum_h) + static_cast<double>(sum_l) / 128.0 +
+                           static_cast<double>(sum_ll) / 16384.0;
+  return static_cast<float>(std::ldexp(x_hat_sum, e));
+}
+
+}  // namespace cgq::cpu::CGQ_ISA::limbs

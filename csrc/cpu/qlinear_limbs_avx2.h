@@ -1,0 +1,263 @@
+// Integer-dot-product int4 GEMV for the AVX2 variant: included by qlinear_kernels.cpp in the avx2
+// translation unit only. The same scheme as qlinear_vnni.h (activation limbs, limb_layout.h) on
+// AVX2's vpmaddubsw, for CPUs without AVX-512: the fp32 kernel converts every nibble to a float
+// and pays two FMAs per 8 weights, and at M = 1 read 6-11 GB/s on two threads of the dev VM.
+//
+// vpmaddubsw multiplies u8 weights by s8 limbs and adds adjacent pairs into s16 with saturation;
+// nibbles (<= 15) times limbs (|h| <= 127) keep a pair within 2 * 15 * 127 = 3810, and the sum
+// of a low-nibble and a high-nibble pair within 7620, far from the s16 limit, so nothing
+// saturates. vpmaddwd by ones then widens to s32 lanes of 4 weight bytes, as vpdpbusd's lanes.
+// (int8 weights would need 255 * 127 * 2 > 2^15 per pair: they keep the fp32 kernel.)
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "common/qformat.h"
+#include "cpu/limb_layout.h"
+
+namespace cgq::cpu::CGQ_ISA::limbs_avx2 {
+
+using limbs::kLimbs;
+using limbs::Layout;
+
+inline __m256 round_nearest(__m256 v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+
+inline float reduce_add(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline float reduce_max(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline int64_t reduce_add(__m256i v) {
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
+  int64_t total = 0;
+  for (int32_t lane : lanes) total += lane;
+  return total;
+}
+
+// Stores 16 int32 values (two vectors, in order), each within int8 range, as 16 int8.
+inline void store_i8x16(int8_t* p, __m256i a, __m256i b) {
+  const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);  // undo the lane split
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1)));
+}
+
+// Splits activation rows into limbs for int4 weights (L.nibble_order, blocks = groups of a
+// multiple of 32 that divides K). Runs once per qlinear call.
+inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * L.K;
+    uint8_t* row = ws + m * L.row_bytes;
+    int8_t* limb[kLimbs];
+    for (int j = 0; j < kLimbs; ++j) {
+      limb[j] = reinterpret_cast<int8_t*>(row + j * L.Kp);
+      std::memset(limb[j] + L.K, 0, static_cast<size_t>(L.Kp - L.K));
+    }
+    float* scales = reinterpret_cast<float*>(row + kLimbs * L.Kp);
+    float* sums = scales + L.n_blocks;
+    uint8_t* fp32_block = reinterpret_cast<uint8_t*>(sums + L.n_blocks);
+    fp32_block[L.n_blocks] = 0;
+    for (int64_t b = 0; b < L.n_blocks; ++b) {
+      const int64_t k0 = b * L.block, len = L.block;
+      __m256 vmax = _mm256_setzero_ps(), vsum = _mm256_setzero_ps();
+      for (int64_t k = 0; k < len; k += 8) {
+        const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + k0 + k));
+        vmax = _mm256_max_ps(vmax, v);
+        vsum = _mm256_add_ps(vsum, v);  // unlike max, a sum keeps NaN and inf
+      }
+      const float amax = reduce_max(vmax);
+      const bool use_fp32 = !limbs::keeps_limbs(amax, reduce_add(vsum), len, L.K);
+      fp32_block[b] = use_fp32 ? 1 : 0;
+      fp32_block[L.n_blocks] |= fp32_block[b];
+      if (use_fp32 || !(amax > 0.0f)) {  // fp32 pass, or all zeros: no limbs
+        for (int j = 0; j < kLimbs; ++j)
+          for (int64_t k = 0; k < len; k += 16) std::memset(limb[j] + L.position(k0 + k), 0, 16);
+        scales[b] = 0.0f;
+        sums[b] = 0.0f;
+        continue;
+      }
+      const int e = limbs::block_exponent(amax);
+      // For 2^-e beyond the fp32 range (denormal x), scale in two exact steps.
+      const bool two_steps = e < -126;
+      const __m256 inv = _mm256_set1_ps(two_steps ? std::ldexp(1.0f, -e - 64) : std::ldexp(1.0f, -e));
+      const __m256 pre = _mm256_set1_ps(std::ldexp(1.0f, 64));
+      const __m256 c128 = _mm256_set1_ps(128.0f);
+      __m256i sum[kLimbs] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+      for (int64_t k = 0; k < len; k += 16) {
+        __m256i parts[2][kLimbs];
+        for (int half = 0; half < 2; ++half) {
+          __m256 t = _mm256_loadu_ps(xr + k0 + k + 8 * half);
+          if (two_steps) t = _mm256_mul_ps(t, pre);
+          t = _mm256_mul_ps(t, inv);
+          const __m256 h = round_nearest(t);
+          const __m256 r1 = _mm256_mul_ps(_mm256_sub_ps(t, h), c128);
+          const __m256 l = round_nearest(r1);
+          const __m256 ll = round_nearest(_mm256_mul_ps(_mm256_sub_ps(r1, l), c128));
+          parts[half][0] = _mm256_cvtps_epi32(h);
+          parts[half][1] = _mm256_cvtps_epi32(l);
+          parts[half][2] = _mm256_cvtps_epi32(ll);
+        }
+        const int64_t pos = L.position(k0 + k);
+        for (int j = 0; j < kLimbs; ++j) {
+          store_i8x16(limb[j] + pos, parts[0][j], parts[1][j]);
+          sum[j] = _mm256_add_epi32(sum[j], _mm256_add_epi32(parts[0][j], parts[1][j]));
+        }
+      }
+      scales[b] = std::ldexp(1.0f, e);
+      sums[b] = limbs::limb_sum(reduce_add(sum[0]), reduce_add(sum[1]), reduce_add(sum[2]), e);
+    }
+  }
+}
+
+// See qlinear_vnni.h: one tile ahead, in memory order, into L2.
+template <int NR>
+inline void prefetch_next_tile(const uint8_t* next_tile, int64_t step) {
+  const char* p = reinterpret_cast<const char*>(next_tile) + step * NR * 64;
+  for (int j = 0; j < NR; ++j) _mm_prefetch(p + j * 64, _MM_HINT_T1);
+}
+
+// fp32 dot product of one int4 group with its dequantized weights, for blocks marked fp32.
+inline float dot_int4_fp32(const uint8_t* w, const float* x, int64_t G, float scale, float zero) {
+  float total = 0.0f;
+  for (int64_t b = 0; b < G; b += kInt4BlockElems)
+    for (int i = 0; i < kInt4BlockBytes; ++i) {
+      const uint8_t byte = w[b / 2 + i];
+      total += x[b + i] * ((static_cast<float>(byte & 0x0F) - zero) * scale);
+      total += x[b + i + 16] * ((static_cast<float>(byte >> 4) - zero) * scale);
+    }
+  return total;
+}
+
+// Weight scale x activation scale x 2^-14 (the limb fold) for the `span` <= 8 groups from g0 of
+// weight row n, 0 past the span.
+inline __m256 span_scales(const QLinearArgs& a, const float* block_scale, int64_t groups, int64_t n, int64_t g0,
+                          int64_t span) {
+  alignas(16) uint16_t half_bits[8] = {};
+  std::memcpy(half_bits, a.scales + n * groups + g0, static_cast<size_t>(span) * sizeof(uint16_t));
+  const __m256i lane_in_span = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(span)),
+                                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256 sx = _mm256_maskload_ps(block_scale + g0, lane_in_span);
+  return _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(half_bits))), sx),
+                       _mm256_set1_ps(1.0f / 16384.0f));
+}
+
+// y[m, n0 .. n0+NR] for int4 weights at one row of x. A chunk is 128 elements, 64 weight bytes
+// per row, loaded as two 32-byte halves: half 0 holds 32-blocks 0-1, half 1 blocks 2-3, and each
+// s32 lane of a half's dot product covers 4 weight bytes, so lanes 0-3 and 4-7 lie in one block.
+// The three limbs fold in int32 as in qlinear_vnni.h: ((H << 7) + L) << 7) + LL < 2^29. With
+// G = 128 both halves belong to one group, so their s16 pair sums are added before widening
+// (4 x 3810 < 2^15) and the fold runs once per chunk.
+//
+// Scales are computed 8 groups at a time into a small array that each chunk reads with a
+// broadcast load (G = 32: two groups per half, one permute), not converted chunk by chunk.
+template <int G, int NR>
+void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t m, int64_t n0) {
+  static_assert(G == 32 || G == 64 || G == 128, "int4 group size");
+  const int64_t groups = a.K / G;
+  const int64_t row_bytes = a.K / 2;
+  const uint8_t* w = static_cast<const uint8_t*>(a.qweight) + n0 * row_bytes;
+  const float* block_scale = L.block_scale(ws, m);
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i lane_block = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);  // 32-block of a lane within its half
+  __m256 acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g_base = 0; g_base < groups; g_base += 8) {
+    const int64_t span = (groups - g_base < 8) ? groups - g_base : 8;
+    alignas(32) float scale[NR][8];
+    for (int r = 0; r < NR; ++r) _mm256_store_ps(scale[r], span_scales(a, block_scale, groups, n0 + r, g_base, span));
+    const int64_t k_end = (g_base + span) * G;
+    for (int64_t k = g_base * G; k < k_end; k += 128) {
+      const int64_t chunk_bytes = (k_end - k >= 128) ? 64 : (k_end - k) / 2;
+      const int chunk_group = static_cast<int>(k / G - g_base);  // the chunk's first group in the span
+      prefetch_next_tile<NR>(w + NR * row_bytes, k / 128);
+      // One row's chunk from the 64 weight bytes at src. Inlined into both loops below, so the
+      // unrolled full-chunk loop keeps the accumulators in registers.
+      auto row_chunk = [&](int r, const uint8_t* src, __m256 acc_r) __attribute__((always_inline)) {
+        __m256i lo[2], hi[2];
+        for (int half = 0; half < 2; ++half) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * half));
+          lo[half] = _mm256_and_si256(raw, nibble);
+          hi[half] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+        }
+        // s16 pair sums of one limb for one half: low nibbles meet limb entries 32h.., high ones 64+32h..
+        auto pairs = [&](const int8_t* x, int half) __attribute__((always_inline)) {
+          const __m256i x_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(x + 32 * half));
+          const __m256i x_hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(x + 64 + 32 * half));
+          return _mm256_add_epi16(_mm256_maddubs_epi16(lo[half], x_lo), _mm256_maddubs_epi16(hi[half], x_hi));
+        };
+        if constexpr (G == 128) {
+          __m256i folded = _mm256_setzero_si256();
+          for (int j = 0; j < kLimbs; ++j) {
+            const int8_t* x = L.limb(ws, m, j) + k;
+            const __m256i dot = _mm256_madd_epi16(_mm256_add_epi16(pairs(x, 0), pairs(x, 1)), ones);
+            folded = j == 0 ? dot : _mm256_add_epi32(_mm256_slli_epi32(folded, 7), dot);
+          }
+          return _mm256_fmadd_ps(_mm256_cvtepi32_ps(folded), _mm256_broadcast_ss(&scale[r][chunk_group]), acc_r);
+        } else {
+          for (int half = 0; half < 2; ++half) {
+            __m256i folded = _mm256_setzero_si256();
+            for (int j = 0; j < kLimbs; ++j) {
+              const __m256i dot = _mm256_madd_epi16(pairs(L.limb(ws, m, j) + k, half), ones);
+              folded = j == 0 ? dot : _mm256_add_epi32(_mm256_slli_epi32(folded, 7), dot);
+            }
+            __m256 s;
+            if constexpr (G == 64) s = _mm256_broadcast_ss(&scale[r][chunk_group + half]);
+            else s = _mm256_permutevar8x32_ps(_mm256_load_ps(scale[r]),
+                                              _mm256_add_epi32(lane_block, _mm256_set1_epi32(chunk_group + 2 * half)));
+            acc_r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(folded), s, acc_r);
+          }
+          return acc_r;
+        }
+      };
+      if (chunk_bytes == 64) {
+#pragma GCC unroll 8
+        for (int r = 0; r < NR; ++r) acc[r] = row_chunk(r, w + r * row_bytes + k / 2, acc[r]);
+      } else {  // the last chunk of a row whose K is not a multiple of 128: copy, don't overread
+        for (int r = 0; r < NR; ++r) {
+          alignas(32) uint8_t tail[64] = {};
+          std::memcpy(tail, w + r * row_bytes + k / 2, static_cast<size_t>(chunk_bytes));
+          acc[r] = row_chunk(r, tail, acc[r]);
+        }
+      }
+    }
+  }
+  // Zero-point term: sum over groups of scale * zero * 2^e * sum(x_hat); and the fp32 blocks.
+  const float* sums = L.block_sum(ws, m);
+  const uint8_t* fp32_block = L.fp32_block(ws, m);
+  for (int r = 0; r < NR; ++r) {
+    const uint16_t* sw = a.scales + (n0 + r) * groups;
+    const uint8_t* zr = a.zeros ? a.zeros + (n0 + r) * groups : nullptr;
+    __m256 off = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) {
+      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sw + g)));
+      const __m256 z = zr ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zr + g))))
+                          : _mm256_set1_ps(static_cast<float>(kInt4SymmetricZero));
+      off = _mm256_fmadd_ps(_mm256_mul_ps(s, z), _mm256_loadu_ps(sums + g), off);
+    }
+    float offset = reduce_add(off), fp32_part = 0.0f;
+    for (; g < groups; ++g)
+      offset += _cvtsh_ss(sw[g]) * (zr ? static_cast<float>(zr[g]) : static_cast<float>(kInt4SymmetricZero)) * sums[g];
+    for (g = 0; g < groups && fp32_block[groups]; ++g) {
+      if (!fp32_block[g]) continue;
+      const float z = zr ? static_cast<float>(zr[g]) : static_cast<float>(kInt4SymmetricZero);
+      fp32_part += dot_int4_fp32(w + r * row_bytes + g * G / 2, a.x + m * a.K + g * G, G, _cvtsh_ss(sw[g]), z);
+    }
+    const float bias = a.bias ? a.bias[n0 + r] : 0.0f;
+    a.y[m * a.N + n0 + r] = reduce_add(acc[r]) - offset + fp32_part + bias;
+  }
+}
+
+}  // namespace cgq::cpu::CGQ_ISA::limbs_avx2
