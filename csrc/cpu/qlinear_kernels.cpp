@@ -24,13 +24,17 @@ constexpr int W = Vec::W;
 
 // Prefetches, into L2, the part of the next tile (the NR weight rows after this one's, contiguous
 // in memory) that matches a step over kStepBytes of each of this tile's rows at byte `offset`:
-// one tile ahead in memory order, as qlinear_vnni.h explains. AVX2 int8 at M = 1 on the dev VM,
-// 2 threads: 24-27 -> 28-41 GB/s. (Steps under a cache line prefetch their line more than once.)
+// one tile ahead in memory order, into L1 for tiles of up to 4 KB and L2 beyond, as
+// qlinear_vnni.h explains. AVX2 int8 at M = 1 on the dev VM, 2 threads: 24-27 -> 28-41 GB/s.
+// (Steps under a cache line prefetch their line more than once.)
 template <int NR, int kStepBytes>
-inline void prefetch_next_tile(const void* next_tile, int64_t offset) {
+inline void prefetch_next_tile(const void* next_tile, int64_t row_bytes, int64_t offset) {
   constexpr int kLines = NR * kStepBytes >= 64 ? NR * kStepBytes / 64 : 1;
   const char* p = static_cast<const char*>(next_tile) + offset * NR;
-  for (int j = 0; j < kLines; ++j) __builtin_prefetch(p + j * 64, 0, 2);
+  if (NR * row_bytes <= 4096)
+    for (int j = 0; j < kLines; ++j) __builtin_prefetch(p + j * 64, 0, 3);
+  else
+    for (int j = 0; j < kLines; ++j) __builtin_prefetch(p + j * 64, 0, 2);
 }
 
 template <int MR, int NR>
@@ -43,7 +47,7 @@ void int8_tile(const QLinearArgs& a, int64_t m0, int64_t n0) {
     for (int r = 0; r < NR; ++r) acc[m][r] = Vec::zero();
   int64_t k = 0;
   for (; k + W <= K; k += W) {
-    prefetch_next_tile<NR, W>(w + NR * K, k);
+    prefetch_next_tile<NR, W>(w + NR * K, K, k);
     R xv[MR];
     for (int m = 0; m < MR; ++m) xv[m] = Vec::load(x + m * K + k);
     for (int r = 0; r < NR; ++r) {
@@ -85,7 +89,7 @@ void int4_tile(const QLinearArgs& a, int64_t m0, int64_t n0) {
       offset[r] = Vec::set1(-z * s);
     }
     for (int64_t k = g * G; k < (g + 1) * G; k += kInt4BlockElems) {
-      prefetch_next_tile<NR, kInt4BlockBytes>(w + NR * row_bytes, k / 2);
+      prefetch_next_tile<NR, kInt4BlockBytes>(w + NR * row_bytes, row_bytes, k / 2);
       for (int r = 0; r < NR; ++r) {
         R wv[kRegsPerBlock];
         Vec::from_u4_block(w + r * row_bytes + k / 2, wv);

@@ -120,11 +120,14 @@ inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
   }
 }
 
-// See qlinear_vnni.h: one tile ahead, in memory order, into L2.
+// See qlinear_vnni.h: one tile ahead, in memory order, into L1 for small tiles, else L2.
 template <int NR>
-inline void prefetch_next_tile(const uint8_t* next_tile, int64_t step) {
+inline void prefetch_next_tile(const uint8_t* next_tile, int64_t row_bytes, int64_t step) {
   const char* p = reinterpret_cast<const char*>(next_tile) + step * NR * 64;
-  for (int j = 0; j < NR; ++j) _mm_prefetch(p + j * 64, _MM_HINT_T1);
+  if (NR * row_bytes <= 4096)
+    for (int j = 0; j < NR; ++j) _mm_prefetch(p + j * 64, _MM_HINT_T0);
+  else
+    for (int j = 0; j < NR; ++j) _mm_prefetch(p + j * 64, _MM_HINT_T1);
 }
 
 // fp32 dot product of one int4 group with its dequantized weights, for blocks marked fp32.
@@ -181,7 +184,7 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
     for (int64_t k = g_base * G; k < k_end; k += 128) {
       const int64_t chunk_bytes = (k_end - k >= 128) ? 64 : (k_end - k) / 2;
       const int chunk_group = static_cast<int>(k / G - g_base);  // the chunk's first group in the span
-      prefetch_next_tile<NR>(w + NR * row_bytes, k / 128);
+      prefetch_next_tile<NR>(w + NR * row_bytes, row_bytes, k / 128);
       // One row's chunk from the 64 weight bytes at src. Inlined into both loops below, so the
       // unrolled full-chunk loop keeps the accumulators in registers.
       auto row_chunk = [&](int r, const uint8_t* src, __m256 acc_r) __attribute__((always_inline)) {

@@ -139,22 +139,30 @@ inline float dot_int4_fp32(const uint8_t* w, const float* x, int64_t len, float 
 // A tile reads its NR weight rows as NR interleaved streams. On the 2-core dev VM (Zen 4) the
 // hardware prefetchers serve several interleaved streams far worse than one sequential one, so
 // every tile prefetches the next tile (the next NR rows, contiguous in memory) front to back,
-// spread evenly over its own steps: one tile ahead, in memory order, into L2 (_MM_HINT_T1; the
-// 8-32 KB a tile spans would flush L1). Measured single-threaded, GB/s of weights read from DRAM
-// at M = 1 (read bandwidth 20-22 GB/s), before -> after:
+// spread evenly over its own steps: one tile ahead, in memory order. Tiles of up to
+// kL1PrefetchTileBytes go to L1; larger ones to L2 (_MM_HINT_T1), as 8-32 KB would flush L1.
+// Measured single-threaded, GB/s of weights read from DRAM at M = 1 (read bandwidth 20-22 GB/s),
+// before -> after:
 //   int4 g128  2 KB rows (6B qkv/fc_in, prefetched before into L1) 17.2 -> 17.4-17.9,
 //              3 KB rows (16B fc_in, prefetched into L1) 10.8-11.8 -> 18.7-19.3,
 //              8 KB rows (6B fc_out, not prefetched)      10.6-13.1 -> 18.4-19.0;
 //   int8       4 KB rows (not prefetched)                 11.5-13.8 -> 15.2-16.7 (20.6-24.8 with
 //              int8_tile's per-block accumulators).
-// Prefetching a few lines ahead within each row instead (the textbook form) measured 30 % slower
-// for 2 KB rows and gained half as much for long ones. Prefetches past the buffer's end are
-// harmless hints.
+// Short rows (CodeGen-350M: int4 K = 1024, 2 KB tiles) gain from L1: two threads, int4 1024 x
+// 3072 100 us to L1 against 163-179 us to L2, int8 lm_head 1024 x 51200 1.09-1.31 ms against
+// 1.25-1.44 ms. Prefetching a few lines ahead within each row instead (the textbook form)
+// measured 30 % slower for 2 KB rows and gained half as much for long ones. Prefetches past the
+// buffer's end are harmless hints.
+constexpr int64_t kL1PrefetchTileBytes = 4096;
+
 template <int NR, int kLinesPerRowStep>
-inline void prefetch_next_tile(const void* next_tile, int64_t step) {
+inline void prefetch_next_tile(const void* next_tile, int64_t row_bytes, int64_t step) {
   constexpr int kLines = NR * kLinesPerRowStep;
   const char* p = static_cast<const char*>(next_tile) + step * kLines * 64;
-  for (int j = 0; j < kLines; ++j) _mm_prefetch(p + j * 64, _MM_HINT_T1);
+  if (NR * row_bytes <= kL1PrefetchTileBytes)
+    for (int j = 0; j < kLines; ++j) _mm_prefetch(p + j * 64, _MM_HINT_T0);
+  else
+    for (int j = 0; j < kLines; ++j) _mm_prefetch(p + j * 64, _MM_HINT_T1);
 }
 
 // Low `n` bits set, n in [0, 64].
@@ -177,7 +185,7 @@ void int8_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
     // Masked loads: the tail of the last row must not read past the weight buffer. Lanes past K
     // load 0 -> 128 after the flip, but meet zero limbs.
     const __mmask64 mask0 = low_bytes(a.K - k), mask1 = low_bytes(a.K - k - 64);
-    prefetch_next_tile<NR, 2>(w + NR * a.K, b);
+    prefetch_next_tile<NR, 2>(w + NR * a.K, a.K, b);
     __m512i xl[MR][kLimbs][2];
     for (int m = 0; m < MR; ++m)
       for (int j = 0; j < kLimbs; ++j) {
@@ -266,7 +274,7 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
           xl[m][j][0] = _mm512_load_si512(L.limb(ws, m0 + m, j) + k);
           xl[m][j][1] = _mm512_load_si512(L.limb(ws, m0 + m, j) + k + 64);
         }
-      prefetch_next_tile<NR, 1>(w + NR * row_bytes, k / 128);
+      prefetch_next_tile<NR, 1>(w + NR * row_bytes, row_bytes, k / 128);
       const __m512i lanes = _mm512_add_epi32(lane_group, _mm512_set1_epi32(static_cast<int>(k / G - g_base)));
       for (int r = 0; r < NR; ++r) {
         const __m512i raw = _mm512_maskz_loadu_epi8(byte_mask, w + r * row_bytes + k / 2);
