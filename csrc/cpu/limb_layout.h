@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace cgq::cpu::CGQ_ISA::limbs {
 
@@ -55,6 +56,30 @@ struct Layout {
   }
 };
 
+// One activation row's part of the workspace, as prepare() fills it: limb arrays zero-padded past
+// K, and no block marked fp32 yet.
+struct RowOut {
+  int8_t* limb[kLimbs];
+  float* scales;
+  float* sums;
+  uint8_t* fp32_block;
+  RowOut(const Layout& L, uint8_t* ws, int64_t m) {
+    uint8_t* row = ws + m * L.row_bytes;
+    for (int j = 0; j < kLimbs; ++j) {
+      limb[j] = reinterpret_cast<int8_t*>(row + j * L.Kp);
+      std::memset(limb[j] + L.K, 0, static_cast<size_t>(L.Kp - L.K));
+    }
+    scales = reinterpret_cast<float*>(row + kLimbs * L.Kp);
+    sums = scales + L.n_blocks;
+    fp32_block = reinterpret_cast<uint8_t*>(sums + L.n_blocks);
+    fp32_block[L.n_blocks] = 0;
+  }
+  // Decides block b (elements k0 .. k0+len, max |x| = amax, sum |x| = abs_sum): marks it for the
+  // fp32 pass if it fails keeps_limbs, and returns whether its limbs are to be computed. A block
+  // in fp32 or all zeros contributes nothing through the limbs: its limbs and sums are zeroed.
+  bool start_block(const Layout& L, int64_t b, int64_t k0, int64_t len, float amax, float abs_sum);
+};
+
 // Whether a block of `len` activations (max |x| = amax, sum |x| = abs_sum) of a row of K keeps
 // limbs. The limb error is relative to the block maximum, so a block whose maximum towers over its
 // other values (LLMs' "massive activations") would lose the small values' precision. Such blocks,
@@ -67,6 +92,19 @@ inline bool keeps_limbs(float amax, float abs_sum, int64_t len, int64_t K) {
   return __builtin_isfinite(abs_sum) &&
          static_cast<double>(amax) * static_cast<double>(len) * 16.0 <=
              static_cast<double>(K + 2) * static_cast<double>(abs_sum);
+}
+
+inline bool RowOut::start_block(const Layout& L, int64_t b, int64_t k0, int64_t len, float amax, float abs_sum) {
+  const bool use_fp32 = !keeps_limbs(amax, abs_sum, len, L.K);
+  fp32_block[b] = use_fp32 ? 1 : 0;
+  fp32_block[L.n_blocks] |= fp32_block[b];
+  if (!use_fp32 && amax > 0.0f) return true;
+  for (int j = 0; j < kLimbs; ++j)
+    for (int64_t k = 0; k < len; k += 16)
+      std::memset(limb[j] + L.position(k0 + k), 0, static_cast<size_t>(len - k < 16 ? len - k : 16));
+  scales[b] = 0.0f;
+  sums[b] = 0.0f;
+  return false;
 }
 
 // Smallest e with amax / 2^e <= 127, so |h| <= 127 (amax > 0 and finite).

@@ -17,6 +17,7 @@
 
 #include "common/qformat.h"
 #include "cpu/limb_layout.h"
+#include "cpu/simd.h"
 
 namespace cgq::cpu::CGQ_ISA::limbs_avx2 {
 
@@ -24,18 +25,6 @@ using limbs::kLimbs;
 using limbs::Layout;
 
 inline __m256 round_nearest(__m256 v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-
-inline float reduce_add(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-inline float reduce_max(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-}
 
 inline int64_t reduce_add(__m256i v) {
   alignas(32) int32_t lanes[8];
@@ -58,16 +47,7 @@ inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * L.K;
-    uint8_t* row = ws + m * L.row_bytes;
-    int8_t* limb[kLimbs];
-    for (int j = 0; j < kLimbs; ++j) {
-      limb[j] = reinterpret_cast<int8_t*>(row + j * L.Kp);
-      std::memset(limb[j] + L.K, 0, static_cast<size_t>(L.Kp - L.K));
-    }
-    float* scales = reinterpret_cast<float*>(row + kLimbs * L.Kp);
-    float* sums = scales + L.n_blocks;
-    uint8_t* fp32_block = reinterpret_cast<uint8_t*>(sums + L.n_blocks);
-    fp32_block[L.n_blocks] = 0;
+    limbs::RowOut out(L, ws, m);
     for (int64_t b = 0; b < L.n_blocks; ++b) {
       const int64_t k0 = b * L.block, len = L.block;
       __m256 vmax = _mm256_setzero_ps(), vsum = _mm256_setzero_ps();
@@ -76,17 +56,8 @@ inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
         vmax = _mm256_max_ps(vmax, v);
         vsum = _mm256_add_ps(vsum, v);  // unlike max, a sum keeps NaN and inf
       }
-      const float amax = reduce_max(vmax);
-      const bool use_fp32 = !limbs::keeps_limbs(amax, reduce_add(vsum), len, L.K);
-      fp32_block[b] = use_fp32 ? 1 : 0;
-      fp32_block[L.n_blocks] |= fp32_block[b];
-      if (use_fp32 || !(amax > 0.0f)) {  // fp32 pass, or all zeros: no limbs
-        for (int j = 0; j < kLimbs; ++j)
-          for (int64_t k = 0; k < len; k += 16) std::memset(limb[j] + L.position(k0 + k), 0, 16);
-        scales[b] = 0.0f;
-        sums[b] = 0.0f;
-        continue;
-      }
+      const float amax = Vec::reduce_max(vmax);
+      if (!out.start_block(L, b, k0, len, amax, Vec::sum(vsum))) continue;
       const int e = limbs::block_exponent(amax);
       // For 2^-e beyond the fp32 range (denormal x), scale in two exact steps.
       const bool two_steps = e < -126;
@@ -110,12 +81,12 @@ inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
         }
         const int64_t pos = L.position(k0 + k);
         for (int j = 0; j < kLimbs; ++j) {
-          store_i8x16(limb[j] + pos, parts[0][j], parts[1][j]);
+          store_i8x16(out.limb[j] + pos, parts[0][j], parts[1][j]);
           sum[j] = _mm256_add_epi32(sum[j], _mm256_add_epi32(parts[0][j], parts[1][j]));
         }
       }
-      scales[b] = std::ldexp(1.0f, e);
-      sums[b] = limbs::limb_sum(reduce_add(sum[0]), reduce_add(sum[1]), reduce_add(sum[2]), e);
+      out.scales[b] = std::ldexp(1.0f, e);
+      out.sums[b] = limbs::limb_sum(reduce_add(sum[0]), reduce_add(sum[1]), reduce_add(sum[2]), e);
     }
   }
 }
@@ -250,7 +221,7 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
                           : _mm256_set1_ps(static_cast<float>(kInt4SymmetricZero));
       off = _mm256_fmadd_ps(_mm256_mul_ps(s, z), _mm256_loadu_ps(sums + g), off);
     }
-    float offset = reduce_add(off), fp32_part = 0.0f;
+    float offset = Vec::sum(off), fp32_part = 0.0f;
     for (; g < groups; ++g)
       offset += _cvtsh_ss(sw[g]) * (zr ? static_cast<float>(zr[g]) : static_cast<float>(kInt4SymmetricZero)) * sums[g];
     for (g = 0; g < groups && fp32_block[groups]; ++g) {
@@ -259,7 +230,7 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
       fp32_part += dot_int4_fp32(w + r * row_bytes + g * G / 2, a.x + m * a.K + g * G, G, _cvtsh_ss(sw[g]), z);
     }
     const float bias = a.bias ? a.bias[n0 + r] : 0.0f;
-    a.y[m * a.N + n0 + r] = reduce_add(acc[r]) - offset + fp32_part + bias;
+    a.y[m * a.N + n0 + r] = Vec::sum(acc[r]) - offset + fp32_part + bias;
   }
 }
 

@@ -36,16 +36,7 @@ inline __m512 round_nearest(__m512 v) { return _mm512_roundscale_ps(v, _MM_FROUN
 inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * L.K;
-    uint8_t* row = ws + m * L.row_bytes;
-    int8_t* limb[kLimbs];
-    for (int j = 0; j < kLimbs; ++j) {
-      limb[j] = reinterpret_cast<int8_t*>(row + j * L.Kp);
-      for (int64_t k = L.K; k < L.Kp; ++k) limb[j][k] = 0;
-    }
-    float* scales = reinterpret_cast<float*>(row + kLimbs * L.Kp);
-    float* sums = scales + L.n_blocks;
-    uint8_t* fp32_block = reinterpret_cast<uint8_t*>(sums + L.n_blocks);
-    fp32_block[L.n_blocks] = 0;
+    limbs::RowOut out(L, ws, m);
     for (int64_t b = 0; b < L.n_blocks; ++b) {
       const int64_t k0 = b * L.block;
       const int64_t len = (L.K - k0 < L.block) ? L.K - k0 : L.block;
@@ -57,20 +48,7 @@ inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
         vsum = _mm512_add_ps(vsum, v);  // unlike max, a sum keeps NaN and inf
       }
       const float amax = _mm512_reduce_max_ps(vmax);
-      const float abs_sum = _mm512_reduce_add_ps(vsum);
-      const bool use_fp32 = !limbs::keeps_limbs(amax, abs_sum, len, L.K);
-      fp32_block[b] = use_fp32 ? 1 : 0;
-      fp32_block[L.n_blocks] |= fp32_block[b];
-      if (use_fp32 || !(amax > 0.0f)) {  // fp32 pass, or all zeros: no limbs
-        for (int j = 0; j < kLimbs; ++j)
-          for (int64_t k = 0; k < len; k += 16) {
-            const int64_t n = (len - k < 16) ? len - k : 16;
-            for (int64_t i = 0; i < n; ++i) limb[j][L.position(k0 + k) + i] = 0;
-          }
-        scales[b] = 0.0f;
-        sums[b] = 0.0f;
-        continue;
-      }
+      if (!out.start_block(L, b, k0, len, amax, _mm512_reduce_add_ps(vsum))) continue;
       const int e = limbs::block_exponent(amax);
       const __m512 inv = _mm512_set1_ps(::ldexpf(1.0f, -e));  // 2^-e, exact
       const __m512 c128 = _mm512_set1_ps(128.0f);
@@ -88,15 +66,15 @@ inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
         const __m512 ll = round_nearest(_mm512_mul_ps(_mm512_sub_ps(r1, l), c128));
         const __m512i hi = _mm512_cvtps_epi32(h), li = _mm512_cvtps_epi32(l), lli = _mm512_cvtps_epi32(ll);
         const int64_t pos = L.position(k0 + k);
-        _mm_mask_storeu_epi8(limb[0] + pos, mask, _mm512_cvtepi32_epi8(hi));
-        _mm_mask_storeu_epi8(limb[1] + pos, mask, _mm512_cvtepi32_epi8(li));
-        _mm_mask_storeu_epi8(limb[2] + pos, mask, _mm512_cvtepi32_epi8(lli));
+        _mm_mask_storeu_epi8(out.limb[0] + pos, mask, _mm512_cvtepi32_epi8(hi));
+        _mm_mask_storeu_epi8(out.limb[1] + pos, mask, _mm512_cvtepi32_epi8(li));
+        _mm_mask_storeu_epi8(out.limb[2] + pos, mask, _mm512_cvtepi32_epi8(lli));
         sum_h = _mm512_add_epi32(sum_h, hi);  // masked-off lanes loaded as 0
         sum_l = _mm512_add_epi32(sum_l, li);
         sum_ll = _mm512_add_epi32(sum_ll, lli);
       }
-      scales[b] = ::ldexpf(1.0f, e);
-      sums[b] = limbs::limb_sum(_mm512_reduce_add_epi32(sum_h), _mm512_reduce_add_epi32(sum_l),
+      out.scales[b] = ::ldexpf(1.0f, e);
+      out.sums[b] = limbs::limb_sum(_mm512_reduce_add_epi32(sum_h), _mm512_reduce_add_epi32(sum_l),
                                 _mm512_reduce_add_epi32(sum_ll), e);
     }
   }
