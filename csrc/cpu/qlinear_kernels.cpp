@@ -7,6 +7,7 @@
 // independent FMA chains hide FMA latency; at M > 1 each weight vector, once converted, feeds
 // MR FMAs, so the conversion cost is shared by the batch.
 #include "cpu/kernels.h"
+#include "cpu/prefetch.h"
 #include "cpu/simd.h"
 #if defined(CGQ_ISA_AVX512)
 #include <type_traits>
@@ -21,21 +22,6 @@ namespace {
 
 using R = Vec::R;
 constexpr int W = Vec::W;
-
-// Prefetches, into L2, the part of the next tile (the NR weight rows after this one's, contiguous
-// in memory) that matches a step over kStepBytes of each of this tile's rows at byte `offset`:
-// one tile ahead in memory order, into L1 for tiles of up to 4 KB and L2 beyond, as
-// qlinear_vnni.h explains. AVX2 int8 at M = 1 on the dev VM, 2 threads: 24-27 -> 28-41 GB/s.
-// (Steps under a cache line prefetch their line more than once.)
-template <int NR, int kStepBytes>
-inline void prefetch_next_tile(const void* next_tile, int64_t row_bytes, int64_t offset) {
-  constexpr int kLines = NR * kStepBytes >= 64 ? NR * kStepBytes / 64 : 1;
-  const char* p = static_cast<const char*>(next_tile) + offset * NR;
-  if (NR * row_bytes <= 4096)
-    for (int j = 0; j < kLines; ++j) __builtin_prefetch(p + j * 64, 0, 3);
-  else
-    for (int j = 0; j < kLines; ++j) __builtin_prefetch(p + j * 64, 0, 2);
-}
 
 template <int MR, int NR>
 void int8_tile(const QLinearArgs& a, int64_t m0, int64_t n0) {

@@ -17,6 +17,7 @@
 
 #include "common/qformat.h"
 #include "cpu/limb_layout.h"
+#include "cpu/prefetch.h"
 #include "cpu/simd.h"
 
 namespace cgq::cpu::CGQ_ISA::limbs_avx2 {
@@ -32,13 +33,6 @@ inline int64_t reduce_add(__m256i v) {
   int64_t total = 0;
   for (int32_t lane : lanes) total += lane;
   return total;
-}
-
-// Stores 16 int32 values (two vectors, in order), each within int8 range, as 16 int8.
-inline void store_i8x16(int8_t* p, __m256i a, __m256i b) {
-  const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);  // undo the lane split
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                   _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1)));
 }
 
 // Splits activation rows into limbs for int4 weights (L.nibble_order, blocks = groups of a
@@ -81,7 +75,7 @@ inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
         }
         const int64_t pos = L.position(k0 + k);
         for (int j = 0; j < kLimbs; ++j) {
-          store_i8x16(out.limb[j] + pos, parts[0][j], parts[1][j]);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(out.limb[j] + pos), pack_i32x16_to_i8(parts[0][j], parts[1][j]));
           sum[j] = _mm256_add_epi32(sum[j], _mm256_add_epi32(parts[0][j], parts[1][j]));
         }
       }
@@ -89,16 +83,6 @@ inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
       out.sums[b] = limbs::limb_sum(reduce_add(sum[0]), reduce_add(sum[1]), reduce_add(sum[2]), e);
     }
   }
-}
-
-// See qlinear_vnni.h: one tile ahead, in memory order, into L1 for small tiles, else L2.
-template <int NR>
-inline void prefetch_next_tile(const uint8_t* next_tile, int64_t row_bytes, int64_t step) {
-  const char* p = reinterpret_cast<const char*>(next_tile) + step * NR * 64;
-  if (NR * row_bytes <= 4096)
-    for (int j = 0; j < NR; ++j) _mm_prefetch(p + j * 64, _MM_HINT_T0);
-  else
-    for (int j = 0; j < NR; ++j) _mm_prefetch(p + j * 64, _MM_HINT_T1);
 }
 
 // fp32 dot product of one int4 group with its dequantized weights, for blocks marked fp32.
@@ -155,7 +139,7 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
     for (int64_t k = g_base * G; k < k_end; k += 128) {
       const int64_t chunk_bytes = (k_end - k >= 128) ? 64 : (k_end - k) / 2;
       const int chunk_group = static_cast<int>(k / G - g_base);  // the chunk's first group in the span
-      prefetch_next_tile<NR>(w + NR * row_bytes, row_bytes, k / 128);
+      prefetch_next_tile<NR, 64>(w + NR * row_bytes, row_bytes, k / 2);
       // One row's chunk from the 64 weight bytes at src. Inlined into both loops below, so the
       // unrolled full-chunk loop keeps the accumulators in registers.
       auto row_chunk = [&](int r, const uint8_t* src, __m256 acc_r) __attribute__((always_inline)) {

@@ -21,10 +21,10 @@
 
 #include "common/qformat.h"
 #include "cpu/limb_layout.h"
+#include "cpu/prefetch.h"
 
 namespace cgq::cpu::CGQ_ISA::vnni {
 
-using limbs::kAlign;
 using limbs::kInt8Block;
 using limbs::kLimbs;
 using limbs::Layout;
@@ -114,35 +114,6 @@ inline float dot_int4_fp32(const uint8_t* w, const float* x, int64_t len, float 
   return _mm512_reduce_add_ps(acc);
 }
 
-// A tile reads its NR weight rows as NR interleaved streams. On the 2-core dev VM (Zen 4) the
-// hardware prefetchers serve several interleaved streams far worse than one sequential one, so
-// every tile prefetches the next tile (the next NR rows, contiguous in memory) front to back,
-// spread evenly over its own steps: one tile ahead, in memory order. Tiles of up to
-// kL1PrefetchTileBytes go to L1; larger ones to L2 (_MM_HINT_T1), as 8-32 KB would flush L1.
-// Measured single-threaded, GB/s of weights read from DRAM at M = 1 (read bandwidth 20-22 GB/s),
-// before -> after:
-//   int4 g128  2 KB rows (6B qkv/fc_in, prefetched before into L1) 17.2 -> 17.4-17.9,
-//              3 KB rows (16B fc_in, prefetched into L1) 10.8-11.8 -> 18.7-19.3,
-//              8 KB rows (6B fc_out, not prefetched)      10.6-13.1 -> 18.4-19.0;
-//   int8       4 KB rows (not prefetched)                 11.5-13.8 -> 15.2-16.7 (20.6-24.8 with
-//              int8_tile's per-block accumulators).
-// Short rows (CodeGen-350M: int4 K = 1024, 2 KB tiles) gain from L1: two threads, int4 1024 x
-// 3072 100 us to L1 against 163-179 us to L2, int8 lm_head 1024 x 51200 1.09-1.31 ms against
-// 1.25-1.44 ms. Prefetching a few lines ahead within each row instead (the textbook form)
-// measured 30 % slower for 2 KB rows and gained half as much for long ones. Prefetches past the
-// buffer's end are harmless hints.
-constexpr int64_t kL1PrefetchTileBytes = 4096;
-
-template <int NR, int kLinesPerRowStep>
-inline void prefetch_next_tile(const void* next_tile, int64_t row_bytes, int64_t step) {
-  constexpr int kLines = NR * kLinesPerRowStep;
-  const char* p = static_cast<const char*>(next_tile) + step * kLines * 64;
-  if (NR * row_bytes <= kL1PrefetchTileBytes)
-    for (int j = 0; j < kLines; ++j) _mm_prefetch(p + j * 64, _MM_HINT_T0);
-  else
-    for (int j = 0; j < kLines; ++j) _mm_prefetch(p + j * 64, _MM_HINT_T1);
-}
-
 // Low `n` bits set, n in [0, 64].
 inline __mmask64 low_bytes(int64_t n) { return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << (n > 0 ? n : 0)) - 1; }
 
@@ -163,7 +134,7 @@ void int8_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
     // Masked loads: the tail of the last row must not read past the weight buffer. Lanes past K
     // load 0 -> 128 after the flip, but meet zero limbs.
     const __mmask64 mask0 = low_bytes(a.K - k), mask1 = low_bytes(a.K - k - 64);
-    prefetch_next_tile<NR, 2>(w + NR * a.K, a.K, b);
+    prefetch_next_tile<NR, kInt8Block>(w + NR * a.K, a.K, k);
     __m512i xl[MR][kLimbs][2];
     for (int m = 0; m < MR; ++m)
       for (int j = 0; j < kLimbs; ++j) {
@@ -209,9 +180,10 @@ void int8_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
 // lane i of a dot-product vector covers bytes 4i..4i+3, i.e. 32-block i / 4, so lane quarters
 // (G = 32), halves (G = 64) or the whole vector (G = 128) belong to one group.
 //
-// The group size is a template parameter, so the lane arithmetic is constant. The three limbs' dot products of a chunk are folded in int32 before the single
-// conversion, as ((H << 7) + L) << 7) + LL: each limb's vpdpbusd pair starts from the shifted sum
-// of the limbs before it, so the fold costs two shifts and no adds. A lane sums 8 products per
+// The group size is a template parameter, so the lane arithmetic is constant. The three limbs'
+// dot products of a chunk are folded in int32 before the single conversion, as
+// ((H << 7) + L) << 7) + LL: each limb's vpdpbusd pair starts from the shifted sum of the limbs
+// before it, so the fold costs two shifts and no adds. A lane sums 8 products per
 // chunk, |H| <= 15 * 127 * 8 < 2^14, so the result, < 2^29 in magnitude, cannot overflow.
 template <int G, int MR, int NR>
 void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t m0, int64_t n0) {
@@ -252,7 +224,7 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
           xl[m][j][0] = _mm512_load_si512(L.limb(ws, m0 + m, j) + k);
           xl[m][j][1] = _mm512_load_si512(L.limb(ws, m0 + m, j) + k + 64);
         }
-      prefetch_next_tile<NR, 1>(w + NR * row_bytes, row_bytes, k / 128);
+      prefetch_next_tile<NR, 64>(w + NR * row_bytes, row_bytes, k / 2);
       const __m512i lanes = _mm512_add_epi32(lane_group, _mm512_set1_epi32(static_cast<int>(k / G - g_base)));
       for (int r = 0; r < NR; ++r) {
         const __m512i raw = _mm512_maskz_loadu_epi8(byte_mask, w + r * row_bytes + k / 2);

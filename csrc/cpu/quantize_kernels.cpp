@@ -97,10 +97,7 @@ inline void quantize_block32(const float* src, float s, float z, uint8_t* dst) {
     v = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, vz), lo), hi);
     return _mm256_cvttps_epi32(v);
   };
-  auto q16 = [&](const float* p) {
-    const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(q8(p), q8(p + 8)), 0xD8);  // 16 int16 in order
-    return _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
-  };
+  auto q16 = [&](const float* p) { return pack_i32x16_to_i8(q8(p), q8(p + 8)); };
   const __m128i a = q16(src), b = q16(src + 16);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_or_si128(a, _mm_slli_epi16(b, 4)));
 #else

@@ -95,6 +95,13 @@ struct Vec {
   static R load_half(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 };
 
+// 16 int32 values (two vectors, in order), each within int8 range, as 16 bytes in order. The packs
+// work within 128-bit lanes; the permute puts the lanes back in order between them.
+inline __m128i pack_i32x16_to_i8(__m256i a, __m256i b) {
+  const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
+  return _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
+}
+
 #else  // scalar reference: the plainest possible code, also the fallback on non-x86 machines
 
 struct Vec {
