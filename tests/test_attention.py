@@ -22,8 +22,14 @@ def reference(q, k_cache, v_cache, tables, lengths, scale):
     return out
 
 
+# CodeGen's head dims (64, 80, 256) and 128 run code compiled for that size; 40 and 48 the code for
+# any size (on AVX-512: two vectors and 8 scalar dims, three single vectors; on AVX2: 4 + 1 and
+# 4 + 1 + 1 vectors).
+HEAD_DIMS = [64, 80, 256, 128, 40, 48]
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 80, 256])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_matches_reference_with_scattered_blocks(cpu_isa, head_dim, kv_dtype):
     g = torch.Generator().manual_seed(head_dim)
     lengths = torch.tensor([1, 15, 16, 17, 100], dtype=torch.int32)
@@ -67,7 +73,7 @@ def test_bad_inputs_are_errors_not_crashes():
         paged_attention(torch.zeros(1, 2, 8), k, k, ok_table, ok_len, 1.0)
 
 
-@pytest.mark.parametrize("head_dim", [64, 80, 256])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_causal_prefill_with_strided_q_matches_reference(cpu_isa, head_dim):
     # Two sequences take new tokens at once (3 after 14 cached, 20 from scratch): query i attends
     # to its own sequence up to its own position, nothing later. q is the q part of a fused

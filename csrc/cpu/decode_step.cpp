@@ -4,8 +4,8 @@
 //   2. qkv and fc_in rows, split across jobs as one list (same K, same cost per row); each job
 //      applies gelu_new to the fc_in outputs it produced;                          -- barrier
 //   3. (sequence, head) tasks split across jobs: rotary on that head's q and k, its k and v into
-//      the cache slot, then attention over the sequence's blocks (the task wrote the only new
-//      position it reads, so no barrier is needed in between);                     -- barrier
+//      the cache slot; then attention of the job's heads over their sequences' blocks (a job
+//      wrote the only new rows it reads, so no barrier is needed in between);      -- barrier
 //   4. output rows split across jobs: out_proj(attn) + fc_out(gelu) + bias added into h;
 //                                                                                   -- barrier
 #include "cpu/decode_step.h"
@@ -20,6 +20,7 @@
 #include "cpu/dispatch.h"
 #include "cpu/fast_exp.h"
 #include "cpu/kernel_table.h"
+#include "cpu/kernels.h"
 #include "cpu/rotary.h"
 
 namespace cgq::cpu {
@@ -186,7 +187,7 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
     // Private: x, and the activation workspaces of x, attn and gelu(fc_in(x)).
     thread_local AlignedScratch x_buf, ws_x, ws_attn, ws_act, score_buf;
     float* x = x_buf.get_as<float>(S * d);
-    float* scores = score_buf.get_as<float>(longest);
+    float* scores = score_buf.get_as<float>(attention_scratch_floats(H, longest));
     const Range qkv_fc = share_weighted(3 * d, kQkvRowCost, inner, kFcInRowCost, kRowGrain, job, n_jobs);
     const Range heads = share(S * H, 1, job, n_jobs);
     const Range rows = share(d, kRowGrain, job, n_jobs);
@@ -206,7 +207,7 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
         for (int64_t s = 0; s < S; ++s) gelu_new_rows(act + s * inner + fb, fe - fb);
       }
       barrier.wait();
-      // 3. Per (sequence, head): rotary, KV append, attention.
+      // 3. Per (sequence, head): rotary and KV append; then attention over this job's heads.
       void* k_layer = static_cast<char*>(a.k_cache) + static_cast<int64_t>(li) * layer_bytes;
       void* v_layer = static_cast<char*>(a.v_cache) + static_cast<int64_t>(li) * layer_bytes;
       AttentionArgs at = attention;
@@ -223,8 +224,8 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
         const int64_t slot = ((static_cast<int64_t>(a.slot_blocks[s]) * a.block_size + a.slot_offsets[s]) * H + h) * D;
         k.store_kv_row(k_layer, a.kv_half, slot, k_head, D);
         k.store_kv_row(v_layer, a.kv_half, slot, v_head, D);
-        k.paged_attention(at, scores, task, task + 1);
       }
+      k.paged_attention(at, scores, heads.begin, heads.end);
       barrier.wait();
       // 4. h += out_proj(attn) + fc_out(gelu) for this job's output rows.
       QLinearArgs oa = linear_args(b.out, attn, S, out, m.group_size);

@@ -167,9 +167,10 @@ void paged_attention(const AttentionArgs& a) {
   // A (query, head) task reads longest * head_dim * 8 (fp16: 4) bytes of K and V at most.
   const int jobs = max_jobs(1, tasks, longest * a.head_dim * (a.kv_half ? 4 : 8));
   parallel_for(tasks, 1, [&](int64_t b, int64_t e) {
-    thread_local std::vector<float> scores;
-    if (static_cast<int64_t>(scores.size()) < longest) scores.resize(static_cast<size_t>(longest));
-    fn(a, scores.data(), b, e);
+    thread_local std::vector<float> scratch;
+    const auto floats = static_cast<size_t>(attention_scratch_floats(a.n_head, longest));
+    if (scratch.size() < floats) scratch.resize(floats);
+    fn(a, scratch.data(), b, e);
   }, jobs);
 }
 

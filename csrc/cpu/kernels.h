@@ -37,6 +37,9 @@ struct QuantizeOut {
 // quantize_rows' status bits: the rows held NaN or inf; a scale does not fit fp16.
 constexpr int kQuantizeNonFinite = 1;
 constexpr int kQuantizeScaleOverflow = 2;
+// Floats of scratch paged_attention takes, for queries of at most `longest` positions: a row of
+// scores and one float per head.
+inline int64_t attention_scratch_floats(int64_t n_head, int64_t longest) { return n_head * (longest + 1); }
 }  // namespace cgq::cpu
 
 #define CGQ_DECLARE_ISA_KERNELS(isa)                                                   \

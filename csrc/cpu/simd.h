@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "common/half.h"
+#include "cpu/fast_exp.h"
 
 #if defined(CGQ_ISA_AVX2) || defined(CGQ_ISA_AVX512)
 #include <immintrin.h>
@@ -25,6 +26,7 @@ struct Vec {
   static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
   // min(v, m) / max(v, m) lane-wise as `v < m ? v : m` / `v > m ? v : m`: m wins ties and NaN.
   static R min(R v, R m) { return _mm512_min_ps(v, m); }
@@ -46,6 +48,11 @@ struct Vec {
   }
   static float half(uint16_t h) { return _cvtsh_ss(h); }
   static R load_half(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static R round(R v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // 2^n for integral n in [-126, 127], built in the exponent bits.
+  static R pow2(R n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+  }
 };
 
 #elif defined(CGQ_ISA_AVX2)
@@ -59,6 +66,7 @@ struct Vec {
   static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   static R min(R v, R m) { return _mm256_min_ps(v, m); }
   static R max(R v, R m) { return _mm256_max_ps(v, m); }
@@ -93,6 +101,10 @@ struct Vec {
   }
   static float half(uint16_t h) { return _cvtsh_ss(h); }
   static R load_half(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static R round(R v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static R pow2(R n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+  }
 };
 
 // 16 int32 values (two vectors, in order), each within int8 range, as 16 bytes in order. The packs
@@ -113,6 +125,7 @@ struct Vec {
   static void store(float* p, R v) { *p = v; }
   static R fma(R a, R b, R c) { return a * b + c; }
   static R add(R a, R b) { return a + b; }
+  static R sub(R a, R b) { return a - b; }
   static R mul(R a, R b) { return a * b; }
   static R min(R v, R m) { return v < m ? v : m; }
   static R max(R v, R m) { return v > m ? v : m; }
@@ -131,6 +144,29 @@ struct Vec {
 };
 
 #endif
+
+// exp(x) lane-wise, for the loops libm's expf would make scalar: fast_exp.h's method (the same
+// polynomial, the same clamp to [-87, 87]) with 2^n from the exponent bits. n is rounded to
+// nearest even where exp_approx rounds half away from zero, which moves f by one at exact ties
+// and keeps |f| <= 1/2: errors stay ~2e-7 relative. NaN stays NaN (Vec::min / max pass it on).
+inline Vec::R exp_vec(Vec::R x) {
+#if defined(CGQ_ISA_AVX2) || defined(CGQ_ISA_AVX512)
+  x = Vec::max(Vec::set1(-87.0f), Vec::min(Vec::set1(87.0f), x));
+  const Vec::R t = Vec::mul(x, Vec::set1(1.44269504088896341f));
+  const Vec::R n = Vec::round(t);
+  const Vec::R f = Vec::sub(t, n);
+  Vec::R p = Vec::set1(1.535336188319500e-4f);
+  p = Vec::fma(p, f, Vec::set1(1.339887440266574e-3f));
+  p = Vec::fma(p, f, Vec::set1(9.618437357674640e-3f));
+  p = Vec::fma(p, f, Vec::set1(5.550332471162809e-2f));
+  p = Vec::fma(p, f, Vec::set1(2.402264791363012e-1f));
+  p = Vec::fma(p, f, Vec::set1(6.931472028550421e-1f));
+  p = Vec::fma(p, f, Vec::set1(1.0f));
+  return Vec::mul(p, Vec::pow2(n));
+#else
+  return exp_approx(x);
+#endif
+}
 
 // fp32 -> fp16 for the KV cache (which may hold fp16 to halve what attention reads; it reads with
 // Vec::load_half), rounded to nearest even: on every ISA the same bits.
