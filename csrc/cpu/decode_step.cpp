@@ -18,7 +18,6 @@
 #include "common/qformat.h"
 #include "common/thread_pool.h"
 #include "cpu/dispatch.h"
-#include "cpu/fast_exp.h"
 #include "cpu/kernel_table.h"
 #include "cpu/kernels.h"
 #include "cpu/rotary.h"
@@ -39,22 +38,6 @@ Range share(int64_t n, int64_t grain, int job, int n_jobs) {
   return {b < n ? b : n, e < n ? e : n};
 }
 
-// Row `job`'s share of a list of n_a rows of cost w_a followed by n_b rows of cost w_b, in whole
-// grains (the boundary of job j is computed the same way for j - 1's end, so shares tile the list).
-Range share_weighted(int64_t n_a, int64_t w_a, int64_t n_b, int64_t w_b, int64_t grain, int job, int n_jobs) {
-  const int64_t total = n_a * w_a + n_b * w_b;
-  auto boundary = [&](int j) {
-    const int64_t pos = total * j / n_jobs;
-    const int64_t row = pos <= n_a * w_a ? pos / w_a : n_a + (pos - n_a * w_a) / w_b;
-    const int64_t rounded = (row + grain / 2) / grain * grain;
-    return j == n_jobs ? n_a + n_b : (rounded < n_a + n_b ? rounded : n_a + n_b);
-  };
-  return {boundary(job), boundary(job + 1)};
-}
-
-// gelu_new (a tanhf per element) costs about a fifth of streaming its fc_in row at K = 1024.
-constexpr int64_t kQkvRowCost = 5, kFcInRowCost = 6;
-
 QLinearArgs linear_args(const DecodeLinear& l, const float* x, int64_t M, float* y, int64_t group_size) {
   QLinearArgs a;
   a.x = x, a.M = M, a.K = l.K, a.N = l.N, a.qweight = l.qweight, a.scales = l.scales, a.zeros = l.zeros;
@@ -73,19 +56,6 @@ void layer_norm_rows(const float* h, int64_t S, int64_t d, const float* w, const
     const float inv = static_cast<float>(1.0 / std::sqrt(sq / static_cast<double>(d) + eps));
     const float m = static_cast<float>(mean);
     for (int64_t i = 0; i < d; ++i) out[s * d + i] = (row[i] - m) * inv * w[i] + b[i];
-  }
-}
-
-// transformers' NewGELUActivation, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), in place
-// over v[0, n), with tanh(u) = 1 - 2 / (exp(2u) + 1). tanhf per element cost ~1 ms per 350M
-// token; this loop vectorises. Errors are ~1e-7 relative to |x|, as with tanhf.
-void gelu_new_rows(float* v, int64_t n) {
-  constexpr float kSqrt2OverPi = 0.7978845608028654f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = v[i];
-    const float u = kSqrt2OverPi * (x + 0.044715f * x * x * x);
-    const float tanh_u = 1.0f - 2.0f / (exp_approx(2.0f * u) + 1.0f);
-    v[i] = 0.5f * x * (1.0f + tanh_u);
   }
 }
 
@@ -188,7 +158,7 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
     thread_local AlignedScratch x_buf, ws_x, ws_attn, ws_act, score_buf;
     float* x = x_buf.get_as<float>(S * d);
     float* scores = score_buf.get_as<float>(attention_scratch_floats(H, longest));
-    const Range qkv_fc = share_weighted(3 * d, kQkvRowCost, inner, kFcInRowCost, kRowGrain, job, n_jobs);
+    const Range qkv_fc = share(3 * d + inner, kRowGrain, job, n_jobs);  // gelu adds ~nothing per row
     const Range heads = share(S * H, 1, job, n_jobs);
     const Range rows = share(d, kRowGrain, job, n_jobs);
     for (size_t li = 0; li < m.blocks.size(); ++li) {
@@ -204,7 +174,7 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
       if (qkv_fc.end > 3 * d) {
         const int64_t fb = qkv_fc.begin > 3 * d ? qkv_fc.begin - 3 * d : 0, fe = qkv_fc.end - 3 * d;
         qlinear(fa, fb, fe);
-        for (int64_t s = 0; s < S; ++s) gelu_new_rows(act + s * inner + fb, fe - fb);
+        for (int64_t s = 0; s < S; ++s) k.gelu_new(act + s * inner + fb, fe - fb);
       }
       barrier.wait();
       // 3. Per (sequence, head): rotary and KV append; then attention over this job's heads.

@@ -16,7 +16,7 @@ namespace cgq::cpu {
 #define CGQ_TABLE(isa) \
   KernelTable { isa::qlinear_workspace_bytes, isa::qlinear_prepare, isa::qlinear_int8, isa::qlinear_int4, isa::dequantize_int8, isa::dequantize_int4, isa::read_checksum, \
                 isa::quantize_rows, \
-                isa::paged_attention, isa::rotary_kv_append, isa::store_kv_row }
+                isa::paged_attention, isa::rotary_kv_append, isa::store_kv_row, isa::gelu_new }
 
 const KernelTable& kernels() {
   static const KernelTable scalar_table = CGQ_TABLE(scalar);

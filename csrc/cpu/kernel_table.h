@@ -22,6 +22,7 @@ struct KernelTable {
   void (*paged_attention)(const AttentionArgs&, float*, int64_t, int64_t);
   void (*rotary_kv_append)(const RotaryAppendArgs&, int64_t, int64_t);
   void (*store_kv_row)(void*, bool, int64_t, const float*, int64_t);
+  void (*gelu_new)(float*, int64_t);
 };
 
 // Scratch memory, 64-byte aligned, grown as needed and kept: decode calls the same shapes

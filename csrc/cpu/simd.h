@@ -27,6 +27,7 @@ struct Vec {
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
   static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static R div(R a, R b) { return _mm512_div_ps(a, b); }
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
   // min(v, m) / max(v, m) lane-wise as `v < m ? v : m` / `v > m ? v : m`: m wins ties and NaN.
   static R min(R v, R m) { return _mm512_min_ps(v, m); }
@@ -67,6 +68,7 @@ struct Vec {
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R add(R a, R b) { return _mm256_add_ps(a, b); }
   static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  static R div(R a, R b) { return _mm256_div_ps(a, b); }
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   static R min(R v, R m) { return _mm256_min_ps(v, m); }
   static R max(R v, R m) { return _mm256_max_ps(v, m); }
@@ -126,6 +128,7 @@ struct Vec {
   static R fma(R a, R b, R c) { return a * b + c; }
   static R add(R a, R b) { return a + b; }
   static R sub(R a, R b) { return a - b; }
+  static R div(R a, R b) { return a / b; }
   static R mul(R a, R b) { return a * b; }
   static R min(R v, R m) { return v < m ? v : m; }
   static R max(R v, R m) { return v > m ? v : m; }
