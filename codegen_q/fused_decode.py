@@ -41,6 +41,26 @@ class FusedDecoder:
             blocks, shapes, model.config.n_embd, model.n_head, model.head_dim, model.rotary_dim,
             model.sin.shape[0], first.bits == 4, first.group_size or 0, float(model.eps),
             model.sin.data_ptr(), model.cos.data_ptr())
+        if self._head_supported(model):
+            head: QuantizedWeight = model.lm_head.weight
+            self.native.set_head(model.ln_f_w.data_ptr(), model.ln_f_b.data_ptr(), head.qweight.data_ptr(),
+                                 head.scales.data_ptr(), _address(head.zeros), _address(model.lm_head.bias),
+                                 head.shape[0], head.shape[1], head.bits == 4, head.group_size or 0)
+        self.vocab_rows = model.lm_head.weight.shape[0] if self.has_head else 0
+
+    @property
+    def has_head(self) -> bool:
+        """True when the step also computes the logits (a quantized CPU lm_head)."""
+        return bool(self.native.has_head)
+
+    @staticmethod
+    def _head_supported(model) -> bool:
+        lin = model.lm_head
+        if not lin.quantized or lin.weight.device.type != "cpu":
+            return False  # e.g. --lm-head fp16: torch computes the logits
+        if lin.bias is not None and (lin.bias.dtype != torch.float32 or not lin.bias.is_contiguous()):
+            return False
+        return all(t.dtype == torch.float32 and t.is_contiguous() for t in (model.ln_f_w, model.ln_f_b))
 
     @staticmethod
     def supports(model) -> bool:
@@ -61,10 +81,15 @@ class FusedDecoder:
                 return False
         return len(schemes) == 1
 
-    def step(self, h: torch.Tensor, cache: PagedKVCache, plan: dict[str, torch.Tensor]) -> None:
-        """Run every block on h [S, d] (fp32, contiguous, updated in place); writes the new K/V."""
-        tables = plan["tables"]
+    def step(self, h: torch.Tensor, cache: PagedKVCache, seq_ids) -> torch.Tensor | None:
+        """Run every block on h [S, d] (fp32, contiguous, updated in place) for the next token of
+        each sequence (its slot already reserved); writes the new K/V. Returns the logits [S,
+        vocab rows] when the step has the head, else None (h is then the last block's output)."""
+        plan = cache.decode_plan(seq_ids)  # int32 [3, S]: positions, slot blocks, slot offsets
+        tables, _ = cache.block_tables_tensor(seq_ids, [int(p) + 1 for p in plan[0]])
+        logits = torch.empty((h.shape[0], self.vocab_rows), dtype=torch.float32) if self.has_head else None
         _native.cpu().decode_step(self.native, h.data_ptr(), h.shape[0], cache.k.data_ptr(), cache.v.data_ptr(),
-                                  cache.num_blocks, cache.block_size, plan["positions"].data_ptr(),
-                                  plan["slot_blocks"].data_ptr(), plan["slot_offsets"].data_ptr(),
-                                  tables.data_ptr(), tables.shape[1], cache.k.dtype == torch.float16)
+                                  cache.num_blocks, cache.block_size, plan[0].data_ptr(), plan[1].data_ptr(),
+                                  plan[2].data_ptr(), tables.data_ptr(), tables.shape[1],
+                                  cache.k.dtype == torch.float16, _address(logits))
+        return logits

@@ -83,6 +83,17 @@ class PagedKVCache:
         table = torch.tensor(self._tables[seq_id], dtype=torch.long)
         return (table[pos // self.block_size]).to(self.k.device), (pos % self.block_size).to(self.k.device)
 
+    def decode_plan(self, seq_ids) -> torch.Tensor:
+        """int32 [3, S]: the next position of each sequence, its block id and its offset in the
+        block (reserved already): one decode step's indices, built from Python ints at once."""
+        rows: list[list[int]] = [[], [], []]
+        for s in seq_ids:
+            pos = self._lengths[s]
+            rows[0].append(pos)
+            rows[1].append(self._tables[s][pos // self.block_size])
+            rows[2].append(pos % self.block_size)
+        return torch.tensor(rows, dtype=torch.int32)
+
     def write(self, layer: int, slots: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> None:
         blocks, offsets = slots
         self.k[layer, blocks, offsets] = k.to(self.k.dtype)

@@ -139,11 +139,13 @@ class CodeGenModel:
             if start + n > self.config.n_positions:
                 raise ValueError(f"sequence would reach {start + n} tokens, more than the model's context of "
                                  f"{self.config.n_positions}")
+        native = cache.k.dtype in NATIVE_KV_DTYPES and cache.k.device.type == "cpu" and self.dtype == torch.float32
+        if native and self.fused is not None and all(n == 1 for n in counts) and cache.k.is_contiguous():
+            return self._fused_forward(input_ids, cache, seq_ids)
         cache.reserve(dict(zip(seq_ids, counts)))
         slots = [cache.slots(s, n) for s, n in zip(seq_ids, counts)]
         positions = torch.cat([torch.arange(st, st + n) for st, n in zip(starts, counts)])
 
-        native = cache.k.dtype in NATIVE_KV_DTYPES and cache.k.device.type == "cpu" and self.dtype == torch.float32
         if native:
             plan = self._native_plan(cache, seq_ids, counts, starts, slots, positions)
         else:
@@ -152,12 +154,7 @@ class CodeGenModel:
         h = self.wte[ids].to(self.dtype).contiguous()
         d = self.config.n_embd
         scale = self.head_dim ** -0.5
-        if native and self.fused is not None and all(n == 1 for n in counts) and cache.k.is_contiguous():
-            self.fused.step(h, cache, plan)
-            layers = []
-        else:
-            layers = self.layers
-        for li, layer in enumerate(layers):
+        for li, layer in enumerate(self.layers):
             x = torch.nn.functional.layer_norm(h, (d,), layer["ln_w"], layer["ln_b"], self.eps)
             qkv = layer["qkv"](x).view(-1, 3, self.n_head, self.head_dim)
             if native:
@@ -187,6 +184,20 @@ class CodeGenModel:
             out.append(self.lm_head(rows).float().cpu())  # sampling runs on the CPU
             offset += n
         return out
+
+    def _fused_forward(self, input_ids: Sequence[torch.Tensor], cache: PagedKVCache,
+                       seq_ids: Sequence[int]) -> list[torch.Tensor]:
+        """forward for one new token per sequence, in one native call (see fused_decode.py): the
+        decode step's whole Python side is this, ~0.1 ms instead of ~0.6 ms of small torch ops."""
+        cache.reserve({s: 1 for s in seq_ids})
+        h = self.wte[torch.cat([ids.reshape(-1) for ids in input_ids])].to(torch.float32).contiguous()
+        logits = self.fused.step(h, cache, seq_ids)
+        for s in seq_ids:
+            cache.advance(s, 1)
+        if logits is None:  # an unquantized lm_head: torch computes it
+            h = torch.nn.functional.layer_norm(h, (self.config.n_embd,), self.ln_f_w, self.ln_f_b, self.eps)
+            logits = self.lm_head(h).float()
+        return list(logits.split(1))
 
     @staticmethod
     def _native_plan(cache: PagedKVCache, seq_ids, counts, starts, slots, positions) -> dict[str, torch.Tensor]:

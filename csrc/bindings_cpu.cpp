@@ -174,13 +174,28 @@ PYBIND11_MODULE(_C_cpu, m) {
            py::arg("blocks"), py::arg("linear_shapes"), py::arg("d"), py::arg("n_head"), py::arg("head_dim"),
            py::arg("rotary_dim"), py::arg("n_positions"), py::arg("int4"), py::arg("group_size"), py::arg("eps"),
            py::arg("sin"), py::arg("cos"))
+      .def(
+          "set_head",
+          [](cgq::cpu::DecodeModel& model, uintptr_t ln_w, uintptr_t ln_b, uintptr_t qweight, uintptr_t scales,
+             uintptr_t zeros, uintptr_t bias, int64_t N, int64_t K, bool int4, int64_t group_size) {
+            cgq::cpu::DecodeHead& h = model.head;
+            h.ln_w = ptr<const float>(ln_w), h.ln_b = ptr<const float>(ln_b);
+            h.lm_head.qweight = ptr<const void>(qweight), h.lm_head.scales = ptr<const uint16_t>(scales);
+            h.lm_head.zeros = ptr<const uint8_t>(zeros), h.lm_head.bias = ptr<const float>(bias);
+            h.lm_head.N = N, h.lm_head.K = K, h.int4 = int4, h.group_size = group_size;
+            model.has_head = true;
+          },
+          py::arg("ln_w"), py::arg("ln_b"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"),
+          py::arg("N"), py::arg("K"), py::arg("int4"), py::arg("group_size"))
+      .def_readonly("has_head", &cgq::cpu::DecodeModel::has_head)
       .def_readwrite("min_block_bytes_per_job", &cgq::cpu::DecodeModel::min_block_bytes_per_job);
   m.def(
       "decode_step",
       [](const cgq::cpu::DecodeModel& model, uintptr_t h, int64_t S, uintptr_t k_cache, uintptr_t v_cache,
          int64_t num_blocks, int64_t block_size, uintptr_t positions, uintptr_t slot_blocks, uintptr_t slot_offsets,
-         uintptr_t block_tables, int64_t max_blocks, bool kv_half) {
+         uintptr_t block_tables, int64_t max_blocks, bool kv_half, uintptr_t logits) {
         cgq::cpu::DecodeStepArgs a;
+        a.logits = ptr<float>(logits);
         a.h = ptr<float>(h), a.S = S, a.k_cache = ptr<void>(k_cache), a.v_cache = ptr<void>(v_cache);
         a.kv_half = kv_half;
         a.num_blocks = num_blocks, a.block_size = block_size, a.positions = ptr<const int32_t>(positions);
@@ -190,7 +205,7 @@ PYBIND11_MODULE(_C_cpu, m) {
       },
       py::arg("model"), py::arg("h"), py::arg("S"), py::arg("k_cache"), py::arg("v_cache"), py::arg("num_blocks"),
       py::arg("block_size"), py::arg("positions"), py::arg("slot_blocks"), py::arg("slot_offsets"),
-      py::arg("block_tables"), py::arg("max_blocks"), py::arg("kv_half") = false,
+      py::arg("block_tables"), py::arg("max_blocks"), py::arg("kv_half") = false, py::arg("logits") = 0,
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "read_checksum", [](uintptr_t data, int64_t bytes) { return cgq::cpu::read_checksum(ptr<const uint8_t>(data), bytes); },

@@ -3,7 +3,8 @@
 Both compute the same function in fp32 with different operation orders (layer norm in double,
 gelu through tanhf, one call per block); so per step, with the same tokens fed to both, logits
 must agree to fp32 rounding and greedy tokens must be identical. Runs every ISA, one job and
-several (forced: the tiny models are far below the bytes-per-job threshold), int8 and int4.
+several (forced: the tiny models are far below the bytes-per-job threshold), int8 and int4
+blocks, each with the other scheme's lm_head computed in the same native call (ln_f too).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import pytest
 import torch
 
 import codegen_q
+from codegen_q import _native
 from codegen_q.kv_cache import PagedKVCache
 from test_model import SHAPES, our_model, reference_model
 
 SCHEMES = {"int8": 8, "int4": 4}
+OTHER = {8: 4, 4: 8}  # the lm_head's scheme beside the blocks': int4 blocks get the format's int8 default
 
 
 def _run(model, prompts, steps, fused: bool, min_bytes: int | None = None, kv_dtype=torch.float32):
@@ -45,8 +48,9 @@ def _run(model, prompts, steps, fused: bool, min_bytes: int | None = None, kv_dt
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 @pytest.mark.parametrize("shape", ["hd64", "hd80"])
 def test_fused_step_matches_op_by_op(cpu_isa, shape, scheme, jobs, kv_dtype):
-    model = our_model(reference_model(shape, n_layer=3, seed=7), SCHEMES[scheme])
-    assert model.fused is not None
+    bits = SCHEMES[scheme]
+    model = our_model(reference_model(shape, n_layer=3, seed=7), bits, lm_head_bits=OTHER[bits])
+    assert model.fused is not None and model.fused.has_head
     codegen_q.set_num_threads(2)
     prompts = [[5, 9, 2, 7, 1, 3, 3, 8, 4, 4, 6, 1, 0, 2, 9], [11], list(range(20, 37))]  # 15, 1, 17 tokens
     min_bytes = 1 if jobs == "all" else 1 << 40
@@ -67,13 +71,34 @@ def test_fused_path_is_taken_only_for_quantized_cpu_models():
     assert our_model(hf, 8).fused is not None  # quantized: fused
 
 
+def test_float_lm_head_is_left_to_torch():
+    hf = reference_model("hd64", n_layer=2, seed=3)
+    model = our_model(hf, 8)  # --lm-head fp16: the blocks fused, the head not
+    assert model.fused is not None and not model.fused.has_head
+    prompts = [[5, 9, 2, 7], [11, 3]]
+    got, fed_got = _run(model, prompts, 18, fused=True)
+    want, fed_want = _run(model, prompts, 18, fused=False)
+    assert fed_got == fed_want
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
+
+
 def test_fused_step_rejects_a_bad_slot():
-    model = our_model(reference_model("hd64", n_layer=1), 8)
+    model = our_model(reference_model("hd64", n_layer=1), 8, lm_head_bits=8)
     cache = PagedKVCache.for_tokens(model.config, 64, block_size=16)
     seq = cache.add_sequence()
     model.forward([torch.tensor([1, 2, 3])], cache, [seq])
-    plan = model._native_plan(cache, [seq], [1], [3], [cache.slots(seq, 1)], torch.tensor([3]))
-    plan["slot_offsets"] = torch.tensor([5], dtype=torch.int32)  # position 3 lives at offset 3
+    cache.reserve({seq: 1})
+    plan = cache.decode_plan([seq])
+    assert plan.tolist() == [[3], [cache.block_table(seq)[0]], [3]]
+    plan[2, 0] = 5  # position 3 lives at offset 3
+    tables, _ = cache.block_tables_tensor([seq], [4])
     h = torch.zeros(1, model.config.n_embd)
+    logits = torch.empty(1, model.fused.vocab_rows)
+    args = (model.fused.native, h.data_ptr(), 1, cache.k.data_ptr(), cache.v.data_ptr(), cache.num_blocks,
+            cache.block_size, plan[0].data_ptr(), plan[1].data_ptr(), plan[2].data_ptr(), tables.data_ptr(),
+            tables.shape[1], cache.k.dtype == torch.float16)
     with pytest.raises(ValueError, match="slot is not its position"):
-        model.fused.step(h, cache, plan)
+        _native.cpu().decode_step(*args, logits.data_ptr())
+    plan[2, 0] = 3
+    with pytest.raises(ValueError, match="no logits buffer"):
+        _native.cpu().decode_step(*args, 0)

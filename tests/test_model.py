@@ -34,8 +34,10 @@ def reference_model(shape: str, n_layer: int = 2, seed: int = 0) -> transformers
     return model
 
 
-def converted_weights(hf: transformers.CodeGenForCausalLM, bits: int | None = None, group_size: int = 32) -> dict:
-    """The hub state dict in codegen-q's layout: qkv rows head-major, Linears optionally quantized."""
+def converted_weights(hf: transformers.CodeGenForCausalLM, bits: int | None = None, group_size: int = 32,
+                      lm_head_bits: int | None = None) -> dict:
+    """The hub state dict in codegen-q's layout: qkv rows head-major, block Linears (`bits`) and
+    lm_head (`lm_head_bits`) optionally quantized."""
     cfg = hf.config
     sd = {k: v.detach().clone() for k, v in hf.state_dict().items()}
     perm = qkv_head_major_permutation(cfg.n_embd, cfg.n_head)
@@ -47,11 +49,15 @@ def converted_weights(hf: transformers.CodeGenForCausalLM, bits: int | None = No
                 w = sd.pop(f"transformer.h.{i}.{name}.weight")
                 kwargs = dict(bits=8) if bits == 8 else dict(bits=4, group_size=group_size)
                 sd[f"transformer.h.{i}.{name}"] = quantize_weight(w, **kwargs)
+    if lm_head_bits is not None:
+        w = sd.pop("lm_head.weight")
+        sd["lm_head"] = quantize_weight(w, bits=8) if lm_head_bits == 8 else quantize_weight(w, bits=4, group_size=32)
     return sd
 
 
-def our_model(hf, bits: int | None = None) -> CodeGenModel:
-    return CodeGenModel(CodeGenConfig.from_dict(hf.config.to_dict()), converted_weights(hf, bits))
+def our_model(hf, bits: int | None = None, lm_head_bits: int | None = None) -> CodeGenModel:
+    return CodeGenModel(CodeGenConfig.from_dict(hf.config.to_dict()), converted_weights(hf, bits,
+                                                                                        lm_head_bits=lm_head_bits))
 
 
 def fp32_tolerance(ref: torch.Tensor) -> float:

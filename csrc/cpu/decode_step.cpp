@@ -8,6 +8,8 @@
 //      wrote the only new rows it reads, so no barrier is needed in between);      -- barrier
 //   4. output rows split across jobs: out_proj(attn) + fc_out(gelu) + bias added into h;
 //                                                                                   -- barrier
+// and after the last block, with a head: every job ln_f(h) privately, then its share of the
+// lm_head rows into the logits (saving the separate ln_f op, qlinear call and pool wake-up).
 #include "cpu/decode_step.h"
 
 #include <cmath>
@@ -80,6 +82,12 @@ void validate(const DecodeModel& m, const DecodeStepArgs& a) {
     check_linear(b.out, m.d, m.d, "out_proj", m.int4, m.group_size);
     check_linear(b.fc_in, inner, m.d, "fc_in", m.int4, m.group_size);
     check_linear(b.fc_out, m.d, inner, "fc_out", m.int4, m.group_size);
+  }
+  if (m.has_head) {
+    if (!m.head.ln_w || !m.head.ln_b) throw std::invalid_argument("decode_step: missing ln_f");
+    if (m.head.lm_head.N < 1) throw std::invalid_argument("decode_step: lm_head has no rows");
+    check_linear(m.head.lm_head, m.head.lm_head.N, m.d, "lm_head", m.head.int4, m.head.group_size);
+    if (!a.logits) throw std::invalid_argument("decode_step: the model has a head but no logits buffer was given");
   }
   if (a.S < 1 || !a.h || !a.k_cache || !a.v_cache || !a.positions || !a.slot_blocks || !a.slot_offsets ||
       !a.block_tables || a.num_blocks <= 0 || a.block_size <= 0 || a.max_blocks <= 0)
@@ -211,6 +219,16 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
           for (int64_t n = rows.begin; n < rows.end; ++n) a.h[s * d + n] += out[s * d + n] + fc[s * d + n];
       }
       barrier.wait();
+    }
+    // 5. logits = lm_head(ln_f(h)), vocab rows split across jobs (the region's end joins them).
+    if (m.has_head) {
+      const DecodeHead& head = m.head;
+      layer_norm_rows(a.h, S, d, head.ln_w, head.ln_b, m.eps, x);
+      QLinearArgs la = linear_args(head.lm_head, x, S, a.logits, head.group_size);
+      la.workspace = ws_x.get(k.qlinear_workspace_bytes(la, head.int4));
+      k.qlinear_prepare(la, head.int4, const_cast<void*>(la.workspace));
+      const Range vocab = share(head.lm_head.N, kRowGrain, job, n_jobs);
+      if (vocab.begin < vocab.end) (head.int4 ? k.qlinear_int4 : k.qlinear_int8)(la, vocab.begin, vocab.end);
     }
   });
 }

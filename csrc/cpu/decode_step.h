@@ -1,6 +1,7 @@
 // One decode step of every transformer block of a quantized CodeGen model, in one native call:
 // S sequences, one new token each (DESIGN §1 per block: ln_1; qkv and fc_in from the same x;
-// rotary + KV append; paged attention; h += out_proj(attn) + fc_out(gelu_new(fc_in(x)))).
+// rotary + KV append; paged attention; h += out_proj(attn) + fc_out(gelu_new(fc_in(x)))), then,
+// when the model has a head, logits = lm_head(ln_f(h)).
 //
 // Why one call: at decode a 350M block is ~12 MB of weights, a few hundred microseconds, and the
 // per-op Python dispatch and per-GEMV thread wake-ups (25-40 us each) of the op-by-op path cost
@@ -29,8 +30,20 @@ struct DecodeBlock {
   DecodeLinear qkv, out, fc_in, fc_out;  // qkv rows in the [q | k | v] head-major layout
 };
 
+// The model's head, optional: logits = lm_head(ln_f(h)) of each sequence in the same call (its
+// quantization may differ from the blocks': the format's default is an int8 lm_head).
+struct DecodeHead {
+  const float* ln_w = nullptr;  // ln_f, [d] fp32
+  const float* ln_b = nullptr;
+  DecodeLinear lm_head;  // [vocab rows, d]
+  bool int4 = false;
+  int64_t group_size = 0;
+};
+
 struct DecodeModel {
   std::vector<DecodeBlock> blocks;
+  bool has_head = false;
+  DecodeHead head;
   int64_t d = 0, n_head = 0, head_dim = 0, rotary_dim = 0, n_positions = 0;
   bool int4 = false;
   int64_t group_size = 0;
@@ -53,6 +66,7 @@ struct DecodeStepArgs {
   const int32_t* slot_offsets = nullptr;
   const int32_t* block_tables = nullptr;  // [S, max_blocks]
   int64_t max_blocks = 0;
+  float* logits = nullptr;  // [S, vocab rows] fp32, written when the model has a head (else ignored)
 };
 
 // Validates sizes and indices (std::invalid_argument), then runs the step; on an error nothing
