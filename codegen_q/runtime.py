@@ -54,7 +54,10 @@ class LoadedModel:
 def _warn_if_openmp_spins() -> None:
     import warnings
 
-    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE" and torch.get_num_threads() > 1:
+    import codegen_q
+
+    passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" and not codegen_q._OMP_POLICY_SET_AFTER_TORCH
+    if not passive and torch.get_num_threads() > 1:
         warnings.warn("torch's OpenMP threads spin-wait (OMP_WAIT_POLICY is not PASSIVE; torch was imported before "
                       "codegen_q, or the policy was set otherwise) and will compete with codegen-q's kernel threads; "
                       "set OMP_WAIT_POLICY=PASSIVE before importing torch, or torch.set_num_threads(1)",

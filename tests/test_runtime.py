@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -82,6 +85,22 @@ def test_generate_accepts_a_loaded_model_at_top_level(dirs):
     a = codegen_q.generate(model, "x = ", max_new_tokens=5)
     b = model.generate("x = ", max_new_tokens=5)
     assert a.token_ids == b.token_ids
+
+
+@pytest.mark.parametrize("torch_first", [True, False])
+def test_load_warns_when_torch_came_first_with_spinning_openmp(dirs, torch_first):
+    # libgomp reads OMP_WAIT_POLICY when torch loads; codegen_q sets PASSIVE on import, which is
+    # too late if torch was imported first, and load() must say so (it used to see the variable
+    # codegen_q itself had set and stay silent).
+    imports = "import torch, codegen_q" if torch_first else "import codegen_q, torch"
+    code = (f"{imports}, warnings\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            f"    codegen_q.load({dirs['int8']!r}, num_threads=2)\n"
+            "print(any('spin-wait' in str(x.message) for x in w))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(torch_first)
 
 
 def test_load_errors(dirs, tmp_path):
