@@ -14,7 +14,6 @@ its position). Other dtypes take a torch path that gathers each sequence's K/V.
 
 from __future__ import annotations
 
-import math
 from typing import Mapping, Sequence
 
 import torch
@@ -48,8 +47,34 @@ class Linear:
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
-    # The tanh approximation, written as transformers' NewGELUActivation writes it.
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    """transformers' NewGELUActivation, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))): torch's
+    tanh-approximate gelu is that formula in one pass (transformers' version is six, 42 ms against
+    3.5 ms on a 1000 x 4096 prefill activation here); the two differ by fp32 rounding (<= 2.4e-7)."""
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+# A prompt at least this long, with nothing cached before it, takes torch's fused causal attention
+# (scaled_dot_product_attention) over its own K/V instead of the paged kernel, which handles one
+# query at a time: measured on 2 threads, 16 heads of 64, 128 tokens 1.02 vs 0.82 ms, 256 tokens
+# 3.84 vs 2.44 ms, 1000 tokens 46 vs 22 ms per layer; at 32-64 they are even.
+FUSED_PREFILL_MIN_TOKENS = 128
+
+
+def causal_self_attention(qkv: torch.Tensor, counts: Sequence[int], scale: float,
+                          kv_dtype: torch.dtype) -> torch.Tensor:
+    """Attention of each sequence's new tokens over themselves (nothing cached before them), from
+    the fused projection qkv [T, 3, H, D] with q and k already rotated. K and V are rounded to the
+    cache's dtype first, so the result is what the paged kernel would compute from the cache."""
+    out = torch.empty_like(qkv[:, 0])
+    offset = 0
+    for n in counts:
+        q, k, v = (qkv[offset:offset + n, i].transpose(0, 1)[None] for i in range(3))  # [1, H, n, D]
+        if kv_dtype != torch.float32:
+            k, v = k.to(kv_dtype).float(), v.to(kv_dtype).float()
+        out[offset:offset + n] = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale)[0].transpose(0, 1)
+        offset += n
+    return out
 
 
 def rotary_tables(n_positions: int, rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,14 +179,18 @@ class CodeGenModel:
         h = self.wte[ids].to(self.dtype).contiguous()
         d = self.config.n_embd
         scale = self.head_dim ** -0.5
+        fresh_prompts = all(st == 0 for st in starts) and max(counts) >= FUSED_PREFILL_MIN_TOKENS
         for li, layer in enumerate(self.layers):
             x = torch.nn.functional.layer_norm(h, (d,), layer["ln_w"], layer["ln_b"], self.eps)
             qkv = layer["qkv"](x).view(-1, 3, self.n_head, self.head_dim)
             if native:
                 rotary_kv_append(qkv, plan["positions"], self.sin, self.cos, plan["slot_blocks"],
                                  plan["slot_offsets"], cache.k[li], cache.v[li], self.rotary_dim)
-                attn = paged_attention(qkv[:, 0], cache.k[li], cache.v[li], plan["tables"], plan["lengths"], scale,
-                                       plan["query_rows"])
+                if fresh_prompts:
+                    attn = causal_self_attention(qkv, counts, scale, cache.k.dtype)
+                else:
+                    attn = paged_attention(qkv[:, 0], cache.k[li], cache.v[li], plan["tables"], plan["lengths"],
+                                           scale, plan["query_rows"])
             else:
                 q = apply_rotary(qkv[:, 0], sin, cos, self.rotary_dim)
                 k = apply_rotary(qkv[:, 1], sin, cos, self.rotary_dim)

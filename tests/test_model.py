@@ -13,6 +13,7 @@ import transformers
 from codegen_q.checkpoint import qkv_head_major_permutation
 from codegen_q.config import CodeGenConfig
 from codegen_q.kv_cache import OutOfKVBlocks, PagedKVCache
+import codegen_q.model as model_module
 from codegen_q.model import CodeGenModel
 from codegen_q.quantize import quantize_weight
 
@@ -84,6 +85,34 @@ def test_prefill_and_each_decode_step_match_transformers(shape):
     assert got.shape == ref.shape
     assert (got - ref).abs().max() <= fp32_tolerance(ref)
     assert cache.length(seq) == 37
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_long_prompt_takes_fused_attention_and_matches_transformers(shape, monkeypatch):
+    # A fresh prompt of FUSED_PREFILL_MIN_TOKENS or more attends with torch's SDPA over its own K/V;
+    # a batch with a cached sequence in it, or a shorter prompt, takes the paged kernel. Both
+    # against transformers, and (fp16 cache) against each other.
+    hf = reference_model(shape)
+    ids = torch.randint(0, VOCAB, (1, 150), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = hf(ids).logits[0]
+    calls = []
+    real = model_module.causal_self_attention
+    monkeypatch.setattr(model_module, "causal_self_attention", lambda *a: calls.append(1) or real(*a))
+    model = our_model(hf)
+    cache = model.new_cache(160)
+    got = model.forward([ids[0]], cache, [cache.add_sequence()], last_only=False)[0]
+    assert len(calls) == hf.config.n_layer
+    assert (got - ref).abs().max() <= fp32_tolerance(ref)
+    quantized = our_model(hf, 8)
+    per_path = {}
+    for min_tokens in (model_module.FUSED_PREFILL_MIN_TOKENS, 10**6):
+        monkeypatch.setattr(model_module, "FUSED_PREFILL_MIN_TOKENS", min_tokens)
+        cache = quantized.new_cache(160)  # fp16 K/V: both paths must read the rounded values
+        per_path[min_tokens] = quantized.forward([ids[0]], cache, [cache.add_sequence()], last_only=False)[0]
+    fused, paged = per_path.values()
+    assert len(calls) == 2 * hf.config.n_layer
+    assert (fused - paged).abs().max() <= fp32_tolerance(paged)
 
 
 @pytest.mark.parametrize("shape", ["hd64", "hd80"])
