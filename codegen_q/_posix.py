@@ -42,6 +42,7 @@ def preallocate(fd: int, nbytes: int) -> bool:
 
 
 _MADV_WILLNEED = 3
+_MADV_DONTNEED = 4
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -55,3 +56,18 @@ def advise_willneed(address: int, nbytes: int) -> bool:
     madvise = libc.madvise
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return madvise(start, nbytes + (address - start), _MADV_WILLNEED) == 0
+
+
+def advise_dontneed(address: int, nbytes: int) -> bool:
+    """Unmap the whole pages of a clean, read-only file mapping that lie inside [address, address +
+    nbytes) (madvise MADV_DONTNEED): they leave the process's resident set and stay in the page
+    cache as plain cache, which the kernel drops cheaply; a later touch maps them back. Pages shared
+    with bytes outside the range are left alone."""
+    libc = _linux_libc()
+    start = -(-address // _PAGE) * _PAGE
+    end = (address + nbytes) // _PAGE * _PAGE
+    if libc is None or end <= start:
+        return False
+    madvise = libc.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise(start, end - start, _MADV_DONTNEED) == 0

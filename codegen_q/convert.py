@@ -129,7 +129,9 @@ def quantize_checkpoint(src: str, out: str, bits: int = 8, group_size: int | Non
             shard_i, writer, left = -1, None, 0
             try:
                 for i, (name, w) in enumerate(ckpt.tensors()):
+                    aliased = False  # an output is w itself (fp16 kept as it is), still queued for writing
                     for out_name, t in _convert_tensor(name, w, q, perm, errors):
+                        aliased = aliased or t.data_ptr() == w.data_ptr()
                         while left == 0:  # open the next planned shard
                             if writer is not None:
                                 hashes[names[shard_i]] = writer.close()
@@ -142,6 +144,8 @@ def quantize_checkpoint(src: str, out: str, bits: int = 8, group_size: int | Non
                     if bar is not None:
                         bar.update(w.numel() * w.element_size())
                         bar.set_postfix_str(f"{i + 1}/{len(per_source)} tensors")
+                    if not aliased:  # the outputs are copies: the source pages can go
+                        ckpt.release(w)
                     del w
                 hashes[names[shard_i]] = writer.close()
                 writer = None
