@@ -6,10 +6,13 @@ head's head_dim rows contiguous (checkpoint.qkv_head_major_permutation). Rotary 
 interleaved and partial (first rotary_dim dims of each head).
 
 The flattened batch: all new tokens of all sequences go through the Linear layers together (one
-qlinear per layer with M = total new tokens). With an fp32 CPU cache (the CPU runtime), rotary and
-the KV append are one native pass over the fused qkv output, and attention is the native paged
-kernel for decode and causal prefill alike (each query attends to its own sequence's blocks up to
-its position). Other dtypes take a torch path that gathers each sequence's K/V.
+qlinear per layer with M = total new tokens). With an fp32 or fp16 CPU cache (the CPU runtime),
+rotary and the KV append are one native pass over the fused qkv output, and attention is the
+native paged kernel for decode and causal prefill alike (each query attends to its own sequence's
+blocks up to its position), except fresh prompts of FUSED_PREFILL_MIN_TOKENS or more, which take
+torch's fused causal attention over their own K/V. A quantized model decoding one token per
+sequence runs every block, ln_f and the lm_head in one native call instead (fused_decode.py).
+Other dtypes take a torch path that gathers each sequence's K/V.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The fused native decode step (codegen_q/fused_decode.py) against the op-by-op path.
 
 Both compute the same function in fp32 with different operation orders (layer norm in double,
-gelu through tanhf, one call per block); so per step, with the same tokens fed to both, logits
+gelu by torch or by exp_vec, one call per block); so per step, with the same tokens fed to both, logits
 must agree to fp32 rounding and greedy tokens must be identical. Runs every ISA, one job and
 several (forced: the tiny models are far below the bytes-per-job threshold), int8 and int4
 blocks, each with the other scheme's lm_head computed in the same native call (ln_f too).
