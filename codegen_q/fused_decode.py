@@ -86,7 +86,7 @@ class FusedDecoder:
         each sequence (its slot already reserved); writes the new K/V. Returns the logits [S,
         vocab rows] when the step has the head, else None (h is then the last block's output)."""
         plan = cache.decode_plan(seq_ids)  # int32 [3, S]: positions, slot blocks, slot offsets
-        tables, _ = cache.block_tables_tensor(seq_ids, [int(p) + 1 for p in plan[0]])
+        tables, _ = cache.block_tables_tensor(seq_ids, [p + 1 for p in plan[0].tolist()])
         logits = torch.empty((h.shape[0], self.vocab_rows), dtype=torch.float32) if self.has_head else None
         _native.cpu().decode_step(self.native, h.data_ptr(), h.shape[0], cache.k.data_ptr(), cache.v.data_ptr(),
                                   cache.num_blocks, cache.block_size, plan[0].data_ptr(), plan[1].data_ptr(),
