@@ -21,11 +21,12 @@ from codegen_q.ops import dequantize, qlinear
 from codegen_q.quantize import QuantizedWeight, quantize_weight
 
 
-def load(path, device="cpu", dtype=None, num_threads=None, verify=True, kv_dtype=None):
+def load(path, device="cpu", dtype=None, num_threads=None, verify=True, kv_dtype=None, prefill_dtype=None):
     """Load a quantized (or hub) CodeGen directory; see codegen_q.runtime.load."""
     from codegen_q.runtime import load as _load
 
-    return _load(path, device=device, dtype=dtype, num_threads=num_threads, verify=verify, kv_dtype=kv_dtype)
+    return _load(path, device=device, dtype=dtype, num_threads=num_threads, verify=verify, kv_dtype=kv_dtype,
+                 prefill_dtype=prefill_dtype)
 
 
 def generate(model, prompt, **kwargs):

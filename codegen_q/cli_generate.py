@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: the GPU if usable)")
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="KV cache dtype (default auto: float16 for a quantized model on the CPU, else float32)")
+    p.add_argument("--prefill-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="GEMM dtype of a quantized model's prompt pass: bfloat16 is ~1.6x faster on CPUs with "
+                        "native bf16, with logits ~1%% off (default: float32)")
     p.add_argument("--no-stream", action="store_true", help="print the completion at the end only")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, finish reason, speed)")
     p.add_argument("--no-verify", action="store_true", help="skip the manifest checksums when loading")
@@ -38,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model = load(args.model, device=args.device, num_threads=args.threads, verify=not args.no_verify,
-                 kv_dtype=args.kv_dtype)
+                 kv_dtype=args.kv_dtype, prefill_dtype=args.prefill_dtype)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
                    stop_at_top_level=args.stop_at_top_level)

@@ -38,9 +38,9 @@ class Linear:
         self.weight = weight if self.quantized else weight.to(dtype)
         self.bias = None if bias is None else bias.to(torch.float32 if self.quantized else dtype)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, gemm_dtype: torch.dtype | None = None) -> torch.Tensor:
         if self.quantized:
-            return qlinear(x, self.weight, self.bias)
+            return qlinear(x, self.weight, self.bias, gemm_dtype=gemm_dtype)
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
     @property
@@ -108,9 +108,12 @@ def default_kv_dtype(quantized: bool, device_type: str, dtype: torch.dtype = tor
 
 class CodeGenModel:
     def __init__(self, config, weights: Mapping[str, WeightLike], dtype: torch.dtype = torch.float32,
-                 kv_dtype: torch.dtype | None = None) -> None:
+                 kv_dtype: torch.dtype | None = None, prefill_dtype: torch.dtype | None = None) -> None:
         self.config = config
         self.dtype = dtype
+        # The quantized Linears' GEMM dtype for many rows at once (ops.qlinear's gemm_dtype):
+        # None keeps fp32; bfloat16 is the opt-in faster, less exact prefill.
+        self.prefill_dtype = prefill_dtype
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.rotary_dim = config.rotary_dim or self.head_dim
@@ -183,9 +186,10 @@ class CodeGenModel:
         d = self.config.n_embd
         scale = self.head_dim ** -0.5
         fresh_prompts = all(st == 0 for st in starts) and max(counts) >= FUSED_PREFILL_MIN_TOKENS
+        g = self.prefill_dtype
         for li, layer in enumerate(self.layers):
             x = torch.nn.functional.layer_norm(h, (d,), layer["ln_w"], layer["ln_b"], self.eps)
-            qkv = layer["qkv"](x).view(-1, 3, self.n_head, self.head_dim)
+            qkv = layer["qkv"](x, g).view(-1, 3, self.n_head, self.head_dim)
             if native:
                 rotary_kv_append(qkv, plan["positions"], self.sin, self.cos, plan["slot_blocks"],
                                  plan["slot_offsets"], cache.k[li], cache.v[li], self.rotary_dim)
@@ -205,7 +209,7 @@ class CodeGenModel:
                     keys, values = cache.read(li, s, start + n)
                     attn[offset:offset + n] = self._attend(q[offset:offset + n], keys, values, start)
                     offset += n
-            h = h + layer["out"](attn.reshape(-1, d)) + layer["fc_out"](gelu_new(layer["fc_in"](x)))
+            h = h + layer["out"](attn.reshape(-1, d), g) + layer["fc_out"](gelu_new(layer["fc_in"](x, g)), g)
         for s, n in zip(seq_ids, counts):
             cache.advance(s, n)
 

@@ -29,13 +29,25 @@ NATIVE_MAX_M_CUDA = 8
 _DEQUANT_TILE_ELEMENTS = 1 << 21
 
 
-def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+GEMM_DTYPES = (None, torch.float32, torch.bfloat16)
+
+
+def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None, *,
+            gemm_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` for a quantized W, with x of shape [..., in_features].
 
     x may be float32, bfloat16 or float16, on the CPU or a CUDA device (the weight's). Accumulation
     is float32; the result has x's dtype and shape [..., out_features].
+
+    ``gemm_dtype=torch.bfloat16`` trades accuracy for speed where many rows of x go through the
+    dequantize + GEMM path (prefill): x and each dequantized weight tile are rounded to bf16 and
+    multiplied by torch's bf16 GEMM (fp32 accumulation, outputs rounded to bf16), about 2^-8 of
+    each output's scale instead of fp32 rounding. Rows that take the native kernels (decode, small
+    batches) are unaffected. None / float32 (the default): fp32 throughout.
     """
     _check_qweight(qweight)
+    if gemm_dtype not in GEMM_DTYPES:
+        raise ValueError(f"gemm_dtype must be None, torch.float32 or torch.bfloat16, got {gemm_dtype!r}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in ACTIVATION_DTYPES:
@@ -66,7 +78,7 @@ def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None
         if m <= native_max_m:
             _native_qlinear(x2, qweight, bias32, y)
         else:
-            _dequantize_gemm(x2, qweight, bias32, y)
+            _dequantize_gemm(x2, qweight, bias32, y, None if gemm_dtype == torch.float32 else gemm_dtype)
     return y.to(x.dtype).reshape(*lead, n)
 
 
@@ -158,14 +170,16 @@ def _dequantize_rows(w: QuantizedWeight, start: int, stop: int, out: torch.Tenso
         cpu.dequantize_int4(q.data_ptr(), s.data_ptr(), _addr(z), w.group_size, rows, k, out.data_ptr())
 
 
-def _dequantize_gemm(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+def _dequantize_gemm(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None, y: torch.Tensor,
+                     gemm_dtype: torch.dtype | None = None) -> None:
     n, k = w.shape
     tile_rows = max(8, min(n, _DEQUANT_TILE_ELEMENTS // k))
     tile = torch.empty((tile_rows, k), dtype=torch.float32, device=x.device)
+    xg = x if gemm_dtype is None else x.to(gemm_dtype)
     for start in range(0, n, tile_rows):
         stop = min(n, start + tile_rows)
         wt = tile[: stop - start]
         _dequantize_rows(w, start, stop, wt)
-        y[:, start:stop] = x @ wt.t()
+        y[:, start:stop] = xg @ (wt.t() if gemm_dtype is None else wt.to(gemm_dtype).t())
     if bias is not None:
         y.add_(bias)

@@ -66,13 +66,16 @@ def _warn_if_openmp_spins() -> None:
 
 def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str | None = None,
          num_threads: int | None = None, verify: bool = True,
-         kv_dtype: torch.dtype | str | None = None) -> LoadedModel:
+         kv_dtype: torch.dtype | str | None = None, prefill_dtype: torch.dtype | str | None = None) -> LoadedModel:
     """Load a directory written by `codegen-q quantize`, or a hub CodeGen directory (float path).
 
     On the CPU quantized weights stay mmap'd (no copy); with device="cuda" they are copied to the
     GPU once and decode uses the CUDA GEMV (the rest of the step is torch on the GPU). `dtype` is
     the activation / float-weight dtype (float32 by default, bfloat16 to halve a float model).
     `kv_dtype` is the KV cache's: by default float16 for a quantized model on the CPU, else `dtype`.
+    `prefill_dtype="bfloat16"` runs a quantized model's many-row GEMMs (prompts) in bf16: ~1.6x
+    faster prefill on a CPU with native bf16 (AVX512-BF16, AMX), logits ~1 % off the fp32 ones;
+    decode is unchanged. Default: fp32 (see ops.qlinear's gemm_dtype).
     `verify` checks the manifest checksums.
     """
     path = os.fspath(path)
@@ -81,6 +84,8 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     device = _resolve_device(device)
     dtype = _dtype_argument("dtype", dtype, FLOAT_DTYPES) or torch.float32
     kv_dtype = None if kv_dtype == "auto" else _dtype_argument("kv_dtype", kv_dtype, KV_DTYPES)
+    prefill_dtype = _dtype_argument("prefill_dtype", prefill_dtype, FLOAT_DTYPES)
+    prefill_dtype = None if prefill_dtype == torch.float32 else prefill_dtype
     if num_threads is not None:
         set_num_threads(num_threads)
         torch.set_num_threads(num_threads)
@@ -94,7 +99,8 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     if device != "cpu":
         weights = {name: w.to(device) for name, w in weights.items()}
     tokenizer = CodeGenTokenizer.from_dir(path)
-    return LoadedModel(path, config, CodeGenModel(config, weights, dtype=dtype, kv_dtype=kv_dtype), tokenizer)
+    model = CodeGenModel(config, weights, dtype=dtype, kv_dtype=kv_dtype, prefill_dtype=prefill_dtype)
+    return LoadedModel(path, config, model, tokenizer)
 
 
 def _dtype_argument(name: str, value: torch.dtype | str | None, allowed: dict[str, torch.dtype]) -> torch.dtype | None:

@@ -465,3 +465,21 @@ def test_raw_module_other_ops_reject_bad_sizes(fn, args, match):
     base.update(args)
     with pytest.raises(ValueError, match=match):
         getattr(_native(), fn)(**base)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-g128-asym"])
+def test_bf16_gemm_option_within_its_bound_and_only_for_many_rows(scheme):
+    # gemm_dtype=bfloat16 rounds x and each dequantized weight to bf16 (2^-9 relative each) and the
+    # outputs too (2^-9 of |y|): |error| <= 2^-8 sum_k |x_k w_k| + 2^-8 |y| + the bias add's ulp.
+    x, qw, bias = make_problem(scheme, 300, 1024, 51, seed=11)
+    ref, _ = reference(x, qw, bias)
+    got = qlinear(x, qw, bias, gemm_dtype=torch.bfloat16).double()
+    magnitude = x.double().abs() @ qw.dequantize().double().abs().T
+    bound = 2.0 ** -8 * magnitude + 2.0 ** -8 * ref.abs() + 1e-6
+    assert ((got - ref).abs() <= bound).all()
+    assert not torch.equal(got, qlinear(x, qw, bias).double())  # it did take the bf16 GEMM
+    # One row (decode) takes the native kernel either way: bit-identical.
+    assert torch.equal(qlinear(x[:1], qw, bias, gemm_dtype=torch.bfloat16), qlinear(x[:1], qw, bias))
+    assert torch.equal(qlinear(x, qw, bias, gemm_dtype=torch.float32), qlinear(x, qw, bias))
+    with pytest.raises(ValueError, match="gemm_dtype"):
+        qlinear(x, qw, bias, gemm_dtype=torch.float16)
