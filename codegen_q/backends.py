@@ -11,7 +11,7 @@ def backends() -> dict[str, Any]:
     """Describe the available backends.
 
     Returns a dict with a ``"cpu"`` entry (the ISA in use, the ISAs compiled in and the ones this
-    CPU runs, the thread count) and a ``"cuda"`` entry (whether the CUDA module was compiled, for
+    CPU runs, the thread count, whether it multiplies bf16 natively) and a ``"cuda"`` entry (whether the CUDA module was compiled, for
     which architectures, and the devices visible now).
     """
     cpu = _native.cpu()
@@ -21,6 +21,7 @@ def backends() -> dict[str, Any]:
             "compiled_isas": list(cpu.compiled_isas()),
             "supported_isas": list(cpu.supported_isas()),
             "num_threads": cpu.get_num_threads(),
+            "native_bf16": bool(cpu.cpu_has_native_bf16()),
         }
     }
     cuda = _native.cuda()

@@ -64,6 +64,17 @@ def _warn_if_openmp_spins() -> None:
                       RuntimeWarning, stacklevel=3)
 
 
+def _warn_if_bf16_is_emulated() -> None:
+    import warnings
+
+    from codegen_q import _native
+
+    if not _native.cpu().cpu_has_native_bf16():
+        warnings.warn("prefill_dtype='bfloat16' asked for, but this CPU has no native bf16 arithmetic "
+                      "(AVX512-BF16 or AMX): torch emulates it, so the prompt pass will likely be slower than "
+                      "in float32", RuntimeWarning, stacklevel=3)
+
+
 def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str | None = None,
          num_threads: int | None = None, verify: bool = True,
          kv_dtype: torch.dtype | str | None = None, prefill_dtype: torch.dtype | str | None = None) -> LoadedModel:
@@ -86,6 +97,8 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     kv_dtype = None if kv_dtype == "auto" else _dtype_argument("kv_dtype", kv_dtype, KV_DTYPES)
     prefill_dtype = _dtype_argument("prefill_dtype", prefill_dtype, FLOAT_DTYPES)
     prefill_dtype = None if prefill_dtype == torch.float32 else prefill_dtype
+    if prefill_dtype is not None and device == "cpu":
+        _warn_if_bf16_is_emulated()
     if num_threads is not None:
         set_num_threads(num_threads)
         torch.set_num_threads(num_threads)

@@ -215,6 +215,7 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("set_isa", &cgq::cpu::set_isa, py::arg("name"));
   m.def("compiled_isas", &cgq::cpu::compiled_isas);
   m.def("supported_isas", &cgq::cpu::supported_isas);
+  m.def("cpu_has_native_bf16", &cgq::cpu::cpu_has_native_bf16);
   m.def("get_num_threads", &cgq::get_num_threads);
   m.def("set_num_threads", &cgq::set_num_threads, py::arg("n"));
 }

@@ -141,6 +141,22 @@ def test_bf16_prefill_option_moves_prompt_logits_a_little_and_decode_not_at_all(
         load(dirs[kind], prefill_dtype="float16")
 
 
+def test_bf16_prefill_warns_where_the_cpu_would_emulate_bf16(dirs, monkeypatch):
+    import warnings
+
+    from codegen_q import _native
+
+    native = _native.cpu()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # nothing when the CPU has it, or for fp32
+        monkeypatch.setattr(native, "cpu_has_native_bf16", lambda: True)
+        load(dirs["int8"], prefill_dtype="bfloat16")
+        monkeypatch.setattr(native, "cpu_has_native_bf16", lambda: False)
+        load(dirs["int8"], prefill_dtype="float32")
+    with pytest.warns(RuntimeWarning, match="no native bf16"):
+        load(dirs["int8"], prefill_dtype="bfloat16")
+
+
 def test_cli_generate_streams_and_json(dirs, capsys):
     assert cli_main(["generate", dirs["int4"], "def f(x):", "--max-new-tokens", "6"]) == 0
     streamed = capsys.readouterr().out

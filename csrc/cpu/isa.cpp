@@ -48,6 +48,19 @@ bool cpu_runs(Isa isa) {
 #endif
 }
 
+}  // namespace
+
+bool cpu_has_native_bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+#else
+  return false;
+#endif
+}
+
+namespace {
+
 const Isa kAll[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvx512};
 
 Isa parse(const std::string& name) {

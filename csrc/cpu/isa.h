@@ -16,5 +16,8 @@ Isa active_isa();
 // Forces a variant by name; throws std::invalid_argument for an unknown name or one this CPU or
 // build cannot run.
 void set_isa(const std::string& name);
+// Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16): torch's bf16 GEMM is then
+// ~2.4x its fp32 one; without, it is emulated and slower (codegen_q.load's prefill_dtype).
+bool cpu_has_native_bf16();
 
 }  // namespace cgq::cpu
