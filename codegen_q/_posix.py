@@ -46,16 +46,23 @@ _MADV_DONTNEED = 4
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+def _madvise(start: int, length: int, advice: int) -> bool:
+    """madvise(2) on a page-aligned range; False where the system has no such call or it failed."""
+    libc = _linux_libc()
+    if libc is None:
+        return False
+    madvise = libc.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise(start, length, advice) == 0
+
+
 def advise_willneed(address: int, nbytes: int) -> bool:
     """Start reading a file-backed mapping's pages [address, address + nbytes) in the background
     (madvise MADV_WILLNEED), so the first touch later finds them in the page cache."""
-    libc = _linux_libc()
-    if libc is None or nbytes <= 0:
+    if nbytes <= 0:
         return False
     start = address - address % _PAGE
-    madvise = libc.madvise
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return madvise(start, nbytes + (address - start), _MADV_WILLNEED) == 0
+    return _madvise(start, nbytes + (address - start), _MADV_WILLNEED)
 
 
 def advise_dontneed(address: int, nbytes: int) -> bool:
@@ -63,11 +70,6 @@ def advise_dontneed(address: int, nbytes: int) -> bool:
     nbytes) (madvise MADV_DONTNEED): they leave the process's resident set and stay in the page
     cache as plain cache, which the kernel drops cheaply; a later touch maps them back. Pages shared
     with bytes outside the range are left alone."""
-    libc = _linux_libc()
     start = -(-address // _PAGE) * _PAGE
     end = (address + nbytes) // _PAGE * _PAGE
-    if libc is None or end <= start:
-        return False
-    madvise = libc.madvise
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return madvise(start, end - start, _MADV_DONTNEED) == 0
+    return end > start and _madvise(start, end - start, _MADV_DONTNEED)

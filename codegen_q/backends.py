@@ -11,8 +11,8 @@ def backends() -> dict[str, Any]:
     """Describe the available backends.
 
     Returns a dict with a ``"cpu"`` entry (the ISA in use, the ISAs compiled in and the ones this
-    CPU runs, the thread count, whether it multiplies bf16 natively) and a ``"cuda"`` entry (whether the CUDA module was compiled, for
-    which architectures, and the devices visible now).
+    CPU runs, the thread count, whether it multiplies bf16 natively) and a ``"cuda"`` entry
+    (whether the CUDA module was compiled, for which architectures, and the devices visible now).
     """
     cpu = _native.cpu()
     info: dict[str, Any] = {

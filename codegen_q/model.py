@@ -112,7 +112,7 @@ class CodeGenModel:
         self.config = config
         self.dtype = dtype
         # The quantized Linears' GEMM dtype for many rows at once (ops.qlinear's gemm_dtype):
-        # None keeps fp32; bfloat16 is the opt-in faster, less exact prefill.
+        # None / float32 keep fp32; bfloat16 is the opt-in faster, less exact prefill.
         self.prefill_dtype = prefill_dtype
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
@@ -213,7 +213,7 @@ class CodeGenModel:
         for s, n in zip(seq_ids, counts):
             cache.advance(s, n)
 
-        h = torch.nn.functional.layer_norm(h, (d,), self.ln_f_w, self.ln_f_b, self.eps)
+        h = self._ln_f(h)
         out, offset = [], 0
         for n in counts:
             rows = h[offset + n - 1: offset + n] if last_only else h[offset:offset + n]
@@ -231,9 +231,11 @@ class CodeGenModel:
         for s in seq_ids:
             cache.advance(s, 1)
         if logits is None:  # an unquantized lm_head: torch computes it
-            h = torch.nn.functional.layer_norm(h, (self.config.n_embd,), self.ln_f_w, self.ln_f_b, self.eps)
-            logits = self.lm_head(h).float()
+            logits = self.lm_head(self._ln_f(h)).float()
         return list(logits.split(1))
+
+    def _ln_f(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(h, (self.config.n_embd,), self.ln_f_w, self.ln_f_b, self.eps)
 
     @staticmethod
     def _native_plan(cache: PagedKVCache, seq_ids, counts, starts, slots, positions) -> dict[str, torch.Tensor]:

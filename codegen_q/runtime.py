@@ -96,8 +96,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     dtype = _dtype_argument("dtype", dtype, FLOAT_DTYPES) or torch.float32
     kv_dtype = None if kv_dtype == "auto" else _dtype_argument("kv_dtype", kv_dtype, KV_DTYPES)
     prefill_dtype = _dtype_argument("prefill_dtype", prefill_dtype, FLOAT_DTYPES)
-    prefill_dtype = None if prefill_dtype == torch.float32 else prefill_dtype
-    if prefill_dtype is not None and device == "cpu":
+    if prefill_dtype == torch.bfloat16 and device == "cpu":
         _warn_if_bf16_is_emulated()
     if num_threads is not None:
         set_num_threads(num_threads)

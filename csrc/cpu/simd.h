@@ -154,17 +154,12 @@ struct Vec {
 // and keeps |f| <= 1/2: errors stay ~2e-7 relative. NaN stays NaN (Vec::min / max pass it on).
 inline Vec::R exp_vec(Vec::R x) {
 #if defined(CGQ_ISA_AVX2) || defined(CGQ_ISA_AVX512)
-  x = Vec::max(Vec::set1(-87.0f), Vec::min(Vec::set1(87.0f), x));
-  const Vec::R t = Vec::mul(x, Vec::set1(1.44269504088896341f));
+  x = Vec::max(Vec::set1(-kExpClamp), Vec::min(Vec::set1(kExpClamp), x));
+  const Vec::R t = Vec::mul(x, Vec::set1(kLog2e));
   const Vec::R n = Vec::round(t);
   const Vec::R f = Vec::sub(t, n);
-  Vec::R p = Vec::set1(1.535336188319500e-4f);
-  p = Vec::fma(p, f, Vec::set1(1.339887440266574e-3f));
-  p = Vec::fma(p, f, Vec::set1(9.618437357674640e-3f));
-  p = Vec::fma(p, f, Vec::set1(5.550332471162809e-2f));
-  p = Vec::fma(p, f, Vec::set1(2.402264791363012e-1f));
-  p = Vec::fma(p, f, Vec::set1(6.931472028550421e-1f));
-  p = Vec::fma(p, f, Vec::set1(1.0f));
+  Vec::R p = Vec::set1(kExpPoly[0]);
+  for (int i = 1; i < 7; ++i) p = Vec::fma(p, f, Vec::set1(kExpPoly[i]));
   return Vec::mul(p, Vec::pow2(n));
 #else
   return exp_approx(x);
