@@ -148,6 +148,33 @@ struct Vec {
 
 #endif
 
+#if defined(CGQ_ISA_AVX512)
+// Lane i = the sum of v[i]'s lanes, for W vectors at once: a tree of in-lane unpacks, shuffles and
+// 128-bit lane shuffles, 45 instructions for 16 sums where 16 separate reductions take ~130.
+inline __m512 lane_sums(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [v0 + v2, w0 + w2, v1 + v3, w1 + w3] of v, w
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per 128-bit lane: one partial sum of each of 4 vectors
+    b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes: vectors 0-3 twice, then 4-7 twice (of 8)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88), _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+#elif defined(CGQ_ISA_AVX2)
+// Lane i = the sum of v[i]'s lanes, for W vectors at once (21 instructions for 8 sums).
+inline __m256 lane_sums(const __m256* v) {
+  __m256 a[4], b[2];
+  for (int i = 0; i < 4; ++i)
+    a[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 2; ++i)
+    b[i] = _mm256_add_ps(_mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44), _mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+  return _mm256_add_ps(_mm256_permute2f128_ps(b[0], b[1], 0x20), _mm256_permute2f128_ps(b[0], b[1], 0x31));
+}
+#else
+inline float lane_sums(const float* v) { return v[0]; }
+#endif
+
 // exp(x) lane-wise, for the loops libm's expf would make scalar: fast_exp.h's method (the same
 // polynomial, the same clamp to [-87, 87]) with 2^n from the exponent bits. n is rounded to
 // nearest even where exp_approx rounds half away from zero, which moves f by one at exact ties
