@@ -47,6 +47,8 @@ class FusedDecoder:
                                  head.scales.data_ptr(), _address(head.zeros), _address(model.lm_head.bias),
                                  head.shape[0], head.shape[1], head.bits == 4, head.group_size or 0)
         self.vocab_rows = model.lm_head.weight.shape[0] if self.has_head else 0
+        self.wte, self.d = model.wte, model.config.n_embd
+        self._buffers: dict[str, torch.Tensor] = {}
 
     @property
     def has_head(self) -> bool:
@@ -81,15 +83,38 @@ class FusedDecoder:
                 return False
         return len(schemes) == 1
 
-    def step(self, h: torch.Tensor, cache: PagedKVCache, seq_ids) -> torch.Tensor | None:
-        """Run every block on h [S, d] (fp32, contiguous, updated in place) for the next token of
-        each sequence (its slot already reserved); writes the new K/V. Returns the logits [S,
-        vocab rows] when the step has the head, else None (h is then the last block's output)."""
-        plan = cache.decode_plan(seq_ids)  # int32 [3, S]: positions, slot blocks, slot offsets
-        tables, _ = cache.block_tables_tensor(seq_ids, [p + 1 for p in plan[0].tolist()])
-        logits = torch.empty((h.shape[0], self.vocab_rows), dtype=torch.float32) if self.has_head else None
-        _native.cpu().decode_step(self.native, h.data_ptr(), h.shape[0], cache.k.data_ptr(), cache.v.data_ptr(),
-                                  cache.num_blocks, cache.block_size, plan[0].data_ptr(), plan[1].data_ptr(),
-                                  plan[2].data_ptr(), tables.data_ptr(), tables.shape[1],
-                                  cache.k.dtype == torch.float16, _address(logits))
-        return logits
+    def step(self, cache: PagedKVCache, seq_ids, token_ids: list[int], greedy_rows: int = 0):
+        """Run every block for the next token of each sequence (its slot already reserved), from
+        the tokens' ids; writes the new K/V. Returns (h, logits, picks): h [S, d] fp32, the last
+        block's output (a buffer the next step reuses); logits [S, vocab rows] when the step has
+        the head, else None; with greedy_rows > 0 (and the head) picks, each sequence's greedy
+        next token among its first greedy_rows logits, else None. Greedy steps write their logits
+        into a reused buffer too: only the picks go back to Python."""
+        S, d = len(token_ids), self.d
+        plan, width = cache.decode_plan(seq_ids, token_ids)
+        h = self._scratch("h", (S, d), torch.float32)
+        native_wte = self.wte.dtype in (torch.float16, torch.float32) and self.wte.is_contiguous()
+        if not native_wte:
+            h.copy_(self.wte[torch.tensor(token_ids)])
+        greedy = greedy_rows > 0 and self.has_head
+        logits, picks = None, None
+        if self.has_head:
+            shape = (S, self.vocab_rows)
+            logits = self._scratch("logits", shape, torch.float32) if greedy else torch.empty(shape, dtype=torch.float32)
+        if greedy:
+            picks = self._scratch("picks", (S,), torch.int32)
+        base, word = plan.data_ptr(), 4
+        _native.cpu().decode_step(
+            self.native, h.data_ptr(), S, cache.k.data_ptr(), cache.v.data_ptr(), cache.num_blocks, cache.block_size,
+            base, base + S * word, base + 2 * S * word, base + 4 * S * word, width, cache.k.dtype == torch.float16,
+            _address(logits), token_ids=base + 3 * S * word if native_wte else 0,
+            wte=self.wte.data_ptr() if native_wte else 0, wte_half=self.wte.dtype == torch.float16,
+            wte_rows=self.wte.shape[0], argmax=_address(picks), argmax_rows=min(greedy_rows, self.vocab_rows) if greedy else 0)
+        return h, (None if greedy else logits), (picks.tolist() if greedy else None)
+
+    def _scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A buffer kept between steps (reallocated when the batch size changes)."""
+        t = self._buffers.get(name)
+        if t is None or tuple(t.shape) != shape:
+            t = self._buffers[name] = torch.empty(shape, dtype=dtype)
+        return t

@@ -78,19 +78,26 @@ class Generator:
             for r in self.requests:
                 r.seq_id = cache.add_sequence()
             active = list(self.requests)
-            inputs = [torch.tensor(r.prompt_ids) for r in active]
+            # Plain greedy decode steps let the model pick the tokens (natively where it can).
+            greedy = self.params.temperature == 0 and self.params.repetition_penalty == 1.0
+            logits = self.model.forward([torch.tensor(r.prompt_ids) for r in active], cache, [r.seq_id for r in active])
+            picks = [self._choose(r, lg[-1]) for r, lg in zip(active, logits)]
             while active:
-                logits = self.model.forward(inputs, cache, [r.seq_id for r in active])
-                for r, lg in zip(active, logits):
-                    delta = self._advance(r, lg[-1])
+                for r, tok in zip(active, picks):
+                    delta = self._advance(r, tok)
                     if delta:
                         yield r.index, delta
-                still = [r for r in active if r.finish_reason is None]
-                inputs = [torch.tensor([r.token_ids[-1]]) for r in still]
                 for r in active:
                     if r.finish_reason is not None:
                         cache.free(r.seq_id)
-                active = still
+                active = [r for r in active if r.finish_reason is None]
+                if active and greedy:
+                    picks = self.model.greedy_step([r.token_ids[-1] for r in active], cache,
+                                                   [r.seq_id for r in active], self.vocab_limit)
+                elif active:
+                    logits = self.model.forward([torch.tensor([r.token_ids[-1]]) for r in active], cache,
+                                                [r.seq_id for r in active])
+                    picks = [self._choose(r, lg[-1]) for r, lg in zip(active, logits)]
         finally:  # normal end, error, or a stream closed early: every block goes back
             for r in self.requests:
                 cache.free(r.seq_id)
@@ -99,8 +106,10 @@ class Generator:
         return [Completion(self._final_text(r), r.token_ids, r.finish_reason or "length", len(r.prompt_ids))
                 for r in self.requests]
 
-    def _advance(self, r: _Request, logits: torch.Tensor) -> str:
-        tok = next_token(logits, self.params, self.vocab_limit, r.prompt_ids + r.token_ids, r.generator)
+    def _choose(self, r: _Request, logits: torch.Tensor) -> int:
+        return next_token(logits, self.params, self.vocab_limit, r.prompt_ids + r.token_ids, r.generator)
+
+    def _advance(self, r: _Request, tok: int) -> str:
         if tok == self.tokenizer.eos_token_id:
             r.finish_reason = "eos"
             return self._flush(r)

@@ -83,16 +83,22 @@ class PagedKVCache:
         table = torch.tensor(self._tables[seq_id], dtype=torch.long)
         return (table[pos // self.block_size]).to(self.k.device), (pos % self.block_size).to(self.k.device)
 
-    def decode_plan(self, seq_ids) -> torch.Tensor:
-        """int32 [3, S]: the next position of each sequence, its block id and its offset in the
-        block (reserved already): one decode step's indices, built from Python ints at once."""
-        rows: list[list[int]] = [[], [], []]
+    def decode_plan(self, seq_ids, token_ids=None) -> tuple[torch.Tensor, int]:
+        """One decode step's int32 indices as one flat tensor built from Python ints at once: for
+        each sequence its next position, that position's block id and offset in the block
+        (reserved already), the new token's id (0 when not given), each part [S]; then the block
+        tables [S, width], padded with block 0. Returns (plan, width)."""
+        width = max(1, max(len(self._tables[s]) for s in seq_ids))
+        positions, blocks, offsets, tables = [], [], [], []
         for s in seq_ids:
-            pos = self._lengths[s]
-            rows[0].append(pos)
-            rows[1].append(self._tables[s][pos // self.block_size])
-            rows[2].append(pos % self.block_size)
-        return torch.tensor(rows, dtype=torch.int32)
+            pos, table = self._lengths[s], self._tables[s]
+            positions.append(pos)
+            blocks.append(table[pos // self.block_size])
+            offsets.append(pos % self.block_size)
+            tables += table
+            tables += [0] * (width - len(table))
+        ids = list(token_ids) if token_ids is not None else [0] * len(seq_ids)
+        return torch.tensor(positions + blocks + offsets + ids + tables, dtype=torch.int32), width
 
     def write(self, layer: int, slots: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> None:
         blocks, offsets = slots

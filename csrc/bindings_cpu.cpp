@@ -193,9 +193,12 @@ PYBIND11_MODULE(_C_cpu, m) {
       "decode_step",
       [](const cgq::cpu::DecodeModel& model, uintptr_t h, int64_t S, uintptr_t k_cache, uintptr_t v_cache,
          int64_t num_blocks, int64_t block_size, uintptr_t positions, uintptr_t slot_blocks, uintptr_t slot_offsets,
-         uintptr_t block_tables, int64_t max_blocks, bool kv_half, uintptr_t logits) {
+         uintptr_t block_tables, int64_t max_blocks, bool kv_half, uintptr_t logits, uintptr_t token_ids,
+         uintptr_t wte, bool wte_half, int64_t wte_rows, uintptr_t argmax, int64_t argmax_rows) {
         cgq::cpu::DecodeStepArgs a;
         a.logits = ptr<float>(logits);
+        a.token_ids = ptr<const int32_t>(token_ids), a.wte = ptr<const void>(wte), a.wte_half = wte_half;
+        a.wte_rows = wte_rows, a.argmax = ptr<int32_t>(argmax), a.argmax_rows = argmax_rows;
         a.h = ptr<float>(h), a.S = S, a.k_cache = ptr<void>(k_cache), a.v_cache = ptr<void>(v_cache);
         a.kv_half = kv_half;
         a.num_blocks = num_blocks, a.block_size = block_size, a.positions = ptr<const int32_t>(positions);
@@ -206,7 +209,8 @@ PYBIND11_MODULE(_C_cpu, m) {
       py::arg("model"), py::arg("h"), py::arg("S"), py::arg("k_cache"), py::arg("v_cache"), py::arg("num_blocks"),
       py::arg("block_size"), py::arg("positions"), py::arg("slot_blocks"), py::arg("slot_offsets"),
       py::arg("block_tables"), py::arg("max_blocks"), py::arg("kv_half") = false, py::arg("logits") = 0,
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("token_ids") = 0, py::arg("wte") = 0, py::arg("wte_half") = false, py::arg("wte_rows") = 0,
+      py::arg("argmax") = 0, py::arg("argmax_rows") = 0, py::call_guard<py::gil_scoped_release>());
   m.def(
       "read_checksum", [](uintptr_t data, int64_t bytes) { return cgq::cpu::read_checksum(ptr<const uint8_t>(data), bytes); },
       py::arg("data"), py::arg("bytes"), py::call_guard<py::gil_scoped_release>());

@@ -88,17 +88,87 @@ def test_fused_step_rejects_a_bad_slot():
     seq = cache.add_sequence()
     model.forward([torch.tensor([1, 2, 3])], cache, [seq])
     cache.reserve({seq: 1})
-    plan = cache.decode_plan([seq])
-    assert plan.tolist() == [[3], [cache.block_table(seq)[0]], [3]]
-    plan[2, 0] = 5  # position 3 lives at offset 3
-    tables, _ = cache.block_tables_tensor([seq], [4])
+    plan, width = cache.decode_plan([seq], [7])
+    assert width == 1 and plan.tolist() == [3, cache.block_table(seq)[0], 3, 7, cache.block_table(seq)[0]]
+    plan[2] = 5  # position 3 lives at offset 3
     h = torch.zeros(1, model.config.n_embd)
     logits = torch.empty(1, model.fused.vocab_rows)
+    p, word = plan.data_ptr(), 4
     args = (model.fused.native, h.data_ptr(), 1, cache.k.data_ptr(), cache.v.data_ptr(), cache.num_blocks,
-            cache.block_size, plan[0].data_ptr(), plan[1].data_ptr(), plan[2].data_ptr(), tables.data_ptr(),
-            tables.shape[1], cache.k.dtype == torch.float16)
+            cache.block_size, p, p + word, p + 2 * word, p + 4 * word, width, cache.k.dtype == torch.float16)
     with pytest.raises(ValueError, match="slot is not its position"):
         _native.cpu().decode_step(*args, logits.data_ptr())
-    plan[2, 0] = 3
+    plan[2] = 3
     with pytest.raises(ValueError, match="no logits buffer"):
         _native.cpu().decode_step(*args, 0)
+    wte = model.wte
+    with pytest.raises(ValueError, match="outside the embedding"):
+        _native.cpu().decode_step(*args, logits.data_ptr(), token_ids=p + 3 * word, wte=wte.data_ptr(),
+                                  wte_half=wte.dtype == torch.float16, wte_rows=7)  # id 7 of 7 rows
+
+
+def _greedy_run(model, prompts, steps, vocab_limit, min_bytes):
+    model.fused.native.min_block_bytes_per_job = min_bytes
+    cache = PagedKVCache.for_tokens(model.config, 256, block_size=16)
+    seqs = [cache.add_sequence() for _ in prompts]
+    logits = model.forward([torch.tensor(p) for p in prompts], cache, seqs)
+    tokens = [int(lg[-1, :vocab_limit].argmax()) for lg in logits]
+    out = [tokens]
+    for _ in range(steps):
+        tokens = model.greedy_step(tokens, cache, seqs, vocab_limit)
+        out.append(tokens)
+    return out
+
+
+@pytest.mark.parametrize("jobs", ["one", "all"])
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_greedy_step_picks_what_argmax_of_the_logits_picks(cpu_isa, scheme, jobs):
+    """The native greedy picks (each thread over its vocab rows, then combined) against
+    torch.argmax of the fused step's own logits, with the padded rows past vocab_limit excluded:
+    a large bias on the last row would win every step if they were not."""
+    bits = SCHEMES[scheme]
+    model = our_model(reference_model("hd64", n_layer=2, seed=11), bits, lm_head_bits=OTHER[bits])
+    vocab = model.fused.vocab_rows
+    model.lm_head.bias[-1] = 1e4  # a padding row (vocab_limit excludes it)
+    codegen_q.set_num_threads(2)
+    prompts = [[5, 9, 2, 7, 1, 3], [11], list(range(20, 37))]
+    min_bytes = 1 if jobs == "all" else 1 << 40
+    got = _greedy_run(model, prompts, 19, vocab - 3, min_bytes)
+    cache = PagedKVCache.for_tokens(model.config, 256, block_size=16)
+    seqs = [cache.add_sequence() for _ in prompts]
+    want, feed = [], [torch.tensor(p) for p in prompts]
+    for _ in range(20):
+        logits = model.forward(feed, cache, seqs)
+        tokens = [int(lg[-1, : vocab - 3].argmax()) for lg in logits]
+        want.append(tokens)
+        feed = [torch.tensor([t]) for t in tokens]
+    assert got == want
+    assert all(t < vocab - 3 for step in got for t in step)
+
+
+@pytest.mark.parametrize("jobs", ["one", "all"])
+def test_greedy_picks_break_ties_and_nans_as_torch_argmax_does(jobs):
+    """With the lm_head's scales zeroed the logits are its bias exactly, so ties and NaNs can be
+    placed by hand, across the threads' row ranges too."""
+    model = our_model(reference_model("hd64", n_layer=1, seed=2), 8, lm_head_bits=8)
+    model.fused.native.min_block_bytes_per_job = 1 if jobs == "all" else 1 << 40
+    codegen_q.set_num_threads(2)
+    model.lm_head.weight.scales.zero_()
+    bias = model.lm_head.bias
+    vocab = bias.numel()
+    cases = {
+        "all equal: the first": (lambda b: b.fill_(0.5), 0),
+        "tie across halves": (lambda b: (b.fill_(-1.0), b.__setitem__(vocab - 2, 3.0), b.__setitem__(7, 3.0)), 7),
+        "a NaN beats everything": (lambda b: (b.fill_(0.0), b.__setitem__(vocab - 3, float("nan")),
+                                             b.__setitem__(2, 1e30)), vocab - 3),
+        "the first of two NaNs": (lambda b: (b.fill_(0.0), b.__setitem__(9, float("nan")),
+                                            b.__setitem__(vocab - 2, float("nan"))), 9),
+    }
+    for name, (fill, expected) in cases.items():
+        fill(bias)
+        cache = PagedKVCache.for_tokens(model.config, 64, block_size=16)
+        seq = cache.add_sequence()
+        model.forward([torch.tensor([1, 2])], cache, [seq])
+        logits = model.forward([torch.tensor([3])], cache, [seq])[0][-1]
+        assert int(torch.argmax(logits)) == expected, name  # torch's own choice, for the record
+        assert model.greedy_step([3], cache, [seq], vocab) == [expected], name

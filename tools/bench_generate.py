@@ -43,12 +43,13 @@ def _codegen_q(path: str, prompt: list[int], new: int, batch: int, threads: int)
     model = loaded.model
     cache = model.new_cache(batch * (len(prompt) + new + 16))
     seqs = [cache.add_sequence() for _ in range(batch)]
+    vocab = min(len(loaded.tokenizer), model.config.vocab_size)
     t0 = time.perf_counter()
     logits = model.forward([torch.tensor(prompt)] * batch, cache, seqs)
+    tokens = [int(l[-1, :vocab].argmax()) for l in logits]
     t1 = time.perf_counter()
-    for _ in range(new - 1):  # the prefill produced the first new token
-        nxt = [torch.tensor([int(l[-1].argmax())]) for l in logits]
-        logits = model.forward(nxt, cache, seqs)
+    for _ in range(new - 1):  # the prefill produced the first new token; generate()'s greedy steps
+        tokens = model.greedy_step(tokens, cache, seqs, vocab)
     t2 = time.perf_counter()
     return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "new_tokens": new - 1, "weight_bytes": model.nbytes}
 

@@ -16,7 +16,9 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
+#include "common/half.h"
 #include "common/qformat.h"
 #include "common/thread_pool.h"
 #include "cpu/dispatch.h"
@@ -89,6 +91,15 @@ void validate(const DecodeModel& m, const DecodeStepArgs& a) {
     check_linear(m.head.lm_head, m.head.lm_head.N, m.d, "lm_head", m.head.int4, m.head.group_size);
     if (!a.logits) throw std::invalid_argument("decode_step: the model has a head but no logits buffer was given");
   }
+  if (a.token_ids) {
+    if (!a.wte || a.wte_rows < 1) throw std::invalid_argument("decode_step: token ids were given without an embedding");
+    for (int64_t s = 0; s < a.S; ++s)
+      if (a.token_ids[s] < 0 || a.token_ids[s] >= a.wte_rows)
+        throw std::invalid_argument("decode_step: token id " + std::to_string(a.token_ids[s]) +
+                                    " outside the embedding's " + std::to_string(a.wte_rows) + " rows");
+  }
+  if (a.argmax && (!m.has_head || a.argmax_rows < 1 || a.argmax_rows > m.head.lm_head.N))
+    throw std::invalid_argument("decode_step: greedy picks need a head and 1 <= argmax_rows <= its vocab rows");
   if (a.S < 1 || !a.h || !a.k_cache || !a.v_cache || !a.positions || !a.slot_blocks || !a.slot_offsets ||
       !a.block_tables || a.num_blocks <= 0 || a.block_size <= 0 || a.max_blocks <= 0)
     throw std::invalid_argument("decode_step: bad step arguments");
@@ -101,6 +112,32 @@ void validate(const DecodeModel& m, const DecodeStepArgs& a) {
         a.slot_offsets[s] >= a.block_size)
       throw std::invalid_argument("decode_step: cache slot out of range");
   }
+}
+
+void gather_embeddings(const DecodeStepArgs& a, int64_t d) {
+  for (int64_t s = 0; s < a.S; ++s) {
+    float* row = a.h + s * d;
+    const int64_t offset = static_cast<int64_t>(a.token_ids[s]) * d;
+    if (a.wte_half) {
+      const uint16_t* src = static_cast<const uint16_t*>(a.wte) + offset;
+      for (int64_t i = 0; i < d; ++i) row[i] = half_bits_to_float(src[i]);
+    } else {
+      std::memcpy(row, static_cast<const float*>(a.wte) + offset, static_cast<size_t>(d) * sizeof(float));
+    }
+  }
+}
+
+// The first index of the largest of row[begin, end) (begin < end), NaN counting as the largest.
+struct Pick {
+  float value;
+  int64_t index;
+};
+bool beats(float v, float best) { return v > best || (v != v && best == best); }
+Pick pick_largest(const float* row, int64_t begin, int64_t end) {
+  Pick p{row[begin], begin};
+  for (int64_t i = begin + 1; i < end; ++i)
+    if (beats(row[i], p.value)) p = {row[i], i};
+  return p;
 }
 
 // After check_attention_tables has vouched for every table entry up to each position.
@@ -157,10 +194,16 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
   const int64_t longest = check_attention_tables(attention);
   check_slots_match_tables(a);
 
+  if (a.token_ids) gather_embeddings(a, d);
+
   const auto qlinear = m.int4 ? k.qlinear_int4 : k.qlinear_int8;
   // parallel_region runs min(pool size, n) jobs; fewer jobs than threads for small blocks.
   const int n = jobs_for(m, S);
   SpinBarrier barrier(n);
+  // Each job's greedy pick per sequence over its share of the vocab rows (index -1: none).
+  thread_local std::vector<Pick> pick_buf;  // the caller's: the jobs write through `picks`
+  if (a.argmax) pick_buf.assign(static_cast<size_t>(n) * S, Pick{0.0f, -1});
+  Pick* picks = pick_buf.data();
   parallel_region(n, [&](int job, int n_jobs) {
     // Private: x, and the activation workspaces of x, attn and gelu(fc_in(x)).
     thread_local AlignedScratch x_buf, ws_x, ws_attn, ws_act, score_buf;
@@ -229,8 +272,21 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
       k.qlinear_prepare(la, head.int4, const_cast<void*>(la.workspace));
       const Range vocab = share(head.lm_head.N, kRowGrain, job, n_jobs);
       if (vocab.begin < vocab.end) (head.int4 ? k.qlinear_int4 : k.qlinear_int8)(la, vocab.begin, vocab.end);
+      const int64_t pick_end = vocab.end < a.argmax_rows ? vocab.end : a.argmax_rows;
+      if (a.argmax && vocab.begin < pick_end)
+        for (int64_t s = 0; s < S; ++s)
+          picks[static_cast<size_t>(job) * S + s] = pick_largest(a.logits + s * head.lm_head.N, vocab.begin, pick_end);
     }
   });
+  // Jobs hold ascending row ranges: a later job's pick wins only if strictly larger.
+  for (int64_t s = 0; a.argmax && s < S; ++s) {
+    Pick best{0.0f, -1};
+    for (int j = 0; j < n; ++j) {
+      const Pick& p = picks[static_cast<size_t>(j) * S + s];
+      if (p.index >= 0 && (best.index < 0 || beats(p.value, best.value))) best = p;
+    }
+    a.argmax[s] = static_cast<int32_t>(best.index);
+  }
 }
 
 }  // namespace cgq::cpu

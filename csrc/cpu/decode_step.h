@@ -67,6 +67,17 @@ struct DecodeStepArgs {
   const int32_t* block_tables = nullptr;  // [S, max_blocks]
   int64_t max_blocks = 0;
   float* logits = nullptr;  // [S, vocab rows] fp32, written when the model has a head (else ignored)
+  // Optional: the new tokens' ids [S]. The step then gathers their rows of the embedding `wte`
+  // ([wte_rows, d], fp16 with wte_half, else fp32) into h itself, instead of the caller's torch ops.
+  const int32_t* token_ids = nullptr;
+  const void* wte = nullptr;
+  bool wte_half = false;
+  int64_t wte_rows = 0;
+  // Optional, with a head: greedy picks. argmax[s] = the first index of the largest of sequence s's
+  // first argmax_rows logits (a NaN counting as the largest, as in torch.argmax), found by each
+  // thread over the logits it has just written, while they are still in its cache.
+  int32_t* argmax = nullptr;
+  int64_t argmax_rows = 0;
 };
 
 // Validates sizes and indices (std::invalid_argument), then runs the step; on an error nothing
