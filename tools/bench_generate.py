@@ -9,7 +9,9 @@ the same run). Then batch-8 decode throughput. Every system runs --rounds times,
 taking turns, and the round with the median decode speed is reported: on a shared VM one run can
 land in a slow minute, and taking turns spreads each system over the whole run. Ratios to
 CTranslate2 are given for decode alone and end to end (new tokens per second of prefill + decode,
-the way the issue's reference figures were measured).
+the way the issue's reference figures were measured). Every system first runs the prompt and one
+step untimed (codegen-q's first pass would otherwise also fault in its mmap'd weights, which the
+others read in at load time).
 
     python tools/bench_generate.py                       # makes the checkpoint under --work
     python tools/bench_generate.py --preset tiny --quick # a smoke run
@@ -42,8 +44,14 @@ def _codegen_q(path: str, prompt: list[int], new: int, batch: int, threads: int)
     loaded = load(path, num_threads=threads)
     model = loaded.model
     cache = model.new_cache(batch * (len(prompt) + new + 16))
-    seqs = [cache.add_sequence() for _ in range(batch)]
     vocab = min(len(loaded.tokenizer), model.config.vocab_size)
+    # Warm-up, as for CTranslate2: the first pass also faults the mmap'd weights in.
+    seqs = [cache.add_sequence() for _ in range(batch)]
+    logits = model.forward([torch.tensor(prompt)] * batch, cache, seqs)
+    model.greedy_step([int(l[-1, :vocab].argmax()) for l in logits], cache, seqs, vocab)
+    for s in seqs:
+        cache.free(s)
+    seqs = [cache.add_sequence() for _ in range(batch)]
     t0 = time.perf_counter()
     logits = model.forward([torch.tensor(prompt)] * batch, cache, seqs)
     tokens = [int(l[-1, :vocab].argmax()) for l in logits]
@@ -62,6 +70,8 @@ def _transformers(path: str, prompt: list[int], new: int, batch: int, threads: i
     model = transformers.CodeGenForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
     ids = torch.tensor([prompt] * batch)
     with torch.no_grad():
+        out = model(ids, use_cache=True)  # warm-up, as for CTranslate2
+        model(out.logits[:, -1].argmax(-1, keepdim=True), past_key_values=out.past_key_values, use_cache=True)
         t0 = time.perf_counter()
         out = model(ids, use_cache=True)
         t1 = time.perf_counter()
@@ -83,7 +93,7 @@ def _ctranslate2(path: str, prompt: list[int], new: int, batch: int, threads: in
     gen = ctranslate2.Generator(path, device="cpu", compute_type="int8", intra_threads=threads)
     tokens = tok.convert_ids_to_tokens(prompt)
     kwargs = dict(include_prompt_in_result=False, sampling_topk=1)
-    gen.generate_batch([tokens] * batch, max_length=2, min_length=2, **kwargs)  # warm-up (allocations)
+    gen.generate_batch([tokens] * batch, max_length=2, min_length=2, **kwargs)  # warm-up (allocations), as for all
     t0 = time.perf_counter()  # prefill alone: generate a single token
     gen.generate_batch([tokens] * batch, max_length=1, min_length=1, **kwargs)
     t1 = time.perf_counter()
@@ -197,12 +207,13 @@ def main(argv: list[str] | None = None) -> int:
                          e2e_tok_s=batch * (r["new_tokens"] + 1) / (r["prefill_s"] + r["decode_s"]))
                 r["roofline_pct"] = 100.0 * (r["decode_tok_s"] / batch) * r["weight_bytes"] / (bandwidth * 1e9)
                 runs[system].append(r)
-                print(f"  round {round_ + 1}/{args.rounds} {system:<18} batch {batch}: decode "
-                      f"{r['decode_tok_s']:.1f} tok/s", flush=True)
+                print(f"  round {round_ + 1}/{args.rounds} {system:<18} batch {batch}: prefill "
+                      f"{r['prefill_tok_s']:.1f}, decode {r['decode_tok_s']:.1f} tok/s", flush=True)
         for system in systems:
             ordered = sorted(runs[system], key=lambda r: r["decode_tok_s"])
             median = dict(ordered[len(ordered) // 2])
             median["decode_tok_s_rounds"] = [r["decode_tok_s"] for r in runs[system]]
+            median["prefill_tok_s_rounds"] = [r["prefill_tok_s"] for r in runs[system]]
             rows.append(median)
 
     print(f"\n{args.preset}-shaped random checkpoint, prompt {args.prompt_tokens} tokens, {args.new_tokens} new, "
