@@ -97,28 +97,44 @@ inline float dot_int4_fp32(const uint8_t* w, const float* x, int64_t G, float sc
   return total;
 }
 
-// Weight scale x activation scale x 2^-14 (the limb fold) for the `span` <= 8 groups from g0 of
-// weight row n, 0 past the span.
+// For the `span` <= 8 groups from g0 of weight row n, from one load of their fp16 scales: the
+// weight scale x activation scale x 2^-14 (the limb fold) and the zero-point term's part
+// scale x zero x 2^e sum(x_hat); 0 past the span.
 // A whole span (8 groups, every span of a row whose group count is a multiple of 8) is loaded
 // directly: copied into a small array first, the 16-byte load of that array waited on a failed
 // store-to-load forward every time, 15 % of this kernel's time (perf, L2-resident 4096 x 128).
-inline __m256 span_scales(const QLinearArgs& a, const float* block_scale, int64_t groups, int64_t n, int64_t g0,
-                          int64_t span) {
+struct SpanScales {
+  __m256 scale, offset;
+};
+inline SpanScales span_scales(const QLinearArgs& a, const float* block_scale, const float* block_sum, int64_t groups,
+                              int64_t n, int64_t g0, int64_t span) {
   const uint16_t* sw = a.scales + n * groups + g0;
-  __m128i half_bits;
-  __m256 sx;
+  const uint8_t* zeros = a.zeros ? a.zeros + n * groups + g0 : nullptr;
+  __m128i half_bits, zero_bytes = _mm_set1_epi8(static_cast<char>(kInt4SymmetricZero));
+  __m256 sx, sums;
   if (span == 8) {
     half_bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sw));
+    if (zeros) zero_bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros));
     sx = _mm256_loadu_ps(block_scale + g0);
+    sums = _mm256_loadu_ps(block_sum + g0);
   } else {
     alignas(16) uint16_t part[8] = {};
     std::memcpy(part, sw, static_cast<size_t>(span) * sizeof(uint16_t));
     half_bits = _mm_load_si128(reinterpret_cast<const __m128i*>(part));
+    if (zeros) {
+      alignas(16) uint8_t zpart[16] = {};
+      std::memcpy(zpart, zeros, static_cast<size_t>(span));
+      zero_bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(zpart));
+    }
     const __m256i lane_in_span = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(span)),
                                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     sx = _mm256_maskload_ps(block_scale + g0, lane_in_span);
+    sums = _mm256_maskload_ps(block_sum + g0, lane_in_span);
   }
-  return _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtph_ps(half_bits), sx), _mm256_set1_ps(1.0f / 16384.0f));
+  const __m256 w_scale = _mm256_cvtph_ps(half_bits);  // 0 past the span
+  const __m256 zero = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zero_bytes));
+  return {_mm256_mul_ps(_mm256_mul_ps(w_scale, sx), _mm256_set1_ps(1.0f / 16384.0f)),
+          _mm256_mul_ps(_mm256_mul_ps(w_scale, zero), sums)};
 }
 
 // y[m, n0 .. n0+NR] for int4 weights at one row of x. A chunk is 128 elements, 64 weight bytes
@@ -137,15 +153,21 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
   const int64_t row_bytes = a.K / 2;
   const uint8_t* w = static_cast<const uint8_t*>(a.qweight) + n0 * row_bytes;
   const float* block_scale = L.block_scale(ws, m);
+  const int8_t* const limb_rows[kLimbs] = {L.limb(ws, m, 0), L.limb(ws, m, 1), L.limb(ws, m, 2)};
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i lane_block = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);  // 32-block of a lane within its half
-  __m256 acc[NR];
-  for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
+  const float* block_sum = L.block_sum(ws, m);
+  __m256 acc[NR], off[NR];  // off: the zero-point term per lane
+  for (int r = 0; r < NR; ++r) acc[r] = off[r] = _mm256_setzero_ps();
   for (int64_t g_base = 0; g_base < groups; g_base += 8) {
     const int64_t span = (groups - g_base < 8) ? groups - g_base : 8;
     alignas(32) float scale[NR][8];
-    for (int r = 0; r < NR; ++r) _mm256_store_ps(scale[r], span_scales(a, block_scale, groups, n0 + r, g_base, span));
+    for (int r = 0; r < NR; ++r) {
+      const SpanScales ss = span_scales(a, block_scale, block_sum, groups, n0 + r, g_base, span);
+      _mm256_store_ps(scale[r], ss.scale);
+      off[r] = _mm256_add_ps(off[r], ss.offset);
+    }
     const int64_t k_end = (g_base + span) * G;
     for (int64_t k = g_base * G; k < k_end; k += 128) {
       const int64_t chunk_bytes = (k_end - k >= 128) ? 64 : (k_end - k) / 2;
@@ -169,7 +191,7 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
         if constexpr (G == 128) {
           __m256i folded = _mm256_setzero_si256();
           for (int j = 0; j < kLimbs; ++j) {
-            const int8_t* x = L.limb(ws, m, j) + k;
+            const int8_t* x = limb_rows[j] + k;
             const __m256i dot = _mm256_madd_epi16(_mm256_add_epi16(pairs(x, 0), pairs(x, 1)), ones);
             folded = j == 0 ? dot : _mm256_add_epi32(_mm256_slli_epi32(folded, 7), dot);
           }
@@ -178,7 +200,7 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
           for (int half = 0; half < 2; ++half) {
             __m256i folded = _mm256_setzero_si256();
             for (int j = 0; j < kLimbs; ++j) {
-              const __m256i dot = _mm256_madd_epi16(pairs(L.limb(ws, m, j) + k, half), ones);
+              const __m256i dot = _mm256_madd_epi16(pairs(limb_rows[j] + k, half), ones);
               folded = j == 0 ? dot : _mm256_add_epi32(_mm256_slli_epi32(folded, 7), dot);
             }
             __m256 s;
@@ -202,30 +224,19 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
       }
     }
   }
-  // Zero-point term: sum over groups of scale * zero * 2^e * sum(x_hat); and the fp32 blocks.
-  const float* sums = L.block_sum(ws, m);
+  // The fp32 blocks (rows whose activations have them), the zero-point term, the bias.
   const uint8_t* fp32_block = L.fp32_block(ws, m);
   for (int r = 0; r < NR; ++r) {
     const uint16_t* sw = a.scales + (n0 + r) * groups;
     const uint8_t* zr = a.zeros ? a.zeros + (n0 + r) * groups : nullptr;
-    __m256 off = _mm256_setzero_ps();
-    int64_t g = 0;
-    for (; g + 8 <= groups; g += 8) {
-      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sw + g)));
-      const __m256 z = zr ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zr + g))))
-                          : _mm256_set1_ps(static_cast<float>(kInt4SymmetricZero));
-      off = _mm256_fmadd_ps(_mm256_mul_ps(s, z), _mm256_loadu_ps(sums + g), off);
-    }
-    float offset = Vec::sum(off), fp32_part = 0.0f;
-    for (; g < groups; ++g)
-      offset += _cvtsh_ss(sw[g]) * (zr ? static_cast<float>(zr[g]) : static_cast<float>(kInt4SymmetricZero)) * sums[g];
-    for (g = 0; g < groups && fp32_block[groups]; ++g) {
+    float fp32_part = 0.0f;
+    for (int64_t g = 0; g < groups && fp32_block[groups]; ++g) {
       if (!fp32_block[g]) continue;
       const float z = zr ? static_cast<float>(zr[g]) : static_cast<float>(kInt4SymmetricZero);
       fp32_part += dot_int4_fp32(w + r * row_bytes + g * G / 2, a.x + m * a.K + g * G, G, _cvtsh_ss(sw[g]), z);
     }
     const float bias = a.bias ? a.bias[n0 + r] : 0.0f;
-    a.y[m * a.N + n0 + r] = Vec::sum(acc[r]) - offset + fp32_part + bias;
+    a.y[m * a.N + n0 + r] = Vec::sum(_mm256_sub_ps(acc[r], off[r])) + fp32_part + bias;
   }
 }
 
