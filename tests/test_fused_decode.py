@@ -86,6 +86,19 @@ def test_float_lm_head_is_left_to_torch():
     assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
 
 
+def test_embedding_the_step_cannot_gather_is_gathered_by_torch():
+    """A bf16 embedding (the native gather takes fp16 and fp32) goes through torch's gather into
+    the step's input buffer: same tokens and logits as the op-by-op path on the same table."""
+    model = our_model(reference_model("hd64", n_layer=2, seed=5), 8, lm_head_bits=8)
+    model.wte = model.wte.to(torch.bfloat16)
+    model.fused.wte = model.wte
+    prompts = [[5, 9, 2, 7], [11, 3]]
+    got, fed_got = _run(model, prompts, 10, fused=True)
+    want, fed_want = _run(model, prompts, 10, fused=False)
+    assert fed_got == fed_want
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
+
+
 def test_fused_step_rejects_a_bad_slot():
     model = our_model(reference_model("hd64", n_layer=1), 8, lm_head_bits=8)
     cache = PagedKVCache.for_tokens(model.config, 64, block_size=16)
