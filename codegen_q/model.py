@@ -226,14 +226,21 @@ class CodeGenModel:
         native step picks them itself where it can, while the logits are still in its caches
         (torch's argmax over cold logits cost ~0.13 ms of a 350M token), and no logits reach
         Python; otherwise this is forward + argmax."""
+        token_ids = [int(t) for t in token_ids]
+        if len(token_ids) != len(seq_ids):
+            raise ValueError(f"greedy_step got {len(token_ids)} tokens for {len(seq_ids)} sequences")
+        rows = self.wte.shape[0]
+        bad = [t for t in token_ids if not 0 <= t < rows]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the embedding's {rows} rows")
         self._check_context([cache.length(s) for s in seq_ids], [1] * len(seq_ids))
         if (self.fused is not None and self.fused.has_head and self._native_cache(cache) and cache.k.is_contiguous()):
             cache.reserve({s: 1 for s in seq_ids})
-            picks = self.fused.step(cache, seq_ids, [int(t) for t in token_ids], greedy_rows=vocab_limit)[2]
+            picks = self.fused.step(cache, seq_ids, token_ids, greedy_rows=vocab_limit)[2]
             for s in seq_ids:
                 cache.advance(s, 1)
             return picks
-        logits = self.forward([torch.tensor([int(t)]) for t in token_ids], cache, seq_ids)
+        logits = self.forward([torch.tensor([t]) for t in token_ids], cache, seq_ids)
         return [int(torch.argmax(lg[-1, :vocab_limit])) for lg in logits]
 
     def _check_context(self, starts: Sequence[int], counts: Sequence[int]) -> None:

@@ -86,6 +86,19 @@ def test_float_lm_head_is_left_to_torch():
     assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
 
 
+def test_greedy_step_rejects_bad_tokens_before_touching_the_cache():
+    model = our_model(reference_model("hd64", n_layer=1), 8, lm_head_bits=8)
+    cache = PagedKVCache.for_tokens(model.config, 64, block_size=16)
+    seq = cache.add_sequence()
+    model.forward([torch.tensor(list(range(16)))], cache, [seq])  # a full block: the next token needs a new one
+    blocks = list(cache.block_table(seq))
+    for bad, match in (([model.wte.shape[0]], "outside the embedding"), ([-1], "outside the embedding"),
+                       ([1, 2], "2 tokens for 1 sequences")):
+        with pytest.raises(ValueError, match=match):
+            model.greedy_step(bad, cache, [seq], model.fused.vocab_rows)
+        assert cache.length(seq) == 16 and list(cache.block_table(seq)) == blocks
+
+
 def test_embedding_the_step_cannot_gather_is_gathered_by_torch():
     """A bf16 embedding (the native gather takes fp16 and fp32) goes through torch's gather into
     the step's input buffer: same tokens and logits as the op-by-op path on the same table."""
