@@ -122,8 +122,9 @@ def quantize_checkpoint(src: str, out: str, bits: int = 8, group_size: int | Non
         bar = None
         if progress:
             from tqdm import tqdm
+            # Redrawn at most every 0.1 s on a terminal, every 10 s into a log (CI), not per tensor.
             bar = tqdm(total=total_in, unit="B", unit_scale=True, desc="quantize", file=sys.stderr,
-                       dynamic_ncols=True)
+                       dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
         with atomic_output_dir(out, force) as tmp, _cyclic_gc_paused():
             weight_map, hashes = {}, {}
             shard_i, writer, left = -1, None, 0
@@ -143,7 +144,7 @@ def quantize_checkpoint(src: str, out: str, bits: int = 8, group_size: int | Non
                         left -= 1
                     if bar is not None:
                         bar.update(w.numel() * w.element_size())
-                        bar.set_postfix_str(f"{i + 1}/{len(per_source)} tensors")
+                        bar.set_postfix_str(f"{i + 1}/{len(per_source)} tensors", refresh=False)
                     if not aliased:  # the outputs are copies: the source pages can go
                         ckpt.release(w)
                     del w
