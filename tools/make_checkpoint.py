@@ -64,12 +64,24 @@ def main(argv=None) -> int:
         print(f"make_checkpoint: error: {need / 1e9:.1f} GB needed in {parent}, {free / 1e9:.1f} GB free",
               file=sys.stderr)
         return 1
+    from tqdm import tqdm
+
     t0 = time.perf_counter()
-    make_checkpoint(args.out, cfg, fmt=args.format, dtype=args.dtype, shards=args.shards, seed=args.seed,
-                    legacy_buffers=False if args.no_legacy_buffers else None)
+    # The weights' bytes (the legacy buffers are not counted); redrawn at most every 0.1 s on a
+    # terminal, every 10 s into a log.
+    with tqdm(total=need, unit="B", unit_scale=True, desc="write", file=sys.stderr, dynamic_ncols=True,
+              mininterval=0.1 if sys.stderr.isatty() else 10.0) as bar:
+        def on_tensor(name: str, nbytes: int) -> None:
+            if not name.endswith(("attn.causal_mask", "attn.masked_bias")):
+                bar.update(nbytes)
+
+        make_checkpoint(args.out, cfg, fmt=args.format, dtype=args.dtype, shards=args.shards, seed=args.seed,
+                        legacy_buffers=False if args.no_legacy_buffers else None, on_tensor=on_tensor)
     dt = time.perf_counter() - t0
-    print(f"wrote {args.out}: {n_params / 1e9:.2f} B parameters, {need / 1e9:.2f} GB {args.dtype} "
-          f"{args.format} in {dt:.1f} s ({need / dt / 1e9:.2f} GB/s)")
+    params = f"{n_params / 1e9:.2f} B" if n_params >= 1e8 else f"{n_params / 1e6:.2f} M"
+    size = f"{need / 1e9:.2f} GB" if need >= 1e8 else f"{need / 1e6:.2f} MB"
+    print(f"wrote {args.out}: {params} parameters, {size} {args.dtype} {args.format} in {dt:.1f} s "
+          f"({need / dt / 1e9:.2f} GB/s)")
     return 0
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -84,8 +84,11 @@ def _split(specs: list, shards: int) -> list[list]:
 
 def make_checkpoint(out_dir: str, preset_or_config: Union[str, dict[str, Any]] = "tiny", fmt: str = "bin",
                     dtype: str = "float16", shards: int = 1, seed: int = 0,
-                    legacy_buffers: Optional[bool] = None, tokenizer: bool = True) -> str:
+                    legacy_buffers: Optional[bool] = None, tokenizer: bool = True,
+                    on_tensor: Optional[Callable[[str, int], None]] = None) -> str:
     """Write a checkpoint directory; returns its path.
+
+    ``on_tensor(name, nbytes)`` is called as each tensor is made (progress reporting).
 
     ``preset_or_config``: "350M" | "2B" | "6B" | "16B" | "tiny", or a config.json dict.
     ``legacy_buffers`` (default: only for ``.bin``, as the hub has them) adds
@@ -119,13 +122,19 @@ def make_checkpoint(out_dir: str, preset_or_config: Union[str, dict[str, Any]] =
     extra = _legacy_buffers(cfg) if (fmt == "bin" if legacy_buffers is None else legacy_buffers) else {}
     specs += [(name, dt, shape) for name, (dt, shape) in extra.items()]
 
-    def make(name: str) -> torch.Tensor:
+    def made(name: str) -> torch.Tensor:
         if name.endswith("causal_mask"):
             n = cfg.n_positions
             return torch.tril(torch.ones((n, n), dtype=torch.bool)).view(1, 1, n, n)
         if name.endswith("masked_bias"):
             return torch.tensor(-1e9)
         return _make_tensor(name, index_of[name], expected[name], tdtype, seed)
+
+    def make(name: str) -> torch.Tensor:
+        t = made(name)
+        if on_tensor is not None:
+            on_tensor(name, t.numel() * t.element_size())
+        return t
 
     groups = _split(specs, max(1, int(shards)))
     single = "pytorch_model.bin" if fmt == "bin" else "model.safetensors"
