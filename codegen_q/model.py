@@ -227,6 +227,8 @@ class CodeGenModel:
         (torch's argmax over cold logits cost ~0.13 ms of a 350M token), and no logits reach
         Python; otherwise this is forward + argmax."""
         token_ids = [int(t) for t in token_ids]
+        if isinstance(vocab_limit, bool) or not isinstance(vocab_limit, int) or vocab_limit < 1:
+            raise ValueError(f"vocab_limit must be an int >= 1, got {vocab_limit!r}")
         if len(token_ids) != len(seq_ids):
             raise ValueError(f"greedy_step got {len(token_ids)} tokens for {len(seq_ids)} sequences")
         rows = self.wte.shape[0]

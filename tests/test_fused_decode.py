@@ -97,6 +97,10 @@ def test_greedy_step_rejects_bad_tokens_before_touching_the_cache():
         with pytest.raises(ValueError, match=match):
             model.greedy_step(bad, cache, [seq], model.fused.vocab_rows)
         assert cache.length(seq) == 16 and list(cache.block_table(seq)) == blocks
+    for limit in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="vocab_limit"):
+            model.greedy_step([1], cache, [seq], limit)
+    assert cache.length(seq) == 16 and list(cache.block_table(seq)) == blocks
 
 
 def test_embedding_the_step_cannot_gather_is_gathered_by_torch():
