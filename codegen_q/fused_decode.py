@@ -8,6 +8,8 @@ models, other dtypes) takes the op-by-op path, which computes the same function.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from codegen_q import _native
@@ -48,7 +50,7 @@ class FusedDecoder:
                                  head.shape[0], head.shape[1], head.bits == 4, head.group_size or 0)
         self.vocab_rows = model.lm_head.weight.shape[0] if self.has_head else 0
         self.wte, self.d = model.wte, model.config.n_embd
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._local = threading.local()  # per-thread step buffers: two threads may share a model
 
     @property
     def has_head(self) -> bool:
@@ -113,8 +115,9 @@ class FusedDecoder:
         return h, (None if greedy else logits), (picks.tolist() if greedy else None)
 
     def _scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A buffer kept between steps (reallocated when the batch size changes)."""
-        t = self._buffers.get(name)
+        """A buffer this thread keeps between steps (reallocated when the batch size changes)."""
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        t = buffers.get(name)
         if t is None or tuple(t.shape) != shape:
-            t = self._buffers[name] = torch.empty(shape, dtype=dtype)
+            t = buffers[name] = torch.empty(shape, dtype=dtype)
         return t

@@ -206,3 +206,79 @@ def test_greedy_picks_break_ties_and_nans_as_torch_argmax_does(jobs):
         logits = model.forward([torch.tensor([3])], cache, [seq])[0][-1]
         assert int(torch.argmax(logits)) == expected, name  # torch's own choice, for the record
         assert model.greedy_step([3], cache, [seq], vocab) == [expected], name
+
+
+def _model_and_tokenizer(tmp_path, bits: int, seed: int):
+    """A tiny quantized model whose vocabulary (640 rows) covers the test tokenizer's ids, with
+    padding rows past them, as the hub models have."""
+    import transformers
+
+    from codegen_q.testing.tokenizer_files import write_tokenizer_files
+    from codegen_q.tokenizer import CodeGenTokenizer
+
+    write_tokenizer_files(str(tmp_path))
+    tok = CodeGenTokenizer.from_dir(tmp_path)
+    torch.manual_seed(seed)
+    cfg = transformers.CodeGenConfig(vocab_size=640, n_positions=128, n_embd=256, n_layer=2, n_head=4, rotary_dim=32,
+                                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    hf = transformers.CodeGenForCausalLM(cfg).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(8.0)  # spread the logits: no near-ties for the two paths to split
+        hf.lm_head.bias[tok.eos_token_id] = -1e4  # keep completions from ending at once
+    model = our_model(hf, bits, lm_head_bits=8)
+    assert model.fused is not None and model.fused.has_head and len(tok) < 640
+    return model, tok
+
+
+def test_generate_greedy_on_a_quantized_model_takes_the_native_picks(tmp_path, monkeypatch):
+    """generate()'s plain greedy decoding goes through greedy_step (the picks made in the fused
+    step) and gives the tokens forward + argmax give; sampling does not take that path."""
+    from codegen_q.generation import generate
+
+    model, tok = _model_and_tokenizer(tmp_path, 4, seed=13)
+    calls = []
+    real = model.greedy_step
+    monkeypatch.setattr(model, "greedy_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prompts = ["def add(a, b):\n    return", "class Stack:\n"]
+    outs = generate(model, prompts, max_new_tokens=12, tokenizer=tok)
+    assert len(calls) >= 11  # every decode step after the prompt's
+    limit = min(len(tok), model.config.vocab_size)
+    for prompt, out in zip(prompts, outs):
+        cache = PagedKVCache.for_tokens(model.config, 128, block_size=16)
+        seq = cache.add_sequence()
+        feed, want = torch.tensor(tok.encode(prompt)), []
+        for _ in range(len(out.token_ids)):
+            want.append(int(model.forward([feed], cache, [seq])[0][-1, :limit].argmax()))
+            feed = torch.tensor([want[-1]])
+        assert out.token_ids == want
+    calls.clear()
+    generate(model, prompts[0], max_new_tokens=4, tokenizer=tok, temperature=0.7, seed=1)
+    assert not calls
+
+
+def test_two_threads_share_a_quantized_model(tmp_path):
+    """The fused step keeps its buffers per thread: two threads generating at once on one model
+    get what each gets alone."""
+    import threading
+
+    from codegen_q.generation import generate
+
+    model, tok = _model_and_tokenizer(tmp_path, 8, seed=17)
+    prompts = ["def add(a, b):\n    return", "import os\n\n\ndef main():\n"]
+    alone = [generate(model, p, max_new_tokens=16, tokenizer=tok).token_ids for p in prompts]
+    results, errors = {}, []
+
+    def run(i):
+        try:
+            results[i] = [generate(model, prompts[i], max_new_tokens=16, tokenizer=tok).token_ids for _ in range(4)]
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(2):
+        assert all(r == alone[i] for r in results[i])
