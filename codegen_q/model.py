@@ -231,10 +231,7 @@ class CodeGenModel:
             raise ValueError(f"vocab_limit must be an int >= 1, got {vocab_limit!r}")
         if len(token_ids) != len(seq_ids):
             raise ValueError(f"greedy_step got {len(token_ids)} tokens for {len(seq_ids)} sequences")
-        rows = self.wte.shape[0]
-        bad = [t for t in token_ids if not 0 <= t < rows]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the embedding's {rows} rows")
+        self._check_token_ids(token_ids)
         self._check_context([cache.length(s) for s in seq_ids], [1] * len(seq_ids))
         if (self.fused is not None and self.fused.has_head and self._native_cache(cache) and cache.k.is_contiguous()):
             cache.reserve({s: 1 for s in seq_ids})
@@ -244,6 +241,12 @@ class CodeGenModel:
             return picks
         logits = self.forward([torch.tensor([t]) for t in token_ids], cache, seq_ids)
         return [int(torch.argmax(lg[-1, :vocab_limit])) for lg in logits]
+
+    def _check_token_ids(self, token_ids: Sequence[int]) -> None:
+        rows = self.wte.shape[0]
+        bad = [t for t in token_ids if not 0 <= t < rows]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the embedding's {rows} rows")
 
     def _check_context(self, starts: Sequence[int], counts: Sequence[int]) -> None:
         for start, n in zip(starts, counts):
@@ -258,8 +261,10 @@ class CodeGenModel:
                        seq_ids: Sequence[int]) -> list[torch.Tensor]:
         """forward for one new token per sequence, in one native call (see fused_decode.py), which
         also gathers the embedding rows: the decode step's Python side is this and the plan."""
+        token_ids = torch.cat([ids.reshape(-1) for ids in input_ids]).tolist()
+        self._check_token_ids(token_ids)  # before the cache grows: an error leaves it as it was
         cache.reserve({s: 1 for s in seq_ids})
-        h, logits, _ = self.fused.step(cache, seq_ids, torch.cat([ids.reshape(-1) for ids in input_ids]).tolist())
+        h, logits, _ = self.fused.step(cache, seq_ids, token_ids)
         for s in seq_ids:
             cache.advance(s, 1)
         if logits is None:  # an unquantized lm_head: torch computes it

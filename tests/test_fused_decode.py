@@ -101,6 +101,9 @@ def test_greedy_step_rejects_bad_tokens_before_touching_the_cache():
         with pytest.raises(ValueError, match="vocab_limit"):
             model.greedy_step([1], cache, [seq], limit)
     assert cache.length(seq) == 16 and list(cache.block_table(seq)) == blocks
+    with pytest.raises(ValueError, match="outside the embedding"):  # forward's fused path too
+        model.forward([torch.tensor([model.wte.shape[0]])], cache, [seq])
+    assert cache.length(seq) == 16 and list(cache.block_table(seq)) == blocks
 
 
 def test_embedding_the_step_cannot_gather_is_gathered_by_torch():
