@@ -170,6 +170,9 @@ class CodeGenModel:
         native = self._native_cache(cache)
         if native and self.fused is not None and all(n == 1 for n in counts) and cache.k.is_contiguous():
             return self._fused_forward(input_ids, cache, seq_ids)
+        flat = torch.cat([ids.reshape(-1) for ids in input_ids])
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.wte.shape[0]):
+            self._check_token_ids(flat.tolist())  # raises, naming the first bad id
         cache.reserve(dict(zip(seq_ids, counts)))
         slots = [cache.slots(s, n) for s, n in zip(seq_ids, counts)]
         positions = torch.cat([torch.arange(st, st + n) for st, n in zip(starts, counts)])
@@ -178,7 +181,7 @@ class CodeGenModel:
             plan = self._native_plan(cache, seq_ids, counts, starts, slots, positions)
         else:
             sin, cos = self.sin[positions.to(self.device)], self.cos[positions.to(self.device)]
-        ids = torch.cat([ids.reshape(-1) for ids in input_ids]).to(self.device)
+        ids = flat.to(self.device)
         h = self.wte[ids].to(self.dtype).contiguous()
         d = self.config.n_embd
         scale = self.head_dim ** -0.5

@@ -103,6 +103,8 @@ def test_greedy_step_rejects_bad_tokens_before_touching_the_cache():
     assert cache.length(seq) == 16 and list(cache.block_table(seq)) == blocks
     with pytest.raises(ValueError, match="outside the embedding"):  # forward's fused path too
         model.forward([torch.tensor([model.wte.shape[0]])], cache, [seq])
+    with pytest.raises(ValueError, match="outside the embedding"):  # and the op-by-op one (a prompt)
+        model.forward([torch.tensor([3, -2, 4])], cache, [seq])
     assert cache.length(seq) == 16 and list(cache.block_table(seq)) == blocks
 
 
