@@ -105,11 +105,12 @@ class FusedDecoder:
             logits = self._scratch("logits", shape, torch.float32) if greedy else torch.empty(shape, dtype=torch.float32)
         if greedy:
             picks = self._scratch("picks", (S,), torch.int32)
-        base, word = plan.data_ptr(), 4
+        positions, slot_blocks, slot_offsets, ids = plan[: 4 * S].view(4, S)  # decode_plan's layout
+        tables = plan[4 * S:]
         _native.cpu().decode_step(
             self.native, h.data_ptr(), S, cache.k.data_ptr(), cache.v.data_ptr(), cache.num_blocks, cache.block_size,
-            base, base + S * word, base + 2 * S * word, base + 4 * S * word, width, cache.k.dtype == torch.float16,
-            _address(logits), token_ids=base + 3 * S * word if native_wte else 0,
+            positions.data_ptr(), slot_blocks.data_ptr(), slot_offsets.data_ptr(), tables.data_ptr(), width,
+            cache.k.dtype == torch.float16, _address(logits), token_ids=ids.data_ptr() if native_wte else 0,
             wte=self.wte.data_ptr() if native_wte else 0, wte_half=self.wte.dtype == torch.float16,
             wte_rows=self.wte.shape[0], argmax=_address(picks), argmax_rows=min(greedy_rows, self.vocab_rows) if greedy else 0)
         return h, (None if greedy else logits), (picks.tolist() if greedy else None)

@@ -83,11 +83,11 @@ class PagedKVCache:
         table = torch.tensor(self._tables[seq_id], dtype=torch.long)
         return (table[pos // self.block_size]).to(self.k.device), (pos % self.block_size).to(self.k.device)
 
-    def decode_plan(self, seq_ids, token_ids=None) -> tuple[torch.Tensor, int]:
+    def decode_plan(self, seq_ids, token_ids) -> tuple[torch.Tensor, int]:
         """One decode step's int32 indices as one flat tensor built from Python ints at once: for
         each sequence its next position, that position's block id and offset in the block
-        (reserved already), the new token's id (0 when not given), each part [S]; then the block
-        tables [S, width], padded with block 0. Returns (plan, width)."""
+        (reserved already), the new token's id, each part [S]; then the block tables [S, width],
+        padded with block 0. Returns (plan, width)."""
         width = max(1, max(len(self._tables[s]) for s in seq_ids))
         positions, blocks, offsets, tables = [], [], [], []
         for s in seq_ids:
@@ -97,8 +97,7 @@ class PagedKVCache:
             offsets.append(pos % self.block_size)
             tables += table
             tables += [0] * (width - len(table))
-        ids = list(token_ids) if token_ids is not None else [0] * len(seq_ids)
-        return torch.tensor(positions + blocks + offsets + ids + tables, dtype=torch.int32), width
+        return torch.tensor(positions + blocks + offsets + list(token_ids) + tables, dtype=torch.int32), width
 
     def write(self, layer: int, slots: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> None:
         blocks, offsets = slots

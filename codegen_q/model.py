@@ -167,9 +167,9 @@ class CodeGenModel:
         counts = [int(ids.numel()) for ids in input_ids]
         starts = [cache.length(s) for s in seq_ids]
         self._check_context(starts, counts)
-        native = self._native_cache(cache)
-        if native and self.fused is not None and all(n == 1 for n in counts) and cache.k.is_contiguous():
+        if self._can_fuse(cache) and all(n == 1 for n in counts):
             return self._fused_forward(input_ids, cache, seq_ids)
+        native = self._native_cache(cache)
         flat = torch.cat([ids.reshape(-1) for ids in input_ids])
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.wte.shape[0]):
             self._check_token_ids(flat.tolist())  # raises, naming the first bad id
@@ -236,7 +236,7 @@ class CodeGenModel:
             raise ValueError(f"greedy_step got {len(token_ids)} tokens for {len(seq_ids)} sequences")
         self._check_token_ids(token_ids)
         self._check_context([cache.length(s) for s in seq_ids], [1] * len(seq_ids))
-        if (self.fused is not None and self.fused.has_head and self._native_cache(cache) and cache.k.is_contiguous()):
+        if self._can_fuse(cache) and self.fused.has_head:
             cache.reserve({s: 1 for s in seq_ids})
             picks = self.fused.step(cache, seq_ids, token_ids, greedy_rows=vocab_limit)[2]
             for s in seq_ids:
@@ -259,6 +259,10 @@ class CodeGenModel:
 
     def _native_cache(self, cache: PagedKVCache) -> bool:
         return cache.k.dtype in NATIVE_KV_DTYPES and cache.k.device.type == "cpu" and self.dtype == torch.float32
+
+    def _can_fuse(self, cache: PagedKVCache) -> bool:
+        """Whether a decode step (one token per sequence) on this cache can be one native call."""
+        return self.fused is not None and self._native_cache(cache) and cache.k.is_contiguous()
 
     def _fused_forward(self, input_ids: Sequence[torch.Tensor], cache: PagedKVCache,
                        seq_ids: Sequence[int]) -> list[torch.Tensor]:
