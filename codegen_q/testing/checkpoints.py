@@ -122,7 +122,7 @@ def make_checkpoint(out_dir: str, preset_or_config: Union[str, dict[str, Any]] =
     extra = _legacy_buffers(cfg) if (fmt == "bin" if legacy_buffers is None else legacy_buffers) else {}
     specs += [(name, dt, shape) for name, (dt, shape) in extra.items()]
 
-    def made(name: str) -> torch.Tensor:
+    def tensor_for(name: str) -> torch.Tensor:
         if name.endswith("causal_mask"):
             n = cfg.n_positions
             return torch.tril(torch.ones((n, n), dtype=torch.bool)).view(1, 1, n, n)
@@ -131,7 +131,7 @@ def make_checkpoint(out_dir: str, preset_or_config: Union[str, dict[str, Any]] =
         return _make_tensor(name, index_of[name], expected[name], tdtype, seed)
 
     def make(name: str) -> torch.Tensor:
-        t = made(name)
+        t = tensor_for(name)
         if on_tensor is not None:
             on_tensor(name, t.numel() * t.element_size())
         return t
