@@ -69,6 +69,14 @@ def test_fused_step_matches_op_by_op(cpu_isa, shape, scheme, jobs, kv_dtype):
     assert (got - want).abs().max() <= rel * want.abs().max() + 1e-6
 
 
+def _assert_fused_matches_op_by_op(model, prompts, steps):
+    """Same greedy tokens and logits to fp32 rounding (see the module docstring)."""
+    got, fed_got = _run(model, prompts, steps, fused=True)
+    want, fed_want = _run(model, prompts, steps, fused=False)
+    assert fed_got == fed_want
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
+
+
 def test_fused_path_is_taken_only_for_quantized_cpu_models():
     hf = reference_model("hd64", n_layer=1)
     assert our_model(hf).fused is None         # float weights: op-by-op
@@ -79,11 +87,7 @@ def test_float_lm_head_is_left_to_torch():
     hf = reference_model("hd64", n_layer=2, seed=3)
     model = our_model(hf, 8)  # --lm-head fp16: the blocks fused, the head not
     assert model.fused is not None and not model.fused.has_head
-    prompts = [[5, 9, 2, 7], [11, 3]]
-    got, fed_got = _run(model, prompts, 18, fused=True)
-    want, fed_want = _run(model, prompts, 18, fused=False)
-    assert fed_got == fed_want
-    assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
+    _assert_fused_matches_op_by_op(model, [[5, 9, 2, 7], [11, 3]], 18)
 
 
 def test_greedy_step_rejects_bad_tokens_before_touching_the_cache():
@@ -114,11 +118,7 @@ def test_embedding_the_step_cannot_gather_is_gathered_by_torch():
     model = our_model(reference_model("hd64", n_layer=2, seed=5), 8, lm_head_bits=8)
     model.wte = model.wte.to(torch.bfloat16)
     model.fused.wte = model.wte
-    prompts = [[5, 9, 2, 7], [11, 3]]
-    got, fed_got = _run(model, prompts, 10, fused=True)
-    want, fed_want = _run(model, prompts, 10, fused=False)
-    assert fed_got == fed_want
-    assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
+    _assert_fused_matches_op_by_op(model, [[5, 9, 2, 7], [11, 3]], 10)
 
 
 def test_fused_step_rejects_a_bad_slot():
@@ -214,24 +214,12 @@ def test_greedy_picks_break_ties_and_nans_as_torch_argmax_does(jobs):
 
 
 def _model_and_tokenizer(tmp_path, bits: int, seed: int):
-    """A tiny quantized model whose vocabulary (640 rows) covers the test tokenizer's ids, with
-    padding rows past them, as the hub models have."""
-    import transformers
+    """test_generation's reference model and tokenizer, quantized (int8 lm_head)."""
+    from test_generation import reference_with_tokenizer
 
-    from codegen_q.testing.tokenizer_files import write_tokenizer_files
-    from codegen_q.tokenizer import CodeGenTokenizer
-
-    write_tokenizer_files(str(tmp_path))
-    tok = CodeGenTokenizer.from_dir(tmp_path)
-    torch.manual_seed(seed)
-    cfg = transformers.CodeGenConfig(vocab_size=640, n_positions=128, n_embd=256, n_layer=2, n_head=4, rotary_dim=32,
-                                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    hf = transformers.CodeGenForCausalLM(cfg).eval()
-    with torch.no_grad():
-        hf.lm_head.weight.mul_(8.0)  # spread the logits: no near-ties for the two paths to split
-        hf.lm_head.bias[tok.eos_token_id] = -1e4  # keep completions from ending at once
+    hf, tok = reference_with_tokenizer(tmp_path, seed)
     model = our_model(hf, bits, lm_head_bits=8)
-    assert model.fused is not None and model.fused.has_head and len(tok) < 640
+    assert model.fused is not None and model.fused.has_head and len(tok) < model.config.vocab_size
     return model, tok
 
 
@@ -275,7 +263,7 @@ def test_two_threads_share_a_quantized_model(tmp_path):
 
     def run(i):
         try:
-            results[i] = [generate(model, prompts[i], max_new_tokens=16, tokenizer=tok).token_ids for _ in range(4)]
+            results[i] = [generate(model, prompts[i], max_new_tokens=16, tokenizer=tok).token_ids for _ in range(12)]
         except Exception as exc:  # surfaced below
             errors.append(exc)
 

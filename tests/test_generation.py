@@ -19,12 +19,13 @@ MODEL_VOCAB = 640  # more rows than the tokenizer has ids: the rest are padding
 PROMPTS = ["def add(a, b):\n    return", "class Stack:\n", "import os\n\n\ndef main():\n        x = 1"]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    write_tokenizer_files(str(d))
-    tokenizer = CodeGenTokenizer.from_dir(d)
-    torch.manual_seed(0)
+def reference_with_tokenizer(directory, seed: int = 0):
+    """The test tokenizer (written to `directory`) and a random transformers CodeGen whose 640
+    vocabulary rows cover its ids, the rest padding as on the hub; logits spread (no near-ties)
+    and EOS suppressed, so random completions run to their length."""
+    write_tokenizer_files(str(directory))
+    tokenizer = CodeGenTokenizer.from_dir(directory)
+    torch.manual_seed(seed)
     cfg = transformers.CodeGenConfig(vocab_size=MODEL_VOCAB, n_positions=128, n_embd=128, n_layer=2, n_head=4,
                                      rotary_dim=16, bos_token_id=tokenizer.eos_token_id,
                                      eos_token_id=tokenizer.eos_token_id)
@@ -32,7 +33,13 @@ def setup(tmp_path_factory):
     with torch.no_grad():
         hf.lm_head.weight.mul_(8.0)
         hf.lm_head.bias[tokenizer.eos_token_id] = -1e4  # keep random completions from ending at once
-    model = CodeGenModel(CodeGenConfig.from_dict(cfg.to_dict()), converted_weights(hf))
+    return hf, tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    hf, tokenizer = reference_with_tokenizer(tmp_path_factory.mktemp("tok"))
+    model = CodeGenModel(CodeGenConfig.from_dict(hf.config.to_dict()), converted_weights(hf))
     return hf, model, tokenizer
 
 
