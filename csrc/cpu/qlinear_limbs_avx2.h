@@ -97,26 +97,41 @@ inline float dot_int4_fp32(const uint8_t* w, const float* x, int64_t G, float sc
   return total;
 }
 
-// For the `span` <= 8 groups from g0 of weight row n, from one load of their fp16 scales: the
-// weight scale x activation scale x 2^-14 (the limb fold) and the zero-point term's part
-// scale x zero x 2^e sum(x_hat); 0 past the span.
+// The activation side of a span of `span` <= 8 groups from g0, shared by the tile's rows: block
+// scales 2^e and block sums 2^e sum(x_hat); 0 past the span.
+struct SpanActivations {
+  __m256 scale, sum;
+};
+inline SpanActivations span_activations(const float* block_scale, const float* block_sum, int64_t g0, int64_t span) {
+  __m256 sx, sums;
+  if (span == 8) {
+    sx = _mm256_loadu_ps(block_scale + g0);
+    sums = _mm256_loadu_ps(block_sum + g0);
+  } else {
+    const __m256i lane_in_span = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(span)),
+                                                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    sx = _mm256_maskload_ps(block_scale + g0, lane_in_span);
+    sums = _mm256_maskload_ps(block_sum + g0, lane_in_span);
+  }
+  return {sx, sums};
+}
+
+// For the same span of weight row n, from one load of its fp16 scales: weight scale x activation
+// scale x 2^-14 (the limb fold) and the zero-point term's part scale x zero x 2^e sum(x_hat).
 // A whole span (8 groups, every span of a row whose group count is a multiple of 8) is loaded
 // directly: copied into a small array first, the 16-byte load of that array waited on a failed
 // store-to-load forward every time, 15 % of this kernel's time (perf, L2-resident 4096 x 128).
 struct SpanScales {
   __m256 scale, offset;
 };
-inline SpanScales span_scales(const QLinearArgs& a, const float* block_scale, const float* block_sum, int64_t groups,
-                              int64_t n, int64_t g0, int64_t span) {
+inline SpanScales span_scales(const QLinearArgs& a, const SpanActivations& act, int64_t groups, int64_t n, int64_t g0,
+                              int64_t span) {
   const uint16_t* sw = a.scales + n * groups + g0;
   const uint8_t* zeros = a.zeros ? a.zeros + n * groups + g0 : nullptr;
   __m128i half_bits, zero_bytes = _mm_set1_epi8(static_cast<char>(kInt4SymmetricZero));
-  __m256 sx, sums;
   if (span == 8) {
     half_bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sw));
     if (zeros) zero_bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros));
-    sx = _mm256_loadu_ps(block_scale + g0);
-    sums = _mm256_loadu_ps(block_sum + g0);
   } else {
     alignas(16) uint16_t part[8] = {};
     std::memcpy(part, sw, static_cast<size_t>(span) * sizeof(uint16_t));
@@ -126,15 +141,11 @@ inline SpanScales span_scales(const QLinearArgs& a, const float* block_scale, co
       std::memcpy(zpart, zeros, static_cast<size_t>(span));
       zero_bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(zpart));
     }
-    const __m256i lane_in_span = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(span)),
-                                                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    sx = _mm256_maskload_ps(block_scale + g0, lane_in_span);
-    sums = _mm256_maskload_ps(block_sum + g0, lane_in_span);
   }
   const __m256 w_scale = _mm256_cvtph_ps(half_bits);  // 0 past the span
   const __m256 zero = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zero_bytes));
-  return {_mm256_mul_ps(_mm256_mul_ps(w_scale, sx), _mm256_set1_ps(1.0f / 16384.0f)),
-          _mm256_mul_ps(_mm256_mul_ps(w_scale, zero), sums)};
+  return {_mm256_mul_ps(_mm256_mul_ps(w_scale, act.scale), _mm256_set1_ps(1.0f / 16384.0f)),
+          _mm256_mul_ps(_mm256_mul_ps(w_scale, zero), act.sum)};
 }
 
 // y[m, n0 .. n0+NR] for int4 weights at one row of x. A chunk is 128 elements, 64 weight bytes
@@ -162,9 +173,10 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
   for (int r = 0; r < NR; ++r) acc[r] = off[r] = _mm256_setzero_ps();
   for (int64_t g_base = 0; g_base < groups; g_base += 8) {
     const int64_t span = (groups - g_base < 8) ? groups - g_base : 8;
+    const SpanActivations act = span_activations(block_scale, block_sum, g_base, span);
     alignas(32) float scale[NR][8];
     for (int r = 0; r < NR; ++r) {
-      const SpanScales ss = span_scales(a, block_scale, block_sum, groups, n0 + r, g_base, span);
+      const SpanScales ss = span_scales(a, act, groups, n0 + r, g_base, span);
       _mm256_store_ps(scale[r], ss.scale);
       off[r] = _mm256_add_ps(off[r], ss.offset);
     }

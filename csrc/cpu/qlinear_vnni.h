@@ -213,6 +213,14 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
   for (int64_t g_base = 0; g_base < groups; g_base += 16) {
     const int64_t span = (groups - g_base < 16) ? groups - g_base : 16;
     const __mmask16 span_mask = static_cast<__mmask16>((1u << span) - 1);
+    // Per row of x: activation block scales 2^e, times 2^-14 for the limb fold, and the blocks'
+    // sums for the zero-point term.
+    __m512 sx[MR], sums[MR];
+    for (int m = 0; m < MR; ++m) {
+      sx[m] = _mm512_mul_ps(_mm512_maskz_loadu_ps(span_mask, L.block_scale(ws, m0 + m) + g_base),
+                            _mm512_set1_ps(1.0f / 16384.0f));
+      sums[m] = _mm512_maskz_loadu_ps(span_mask, L.block_sum(ws, m0 + m) + g_base);
+    }
     __m512 scale[MR][NR];
     for (int r = 0; r < NR; ++r) {
       const __m512 sw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(span_mask, a.scales + (n0 + r) * groups + g_base));
@@ -221,10 +229,8 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
                                : _mm512_set1_ps(static_cast<float>(kInt4SymmetricZero));
       const __m512 sz = _mm512_mul_ps(sw, z);
       for (int m = 0; m < MR; ++m) {
-        // Activation block scales 2^e, times 2^-14 for the limb fold; the zero-point term's sums.
-        const __m512 sx = _mm512_maskz_loadu_ps(span_mask, L.block_scale(ws, m0 + m) + g_base);
-        scale[m][r] = _mm512_mul_ps(sw, _mm512_mul_ps(sx, _mm512_set1_ps(1.0f / 16384.0f)));
-        off[m][r] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(span_mask, L.block_sum(ws, m0 + m) + g_base), off[m][r]);
+        scale[m][r] = _mm512_mul_ps(sw, sx[m]);
+        off[m][r] = _mm512_fmadd_ps(sz, sums[m], off[m][r]);
       }
     }
     // G = 128: a chunk is one group, whose scale the FMA broadcasts from memory (no permute, no
