@@ -80,9 +80,16 @@ class Generator:
             active = list(self.requests)
             # Plain greedy decode steps let the model pick the tokens (natively where it can).
             greedy = self.params.temperature == 0 and self.params.repetition_penalty == 1.0
-            logits = self.model.forward([torch.tensor(r.prompt_ids) for r in active], cache, [r.seq_id for r in active])
-            picks = [self._choose(r, lg[-1]) for r, lg in zip(active, logits)]
+            prompts = True
             while active:
+                seqs = [r.seq_id for r in active]
+                if greedy and not prompts:
+                    picks = self.model.greedy_step([r.token_ids[-1] for r in active], cache, seqs, self.vocab_limit)
+                else:
+                    inputs = [torch.tensor(r.prompt_ids if prompts else [r.token_ids[-1]]) for r in active]
+                    logits = self.model.forward(inputs, cache, seqs)
+                    picks = [self._choose(r, lg[-1]) for r, lg in zip(active, logits)]
+                prompts = False
                 for r, tok in zip(active, picks):
                     delta = self._advance(r, tok)
                     if delta:
@@ -91,13 +98,6 @@ class Generator:
                     if r.finish_reason is not None:
                         cache.free(r.seq_id)
                 active = [r for r in active if r.finish_reason is None]
-                if active and greedy:
-                    picks = self.model.greedy_step([r.token_ids[-1] for r in active], cache,
-                                                   [r.seq_id for r in active], self.vocab_limit)
-                elif active:
-                    logits = self.model.forward([torch.tensor([r.token_ids[-1]]) for r in active], cache,
-                                                [r.seq_id for r in active])
-                    picks = [self._choose(r, lg[-1]) for r, lg in zip(active, logits)]
         finally:  # normal end, error, or a stream closed early: every block goes back
             for r in self.requests:
                 cache.free(r.seq_id)
