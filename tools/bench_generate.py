@@ -45,21 +45,25 @@ def _codegen_q(path: str, prompt: list[int], new: int, batch: int, threads: int)
     model = loaded.model
     cache = model.new_cache(batch * (len(prompt) + new + 16))
     vocab = min(len(loaded.tokenizer), model.config.vocab_size)
-    # Warm-up, as for CTranslate2: the first pass also faults the mmap'd weights in.
-    seqs = [cache.add_sequence() for _ in range(batch)]
-    logits = model.forward([torch.tensor(prompt)] * batch, cache, seqs)
-    model.greedy_step([int(l[-1, :vocab].argmax()) for l in logits], cache, seqs, vocab)
-    for s in seqs:
-        cache.free(s)
-    seqs = [cache.add_sequence() for _ in range(batch)]
-    t0 = time.perf_counter()
-    logits = model.forward([torch.tensor(prompt)] * batch, cache, seqs)
-    tokens = [int(l[-1, :vocab].argmax()) for l in logits]
-    t1 = time.perf_counter()
-    for _ in range(new - 1):  # the prefill produced the first new token; generate()'s greedy steps
-        tokens = model.greedy_step(tokens, cache, seqs, vocab)
-    t2 = time.perf_counter()
-    return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "new_tokens": new - 1, "weight_bytes": model.nbytes}
+
+    def run(steps: int) -> tuple[float, float]:
+        """Prefill the prompt (which yields the first new token), then `steps` greedy steps as
+        generate() takes them; (prefill seconds, decode seconds)."""
+        seqs = [cache.add_sequence() for _ in range(batch)]
+        t0 = time.perf_counter()
+        logits = model.forward([torch.tensor(prompt)] * batch, cache, seqs)
+        tokens = [int(l[-1, :vocab].argmax()) for l in logits]
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            tokens = model.greedy_step(tokens, cache, seqs, vocab)
+        t2 = time.perf_counter()
+        for s in seqs:
+            cache.free(s)
+        return t1 - t0, t2 - t1
+
+    run(1)  # warm-up, as for CTranslate2: the first pass also faults the mmap'd weights in
+    prefill_s, decode_s = run(new - 1)
+    return {"prefill_s": prefill_s, "decode_s": decode_s, "new_tokens": new - 1, "weight_bytes": model.nbytes}
 
 
 def _transformers(path: str, prompt: list[int], new: int, batch: int, threads: int) -> dict:
