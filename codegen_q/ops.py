@@ -6,12 +6,15 @@ device, shape, contiguity) and raises TypeError/ValueError with a sentence that 
 so a mistake never reaches C++ as a bad pointer. Then it picks the kernel:
 
 * small M (decode, small batches): the native weight-only GEMV/GEMM, which reads each weight once;
-* large M (prefill): dequantize a tile of weight rows with the native kernel and let torch's GEMM
-  (oneDNN / cuBLAS) multiply; dequantizing costs one pass over the weight, the GEMM is
-  compute-bound and torch's is far better tuned than anything we would write for it.
+* large M (prefill): on the CPU's AVX2/AVX-512 builds, the native blocked GEMM too, which
+  dequantizes small panels in cache (csrc/cpu/qlinear_gemm.h); elsewhere, and for
+  gemm_dtype=torch.bfloat16, dequantize a tile of weight rows with the native kernel and let
+  torch's GEMM (oneDNN / cuBLAS) multiply.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -19,11 +22,17 @@ from codegen_q import _native
 from codegen_q.quantize import QuantizedWeight
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Up to this many rows of x the native kernel beats dequantize + torch GEMM. Measured on the 2-core
-# AVX-512 development machine at 4096x4096: the VNNI kernel still wins at M = 64 (37 ms vs 144 ms),
-# the fp32-FMA kernels (scalar, AVX2) are compute-bound sooner.
-NATIVE_MAX_M_CPU = {"avx512": 64}
+# Up to this many rows of x qlinear runs the native kernels; above, dequantize + torch's GEMM. The
+# AVX2 and AVX-512 builds switch to their own blocked GEMM from one tile of rows (16 / 32), which
+# beat torch's fp32 GEMM on dequantized weights at every M measured, without the float copy of the
+# weight: two Zen 4 cores, 1024x4096 and 4096x1024, GFLOP/s, int4 / int8 vs torch: M = 32
+# 131-176 / 130-176 vs 59-84; M = 256 158-172 / 167-176 vs 157-174. So they have no limit; the
+# scalar build's FMA kernels are compute-bound sooner.
+NATIVE_MAX_M_CPU = {"avx512": sys.maxsize, "avx2": sys.maxsize}
 NATIVE_MAX_M_CPU_DEFAULT = 16
+# gemm_dtype=torch.bfloat16 sends more rows than this to torch's bf16 GEMM (AVX-512 with BF16:
+# 260-330 GFLOP/s from M = 256 on the same machine, dequantizing included).
+BF16_GEMM_MIN_ROWS = 64
 NATIVE_MAX_M_CUDA = 8
 # Size of the float32 weight tile used by the large-M path.
 _DEQUANT_TILE_ELEMENTS = 1 << 21
@@ -39,11 +48,11 @@ def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None
     x may be float32, bfloat16 or float16, on the CPU or a CUDA device (the weight's). Accumulation
     is float32; the result has x's dtype and shape [..., out_features].
 
-    ``gemm_dtype=torch.bfloat16`` trades accuracy for speed where many rows of x go through the
-    dequantize + GEMM path (prefill): x and each dequantized weight tile are rounded to bf16 and
+    ``gemm_dtype=torch.bfloat16`` trades accuracy for speed where more than BF16_GEMM_MIN_ROWS
+    rows of x come at once (prefill): x and each dequantized weight tile are rounded to bf16 and
     multiplied by torch's bf16 GEMM (fp32 accumulation, outputs rounded to bf16), about 2^-8 of
-    each output's scale instead of fp32 rounding. Rows that take the native kernels (decode, small
-    batches) are unaffected. None / float32 (the default): fp32 throughout.
+    each output's scale instead of fp32 rounding. Fewer rows (decode, small batches) are
+    unaffected. None / float32 (the default): fp32 throughout.
     """
     _check_qweight(qweight)
     if gemm_dtype not in GEMM_DTYPES:
@@ -75,7 +84,8 @@ def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None
     y = torch.empty((m, n), dtype=torch.float32, device=x.device)
     if m > 0 and n > 0:
         native_max_m = NATIVE_MAX_M_CUDA if x.is_cuda else native_max_m_cpu()
-        if m <= native_max_m:
+        bf16_gemm = gemm_dtype == torch.bfloat16 and m > BF16_GEMM_MIN_ROWS
+        if m <= native_max_m and not bf16_gemm:
             _native_qlinear(x2, qweight, bias32, y)
         else:
             _dequantize_gemm(x2, qweight, bias32, y, None if gemm_dtype == torch.float32 else gemm_dtype)

@@ -21,9 +21,10 @@ SCHEMES = {
 # (K, N): N odd and not a multiple of 8 (8-row tiles + tail rows, uneven thread split); K includes
 # multiples of 32 that are not multiples of 128 (1120: not of 64 either) and large K only with small N.
 SHAPES = [(256, 101), (1088, 51), (1120, 67), (2560, 45), (4096, 37)]
-# 1 and 3: native 1/2-row tiles; 17: native on the VNNI kernels, dequantize + GEMM on the others;
-# 300: above every ISA's native limit, the dequantize + GEMM path.
-MS = [1, 3, 17, 300]
+# 1 and 3: the GEMV tiles (VNNI / limb kernels where the ISA has them); 17: AVX2's blocked GEMM
+# (one 16-row tile + 1 row left over), the GEMV tiles on AVX-512, dequantize + torch on scalar;
+# 64: whole GEMM tiles only; 300: GEMM tiles + 12 rows left over (dequantize + torch on scalar).
+MS = [1, 3, 17, 64, 300]
 
 
 def _group(kw) -> int:
@@ -54,7 +55,6 @@ def reference(x, qw, bias):
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("scheme,k,n", CASES)
 def test_qlinear_fp32_matches_float64(cpu_isa, scheme, k, n, m):
-    assert native_max_m_cpu() < 300  # MS must reach the dequantize + GEMM path
     x, qw, bias = make_problem(scheme, m, k, n, seed=1000 * m + k + n)
     y = qlinear(x, qw, bias)
     assert y.dtype == torch.float32 and y.shape == (m, n)
@@ -106,8 +106,8 @@ def test_qlinear_int8_tiny_k_within_fp32_bound(cpu_isa, k):
 # y = x @ W.T in IEEE arithmetic: a NaN in a row of x makes that whole row of y NaN, an inf gives
 # +-inf (NaN where the weight is exactly 0), and the other rows are unaffected. A kernel must not
 # turn a non-finite activation into a finite number (silently corrupting the next layer's input).
-# M = 3 runs the native kernels, M = 100 the dequantize + GEMM path, and M = 1 calls qlinear row by
-# row (AVX2's integer kernel serves M = 1 only).
+# M = 3 runs the GEMV tiles, M = 100 the blocked GEMM (dequantize + torch on scalar), and M = 1
+# calls qlinear row by row (AVX2's integer kernel serves M = 1 only).
 
 
 def _call(x, qw, m):
@@ -165,13 +165,14 @@ EXACT_SCHEMES = {
 }
 
 
-@pytest.mark.parametrize("n", [1, 7, 8, 9, 23])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 17, 33, 64, 65])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 23, 29])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 40, 64, 65])
 @pytest.mark.parametrize("scheme", list(EXACT_SCHEMES))
 def test_qlinear_exact_on_representable_problems(cpu_isa, scheme, m, n):
-    # M covers the 4/2/1-row tiles and their combinations, both sides of each ISA's native / GEMM
-    # switch (16 for scalar/AVX2, 64 for the AVX-512 VNNI kernel) and the GEMM path itself (65);
-    # N covers a lone row, the tail loop alone, one 8-row tile, a tile plus tails, several tiles.
+    # M covers the 4/2/1-row GEMV tiles and their combinations, both sides of scalar's native /
+    # dequantize switch (16), whole blocked-GEMM tiles (16 rows on AVX2, 32 on AVX-512) with and
+    # without rows left over; N covers a lone row, the tail loops alone, one 8-row GEMV tile, a
+    # tile plus tails, several tiles (the GEMM's 12- and 5-row tiles plus single rows).
     bits, k, group_size, symmetric = EXACT_SCHEMES[scheme]
     g = torch.Generator().manual_seed(m * 100 + n)
     qw, w64 = exact_qweight(bits, n, k, g, group_size, symmetric)
@@ -194,9 +195,10 @@ def test_qlinear_exact_on_representable_problems(cpu_isa, scheme, m, n):
 @pytest.mark.parametrize("m", [5, 100])
 @pytest.mark.parametrize("bits,group_size", [(8, None), (4, 64)])
 def test_qlinear_exact_with_several_dequantize_tiles(cpu_isa, bits, group_size, m):
-    # N * K > 2**21 makes the large-M path (M = 100, above every ISA's native limit) dequantize the
-    # weight in several row tiles, the last one short; M = 5 checks the native path on the same weight.
-    assert native_max_m_cpu() < 100
+    # N * K > 2**21 makes scalar's large-M path (M = 100) dequantize the weight in several row
+    # tiles, the last one short; on AVX2/AVX-512, M = 100 is the blocked GEMM over 16 K-chunks.
+    # M = 5 checks the GEMV tiles on the same weight.
+    assert cpu_isa != "scalar" or native_max_m_cpu() < 100
     n, k = 1030, 2048
     g = torch.Generator().manual_seed(3 + m)
     qw, w64 = exact_qweight(bits, n, k, g, group_size)
@@ -286,7 +288,6 @@ def test_non_contiguous_x(scheme, m):
     xe = torch.randn(1, k, generator=torch.Generator().manual_seed(2)).expand(m, k)
     ye = qlinear(xe, qw, bias)
     assert torch.equal(ye, qlinear(xe.contiguous(), qw, bias))
-    assert torch.equal(ye, ye[:1].expand(m, n)) or m > native_max_m_cpu()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,7 +1,8 @@
 // Weight-only quantized GEMV/GEMM for small M (decode and small batches), written once over the
 // vector vocabulary of simd.h and compiled once per ISA. Activations are float32 and accumulation
 // is float32 FMA: no activation quantization, so results match a float64 reference to fp32
-// rounding. Larger M goes through dequantize_* + a float GEMM (see codegen_q/ops.py).
+// rounding. From a few dozen rows of x the AVX2/AVX-512 builds switch to a blocked GEMM
+// (qlinear_gemm.h); the scalar build leaves larger M to dequantize_* + torch (codegen_q/ops.py).
 //
 // Register tiling: MR activation rows x NR weight rows of vector accumulators. At M = 1 the NR
 // independent FMA chains hide FMA latency; at M > 1 each weight vector, once converted, feeds
@@ -15,6 +16,9 @@
 #include "cpu/qlinear_vnni.h"
 #elif defined(CGQ_ISA_AVX2)
 #include "cpu/qlinear_limbs_avx2.h"
+#endif
+#if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
+#include "cpu/qlinear_gemm.h"
 #endif
 
 namespace cgq::cpu::CGQ_ISA {
@@ -94,15 +98,16 @@ void int4_tile(const QLinearArgs& a, int64_t m0, int64_t n0) {
 
 // A tile of NR weight rows is split into NR / NRsub sub-tiles when MR grows, keeping
 // MR * NRsub accumulators within the register budget.
-#define CGQ_DEFINE_TILE(Name, fn)                                           \
+#define CGQ_DEFINE_TILE(Name, fn, int4)                                     \
   template <int MR, int NRsub>                                              \
   struct Name {                                                             \
+    static constexpr bool kInt4 = int4;                                     \
     static void run(const QLinearArgs& a, int64_t m0, int64_t n0) {         \
       fn<MR, NRsub>(a, m0, n0);                                             \
     }                                                                       \
   };
-CGQ_DEFINE_TILE(Int8TileImpl, int8_tile)
-CGQ_DEFINE_TILE(Int4TileImpl, int4_tile)
+CGQ_DEFINE_TILE(Int8TileImpl, int8_tile, false)
+CGQ_DEFINE_TILE(Int4TileImpl, int4_tile, true)
 #undef CGQ_DEFINE_TILE
 
 // Rows of x in groups of 4, then one group of the 3, 2 or 1 left: every group converts each weight
@@ -202,9 +207,40 @@ void run_rows_limbs(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
 }
 #endif
 
+#if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
+// From one whole tile of rows of x (qlinear_gemm.h: 32 on AVX-512, 16 on AVX2) the blocked GEMM
+// takes the whole tiles. Two threads of the dev VM, GFLOP/s at M = 32 on 350M shapes, GEMM vs the
+// GEMV tiles taking turns in one process: int4 168-176 vs 147-159, int8 174-181 vs 167-174.
+bool uses_gemm(const QLinearArgs& a) { return a.M >= gemm::kMT; }
+
+// The GEMM's tiles, then the rows of x past its last whole tile through the fp32 GEMV tiles (not
+// the VNNI/limb ones, whose workspace the GEMM's replaces).
+template <template <int, int> class Impl>
+void run_gemm(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
+  const float* xt = static_cast<const float*>(a.workspace);
+  switch (Impl<1, 1>::kInt4 ? a.group_size : 0) {
+    case 0: gemm::run_rows<0>(a, xt, n_begin, n_end); break;
+    case 32: gemm::run_rows<32>(a, xt, n_begin, n_end); break;
+    case 64: gemm::run_rows<64>(a, xt, n_begin, n_end); break;
+    default: gemm::run_rows<128>(a, xt, n_begin, n_end); break;
+  }
+  const int64_t done = gemm::tiled_rows(a.M);
+  if (done == a.M) return;
+  QLinearArgs rest = a;
+  rest.x = a.x + done * a.K;
+  rest.y = a.y + done * a.N;
+  rest.M = a.M - done;
+  rest.workspace = nullptr;
+  run_rows<Impl>(rest, n_begin, n_end);
+}
+#endif
+
 }  // namespace
 
 int64_t qlinear_workspace_bytes(const QLinearArgs& a, bool int4) {
+#if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
+  if (uses_gemm(a)) return gemm::workspace_bytes(a.M, a.K);
+#endif
 #if defined(CGQ_ISA_AVX512)
   return uses_vnni(a, int4) ? a.M * vnni_layout(a, int4).row_bytes : 0;
 #elif defined(CGQ_ISA_AVX2)
@@ -217,6 +253,9 @@ int64_t qlinear_workspace_bytes(const QLinearArgs& a, bool int4) {
 }
 
 void qlinear_prepare(const QLinearArgs& a, bool int4, void* workspace) {
+#if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
+  if (uses_gemm(a)) return gemm::prepare(a.x, a.M, a.K, static_cast<float*>(workspace));
+#endif
 #if defined(CGQ_ISA_AVX512)
   if (uses_vnni(a, int4)) vnni::prepare(a.x, a.M, vnni_layout(a, int4), static_cast<uint8_t*>(workspace));
 #elif defined(CGQ_ISA_AVX2)
@@ -229,6 +268,9 @@ void qlinear_prepare(const QLinearArgs& a, bool int4, void* workspace) {
 }
 
 void qlinear_int8(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
+#if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
+  if (uses_gemm(a)) return run_gemm<Int8TileImpl>(a, n_begin, n_end);
+#endif
 #if defined(CGQ_ISA_AVX512)
   if (!uses_vnni(a, false)) return run_rows<Int8TileImpl>(a, n_begin, n_end);
   run_rows_vnni<false>(a, n_begin, n_end);
@@ -238,6 +280,9 @@ void qlinear_int8(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
 }
 
 void qlinear_int4(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
+#if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
+  if (uses_gemm(a)) return run_gemm<Int4TileImpl>(a, n_begin, n_end);
+#endif
 #if defined(CGQ_ISA_AVX512)
   if (!uses_vnni(a, true)) return run_rows<Int4TileImpl>(a, n_begin, n_end);
   run_rows_vnni<true>(a, n_begin, n_end);

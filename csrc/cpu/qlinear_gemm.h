@@ -1,0 +1,131 @@
+// Blocked fp32 GEMM over quantized weights, for many rows of x at once (prefill, batches): included
+// by qlinear_kernels.cpp in the AVX2 and AVX-512 translation units.
+//
+// Why a second layout: the GEMV tiles (qlinear_kernels.cpp) put K along the vector lanes, so each
+// FMA needs a vector of x and a vector of converted weights, and every row of x costs a load per
+// FMA. At M = 32 they ran at 118-134 GFLOP/s on two Zen 4 cores whose FMA peak is 231 (torch's
+// fp32 GEMM on dequantized weights: 83-150). Here the lanes run along the rows of x instead:
+//   - qlinear_prepare transposes x once per call into tiles of kMT rows, [K][kMT];
+//   - a tile of NR weight rows is dequantized kKC elements at a time into a small fp32 panel on
+//     the stack (L1), scales and zero points applied as in dequantize_int4;
+//   - for each k, kMV vectors of x^T feed NR x kMV FMAs, the weight taken as a broadcast scalar.
+// So each weight is converted once per kMT rows of x, and the loads per FMA are (kMV + NR) /
+// (NR * kMV) instead of ~1. Accumulation stays fp32 FMA over the same products as the GEMV
+// tiles: no activation rounding, the same error bound.
+#pragma once
+
+#include <cstdint>
+
+#include "common/qformat.h"
+#include "cpu/simd.h"
+
+namespace cgq::cpu::CGQ_ISA::gemm {
+
+// NR weight rows x kMV vectors of x rows of accumulators, within the register file with room for
+// the x vectors and the broadcast: 24 of 32 zmm, 10 of 16 ymm (with 12, GCC kept one accumulator
+// on the stack in AVX2's int4 loop: 83 against 160 GFLOP/s).
+#if defined(CGQ_ISA_AVX512)
+constexpr int kNR = 12;
+#else
+constexpr int kNR = 5;
+#endif
+constexpr int kMV = 2;
+constexpr int kMT = kMV * Vec::W;  // rows of x per tile: the lanes of kMV vectors
+constexpr int kKC = 128;           // k per dequantized panel: a multiple of every int4 group size
+
+// The rows of x this GEMM takes: whole tiles only. qlinear_kernels.cpp runs the last M % kMT rows
+// through the GEMV tiles, which cost per row what they touch instead of a whole tile.
+inline int64_t tiled_rows(int64_t M) { return M / kMT * kMT; }
+
+inline int64_t workspace_bytes(int64_t M, int64_t K) {
+  return tiled_rows(M) * K * static_cast<int64_t>(sizeof(float));
+}
+
+// x [M, K] -> per tile of kMT rows, [K][kMT].
+inline void prepare(const float* x, int64_t M, int64_t K, float* xt) {
+  for (int64_t m0 = 0; m0 < tiled_rows(M); m0 += kMT) {
+    float* dst = xt + m0 * K;
+    for (int i = 0; i < kMT; ++i) {
+      const float* row = x + (m0 + i) * K;
+      for (int64_t k = 0; k < K; ++k) dst[k * kMT + i] = row[k];
+    }
+  }
+}
+
+// Weight row n, elements [k0, k0 + kc), as float32 into out. int8 (G = 0) leaves the row's scale
+// to the tile's store (one multiply per output, as the GEMV tile does); int4 applies each group's
+// scale and zero point. For int4, k0 and kc are multiples of the group size G (kKC is, and so is
+// K); G is a template argument so that finding a group is a shift, not a division.
+template <int G>
+inline void dequantize_chunk(const QLinearArgs& a, int64_t n, int64_t k0, int64_t kc, float* out) {
+  constexpr int W = Vec::W;
+  if constexpr (G > 0) {
+    constexpr int kRegsPerBlock = kInt4BlockElems / W;
+    const int64_t groups = a.K / G;
+    const uint8_t* row = static_cast<const uint8_t*>(a.qweight) + n * (a.K / 2);
+    for (int64_t k = 0; k < kc; k += G) {
+      const int64_t idx = n * groups + (k0 + k) / G;
+      const float s = Vec::half(a.scales[idx]);
+      const float z = a.zeros ? static_cast<float>(a.zeros[idx]) : static_cast<float>(kInt4SymmetricZero);
+      const Vec::R sv = Vec::set1(s), ov = Vec::set1(-z * s);
+      for (int64_t b = k; b < k + G; b += kInt4BlockElems) {
+        Vec::R wv[kRegsPerBlock];
+        Vec::from_u4_block(row + (k0 + b) / 2, wv);
+        for (int j = 0; j < kRegsPerBlock; ++j) Vec::store(out + b + j * W, Vec::fma(wv[j], sv, ov));
+      }
+    }
+  } else {
+    const int8_t* row = static_cast<const int8_t*>(a.qweight) + n * a.K + k0;
+    int64_t k = 0;
+    for (; k + W <= kc; k += W) Vec::store(out + k, Vec::from_i8(row + k));
+    for (; k < kc; ++k) out[k] = static_cast<float>(row[k]);
+  }
+}
+
+// y[m0 : m0 + kMT, n0 : n0 + NR] from the x^T tile `xt` ([K][kMT]) and NR weight rows.
+template <int G, int NR>
+void tile(const QLinearArgs& a, const float* xt, int64_t m0, int64_t n0) {
+  constexpr int W = Vec::W;
+  using R = Vec::R;
+  alignas(64) float panel[NR][kKC];
+  // Each chunk's sums start from zero and are added to `total` in memory: sums of kKC products
+  // and then of K / kKC chunks, not one running sum of K products (7x the rounding error).
+  alignas(64) float total[NR][kMT] = {};
+  R acc[NR][kMV];
+  for (int64_t k0 = 0; k0 < a.K; k0 += kKC) {
+    for (int r = 0; r < NR; ++r)
+      for (int v = 0; v < kMV; ++v) acc[r][v] = Vec::zero();
+    const int64_t kc = a.K - k0 < kKC ? a.K - k0 : kKC;
+    for (int r = 0; r < NR; ++r) dequantize_chunk<G>(a, n0 + r, k0, kc, panel[r]);
+    const float* xk = xt + k0 * kMT;
+    for (int64_t k = 0; k < kc; ++k) {
+      R xv[kMV];
+      for (int v = 0; v < kMV; ++v) xv[v] = Vec::load(xk + k * kMT + v * W);
+      for (int r = 0; r < NR; ++r) {
+        const R w = Vec::set1(panel[r][k]);
+        for (int v = 0; v < kMV; ++v) acc[r][v] = Vec::fma(w, xv[v], acc[r][v]);
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int v = 0; v < kMV; ++v) Vec::store(&total[r][v * W], Vec::add(Vec::load(&total[r][v * W]), acc[r][v]));
+  }
+  for (int r = 0; r < NR; ++r) {
+    const float scale = G > 0 ? 1.0f : Vec::half(a.scales[n0 + r]);
+    const float bias = a.bias ? a.bias[n0 + r] : 0.0f;
+    for (int i = 0; i < kMT; ++i) a.y[(m0 + i) * a.N + n0 + r] = total[r][i] * scale + bias;
+  }
+}
+
+// Output rows [n_begin, n_end) for the first tiled_rows(M) rows of x: tiles of kNR weight rows,
+// then of 1. G: the int4 group size, or 0 for int8.
+template <int G>
+void run_rows(const QLinearArgs& a, const float* xt, int64_t n_begin, int64_t n_end) {
+  for (int64_t m0 = 0; m0 < tiled_rows(a.M); m0 += kMT) {
+    const float* tile_x = xt + m0 * a.K;
+    int64_t n = n_begin;
+    for (; n + kNR <= n_end; n += kNR) tile<G, kNR>(a, tile_x, m0, n);
+    for (; n < n_end; ++n) tile<G, 1>(a, tile_x, m0, n);
+  }
+}
+
+}  // namespace cgq::cpu::CGQ_ISA::gemm
