@@ -41,13 +41,19 @@ inline int64_t workspace_bytes(int64_t M, int64_t K) {
   return tiled_rows(M) * K * static_cast<int64_t>(sizeof(float));
 }
 
-// x [M, K] -> per tile of kMT rows, [K][kMT].
+// x [M, K] -> per tile of kMT rows, [K][kMT], 16 columns of x at a time: each row's 16 values
+// are one cache line read once, and the 16 x kMT block written is 2-4 KB in L1. (Row by row,
+// every row rewrote the whole K x kMT tile: 1.8 % of a 32-token prefill's time, on one thread.)
 inline void prepare(const float* x, int64_t M, int64_t K, float* xt) {
+  constexpr int64_t kCols = 16;
   for (int64_t m0 = 0; m0 < tiled_rows(M); m0 += kMT) {
     float* dst = xt + m0 * K;
-    for (int i = 0; i < kMT; ++i) {
-      const float* row = x + (m0 + i) * K;
-      for (int64_t k = 0; k < K; ++k) dst[k * kMT + i] = row[k];
+    for (int64_t k0 = 0; k0 < K; k0 += kCols) {
+      const int64_t cols = K - k0 < kCols ? K - k0 : kCols;
+      for (int i = 0; i < kMT; ++i) {
+        const float* src = x + (m0 + i) * K + k0;
+        for (int64_t j = 0; j < cols; ++j) dst[(k0 + j) * kMT + i] = src[j];
+      }
     }
   }
 }
@@ -124,13 +130,16 @@ void tile(const QLinearArgs& a, const float* xt, int64_t m0, int64_t n0) {
 }
 
 // Output rows [n_begin, n_end) for the first tiled_rows(M) rows of x: tiles of kNR weight rows,
-// then of 1. G: the int4 group size, or 0 for int8.
+// then of 4 (a thread's range is a multiple of 8 rows, so it often ends in 8 more; one-row tiles
+// have two accumulators, too few chains to hide the FMA latency), then of 1. G: the int4 group
+// size, or 0 for int8.
 template <int G>
 void run_rows(const QLinearArgs& a, const float* xt, int64_t n_begin, int64_t n_end) {
   for (int64_t m0 = 0; m0 < tiled_rows(a.M); m0 += kMT) {
     const float* tile_x = xt + m0 * a.K;
     int64_t n = n_begin;
     for (; n + kNR <= n_end; n += kNR) tile<G, kNR>(a, tile_x, m0, n);
+    for (; n + 4 <= n_end; n += 4) tile<G, 4>(a, tile_x, m0, n);
     for (; n < n_end; ++n) tile<G, 1>(a, tile_x, m0, n);
   }
 }
