@@ -93,25 +93,45 @@ template <int G, int NR>
 void tile(const QLinearArgs& a, const float* xt, int64_t m0, int64_t n0) {
   constexpr int W = Vec::W;
   using R = Vec::R;
-  alignas(64) float panel[NR][kKC];
+  // Two panels: while the FMAs run over one chunk, the next chunk's rows are dequantized into the
+  // other, one row after each kSeg steps of k, so the conversions (shuffle and convert pipes)
+  // overlap the FMAs instead of waiting between chunks.
+  constexpr int64_t kSeg = 8;
+  static_assert(kKC / kSeg >= kNR, "a chunk's steps must cover every row of the next panel");
+  alignas(64) float panel[2][NR][kKC];
   // Each chunk's sums start from zero and are added to `total` in memory: sums of kKC products
   // and then of K / kKC chunks, not one running sum of K products (7x the rounding error).
   alignas(64) float total[NR][kMT];
   R acc[NR][kMV];
-  for (int64_t k0 = 0; k0 < a.K; k0 += kKC) {
+  auto chunk_len = [&](int64_t k0) { return a.K - k0 < kKC ? a.K - k0 : kKC; };
+  for (int r = 0; r < NR; ++r) dequantize_chunk<G>(a, n0 + r, 0, chunk_len(0), panel[0][r]);
+  int cur = 0;
+  for (int64_t k0 = 0; k0 < a.K; k0 += kKC, cur ^= 1) {
     for (int r = 0; r < NR; ++r)
       for (int v = 0; v < kMV; ++v) acc[r][v] = Vec::zero();
-    const int64_t kc = a.K - k0 < kKC ? a.K - k0 : kKC;
-    for (int r = 0; r < NR; ++r) dequantize_chunk<G>(a, n0 + r, k0, kc, panel[r]);
+    const int64_t kc = chunk_len(k0);
+    const int64_t next_k0 = k0 + kKC;
+    const int64_t next_kc = next_k0 < a.K ? chunk_len(next_k0) : 0;
     const float* xk = xt + k0 * kMT;
-    for (int64_t k = 0; k < kc; ++k) {
-      R xv[kMV];
-      for (int v = 0; v < kMV; ++v) xv[v] = Vec::load(xk + k * kMT + v * W);
-      for (int r = 0; r < NR; ++r) {
-        const R w = Vec::set1(panel[r][k]);
-        for (int v = 0; v < kMV; ++v) acc[r][v] = Vec::fma(w, xv[v], acc[r][v]);
+    int next_row = 0;
+    for (int64_t k_seg = 0; k_seg < kc; k_seg += kSeg) {
+      const int64_t k_end = kc - k_seg < kSeg ? kc : k_seg + kSeg;
+      for (int64_t k = k_seg; k < k_end; ++k) {
+        R xv[kMV];
+        for (int v = 0; v < kMV; ++v) xv[v] = Vec::load(xk + k * kMT + v * W);
+        for (int r = 0; r < NR; ++r) {
+          const R w = Vec::set1(panel[cur][r][k]);
+          for (int v = 0; v < kMV; ++v) acc[r][v] = Vec::fma(w, xv[v], acc[r][v]);
+        }
+      }
+      if (next_kc > 0 && next_row < NR) {
+        dequantize_chunk<G>(a, n0 + next_row, next_k0, next_kc, panel[cur ^ 1][next_row]);
+        ++next_row;
       }
     }
+    // A short last chunk (K not a multiple of kKC) has fewer steps than rows.
+    for (; next_kc > 0 && next_row < NR; ++next_row)
+      dequantize_chunk<G>(a, n0 + next_row, next_k0, next_kc, panel[cur ^ 1][next_row]);
     for (int r = 0; r < NR; ++r)
       for (int v = 0; v < kMV; ++v)
         Vec::store(&total[r][v * W], k0 == 0 ? acc[r][v] : Vec::add(Vec::load(&total[r][v * W]), acc[r][v]));
