@@ -24,9 +24,9 @@ from codegen_q.quantize import QuantizedWeight
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Up to this many rows of x qlinear runs the native kernels; above, dequantize + torch's GEMM. The
 # AVX2 and AVX-512 builds switch to their own blocked GEMM from one tile of rows (16 / 32), which
-# beat torch's fp32 GEMM on dequantized weights at every M measured, without the float copy of the
-# weight: two Zen 4 cores, 1024x4096 and 4096x1024, GFLOP/s, int4 / int8 vs torch: M = 32
-# 131-176 / 130-176 vs 59-84; M = 256 158-172 / 167-176 vs 157-174. So they have no limit; the
+# beats torch's fp32 GEMM on dequantized weights at every M measured, without the float copy of
+# the weight: two Zen 4 cores, CodeGen-350M/6B shapes, GFLOP/s, int4 / int8 vs torch: M = 32
+# 187-202 / 195-211 vs 77-87; M = 256 193-202 / 202-213 vs 160-176. So they have no limit; the
 # scalar build's FMA kernels are compute-bound sooner.
 NATIVE_MAX_M_CPU = {"avx512": sys.maxsize, "avx2": sys.maxsize}
 NATIVE_MAX_M_CPU_DEFAULT = 16

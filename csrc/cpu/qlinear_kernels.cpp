@@ -209,8 +209,9 @@ void run_rows_limbs(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
 
 #if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
 // From one whole tile of rows of x (qlinear_gemm.h: 32 on AVX-512, 16 on AVX2) the blocked GEMM
-// takes the whole tiles. Two threads of the dev VM, GFLOP/s at M = 32 on 350M shapes, GEMM vs the
-// GEMV tiles taking turns in one process: int4 168-176 vs 147-159, int8 174-181 vs 167-174.
+// takes the whole tiles. Two threads of the dev VM, GFLOP/s at M = 32 on 350M/6B shapes: the GEMM
+// int4 187-202, int8 195-211; the GEMV tiles (taking turns with the GEMM's first version) int4
+// 147-159, int8 167-174.
 bool uses_gemm(const QLinearArgs& a) { return a.M >= gemm::kMT; }
 
 // The GEMM's tiles, then the rows of x past its last whole tile through the fp32 GEMV tiles (not
