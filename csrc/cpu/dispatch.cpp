@@ -53,6 +53,14 @@ constexpr int64_t kRowGrain = 8;
 // alone, 57 us on two threads; 4096x1024: 131 us alone, 107 us on two).
 constexpr int64_t kMinBytesPerThread = int64_t(1) << 20;
 
+// Rows of x per pass of the kernels. The blocked GEMM's workspace (a transposed copy of x) is
+// kept by the calling thread for its next call, so a long prompt would otherwise leave M x K
+// floats behind for good (201 MB after a 2048-token 16B prefill); in passes it is at most
+// kRowsPerPass x K (25 MB for 16B's fc_out). 256 is a whole number of GEMM tiles (16 / 32 rows),
+// so the passes add no leftover rows, and each pass is ~0.3 s of work at 16B shapes against one
+// barrier.
+constexpr int64_t kRowsPerPass = 256;
+
 int max_jobs(int64_t M, int64_t N, int64_t row_bytes) {
   const int64_t work = row_bytes * N * (M > 0 ? M : 1);
   const int64_t jobs = work / kMinBytesPerThread;
@@ -80,9 +88,7 @@ void check(const QLinearArgs& a, bool int4) {
 }
 
 
-void run_qlinear(QLinearArgs a, bool int4) {
-  check(a, int4);
-  if (a.M == 0 || a.N == 0) return;
+void run_qlinear_pass(QLinearArgs a, bool int4) {
   const KernelTable& k = kernels();
   const int64_t ws_bytes = k.qlinear_workspace_bytes(a, int4);
   if (ws_bytes > 0) {
@@ -93,6 +99,17 @@ void run_qlinear(QLinearArgs a, bool int4) {
   }
   const auto fn = int4 ? k.qlinear_int4 : k.qlinear_int8;
   parallel_for(a.N, kRowGrain, [&](int64_t b, int64_t e) { fn(a, b, e); }, max_jobs(a.M, a.N, int4 ? a.K / 2 : a.K));
+}
+
+void run_qlinear(QLinearArgs a, bool int4) {
+  check(a, int4);
+  for (int64_t m0 = 0; m0 < a.M && a.N > 0; m0 += kRowsPerPass) {
+    QLinearArgs pass = a;
+    pass.x = a.x + m0 * a.K;
+    pass.y = a.y + m0 * a.N;
+    pass.M = a.M - m0 < kRowsPerPass ? a.M - m0 : kRowsPerPass;
+    run_qlinear_pass(pass, int4);
+  }
 }
 
 }  // namespace
