@@ -192,6 +192,23 @@ def test_qlinear_exact_on_representable_problems(cpu_isa, scheme, m, n):
     assert torch.equal(qlinear(x, qw).double(), x64 @ w64.T)  # no bias
 
 
+@pytest.mark.parametrize("m", [32, 40])
+@pytest.mark.parametrize("bits,k,group_size", [(8, 4100, None), (8, 8320, None), (4, 4224, 128), (4, 4160, 32)])
+def test_qlinear_exact_with_k_in_parts(cpu_isa, bits, k, group_size, m):
+    # Above K = 4096 the blocked GEMM walks K in parts (x^T stays in L2) and adds each part's sums
+    # into y, scaling int8 rows and adding the bias after the last: K = 4100 and 4160 end in a short
+    # chunk, 8320 is three parts. Exact problems, so a part dropped, added twice or scaled twice
+    # shows. (Scalar: the dequantize + torch path.)
+    n = 29
+    g = torch.Generator().manual_seed(k + m)
+    qw, w64 = exact_qweight(bits, n, k, g, group_size)
+    x = small_int_tensor((m, k), g)
+    bias = small_int_tensor((n,), g, -5, 5)
+    assert_sums_exact_in_fp32(x.double(), w64, bias.double())
+    y = qlinear(x, qw, bias)
+    assert torch.equal(y.double(), x.double() @ w64.T + bias.double()), f"{cpu_isa} K={k} M={m}"
+
+
 @pytest.mark.parametrize("m", [5, 100])
 @pytest.mark.parametrize("bits,group_size", [(8, None), (4, 64)])
 def test_qlinear_exact_with_several_dequantize_tiles(cpu_isa, bits, group_size, m):

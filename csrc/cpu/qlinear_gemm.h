@@ -88,9 +88,17 @@ inline void dequantize_chunk(const QLinearArgs& a, int64_t n, int64_t k0, int64_
   }
 }
 
-// y[m0 : m0 + kMT, n0 : n0 + NR] from the x^T tile `xt` ([K][kMT]) and NR weight rows.
+// Which part of K a tile call covers, and what it does with y: the first part stores its sums,
+// later parts add theirs, and the last one applies the int8 row scale and the bias.
+struct KRange {
+  int64_t begin, end;
+  bool first, last;
+};
+
+// y[m0 : m0 + kMT, n0 : n0 + NR] from the x^T tile `xt` ([K][kMT]) and NR weight rows, over the
+// elements ks.begin .. ks.end of K.
 template <int G, int NR>
-void tile(const QLinearArgs& a, const float* xt, int64_t m0, int64_t n0) {
+void tile(const QLinearArgs& a, const float* xt, int64_t m0, int64_t n0, const KRange& ks) {
   constexpr int W = Vec::W;
   using R = Vec::R;
   // Two panels: while the FMAs run over one chunk, the next chunk's rows are dequantized into the
@@ -103,15 +111,15 @@ void tile(const QLinearArgs& a, const float* xt, int64_t m0, int64_t n0) {
   // and then of K / kKC chunks, not one running sum of K products (7x the rounding error).
   alignas(64) float total[NR][kMT];
   R acc[NR][kMV];
-  auto chunk_len = [&](int64_t k0) { return a.K - k0 < kKC ? a.K - k0 : kKC; };
-  for (int r = 0; r < NR; ++r) dequantize_chunk<G>(a, n0 + r, 0, chunk_len(0), panel[0][r]);
+  auto chunk_len = [&](int64_t k0) { return ks.end - k0 < kKC ? ks.end - k0 : kKC; };
+  for (int r = 0; r < NR; ++r) dequantize_chunk<G>(a, n0 + r, ks.begin, chunk_len(ks.begin), panel[0][r]);
   int cur = 0;
-  for (int64_t k0 = 0; k0 < a.K; k0 += kKC, cur ^= 1) {
+  for (int64_t k0 = ks.begin; k0 < ks.end; k0 += kKC, cur ^= 1) {
     for (int r = 0; r < NR; ++r)
       for (int v = 0; v < kMV; ++v) acc[r][v] = Vec::zero();
     const int64_t kc = chunk_len(k0);
     const int64_t next_k0 = k0 + kKC;
-    const int64_t next_kc = next_k0 < a.K ? chunk_len(next_k0) : 0;
+    const int64_t next_kc = next_k0 < ks.end ? chunk_len(next_k0) : 0;
     const float* xk = xt + k0 * kMT;
     int next_row = 0;
     for (int64_t k_seg = 0; k_seg < kc; k_seg += kSeg) {
@@ -134,19 +142,38 @@ void tile(const QLinearArgs& a, const float* xt, int64_t m0, int64_t n0) {
       dequantize_chunk<G>(a, n0 + next_row, next_k0, next_kc, panel[cur ^ 1][next_row]);
     for (int r = 0; r < NR; ++r)
       for (int v = 0; v < kMV; ++v)
-        Vec::store(&total[r][v * W], k0 == 0 ? acc[r][v] : Vec::add(Vec::load(&total[r][v * W]), acc[r][v]));
+        Vec::store(&total[r][v * W], k0 == ks.begin ? acc[r][v] : Vec::add(Vec::load(&total[r][v * W]), acc[r][v]));
   }
   // y row by row, each row's NR outputs adjacent. Column by column, the kMT rows of y N floats
   // apart share one L1 set whenever 4N is a multiple of 4 KB: 12 % of the tile's time at N = 4096.
   float scale[NR], bias[NR];
   for (int r = 0; r < NR; ++r) {
-    scale[r] = G > 0 ? 1.0f : Vec::half(a.scales[n0 + r]);
-    bias[r] = a.bias ? a.bias[n0 + r] : 0.0f;
+    scale[r] = G > 0 || !ks.last ? 1.0f : Vec::half(a.scales[n0 + r]);
+    bias[r] = a.bias && ks.last ? a.bias[n0 + r] : 0.0f;
   }
   for (int i = 0; i < kMT; ++i) {
     float* y_row = a.y + (m0 + i) * a.N + n0;
-    for (int r = 0; r < NR; ++r) y_row[r] = total[r][i] * scale[r] + bias[r];
+    for (int r = 0; r < NR; ++r) {
+      const float sum = ks.first ? total[r][i] : y_row[r] + total[r][i];
+      y_row[r] = sum * scale[r] + bias[r];
+    }
   }
+}
+
+// K in parts of at most kMaxKPart (whole chunks): a tile's x^T rows for one part, kMT x 4 bytes
+// each, are read again by every tile of weight rows, so they must stay in L2 (1 MB here): 512 KB
+// at most. With all of 6B fc_out's K = 16384 (2 MB of x^T per tile) the GEMM ran at 110-150
+// GFLOP/s against 190-200 for K <= 4096; in parts, 174-206 (16B fc_in / fc_out: 199-211). Parts
+// of 2048 were no better at K = 16384 and slower at 4096 (177-182).
+constexpr int64_t kMaxKPart = 4096;
+
+inline int64_t k_parts(int64_t K) { return (K + kMaxKPart - 1) / kMaxKPart; }
+
+inline KRange k_part(int64_t K, int64_t i) {
+  const int64_t parts = k_parts(K);
+  const int64_t per = ((K + parts - 1) / parts + kKC - 1) / kKC * kKC;  // even parts, whole chunks
+  const int64_t begin = i * per, end = begin + per < K ? begin + per : K;
+  return {begin, end, i == 0, end == K};
 }
 
 // Output rows [n_begin, n_end) for the first tiled_rows(M) rows of x: tiles of kNR weight rows,
@@ -157,10 +184,13 @@ template <int G>
 void run_rows(const QLinearArgs& a, const float* xt, int64_t n_begin, int64_t n_end) {
   for (int64_t m0 = 0; m0 < tiled_rows(a.M); m0 += kMT) {
     const float* tile_x = xt + m0 * a.K;
-    int64_t n = n_begin;
-    for (; n + kNR <= n_end; n += kNR) tile<G, kNR>(a, tile_x, m0, n);
-    for (; n + 4 <= n_end; n += 4) tile<G, 4>(a, tile_x, m0, n);
-    for (; n < n_end; ++n) tile<G, 1>(a, tile_x, m0, n);
+    for (int64_t part = 0; part < k_parts(a.K); ++part) {
+      const KRange ks = k_part(a.K, part);
+      int64_t n = n_begin;
+      for (; n + kNR <= n_end; n += kNR) tile<G, kNR>(a, tile_x, m0, n, ks);
+      for (; n + 4 <= n_end; n += 4) tile<G, 4>(a, tile_x, m0, n, ks);
+      for (; n < n_end; ++n) tile<G, 1>(a, tile_x, m0, n, ks);
+    }
   }
 }
 
