@@ -21,14 +21,15 @@ SCHEMES = {"int8": 8, "int4": 4}
 OTHER = {8: 4, 4: 8}  # the lm_head's scheme beside the blocks': int4 blocks get the format's int8 default
 
 
-def _run(model, prompts, steps, fused: bool, min_bytes: int | None = None, kv_dtype=torch.float32):
+def _run(model, prompts, steps, fused: bool, min_bytes: int | None = None, kv_dtype=torch.float32,
+         cache_tokens: int = 256):
     saved = model.fused
     if not fused:
         model.fused = None
     elif min_bytes is not None:
         model.fused.native.min_block_bytes_per_job = min_bytes
     try:
-        cache = PagedKVCache.for_tokens(model.config, 256, block_size=16, dtype=kv_dtype)
+        cache = PagedKVCache.for_tokens(model.config, cache_tokens, block_size=16, dtype=kv_dtype)
         seqs = [cache.add_sequence() for _ in prompts]
         logits = model.forward([torch.tensor(p) for p in prompts], cache, seqs)
         history, tokens = [torch.stack([l[-1] for l in logits])], [int(l[-1].argmax()) for l in logits]
@@ -67,6 +68,21 @@ def test_fused_step_matches_op_by_op(cpu_isa, shape, scheme, jobs, kv_dtype):
     # at most 2^-11 of their scale (measured: ~1.5e-5 of it).
     rel = 1e-5 if kv_dtype == torch.float32 else 2.0 ** -11
     assert (got - want).abs().max() <= rel * want.abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_fused_step_with_many_sequences_matches_op_by_op(cpu_isa, scheme):
+    # 34 sequences: every quantized Linear of the step gets 34 rows of x, which the AVX2/AVX-512
+    # builds run through the blocked GEMM (one or two whole tiles) plus GEMV tiles for the rest,
+    # each job with its own transposed copy of x.
+    bits = SCHEMES[scheme]
+    model = our_model(reference_model("hd64", n_layer=2, seed=11), bits, lm_head_bits=OTHER[bits])
+    codegen_q.set_num_threads(2)
+    prompts = [[(7 * i + j) % 90 for j in range(1 + i % 5)] for i in range(34)]
+    got, fed_got = _run(model, prompts, 3, fused=True, min_bytes=1, cache_tokens=34 * 32)
+    want, fed_want = _run(model, prompts, 3, fused=False, cache_tokens=34 * 32)
+    assert fed_got == fed_want
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
 
 
 def _assert_fused_matches_op_by_op(model, prompts, steps):
