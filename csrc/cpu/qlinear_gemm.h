@@ -167,12 +167,18 @@ void tile(const QLinearArgs& a, const float* xt, int64_t m0, int64_t n0, const K
 // of 2048 were no better at K = 16384 and slower at 4096 (177-182).
 constexpr int64_t kMaxKPart = 4096;
 
-inline int64_t k_parts(int64_t K) { return (K + kMaxKPart - 1) / kMaxKPart; }
+// Elements per part: K split evenly into as few parts as kMaxKPart allows, rounded up to whole
+// chunks (so the last part is the shorter one, and never empty).
+inline int64_t k_part_len(int64_t K) {
+  const int64_t parts = (K + kMaxKPart - 1) / kMaxKPart;
+  return ((K + parts - 1) / parts + kKC - 1) / kKC * kKC;
+}
+
+inline int64_t k_parts(int64_t K) { return (K + k_part_len(K) - 1) / k_part_len(K); }
 
 inline KRange k_part(int64_t K, int64_t i) {
-  const int64_t parts = k_parts(K);
-  const int64_t per = ((K + parts - 1) / parts + kKC - 1) / kKC * kKC;  // even parts, whole chunks
-  const int64_t begin = i * per, end = begin + per < K ? begin + per : K;
+  const int64_t len = k_part_len(K);
+  const int64_t begin = i * len, end = begin + len < K ? begin + len : K;
   return {begin, end, i == 0, end == K};
 }
 
