@@ -93,14 +93,16 @@ def test_qlinear_activation_outliers_within_fp32_bound(cpu_isa, scheme, m):
     assert_within(y, ref, tol, f"{cpu_isa} {scheme} M={m} with activation outliers")
 
 
+@pytest.mark.parametrize("m", [5, 40])
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
-def test_qlinear_int8_tiny_k_within_fp32_bound(cpu_isa, k):
+def test_qlinear_int8_tiny_k_within_fp32_bound(cpu_isa, k, m):
     # int8 weights accept any K. With K this small the bound is only a few units in the last place,
     # so it also checks that activations are used at full fp32 precision (24 significant bits).
-    x, qw, bias = make_problem("int8", 5, k, 37, seed=k, with_bias=False)
+    # M = 40 runs the blocked GEMM (one-chunk panels shorter than a vector) on AVX2/AVX-512.
+    x, qw, bias = make_problem("int8", m, k, 37, seed=k, with_bias=False)
     y = qlinear(x, qw, bias)
     ref, tol = reference(x, qw, bias)
-    assert_within(y, ref, tol, f"{cpu_isa} int8 K={k}")
+    assert_within(y, ref, tol, f"{cpu_isa} int8 K={k} M={m}")
 
 
 # y = x @ W.T in IEEE arithmetic: a NaN in a row of x makes that whole row of y NaN, an inf gives
