@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -47,8 +47,10 @@ class Generator:
     """Runs one generate() call; `steps()` yields (request index, text delta) while decoding."""
 
     def __init__(self, model, tokenizer: CodeGenTokenizer, prompts: Sequence[str], max_new_tokens: int,
-                 params: SamplingParams, seed: int | None, stop: Sequence[str], stop_patterns: Sequence[str]) -> None:
+                 params: SamplingParams, seed: int | None, stop: Sequence[str], stop_patterns: Sequence[str],
+                 progress: Callable[[int, int], None] | None = None) -> None:
         self.model, self.tokenizer, self.params = model, tokenizer, params
+        self.progress = progress
         self.max_new_tokens = max_new_tokens
         self.stop = list(stop)
         self.patterns = [re.compile(p) for p in stop_patterns]
@@ -87,7 +89,7 @@ class Generator:
                     picks = self.model.greedy_step([r.token_ids[-1] for r in active], cache, seqs, self.vocab_limit)
                 else:
                     inputs = [torch.tensor(r.prompt_ids if prompts else [r.token_ids[-1]]) for r in active]
-                    logits = self.model.forward(inputs, cache, seqs)
+                    logits = self.model.forward(inputs, cache, seqs, on_layer=self.progress if prompts else None)
                     picks = [self._choose(r, lg[-1]) for r, lg in zip(active, logits)]
                 prompts = False
                 for r, tok in zip(active, picks):
@@ -148,19 +150,21 @@ class Generator:
 
 
 _KNOWN = {"max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop",
-          "stop_patterns", "stop_at_top_level", "stream"}
+          "stop_patterns", "stop_at_top_level", "stream", "progress"}
 
 
 def generate(model, prompt: str | Sequence[str], *, max_new_tokens: int = 128, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
              stop: Sequence[str] | None = None, stop_patterns: Sequence[str] | None = None,
              stop_at_top_level: bool = False, stream: bool = False, tokenizer: CodeGenTokenizer | None = None,
-             **unknown):
+             progress: Callable[[int, int], None] | None = None, **unknown):
     """Complete one prompt or a list of prompts with a loaded model (see codegen_q.load).
 
     Returns a Completion (or a list, for a list of prompts). With stream=True, returns an iterator
     of text deltas (for a list of prompts: (index, delta) pairs); each delta is valid UTF-8 text and
-    stop strings are never streamed.
+    stop strings are never streamed. ``progress(layers_done, layers_total)``, if given, is called
+    as the prompt pass goes through the model's blocks (a 2000-token prompt on a 6B model takes
+    minutes on a laptop CPU before the first token).
     """
     if unknown:
         raise ValueError(f"unknown argument(s) to generate(): {', '.join(sorted(unknown))}; "
@@ -183,8 +187,11 @@ def generate(model, prompt: str | Sequence[str], *, max_new_tokens: int = 128, t
             re.compile(p)
         except re.error as exc:
             raise ValueError(f"stop pattern {p!r} is not a valid regular expression: {exc}") from None
+    if progress is not None and not callable(progress):
+        raise ValueError(f"progress must be a callable (layers_done, layers_total) or None, got {progress!r}")
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-    runner = Generator(getattr(model, "model", model), tokenizer, prompts, max_new_tokens, params, seed, stop, patterns)
+    runner = Generator(getattr(model, "model", model), tokenizer, prompts, max_new_tokens, params, seed, stop, patterns,
+                       progress)
     if stream:
         return _stream(runner, single)
     for _ in runner.steps():

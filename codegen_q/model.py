@@ -17,7 +17,7 @@ Other dtypes take a torch path that gathers each sequence's K/V.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -158,11 +158,13 @@ class CodeGenModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: Sequence[torch.Tensor], cache: PagedKVCache, seq_ids: Sequence[int],
-                last_only: bool = True) -> list[torch.Tensor]:
+                last_only: bool = True, on_layer: Callable[[int, int], None] | None = None) -> list[torch.Tensor]:
         """Run the new tokens of each sequence; returns fp32 CPU logits per sequence, [1 or n_new, vocab].
 
         Each sequence continues from its length in `cache`; the cache is extended by its tokens.
-        On an error (e.g. the cache is full) the cache is left as it was.
+        On an error (e.g. the cache is full) the cache is left as it was. ``on_layer(done, total)``,
+        if given, is called after each block of a pass that runs block by block (a prompt), so a
+        long one can show progress.
         """
         counts = [int(ids.numel()) for ids in input_ids]
         starts = [cache.length(s) for s in seq_ids]
@@ -210,6 +212,8 @@ class CodeGenModel:
                     attn[offset:offset + n] = self._attend(q[offset:offset + n], keys, values, start)
                     offset += n
             h = h + layer["out"](attn.reshape(-1, d), g) + layer["fc_out"](gelu_new(layer["fc_in"](x, g)), g)
+            if on_layer is not None:
+                on_layer(li + 1, len(self.layers))
         for s, n in zip(seq_ids, counts):
             cache.advance(s, n)
 

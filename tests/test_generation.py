@@ -188,11 +188,50 @@ def test_every_block_returns_after_finish_error_and_cancel(setup):
     (dict(stop=[""]), "stop"),
     (dict(stop_patterns=["(unclosed"]), "not a valid regular expression"),
     (dict(frobnicate=True), "unknown argument"),
+    (dict(progress="yes"), "progress must be a callable"),
 ])
 def test_bad_arguments_are_value_errors(setup, kwargs, match):
     _, model, tok = setup
     with pytest.raises(ValueError, match=match):
         generate(model, PROMPTS[0], tokenizer=tok, **kwargs)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_progress_reports_each_block_of_the_prompt_pass(setup, stream):
+    # Called once per block of the prompt pass, in order, and never during decode (one token per
+    # sequence); the completion is the one generate() gives without it.
+    _, model, tok = setup
+    calls = []
+    out = generate(model, PROMPTS, max_new_tokens=6, tokenizer=tok, stream=stream,
+                   progress=lambda done, total: calls.append((done, total)))
+    if stream:
+        out = list(out)
+    n = model.config.n_layer
+    assert calls == [(i, n) for i in range(1, n + 1)]
+    plain = generate(model, PROMPTS, max_new_tokens=6, tokenizer=tok, stream=stream)
+    assert out == (list(plain) if stream else plain)
+
+
+def test_cli_draws_a_prompt_bar_only_for_long_prompts_on_a_terminal(setup, monkeypatch, capsys):
+    import types
+
+    from codegen_q import cli_generate
+
+    _, model, tok = setup
+    loaded = types.SimpleNamespace(tokenizer=tok, config=model.config)
+    long_prompt = "x = 1\n" * cli_generate.PROGRESS_MIN_PROMPT_TOKENS
+    assert len(tok.encode(long_prompt)) >= cli_generate.PROGRESS_MIN_PROMPT_TOKENS
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
+    assert cli_generate._prompt_progress(loaded, long_prompt) is None  # a log or a pipe: no bar
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    assert cli_generate._prompt_progress(loaded, PROMPTS[0]) is None  # short: no bar
+    progress = cli_generate._prompt_progress(loaded, long_prompt)
+    n = model.config.n_layer
+    for i in range(1, n + 1):
+        progress(i, n)
+    err = capsys.readouterr().err
+    assert "prompt:" in err and f"/{n} [" in err  # drawn over the n blocks ...
+    assert err.endswith("\r") and not err.rstrip("\r").split("\r")[-1].strip()  # ... and cleared at the end
 
 
 def test_bad_prompts(setup):
