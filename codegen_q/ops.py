@@ -30,9 +30,10 @@ ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # scalar build's FMA kernels are compute-bound sooner.
 NATIVE_MAX_M_CPU = {"avx512": sys.maxsize, "avx2": sys.maxsize}
 NATIVE_MAX_M_CPU_DEFAULT = 16
-# gemm_dtype=torch.bfloat16 sends more rows than this to torch's bf16 GEMM (AVX-512 with BF16:
-# 260-330 GFLOP/s from M = 256 on the same machine, dequantizing included).
-BF16_GEMM_MIN_ROWS = 64
+# With gemm_dtype=torch.bfloat16 the native kernels take at most this many rows; more go to torch's
+# bf16 GEMM (AVX-512 with BF16: 260-330 GFLOP/s from M = 256 on the same machine, dequantizing
+# included).
+NATIVE_MAX_M_BF16 = 64
 NATIVE_MAX_M_CUDA = 8
 # Size of the float32 weight tile used by the large-M path.
 _DEQUANT_TILE_ELEMENTS = 1 << 21
@@ -48,11 +49,12 @@ def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None
     x may be float32, bfloat16 or float16, on the CPU or a CUDA device (the weight's). Accumulation
     is float32; the result has x's dtype and shape [..., out_features].
 
-    ``gemm_dtype=torch.bfloat16`` trades accuracy for speed where more than BF16_GEMM_MIN_ROWS
-    rows of x come at once (prefill): x and each dequantized weight tile are rounded to bf16 and
-    multiplied by torch's bf16 GEMM (fp32 accumulation, outputs rounded to bf16), about 2^-8 of
-    each output's scale instead of fp32 rounding. Fewer rows (decode, small batches) are
-    unaffected. None / float32 (the default): fp32 throughout.
+    ``gemm_dtype=torch.bfloat16`` trades accuracy for speed where many rows of x come at once
+    (prefill): x and each dequantized weight tile are rounded to bf16 and multiplied by torch's
+    bf16 GEMM (fp32 accumulation, outputs rounded to bf16), about 2^-8 of each output's scale
+    instead of fp32 rounding. Rows that take the native kernels (decode, small batches: on the CPU
+    up to NATIVE_MAX_M_BF16, on a GPU up to NATIVE_MAX_M_CUDA) are unaffected. None / float32 (the
+    default): fp32 throughout.
     """
     _check_qweight(qweight)
     if gemm_dtype not in GEMM_DTYPES:
@@ -84,7 +86,7 @@ def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None
     y = torch.empty((m, n), dtype=torch.float32, device=x.device)
     if m > 0 and n > 0:
         native_max_m = NATIVE_MAX_M_CUDA if x.is_cuda else native_max_m_cpu()
-        bf16_gemm = gemm_dtype == torch.bfloat16 and m > BF16_GEMM_MIN_ROWS
+        bf16_gemm = gemm_dtype == torch.bfloat16 and m > NATIVE_MAX_M_BF16
         if m <= native_max_m and not bf16_gemm:
             _native_qlinear(x2, qweight, bias32, y)
         else:
