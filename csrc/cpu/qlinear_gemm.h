@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "common/qformat.h"
+#include "cpu/dequant_int4.h"
 #include "cpu/simd.h"
 
 namespace cgq::cpu::CGQ_ISA::gemm {
@@ -60,26 +61,14 @@ inline void prepare(const float* x, int64_t M, int64_t K, float* xt) {
 
 // Weight row n, elements [k0, k0 + kc), as float32 into out. int8 (G = 0) leaves the row's scale
 // to the tile's store (one multiply per output, as the GEMV tile does); int4 applies each group's
-// scale and zero point. For int4, k0 and kc are multiples of the group size G (kKC is, and so is
-// K); G is a template argument so that finding a group is a shift, not a division.
+// scale and zero point as dequantize_int4 does (the same helper). For int4, k0 and kc are
+// multiples of the group size G (kKC is, and so is K); G is a template argument so that finding a
+// group is a shift, not a division.
 template <int G>
 inline void dequantize_chunk(const QLinearArgs& a, int64_t n, int64_t k0, int64_t kc, float* out) {
   constexpr int W = Vec::W;
   if constexpr (G > 0) {
-    constexpr int kRegsPerBlock = kInt4BlockElems / W;
-    const int64_t groups = a.K / G;
-    const uint8_t* row = static_cast<const uint8_t*>(a.qweight) + n * (a.K / 2);
-    for (int64_t k = 0; k < kc; k += G) {
-      const int64_t idx = n * groups + (k0 + k) / G;
-      const float s = Vec::half(a.scales[idx]);
-      const float z = a.zeros ? static_cast<float>(a.zeros[idx]) : static_cast<float>(kInt4SymmetricZero);
-      const Vec::R sv = Vec::set1(s), ov = Vec::set1(-z * s);
-      for (int64_t b = k; b < k + G; b += kInt4BlockElems) {
-        Vec::R wv[kRegsPerBlock];
-        Vec::from_u4_block(row + (k0 + b) / 2, wv);
-        for (int j = 0; j < kRegsPerBlock; ++j) Vec::store(out + b + j * W, Vec::fma(wv[j], sv, ov));
-      }
-    }
+    dequantize_int4_part(static_cast<const uint8_t*>(a.qweight), a.scales, a.zeros, a.K, G, n, k0, kc, out);
   } else {
     const int8_t* row = static_cast<const int8_t*>(a.qweight) + n * a.K + k0;
     int64_t k = 0;

@@ -7,6 +7,7 @@
 // Register tiling: MR activation rows x NR weight rows of vector accumulators. At M = 1 the NR
 // independent FMA chains hide FMA latency; at M > 1 each weight vector, once converted, feeds
 // MR FMAs, so the conversion cost is shared by the batch.
+#include "cpu/dequant_int4.h"
 #include "cpu/kernels.h"
 #include "cpu/prefetch.h"
 #include "cpu/simd.h"
@@ -313,21 +314,9 @@ void dequantize_int8(const DequantArgs& a, int64_t n_begin, int64_t n_end) {
 }
 
 void dequantize_int4(const DequantArgs& a, int64_t n_begin, int64_t n_end) {
-  constexpr int kRegsPerBlock = kInt4BlockElems / W;
-  const int64_t groups = a.K / a.group_size;
   const uint8_t* q = static_cast<const uint8_t*>(a.qweight);
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    for (int64_t g = 0; g < groups; ++g) {
-      const float s = Vec::half(a.scales[n * groups + g]);
-      const float z = a.zeros ? static_cast<float>(a.zeros[n * groups + g]) : static_cast<float>(kInt4SymmetricZero);
-      const R sv = Vec::set1(s), ov = Vec::set1(-z * s);
-      for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; k += kInt4BlockElems) {
-        R wv[kRegsPerBlock];
-        Vec::from_u4_block(q + n * (a.K / 2) + k / 2, wv);
-        for (int j = 0; j < kRegsPerBlock; ++j) Vec::store(a.out + n * a.K + k + j * W, Vec::fma(wv[j], sv, ov));
-      }
-    }
-  }
+  for (int64_t n = n_begin; n < n_end; ++n)
+    dequantize_int4_part(q, a.scales, a.zeros, a.K, a.group_size, n, 0, a.K, a.out + n * a.K);
 }
 
 #if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
