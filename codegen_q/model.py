@@ -241,11 +241,7 @@ class CodeGenModel:
         self._check_token_ids(token_ids)
         self._check_context([cache.length(s) for s in seq_ids], [1] * len(seq_ids))
         if self._can_fuse(cache) and self.fused.has_head:
-            cache.reserve({s: 1 for s in seq_ids})
-            picks = self.fused.step(cache, seq_ids, token_ids, greedy_rows=vocab_limit)[2]
-            for s in seq_ids:
-                cache.advance(s, 1)
-            return picks
+            return self._fused_step(cache, seq_ids, token_ids, greedy_rows=vocab_limit)[2]
         logits = self.forward([torch.tensor([t]) for t in token_ids], cache, seq_ids)
         return [int(torch.argmax(lg[-1, :vocab_limit])) for lg in logits]
 
@@ -274,13 +270,19 @@ class CodeGenModel:
         also gathers the embedding rows: the decode step's Python side is this and the plan."""
         token_ids = torch.cat([ids.reshape(-1) for ids in input_ids]).tolist()
         self._check_token_ids(token_ids)  # before the cache grows: an error leaves it as it was
-        cache.reserve({s: 1 for s in seq_ids})
-        h, logits, _ = self.fused.step(cache, seq_ids, token_ids)
-        for s in seq_ids:
-            cache.advance(s, 1)
+        h, logits, _ = self._fused_step(cache, seq_ids, token_ids)
         if logits is None:  # an unquantized lm_head: torch computes it
             logits = self.lm_head(self._ln_f(h)).float()
         return list(logits.split(1))
+
+    def _fused_step(self, cache: PagedKVCache, seq_ids: Sequence[int], token_ids: list[int], greedy_rows: int = 0):
+        """One token per sequence through FusedDecoder.step, its cache slot reserved first and the
+        sequence advanced after; returns the step's (h, logits, picks)."""
+        cache.reserve({s: 1 for s in seq_ids})
+        out = self.fused.step(cache, seq_ids, token_ids, greedy_rows=greedy_rows)
+        for s in seq_ids:
+            cache.advance(s, 1)
+        return out
 
     def _ln_f(self, h: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.layer_norm(h, (self.config.n_embd,), self.ln_f_w, self.ln_f_b, self.eps)
