@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 
-from codegen_q.checkpoint import expected_tensors
+from codegen_q.checkpoint import expected_tensors, is_legacy_buffer
 from codegen_q.config import CodeGenConfig
 from codegen_q.testing.checkpoints import PRESETS, hub_config, make_checkpoint, tiny_config
 
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     with tqdm(total=need, unit="B", unit_scale=True, desc="write", file=sys.stderr, dynamic_ncols=True,
               mininterval=0.1 if sys.stderr.isatty() else 10.0) as bar:
         def on_tensor(name: str, nbytes: int) -> None:
-            if not name.endswith(("attn.causal_mask", "attn.masked_bias")):
+            if not is_legacy_buffer(name):
                 bar.update(nbytes)
 
         make_checkpoint(args.out, cfg, fmt=args.format, dtype=args.dtype, shards=args.shards, seed=args.seed,
