@@ -70,6 +70,14 @@ def test_fused_step_matches_op_by_op(cpu_isa, shape, scheme, jobs, kv_dtype):
     assert (got - want).abs().max() <= rel * want.abs().max() + 1e-6
 
 
+def _assert_fused_matches_op_by_op(model, prompts, steps, min_bytes: int | None = None, cache_tokens: int = 256):
+    """Same greedy tokens and logits to fp32 rounding (see the module docstring)."""
+    got, fed_got = _run(model, prompts, steps, fused=True, min_bytes=min_bytes, cache_tokens=cache_tokens)
+    want, fed_want = _run(model, prompts, steps, fused=False, cache_tokens=cache_tokens)
+    assert fed_got == fed_want
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
+
+
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_fused_step_with_many_sequences_matches_op_by_op(cpu_isa, scheme):
     # 34 sequences: every quantized Linear of the step gets 34 rows of x, which the AVX2/AVX-512
@@ -79,18 +87,7 @@ def test_fused_step_with_many_sequences_matches_op_by_op(cpu_isa, scheme):
     model = our_model(reference_model("hd64", n_layer=2, seed=11), bits, lm_head_bits=OTHER[bits])
     codegen_q.set_num_threads(2)
     prompts = [[(7 * i + j) % 90 for j in range(1 + i % 5)] for i in range(34)]
-    got, fed_got = _run(model, prompts, 3, fused=True, min_bytes=1, cache_tokens=34 * 32)
-    want, fed_want = _run(model, prompts, 3, fused=False, cache_tokens=34 * 32)
-    assert fed_got == fed_want
-    assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
-
-
-def _assert_fused_matches_op_by_op(model, prompts, steps):
-    """Same greedy tokens and logits to fp32 rounding (see the module docstring)."""
-    got, fed_got = _run(model, prompts, steps, fused=True)
-    want, fed_want = _run(model, prompts, steps, fused=False)
-    assert fed_got == fed_want
-    assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
+    _assert_fused_matches_op_by_op(model, prompts, 3, min_bytes=1, cache_tokens=34 * 32)
 
 
 def test_fused_path_is_taken_only_for_quantized_cpu_models():
