@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import sys
 
@@ -43,6 +44,7 @@ def preallocate(fd: int, nbytes: int) -> bool:
 
 _MADV_WILLNEED = 3
 _MADV_DONTNEED = 4
+_MADV_HUGEPAGE = 14
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -65,6 +67,32 @@ def advise_willneed(address: int, nbytes: int) -> bool:
     return _madvise(start, nbytes + (address - start), _MADV_WILLNEED)
 
 
+def advise_hugepage(address: int, nbytes: int) -> bool:
+    """Ask for transparent huge pages in an anonymous mapping (madvise MADV_HUGEPAGE): where the
+    system allows them, the memory is faulted in 2 MB at a time and an O_DIRECT read into it goes
+    out as a few large requests instead of one per 4 KB page."""
+    start = address - address % _PAGE
+    return nbytes > 0 and _madvise(start, nbytes + (address - start), _MADV_HUGEPAGE)
+
+
+def io_buffer(nbytes: int) -> mmap.mmap:
+    """Fresh private anonymous memory for O_DIRECT transfers, with huge pages where offered.
+
+    Private, because Python's default for anonymous maps is shared memory, which gets no huge
+    pages here. With 4 KB pages a direct request is cut at the device's segment limit (254 pages,
+    1 MB on the dev VM); with 2 MB pages it goes out whole (4 MB), and a 2B conversion, reads and
+    writes both direct, took 15 % less time.
+    """
+    if not hasattr(mmap, "MAP_PRIVATE"):  # not a Unix: plain anonymous memory
+        return mmap.mmap(-1, nbytes)
+    mem = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view = ctypes.c_char.from_buffer(mem)
+    address = ctypes.addressof(view)
+    del view  # a live export would keep the map from ever being closed
+    advise_hugepage(address, nbytes)
+    return mem
+
+
 def advise_dontneed(address: int, nbytes: int) -> bool:
     """Unmap the whole pages of a clean, read-only file mapping that lie inside [address, address +
     nbytes) (madvise MADV_DONTNEED): they leave the process's resident set and stay in the page
@@ -73,3 +101,4 @@ def advise_dontneed(address: int, nbytes: int) -> bool:
     start = -(-address // _PAGE) * _PAGE
     end = (address + nbytes) // _PAGE * _PAGE
     return end > start and _madvise(start, end - start, _MADV_DONTNEED)
+

@@ -17,14 +17,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import mmap
 import os
 import queue
 import threading
 
 import numpy as np
 
-from codegen_q._posix import preallocate
+from codegen_q._posix import io_buffer, preallocate
 
 STAGING_BYTES = 8 << 20  # per buffer: large requests keep the disk busy; a multiple of any block size
 _ALIGN = 4096  # O_DIRECT offsets and lengths: a multiple of the device's logical block size
@@ -48,7 +47,7 @@ class DirectFile:
         self._error: BaseException | None = None
         try:
             preallocate(self._fd, expected_bytes)
-            self._buffers = [mmap.mmap(-1, STAGING_BYTES) for _ in range(2)]
+            self._buffers = [io_buffer(STAGING_BYTES) for _ in range(2)]
         except BaseException:
             os.close(self._fd)
             raise
