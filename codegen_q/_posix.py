@@ -102,3 +102,28 @@ def advise_dontneed(address: int, nbytes: int) -> bool:
     end = (address + nbytes) // _PAGE * _PAGE
     return end > start and _madvise(start, end - start, _MADV_DONTNEED)
 
+
+def file_mappings(path: str) -> list[tuple[int, int, int]]:
+    """(start address, end address, file offset) of each of this process's mappings of the file at
+    ``path``, from /proc/self/maps; [] where there is no such file (not Linux) or none matches.
+
+    A mapping matches by inode and by device or by name: overlay file systems show the device
+    underneath in the maps but their own in stat()."""
+    st = os.stat(path)
+    real = os.path.realpath(path)
+    found = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or int(fields[4]) != st.st_ino:
+            continue
+        major, _, minor = fields[3].partition(":")
+        same_device = (int(major, 16), int(minor, 16)) == (os.major(st.st_dev), os.minor(st.st_dev))
+        if same_device or fields[5].strip() == real:
+            start, _, end = fields[0].partition("-")
+            found.append((int(start, 16), int(end, 16), int(fields[2], 16)))
+    return found

@@ -2,9 +2,11 @@
 
 Layouts: a single ``pytorch_model.bin`` (torch zip), ``model.safetensors``, or either sharded
 with an ``*.index.json``; fp32, fp16 or bf16. ``.bin`` files are opened with
-``torch.load(mmap=True, weights_only=True)``: no arbitrary unpickling, and tensor data stays in
-the page cache (clean, reclaimable) instead of private memory, so a checkpoint larger than RAM
-can be streamed. Our own quantized format is in qformat.py.
+``torch.load(mmap=True, weights_only=True)``: no arbitrary unpickling, and ``get`` returns tensors
+backed by the file's pages. ``tensors()``, the streaming pass the quantizer makes, reads each
+tensor's bytes with O_DIRECT into private memory instead (direct_read.py), a bounded amount ahead,
+so a checkpoint larger than RAM streams through without the page cache. Our own quantized format
+is in qformat.py.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from codegen_q._posix import advise_dontneed, advise_willneed
+from codegen_q._posix import advise_dontneed, advise_willneed, file_mappings
 from codegen_q.config import MP_NUM, CodeGenConfig
+from codegen_q.direct_read import ByteRange, RangeReader, TruncatedFile
 
 # Buffers old transformers versions saved with the weights; they are recomputed, never loaded.
 _LEGACY_BUFFER = re.compile(r".*\.attn\.(causal_mask|bias|masked_bias)$")
@@ -83,8 +86,9 @@ def _fail_reading(path: str, exc: BaseException) -> ValueError:
 class HubCheckpoint:
     """A hub-layout CodeGen checkpoint directory; ``get(name)`` returns one tensor (mmap-backed)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, direct_reads: bool = True):
         self.path = os.fspath(path)
+        self.direct_reads = direct_reads  # tensors() reads with O_DIRECT when every tensor's bytes are located
         self.config = CodeGenConfig.from_dir(self.path)
         self.files = self._weight_files()
         self._where: dict[str, str] = {}  # tensor name -> file
@@ -94,6 +98,10 @@ class HubCheckpoint:
             for name in self._open(f):
                 if not is_legacy_buffer(name):
                     self._where[name] = f
+        # Where the files are mapped (torch.load and safe_open map each whole file): locates a .bin's
+        # tensors in their file, and tells release() which memory is a file's.
+        self._maps = {f: file_mappings(f) for f in self.files}
+        self._reader: RangeReader | None = None
 
     def _weight_files(self) -> list[str]:
         for index, single in (("model.safetensors.index.json", "model.safetensors"),
@@ -176,10 +184,15 @@ class HubCheckpoint:
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) in canonical order, one at a time; drop each before asking for the next.
 
-        Each step asks the OS to start reading the next tensor, so a checkpoint that is not in the
-        page cache streams from the disk while the current one is processed.
+        The next tensors are read from the disk while the current one is processed: with O_DIRECT
+        into private memory (direct_read.py) when every tensor's bytes can be located, else
+        through the file mappings with read-ahead hints.
         """
         names = list(expected_tensors(self.config))
+        ranges = [self.byte_range(n) for n in names] if self.direct_reads else []
+        if ranges and all(r is not None for r in ranges):
+            yield from self._read_direct(names, ranges)
+            return
         ahead, ahead_bytes = 0, 0  # tensors [i, ahead) have been prefetched, ahead_bytes of them
         for i, name in enumerate(names):
             while ahead < len(names) and (ahead <= i + 1 or ahead_bytes < PREFETCH_BYTES):
@@ -188,6 +201,36 @@ class HubCheckpoint:
             t = self.get(name)
             ahead_bytes -= t.numel() * t.element_size()
             yield name, t
+
+    def _read_direct(self, names: list[str], ranges: list[ByteRange]) -> Iterator[tuple[str, torch.Tensor]]:
+        self._reader = RangeReader(ranges, PREFETCH_BYTES)
+        try:
+            for name, r in zip(names, ranges):
+                try:
+                    t = next(self._reader)
+                except TruncatedFile as exc:
+                    raise _fail_reading(r.path, exc) from None
+                yield name, t
+        finally:
+            self._reader.close()
+            self._reader = None
+
+    def byte_range(self, name: str) -> ByteRange | None:
+        """Where tensor ``name``'s bytes lie in its file; None if that cannot be told (a .bin whose
+        mapping /proc does not show, or a tensor that is not contiguous)."""
+        f = self._where[name]
+        shape, dtype = self.shape_dtype(name)
+        if f.endswith(".safetensors"):
+            start, end = self._readahead[f][1][name]
+            return ByteRange(f, start, end, dtype, shape)
+        t = self._handles[f][name]
+        if not t.is_contiguous():
+            return None
+        ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
+        for first, last, offset in self._maps[f]:
+            if first <= ptr and ptr + nbytes <= last:
+                return ByteRange(f, offset + ptr - first, offset + ptr - first + nbytes, dtype, shape)
+        return None
 
     def prefetch(self, name: str) -> int:
         """Start reading tensor ``name`` from the disk in the background (a hint; never fails);
@@ -210,10 +253,16 @@ class HubCheckpoint:
         Without it every page read stays mapped until the kernel needs the memory back, so peak
         RSS grows with the checkpoint (20 GB for a 16B one on a 24 GB machine) and reclaiming
         mapped pages is what the readahead of the next tensors waits on. The tensor must not be
-        read afterwards (its pages would be read again)."""
-        advise_dontneed(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+        read afterwards (its pages would be read again). Tensors in private memory (from O_DIRECT
+        reads) are left alone: they are freed when dropped."""
+        ptr, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+        if any(first <= ptr and ptr + nbytes <= last for maps in self._maps.values() for first, last, _ in maps):
+            advise_dontneed(ptr, nbytes)
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         self._handles.clear()
         for fd, _ in self._readahead.values():
             os.close(fd)

@@ -1,9 +1,9 @@
 """``quantize_checkpoint``: hub checkpoint -> codegen-q directory, streaming tensor by tensor.
 
-Memory: one source tensor at a time (mmap'd, so its pages are reclaimable cache), its reordered
-or fp32 copy, and its quantized form; output shards are written as tensors are produced
-(safetensors_stream), never accumulated. Peak private memory is a small multiple of the largest
-tensor, not of the model.
+Memory: the source tensor at hand and those read ahead of it (at most checkpoint.PREFETCH_BYTES
+more, or the next tensor), its reordered or fp32 copy, and its quantized form; output shards are
+written as tensors are produced (safetensors_stream), never accumulated. Peak private memory is a
+small multiple of the largest tensor, not of the model.
 """
 
 from __future__ import annotations
