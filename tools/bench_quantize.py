@@ -16,8 +16,10 @@ bytes / write speed; "disk-bound" is disk s / the quantizer's own time (100%: th
 waits for the disk, with reads and writes taking turns on it).
 
 Memory is sampled from /proc/PID/status of the child process every 50 ms: RssAnon is private
-memory (what must stay bounded, DESIGN §3); VmRSS adds the mmap'd checkpoint's pages, which are
-clean, reclaimable page cache. Checkpoints this script makes are deleted at the end unless --keep.
+memory (what must stay bounded, DESIGN §3), which includes the source tensors being read and
+held (the quantizer reads them with O_DIRECT into its own memory); VmRSS adds whatever file pages
+are mapped (libraries, and the checkpoint's where it is read through its mapping). Checkpoints
+this script makes are deleted at the end unless --keep.
 """
 
 from __future__ import annotations
