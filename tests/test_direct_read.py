@@ -184,3 +184,37 @@ def test_a_failed_read_ahead_surfaces_at_its_own_range(tmp_path):
             next(reader)
         with pytest.raises(TruncatedFile):
             next(reader)  # the failure is final
+
+
+def test_a_mapping_is_reused_only_when_no_tensor_refers_to_it():
+    # The reader's mappings are recycled by reference count: while any view of a tensor read into
+    # one lives (the consumer's, or an fp16 output waiting to be written), it must not be reused.
+    pool = direct_read._MappingPool(keep_bytes=1 << 30)
+    try:
+        t = pool.take(100_000)
+        t.fill_(7)
+        view = t[4096:].view(torch.int16)[5:]  # a view: the tensor object itself goes away
+        first = t.data_ptr()
+        del t
+        other = pool.take(100_000)
+        assert other.data_ptr() != first
+        other.fill_(1)
+        assert int(view.view(torch.uint8).min()) == 7 == int(view.view(torch.uint8).max())
+        del view
+        again = pool.take(90_000)  # the first mapping is free now, and fits
+        assert again.data_ptr() == first and again.data_ptr() % direct_read.ALIGN == 0
+        assert pool.take(10_000).data_ptr() not in (first, other.data_ptr())  # too small to take a large one
+    finally:
+        pool.close()
+
+
+def test_free_mappings_beyond_the_pool_size_are_unmapped():
+    pool = direct_read._MappingPool(keep_bytes=3 << 20)
+    try:
+        big = pool.take(2 << 20)
+        del big
+        small = pool.take(1 << 20)  # the 2 MB one is free but too big; keeping both would pass 3 MB
+        assert sum(len(m) for m in pool._maps) <= 3 << 20 and len(pool._maps) == 1
+        del small
+    finally:
+        pool.close()
