@@ -12,7 +12,7 @@ and written through direct_file.DirectFile (O_DIRECT where the file system allow
 Hashing and copying into the staging buffers run on a background thread (both release the GIL),
 and DirectFile's own thread issues the writes, so the converter quantizes the next tensors while
 this one is hashed and goes to disk: the queue holds at most two tensors beyond the one being
-hashed, so private memory grows by at most two output tensors (plus 16 MB of staging).
+hashed, so private memory grows by at most two output tensors (plus 64 MB of staging).
 """
 
 from __future__ import annotations
