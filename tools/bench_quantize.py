@@ -13,7 +13,10 @@ script measures the disk too: just before each run, reading (up to 4 GB of) the 
 (mmap, read-ahead hints, no computation: how fast the bytes can arrive), and once, writing 2 GB
 the way the quantizer writes (preallocated, O_DIRECT where allowed, fsync). "disk s" is source bytes / read speed + output
 bytes / write speed; "disk-bound" is disk s / the quantizer's own time (100%: the quantizer only
-waits for the disk, with reads and writes taking turns on it).
+waits for the disk, with reads and writes taking turns on it). Because the disk's speed drifts
+between that measurement and the run, "busy" says the same from the run itself: the share of
+the quantizer's time the disk had requests in flight (the kernel's io_ticks; over the CLI's whole
+run, whose start-up reads little, divided by the quantizer's own time, so it can pass 100 %).
 
 Memory is sampled from /proc/PID/status of the child process every 50 ms: RssAnon is private
 memory (what must stay bounded, DESIGN §3), which includes the source tensors being read and
@@ -98,6 +101,22 @@ def measure_disk_write(work: str, nbytes: int = 2 << 30) -> float:
         os.remove(path)
 
 
+def disk_busy_ms(paths: list[str]) -> dict[str, int]:
+    """Milliseconds each block device holding one of ``paths`` has spent with I/O in flight
+    (io_ticks, the 10th field of /sys/dev/block/MAJ:MIN/stat, what iostat's %util is made of);
+    {} where the system has no such file."""
+    busy = {}
+    for path in paths:
+        dev = os.stat(path).st_dev
+        key = f"{os.major(dev)}:{os.minor(dev)}"
+        try:
+            with open(f"/sys/dev/block/{key}/stat") as f:
+                busy[key] = int(f.read().split()[9])
+        except (OSError, IndexError, ValueError):
+            pass
+    return busy
+
+
 def weight_files(src: str) -> list[str]:
     return [os.path.join(src, f) for f in sorted(os.listdir(src)) if f.endswith((".bin", ".safetensors"))]
 
@@ -166,14 +185,19 @@ def bench_model(preset: str, src: str | None, work: str, keep: bool) -> list[dic
             out = os.path.join(work, f"codegen-{preset}-{scheme}")
             read_gbps = measure_disk_read(src)  # just before the run: this VM's disk speed drifts by minutes
             evict_from_page_cache(weight_files(src))
+            busy_before = disk_busy_ms([src, work])
             r = run_measured([sys.executable, "-m", "codegen_q.cli", "quantize", src, out, *flags,
                               "--json", "--no-progress", "--force"])
+            busy_after = disk_busy_ms([src, work])
             summary = json.loads(r["stdout"])
             rows.append({"model": preset, "step": f"quantize {scheme}", "wall_s": r["wall_s"],
                          "quantize_s": summary["seconds"], "gb_per_s": summary["bytes_in"] / summary["seconds"] / 1e9,
                          "peak_private": r["peak_private"], "peak_rss": r["peak_rss"],
                          "bytes_in": summary["bytes_in"], "bytes_out": summary["bytes_out"],
                          "disk_read_gb_per_s": read_gbps, "rel_error_p50": summary["rel_error"]["p50"]})
+            if busy_before and busy_before.keys() == busy_after.keys():  # the busiest device, over the quantizer's time
+                busy_s = max(busy_after[k] - busy_before[k] for k in busy_before) / 1e3
+                rows[-1]["disk_busy"] = busy_s / summary["seconds"]
             shutil.rmtree(out)
     finally:
         if made and not keep:
@@ -211,12 +235,13 @@ def main(argv=None) -> int:
     print(f"disk: write {disk_write:.2f} GB/s (2 GB as the quantizer writes, + fsync, in {work}); cold read of "
           "the source measured just before each run\n")
     print(f"{'model':<6}{'step':<30}{'wall s':>8}{'quant s':>9}{'GB/s':>7}{'private GB':>12}{'RSS GB':>8}"
-          f"{'out GB':>8}{'read GB/s':>11}{'disk s':>8}{'disk-bound':>12}")
+          f"{'out GB':>8}{'read GB/s':>11}{'disk s':>8}{'disk-bound':>12}{'busy':>7}")
     for r in rows:
         line = (f"{r['model']:<6}{r['step']:<30}{r['wall_s']:>8.1f}{r.get('quantize_s', r['wall_s']):>9.1f}"
                 f"{r['gb_per_s']:>7.2f}{r['peak_private'] / 1e9:>12.2f}{r['peak_rss'] / 1e9:>8.2f}{r['bytes_out'] / 1e9:>8.2f}")
         if "quantize_s" in r:
             line += f"{r['disk_read_gb_per_s']:>11.2f}{r['disk_s']:>8.1f}{100 * r['disk_bound']:>11.0f}%"
+            line += f"{100 * r['disk_busy']:>6.0f}%" if "disk_busy" in r else f"{'-':>7}"
         print(line)
     return 0
 
