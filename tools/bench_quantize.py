@@ -6,11 +6,12 @@ and how much of the time the disk itself accounts for.
     python tools/bench_quantize.py --skip-6b --json
     python tools/bench_quantize.py --src-2b DIR    # reuse a checkpoint
     python tools/bench_quantize.py --skip-2b --skip-6b --with-16b   # 16B-shaped, 8 safetensors shards
+    python tools/bench_quantize.py --skip-2b --skip-6b --src-16b DIR
 
 Every run starts with the source checkpoint out of the page cache (posix_fadvise DONTNEED), as
 for a checkpoint just copied in or too big for RAM, so the source is read from the disk. The
 script measures the disk too: just before each run, reading (up to 4 GB of) the source cold
-(mmap, read-ahead hints, no computation: how fast the bytes can arrive), and once, writing 2 GB
+(as the quantizer reads, with no computation: how fast the bytes can arrive), and once, writing 2 GB
 the way the quantizer writes (preallocated, O_DIRECT where allowed, fsync). "disk s" is source bytes / read speed + output
 bytes / write speed; "disk-bound" is disk s / the quantizer's own time (100%: the quantizer only
 waits for the disk, with reads and writes taking turns on it). Because the disk's speed drifts
@@ -131,35 +132,31 @@ def evict_from_page_cache(paths: list[str]) -> None:
 
 
 def measure_disk_read(src: str, limit: int = 4 << 30) -> float:
-    """GB/s of reading (up to `limit` bytes of) the source's weight files cold, through mmap with
-    read-ahead hints 256 MB ahead, touching one byte per page: the fastest the quantizer's input
-    can arrive."""
-    import mmap
+    """GB/s of reading (up to `limit` bytes of) the source's weight files cold, the way the
+    quantizer reads them (direct_read.RangeReader: O_DIRECT, several reads in flight, 256 MB
+    ahead) with no computation: the fastest the quantizer's input can arrive."""
+    import torch
 
-    import numpy as np
-
-    from codegen_q._posix import advise_willneed
+    from codegen_q.checkpoint import PREFETCH_BYTES
+    from codegen_q.direct_read import ByteRange, RangeReader
 
     files = weight_files(src)
     evict_from_page_cache(files)
-    done, window = 0, 32 << 20
-    start = time.perf_counter()
+    piece, ranges, left = 64 << 20, [], limit
     for path in files:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            data = np.frombuffer(m, dtype=np.uint8)
-            size, hinted = min(data.nbytes, limit - done), 0
-            for off in range(0, size, window):
-                while hinted < min(size, off + (256 << 20)):
-                    advise_willneed(data.ctypes.data + hinted, min(window, size - hinted))
-                    hinted += window
-                int(data[off:min(size, off + window):mmap.PAGESIZE].sum())
-            del data
-            done += size
-        if done >= limit:
+        size = min(os.path.getsize(path), left)
+        ranges += [ByteRange(path, at, min(size, at + piece), torch.uint8, (min(size, at + piece) - at,))
+                   for at in range(0, size, piece)]
+        left -= size
+        if left <= 0:
             break
+    start = time.perf_counter()
+    with RangeReader(ranges, PREFETCH_BYTES) as reader:
+        for t in reader:
+            del t
     seconds = time.perf_counter() - start
     evict_from_page_cache(files)
-    return done / seconds / 1e9
+    return (limit - left) / seconds / 1e9
 
 
 def dir_bytes(path: str) -> int:
@@ -212,6 +209,7 @@ def main(argv=None) -> int:
     p.add_argument("--src-6b", default=None, help="an existing 6B-shaped checkpoint to reuse")
     p.add_argument("--skip-6b", action="store_true")
     p.add_argument("--with-16b", action="store_true", help="also a 16B-shaped sharded checkpoint (~50 GB of disk)")
+    p.add_argument("--src-16b", default=None, help="an existing 16B-shaped checkpoint to reuse (implies --with-16b)")
     p.add_argument("--skip-2b", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints this script makes")
     p.add_argument("--json", action="store_true")
@@ -222,8 +220,8 @@ def main(argv=None) -> int:
     rows = [] if args.skip_2b else bench_model("2B", args.src_2b, work, args.keep)
     if not args.skip_6b:
         rows += bench_model("6B", args.src_6b, work, args.keep)
-    if args.with_16b:
-        rows += bench_model("16B", None, work, args.keep)
+    if args.with_16b or args.src_16b:
+        rows += bench_model("16B", args.src_16b, work, args.keep)
     for r in rows:
         if "quantize_s" in r:
             r["disk_write_gb_per_s"] = disk_write
