@@ -122,7 +122,8 @@ class RangeReader:
         self._queued = 0  # ranges [0, _queued) have buffers and are the readers'
         self._stop = False
         self._files: dict[str, int] = {}
-        self._direct: dict[str, bool] = {}  # opened with O_DIRECT (False: the file system refused it)
+        self._direct: dict[str, bool] = {}  # reading with O_DIRECT (False: the file system refused it)
+        self._opened_direct: dict[str, bool] = {}
         self._jobs: queue.Queue = queue.Queue()
         # Kept mappings: what may be read ahead, plus the largest tensor held by the consumer.
         self._pool = _MappingPool(ahead_bytes + max((r.end - r.start for r in self._ranges), default=0) + 2 * ALIGN)
@@ -207,16 +208,18 @@ class RangeReader:
 
     def _read_piece(self, r: ByteRange, piece: memoryview, offset: int) -> None:
         """Fill ``piece`` from file offset ``offset``; only the bytes up to r.end must exist."""
-        fd, done = self._files[r.path], 0
+        fd, done, retried = self._files[r.path], 0, False
         while done < piece.nbytes and not self._stop:
             try:
                 n = os.preadv(fd, [piece[done:]], offset + done)
             except OSError as exc:
-                if not (self._direct[r.path] and exc.errno == errno.EINVAL):
+                if exc.errno != errno.EINVAL or not self._opened_direct[r.path] or retried:
                     raise OSError(exc.errno, f"cannot read weight file {r.path}: {exc.strerror}") from None
-                # Opened with O_DIRECT but the file system rejects the request: carry on buffered.
+                # Opened with O_DIRECT but the file system rejects the request: carry on buffered,
+                # for every reader. Another reader may have switched already while this request
+                # was in flight, so it is retried once whatever the flag says now.
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-                self._direct[r.path] = False
+                self._direct[r.path], retried = False, True
                 continue
             if n == 0:
                 break
@@ -237,7 +240,7 @@ class RangeReader:
                 raise
             direct = False
             fd = os.open(path, flags)
-        self._files[path], self._direct[path] = fd, direct
+        self._files[path], self._direct[path], self._opened_direct[path] = fd, direct, direct
 
     def close(self) -> None:
         """Stop reading (reads in progress end within one piece) and close the files."""

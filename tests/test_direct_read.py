@@ -9,8 +9,10 @@ same bytes.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -106,8 +108,8 @@ def test_refused_o_direct_falls_back_to_buffered(tmp_path, monkeypatch, where):
         return fd
 
     def preadv(fd, buffers, offset):
-        import fcntl
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            time.sleep(0.02)  # every reader's first request in flight at once, as on a real disk
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_preadv(fd, buffers, offset)
 
