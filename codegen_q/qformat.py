@@ -92,7 +92,12 @@ def estimate_bytes(shards: list[list[TensorSpec]], src_dir: str) -> int:
 
 
 def check_free_space(out: str, need: int) -> None:
+    """OSError unless the file system that will hold ``out`` has ``need`` bytes free. Directories
+    above ``out`` that do not exist yet (they are created) are on the file system of the nearest
+    one that does."""
     parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.isdir(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
     free = shutil.disk_usage(parent).free
     if free < need:
         raise OSError(f"not enough disk space in {parent}: the output needs {need / 1e9:.2f} GB, "

@@ -189,6 +189,26 @@ def test_not_enough_disk_fails_before_writing(tmp_path, src, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_out_under_directories_that_do_not_exist_yet(tmp_path, src, monkeypatch):
+    # Like mkdir -p: the missing directories are made; the free-space check looks at the nearest
+    # directory that exists, and when space is short, nothing is made at all.
+    import shutil
+    from collections import namedtuple
+
+    out = tmp_path / "new" / "deeper" / "q"
+    real_usage = shutil.disk_usage
+    asked = []
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: asked.append(p) or real_usage(p))
+    quantize_checkpoint(src, out, bits=8, progress=False)
+    assert asked and all(os.path.isdir(p) for p in asked) and os.path.samefile(asked[0], tmp_path)
+    assert load_quantized(out).config.n_layer > 0
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1000))
+    with pytest.raises(OSError, match="not enough disk space"):
+        quantize_checkpoint(src, tmp_path / "other" / "q", bits=8, progress=False)
+    assert not (tmp_path / "other").exists()
+
+
 def test_non_codegen_and_missing_source(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         quantize_checkpoint(tmp_path / "nope", tmp_path / "q", bits=8, progress=False)

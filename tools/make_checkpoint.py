@@ -19,6 +19,7 @@ import time
 
 from codegen_q.checkpoint import expected_tensors, is_legacy_buffer
 from codegen_q.config import CodeGenConfig
+from codegen_q.qformat import check_free_space
 from codegen_q.testing.checkpoints import PRESETS, hub_config, make_checkpoint, tiny_config
 
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -58,11 +59,10 @@ def main(argv=None) -> int:
             print(f"make_checkpoint: error: {args.out} exists; pass --force to replace it", file=sys.stderr)
             return 1
         shutil.rmtree(args.out)
-    parent = os.path.dirname(os.path.abspath(args.out))
-    free = shutil.disk_usage(parent).free
-    if free < need * 1.02:
-        print(f"make_checkpoint: error: {need / 1e9:.1f} GB needed in {parent}, {free / 1e9:.1f} GB free",
-              file=sys.stderr)
+    try:
+        check_free_space(args.out, int(need * 1.02))
+    except OSError as exc:
+        print(f"make_checkpoint: error: {exc}", file=sys.stderr)
         return 1
     from tqdm import tqdm
 
