@@ -127,3 +127,18 @@ def file_mappings(path: str) -> list[tuple[int, int, int]]:
             start, _, end = fields[0].partition("-")
             found.append((int(start, 16), int(end, 16), int(fields[2], 16)))
     return found
+
+
+_MEMORY_FILESYSTEMS = {0x01021994: "tmpfs", 0x858458F6: "ramfs"}  # statfs(2) f_type magic numbers
+
+
+def in_memory_filesystem(path: str) -> bool:
+    """Whether ``path`` lies on a file system kept in memory (tmpfs, ramfs), by statfs(2)'s f_type;
+    False where that cannot be told."""
+    libc = _linux_libc()
+    if libc is None:
+        return False
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux; f_type first
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buf).value in _MEMORY_FILESYSTEMS

@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from codegen_q._posix import advise_dontneed, advise_willneed, file_mappings
 from codegen_q.config import MP_NUM, CodeGenConfig
-from codegen_q.direct_read import ByteRange, RangeReader, TruncatedFile
+from codegen_q.direct_read import ByteRange, RangeReader, TruncatedFile, worth_reading_directly
 
 # Buffers old transformers versions saved with the weights; they are recomputed, never loaded.
 _LEGACY_BUFFER = re.compile(r".*\.attn\.(causal_mask|bias|masked_bias)$")
@@ -185,12 +185,12 @@ class HubCheckpoint:
         """(name, tensor) in canonical order, one at a time; drop each before asking for the next.
 
         The next tensors are read from the disk while the current one is processed: with O_DIRECT
-        into private memory (direct_read.py) when every tensor's bytes can be located, else
-        through the file mappings with read-ahead hints.
+        into private memory (direct_read.py) when every tensor's bytes can be located and reading
+        the files beats mapping them (not tmpfs), else through the mappings with read-ahead hints.
         """
         names = list(expected_tensors(self.config))
         ranges = [self.byte_range(n) for n in names] if self.direct_reads else []
-        if ranges and all(r is not None for r in ranges):
+        if ranges and all(r is not None for r in ranges) and all(worth_reading_directly(f) for f in self.files):
             yield from self._read_direct(names, ranges)
             return
         ahead, ahead_bytes = 0, 0  # tensors [i, ahead) have been prefetched, ahead_bytes of them

@@ -220,3 +220,52 @@ def test_free_mappings_beyond_the_pool_size_are_unmapped():
         del small
     finally:
         pool.close()
+
+
+def _filesystem_type(path) -> str | None:
+    """The type /proc/self/mounts gives the mount holding path (longest mount point that is a prefix)."""
+    try:
+        mounts = [line.split()[1:3] for line in open("/proc/self/mounts")]
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    best = max((m for m in mounts if real == m[0] or real.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return best[1] if best else None
+
+
+def test_in_memory_filesystem_agrees_with_the_mount_table(tmp_path):
+    from codegen_q._posix import in_memory_filesystem
+
+    places = [tmp_path] + [p for p in ("/dev/shm", "/run") if os.path.isdir(p)]
+    types = {str(p): _filesystem_type(p) for p in places}
+    if not any(types.values()):
+        pytest.skip("no /proc/self/mounts here")
+    for p, fstype in types.items():
+        assert in_memory_filesystem(p) == (fstype in ("tmpfs", "ramfs")), (p, fstype)
+
+
+@pytest.mark.parametrize("why", ["refuses O_DIRECT", "in memory"])
+def test_files_not_worth_reading_directly_are_streamed_through_their_mappings(tmp_path, monkeypatch, why):
+    # tmpfs files are memory already (and some file systems refuse O_DIRECT): tensors() maps them
+    # instead of copying them. The tensors are the same either way.
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+    src = make_tiny(tmp_path / "m", fmt="safetensors", shards=2)
+    real_open = os.open
+
+    def open_(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    if why == "refuses O_DIRECT":
+        monkeypatch.setattr(direct_read.os, "open", open_)
+    else:
+        monkeypatch.setattr(direct_read, "in_memory_filesystem", lambda path: True)
+    with HubCheckpoint(src) as ckpt:
+        mapped = [(first, last) for maps in ckpt._maps.values() for first, last, _ in maps]
+        assert mapped
+        for name, t in ckpt.tensors():
+            assert any(first <= t.data_ptr() < last for first, last in mapped), name
+            assert torch.equal(t, ckpt.get(name))
