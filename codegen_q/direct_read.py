@@ -81,9 +81,13 @@ class _MappingPool:
     def __init__(self, keep_bytes: int):
         self._keep_bytes = keep_bytes
         self._maps: list[mmap.mmap] = []
-        probe = [mmap.mmap(-1, ALIGN)]
-        self._free_refs = min(self._refs(m) for m in probe)  # the pool's own references, no tensor's
-        probe[0].close()
+        # Reference counts tell use only where they are exact: not on a free-threaded build (biased,
+        # deferred counts) nor where there are none (PyPy). There every take() maps afresh.
+        self._reuse = hasattr(sys, "getrefcount") and getattr(sys, "_is_gil_enabled", lambda: True)()
+        if self._reuse:
+            probe = [mmap.mmap(-1, ALIGN)]
+            self._free_refs = min(self._refs(m) for m in probe)  # the pool's own references, no tensor's
+            probe[0].close()
 
     @staticmethod
     def _refs(mem: mmap.mmap) -> int:
@@ -94,6 +98,8 @@ class _MappingPool:
 
     def take(self, nbytes: int) -> torch.Tensor:
         """A page-aligned uint8 tensor of nbytes (contents undefined)."""
+        if not self._reuse:
+            return torch.frombuffer(io_buffer(nbytes), dtype=torch.uint8)
         free = self._free()
         fits = [m for m in free if nbytes <= len(m) <= 2 * nbytes]
         if fits:

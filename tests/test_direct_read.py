@@ -269,3 +269,17 @@ def test_files_not_worth_reading_directly_are_streamed_through_their_mappings(tm
         for name, t in ckpt.tensors():
             assert any(first <= t.data_ptr() < last for first, last in mapped), name
             assert torch.equal(t, ckpt.get(name))
+
+
+def test_without_exact_reference_counts_every_buffer_is_fresh(monkeypatch):
+    # A free-threaded build's counts are not exact: reusing by them could hand out memory a tensor
+    # still uses, so there the pool maps afresh each time.
+    monkeypatch.setattr(direct_read.sys, "_is_gil_enabled", lambda: False, raising=False)
+    pool = direct_read._MappingPool(keep_bytes=1 << 30)
+    first = pool.take(100_000)
+    first.fill_(3)
+    second = pool.take(100_000)
+    second.fill_(4)
+    assert int(first.max()) == 3 and second.data_ptr() % direct_read.ALIGN == 0
+    assert not pool._maps  # nothing kept for reuse
+    pool.close()
