@@ -22,6 +22,28 @@ def _linux_libc():
     return _libc or None
 
 
+def open_direct(path: str, flags: int, mode: int = 0o644) -> tuple[int, bool]:
+    """os.open with O_DIRECT where the system has it and the file system accepts it at open;
+    returns (fd, whether O_DIRECT is on). A refusal (EINVAL: tmpfs before Linux 6.6, some network
+    file systems) opens the file without it; any other error is raised."""
+    flags |= getattr(os, "O_CLOEXEC", 0)
+    if hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, flags | os.O_DIRECT, mode), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    return os.open(path, flags, mode), False
+
+
+def drop_o_direct(fd: int) -> None:
+    """Turn O_DIRECT off on an open file, for a file system that accepted it at open but refuses a
+    request (EINVAL): the same transfers then go through the page cache."""
+    import fcntl
+
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+
+
 def preallocate(fd: int, nbytes: int) -> bool:
     """Reserve the blocks of a file's first ``nbytes`` (fallocate(2), which also sets its size).
 

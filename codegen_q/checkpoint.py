@@ -86,9 +86,8 @@ def _fail_reading(path: str, exc: BaseException) -> ValueError:
 class HubCheckpoint:
     """A hub-layout CodeGen checkpoint directory; ``get(name)`` returns one tensor (mmap-backed)."""
 
-    def __init__(self, path: str | os.PathLike, direct_reads: bool = True):
+    def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        self.direct_reads = direct_reads  # tensors() reads with O_DIRECT when every tensor's bytes are located
         self.config = CodeGenConfig.from_dir(self.path)
         self.files = self._weight_files()
         self._where: dict[str, str] = {}  # tensor name -> file
@@ -189,8 +188,8 @@ class HubCheckpoint:
         the files beats mapping them (not tmpfs), else through the mappings with read-ahead hints.
         """
         names = list(expected_tensors(self.config))
-        ranges = [self.byte_range(n) for n in names] if self.direct_reads else []
-        if ranges and all(r is not None for r in ranges) and all(worth_reading_directly(f) for f in self.files):
+        ranges = [self.byte_range(n) for n in names] if all(worth_reading_directly(f) for f in self.files) else []
+        if ranges and all(r is not None for r in ranges):
             yield from self._read_direct(names, ranges)
             return
         ahead, ahead_bytes = 0, 0  # tensors [i, ahead) have been prefetched, ahead_bytes of them

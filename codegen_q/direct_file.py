@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import os
 import queue
 import threading
 
 import numpy as np
 
-from codegen_q._posix import io_buffer, preallocate
+from codegen_q._posix import drop_o_direct, io_buffer, open_direct, preallocate
 
 STAGING_BYTES = 32 << 20  # per buffer, a multiple of any block size; 8 MB took 15-20 % longer for a 2B int8 conversion
 _ALIGN = 4096  # O_DIRECT offsets and lengths: a multiple of the device's logical block size
@@ -34,15 +33,7 @@ class DirectFile:
 
     def __init__(self, path: str, expected_bytes: int = 0):
         self.path = path
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-        self._direct = hasattr(os, "O_DIRECT")
-        try:
-            self._fd = os.open(path, flags | (os.O_DIRECT if self._direct else 0), 0o644)
-        except OSError as exc:
-            if not self._direct or exc.errno != errno.EINVAL:
-                raise
-            self._direct = False
-            self._fd = os.open(path, flags, 0o644)
+        self._fd, self._direct = open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         self._size = 0
         self._error: BaseException | None = None
         try:
@@ -88,7 +79,7 @@ class DirectFile:
                 if not (self._direct and exc.errno == errno.EINVAL):
                     raise
                 # Opened with O_DIRECT but the file system rejects the request: carry on buffered.
-                fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                drop_o_direct(self._fd)
                 self._direct = False
                 continue
             view = view[n:]

@@ -16,7 +16,6 @@ least the next tensor), so private memory stays bounded by the largest tensors, 
 from __future__ import annotations
 
 import errno
-import fcntl
 import mmap
 import os
 import queue
@@ -27,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from codegen_q._posix import in_memory_filesystem, io_buffer
+from codegen_q._posix import drop_o_direct, in_memory_filesystem, io_buffer, open_direct
 
 ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses: a multiple of the logical block size
 READ_PIECE = 8 << 20  # one pread
@@ -41,15 +40,11 @@ def worth_reading_directly(path: str) -> bool:
     """Whether reading ``path`` with RangeReader beats its mapping: not on a file system kept in
     memory (tmpfs, which accepts O_DIRECT since Linux 6.6 but then copies: a 2B int4 conversion from
     /dev/shm took 2.6-2.9 s through the mapping, 3.3-3.9 s read), nor on one that refuses O_DIRECT."""
-    if not hasattr(os, "O_DIRECT") or in_memory_filesystem(path):
+    if in_memory_filesystem(path):
         return False
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0)))
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            return False
-        raise
-    return True
+    fd, direct = open_direct(path, os.O_RDONLY)
+    os.close(fd)
+    return direct
 
 
 @dataclass(frozen=True)
@@ -239,7 +234,7 @@ class RangeReader:
                 # Opened with O_DIRECT but the file system rejects the request: carry on buffered,
                 # for every reader. Another reader may have switched already while this request
                 # was in flight, so it is retried once whatever the flag says now.
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                drop_o_direct(fd)
                 self._direct[r.path], retried = False, True
                 continue
             if n == 0:
@@ -252,15 +247,7 @@ class RangeReader:
             raise TruncatedFile(f"it ends at byte {offset + done}, a tensor needs bytes up to {r.end}")
 
     def _open(self, path: str) -> None:
-        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-        direct = hasattr(os, "O_DIRECT")
-        try:
-            fd = os.open(path, flags | (os.O_DIRECT if direct else 0))
-        except OSError as exc:
-            if not direct or exc.errno != errno.EINVAL:
-                raise
-            direct = False
-            fd = os.open(path, flags)
+        fd, direct = open_direct(path, os.O_RDONLY)
         self._files[path], self._direct[path], self._opened_direct[path] = fd, direct, direct
 
     def close(self) -> None:
