@@ -22,7 +22,12 @@ constexpr int64_t kAlign = 128;  // one int4 chunk: 64 bytes of weights, 128 ele
 inline int64_t round_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
 // Workspace layout for M activation rows: per row, kLimbs int8 arrays of Kp (K padded to 128, zero
-// filled) then, per block, the block scale 2^e and the block's zero-point sum 2^e * sum(x_hat).
+// filled) then, per block, the block scale 2^e and the block's zero-point sum 2^e * sum(x_hat),
+// then the per-block fp32 flags and two bytes of flags for the whole row.
+//
+// Two-limb rows (int4 at M <= 3 on AVX-512 VNNI, see keeps_two_limbs): x ~= s (h + l / 256) with
+// s = amax / 127 (not a power of two), h = q >> 8 as int8 and l = q & 255 as *uint8*, where
+// q = round(256 x / s). Limb 2 is unused, the block scale is s and the sum s * sum(q) / 256.
 //
 // With `nibble_order` (int4 weights) each 128-element chunk of limbs is stored in the order one
 // 64-byte load of packed weights yields after masking: first the low nibbles of its four 32-blocks
@@ -34,7 +39,7 @@ struct Layout {
   Layout(int64_t K_, int64_t block_, bool nibble_order_)
       : K(K_), Kp(round_up(K_, kAlign)), block(block_), nibble_order(nibble_order_) {
     n_blocks = (K + block - 1) / block;
-    row_bytes = round_up(kLimbs * Kp + 2 * n_blocks * static_cast<int64_t>(sizeof(float)) + n_blocks + 1, kAlign);
+    row_bytes = round_up(kLimbs * Kp + 2 * n_blocks * static_cast<int64_t>(sizeof(float)) + n_blocks + 2, kAlign);
   }
   const int8_t* limb(const uint8_t* ws, int64_t m, int j) const {
     return reinterpret_cast<const int8_t*>(ws + m * row_bytes + j * Kp);
@@ -48,6 +53,8 @@ struct Layout {
   const uint8_t* fp32_block(const uint8_t* ws, int64_t m) const {
     return reinterpret_cast<const uint8_t*>(block_sum(ws, m) + n_blocks);
   }
+  // Whether row m holds two limbs (see above) rather than three.
+  bool two_limbs(const uint8_t* ws, int64_t m) const { return fp32_block(ws, m)[n_blocks + 1] != 0; }
   // Where the 16 elements starting at natural index k (a multiple of 16) are stored.
   int64_t position(int64_t k) const {
     if (!nibble_order) return k;
@@ -73,7 +80,9 @@ struct RowOut {
     sums = scales + L.n_blocks;
     fp32_block = reinterpret_cast<uint8_t*>(sums + L.n_blocks);
     fp32_block[L.n_blocks] = 0;
+    fp32_block[L.n_blocks + 1] = 0;
   }
+  void mark_two_limbs(const Layout& L) { fp32_block[L.n_blocks + 1] = 1; }
   // Decides block b (elements k0 .. k0+len, max |x| = amax, sum |x| = abs_sum): marks it for the
   // fp32 pass if it fails keeps_limbs, and returns whether its limbs are to be computed. A block
   // in fp32 or all zeros contributes nothing through the limbs: its limbs and sums are zeroed.
@@ -91,6 +100,19 @@ struct RowOut {
 inline bool keeps_limbs(float amax, float abs_sum, int64_t len, int64_t K) {
   return __builtin_isfinite(abs_sum) &&
          static_cast<double>(amax) * static_cast<double>(len) * 16.0 <=
+             static_cast<double>(K + 2) * static_cast<double>(abs_sum);
+}
+
+// Whether a block may take two limbs instead of three: the same budget as keeps_limbs (half the
+// fp32-accumulation bound) for the two-limb error. With s = fl(amax / 127), t = fl(x fl(1 / s))
+// and q = round(256 t): |x - s q / 256| <= s (254 u + 1/512) <= amax * 1.55e-5 (u = 2^-24), and
+// len * amax * 1.55e-5 <= (K + 2) 2^-25 sum|x| is amax * len * 520 <= (K + 2) sum|x|; 544 leaves
+// a margin. Gaussian blocks of 128 have amax / mean|x| of about 3-4, so K >= ~2300 qualifies
+// (CodeGen-2B's 2560 and up) and 350M's 1024 keeps three limbs. amax below 2^-100 keeps three
+// limbs too, so 1 / s stays far from overflow.
+inline bool keeps_two_limbs(float amax, float abs_sum, int64_t len, int64_t K) {
+  return __builtin_isfinite(abs_sum) && (amax == 0.0f || amax >= 0x1p-100f) &&
+         static_cast<double>(amax) * static_cast<double>(len) * 544.0 <=
              static_cast<double>(K + 2) * static_cast<double>(abs_sum);
 }
 

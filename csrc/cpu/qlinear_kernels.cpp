@@ -159,13 +159,22 @@ template <bool kInt4>
 void run_rows_vnni(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
   const vnni::Layout L = vnni_layout(a, kInt4);
   const uint8_t* ws = static_cast<const uint8_t*>(a.workspace);
+  const bool two_limbs = L.two_limbs(ws, 0);  // prepare() splits all rows of a call alike
   auto tile = [&](auto mr, auto nr, int64_t m, int64_t n) {
     if constexpr (kInt4) {
       constexpr int MR = decltype(mr)::value, NR = decltype(nr)::value;
-      switch (a.group_size) {
-        case 32: vnni::int4_tile<32, MR, NR>(a, L, ws, m, n); break;
-        case 64: vnni::int4_tile<64, MR, NR>(a, L, ws, m, n); break;
-        default: vnni::int4_tile<128, MR, NR>(a, L, ws, m, n); break;
+      if (two_limbs) {
+        switch (a.group_size) {
+          case 32: vnni::int4_tile<32, MR, NR, 2>(a, L, ws, m, n); break;
+          case 64: vnni::int4_tile<64, MR, NR, 2>(a, L, ws, m, n); break;
+          default: vnni::int4_tile<128, MR, NR, 2>(a, L, ws, m, n); break;
+        }
+      } else {
+        switch (a.group_size) {
+          case 32: vnni::int4_tile<32, MR, NR, 3>(a, L, ws, m, n); break;
+          case 64: vnni::int4_tile<64, MR, NR, 3>(a, L, ws, m, n); break;
+          default: vnni::int4_tile<128, MR, NR, 3>(a, L, ws, m, n); break;
+        }
       }
     }
     else vnni::int8_tile<decltype(mr)::value, decltype(nr)::value>(a, L, ws, m, n);

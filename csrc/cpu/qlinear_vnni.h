@@ -31,24 +31,73 @@ using limbs::Layout;
 
 inline __m512 round_nearest(__m512 v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 
-// Splits activation rows into limbs (limb_layout.h). Runs once per qlinear call. Blocks that
-// fail limbs::keeps_limbs are marked for the fp32 pass.
+// max |x| and sum |x| over `len` activations.
+struct BlockStats {
+  float amax, abs_sum;
+  BlockStats(const float* xb, int64_t len) {
+    __m512 vmax = _mm512_setzero_ps(), vsum = _mm512_setzero_ps();
+    for (int64_t k = 0; k < len; k += 16) {
+      const __mmask16 mask = (len - k >= 16) ? __mmask16(0xFFFF) : __mmask16((1u << (len - k)) - 1);
+      const __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, xb + k));
+      vmax = _mm512_max_ps(vmax, v);
+      vsum = _mm512_add_ps(vsum, v);  // unlike max, a sum keeps NaN and inf
+    }
+    amax = _mm512_reduce_max_ps(vmax);
+    abs_sum = _mm512_reduce_add_ps(vsum);
+  }
+};
+
+// Whether every block of every row may take two limbs (limbs::keeps_two_limbs). Only int4 blocks
+// (whole groups, a multiple of 16 long) are split so, and all rows of a call together, since a
+// tile of several rows reads them in one format.
+inline bool all_blocks_take_two_limbs(const float* x, int64_t M, const Layout& L) {
+  if (!L.nibble_order || L.K % L.block) return false;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < L.n_blocks; ++b) {
+      const BlockStats st(x + m * L.K + b * L.block, L.block);
+      if (!limbs::keeps_two_limbs(st.amax, st.abs_sum, L.block, L.K)) return false;
+    }
+  return true;
+}
+
+// The two-limb split of one block (limb_layout.h): q = round(256 x / s), h = q >> 8, l = q & 255.
+inline void split_two_limbs(const float* xb, int64_t len, float amax, const Layout& L, limbs::RowOut& out,
+                            int64_t b, int64_t k0) {
+  const float s = amax / 127.0f;
+  const __m512 inv256 = _mm512_set1_ps((1.0f / s) * 256.0f);  // 256 fl(1 / s), exact
+  __m512i sum_q = _mm512_setzero_si512();
+  for (int64_t k = 0; k < len; k += 16) {
+    const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + k), inv256),
+                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const int64_t pos = L.position(k0 + k);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out.limb[0] + pos), _mm512_cvtepi32_epi8(_mm512_srai_epi32(q, 8)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out.limb[1] + pos),
+                     _mm512_cvtepi32_epi8(_mm512_and_si512(q, _mm512_set1_epi32(255))));
+    sum_q = _mm512_add_epi32(sum_q, q);  // |q| <= 32513, so 128 of them fit
+  }
+  out.scales[b] = s;
+  out.sums[b] = static_cast<float>(static_cast<double>(s) * static_cast<double>(_mm512_reduce_add_epi32(sum_q)) / 256.0);
+}
+
+// Splits activation rows into limbs (limb_layout.h): two per element where every block allows it
+// (int4 only), else three. Runs once per qlinear call. Blocks that fail limbs::keeps_limbs are
+// marked for the fp32 pass.
 inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
+  const bool two = all_blocks_take_two_limbs(x, M, L);
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * L.K;
     limbs::RowOut out(L, ws, m);
+    if (two) out.mark_two_limbs(L);
     for (int64_t b = 0; b < L.n_blocks; ++b) {
       const int64_t k0 = b * L.block;
       const int64_t len = (L.K - k0 < L.block) ? L.K - k0 : L.block;
-      __m512 vmax = _mm512_setzero_ps(), vsum = _mm512_setzero_ps();
-      for (int64_t k = 0; k < len; k += 16) {
-        const __mmask16 mask = (len - k >= 16) ? __mmask16(0xFFFF) : __mmask16((1u << (len - k)) - 1);
-        const __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, xr + k0 + k));
-        vmax = _mm512_max_ps(vmax, v);
-        vsum = _mm512_add_ps(vsum, v);  // unlike max, a sum keeps NaN and inf
+      const BlockStats st(xr + k0, len);
+      const float amax = st.amax;
+      if (!out.start_block(L, b, k0, len, amax, st.abs_sum)) continue;
+      if (two) {
+        split_two_limbs(xr + k0, len, amax, L, out, b, k0);
+        continue;
       }
-      const float amax = _mm512_reduce_max_ps(vmax);
-      if (!out.start_block(L, b, k0, len, amax, _mm512_reduce_add_ps(vsum))) continue;
       const int e = limbs::block_exponent(amax);
       const __m512 inv = _mm512_set1_ps(::ldexpf(1.0f, -e));  // 2^-e, exact
       const __m512 c128 = _mm512_set1_ps(128.0f);
@@ -185,9 +234,15 @@ void int8_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
 // ((H << 7) + L) << 7) + LL: each limb's vpdpbusd pair starts from the shifted sum of the limbs
 // before it, so the fold costs two shifts and no adds. A lane sums 8 products per
 // chunk, |H| <= 15 * 127 * 8 < 2^14, so the result, < 2^29 in magnitude, cannot overflow.
-template <int G, int MR, int NR>
+//
+// NL = 2 (rows split into two limbs, limb_layout.h) takes four vpdpbusd and one shift per chunk
+// and row of W instead of six and two: (H << 8) + L, the weights as the unsigned operand against
+// h and as the signed one against the unsigned l (nibbles 0..15 are both). |H| <= 15 * 128 * 8
+// and L <= 255 * 15 * 8, so the fold is below 2^22 and converts to fp32 exactly.
+template <int G, int MR, int NR, int NL>
 void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t m0, int64_t n0) {
   static_assert(G == 32 || G == 64 || G == 128, "int4 group size");
+  static_assert(NL == 2 || NL == 3, "two or three activation limbs");
   static_assert(kLimbs == 3, "the fold below is written out for three limbs");
   const int64_t groups = a.K / G;
   const int64_t row_bytes = a.K / 2;
@@ -213,12 +268,12 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
   for (int64_t g_base = 0; g_base < groups; g_base += 16) {
     const int64_t span = (groups - g_base < 16) ? groups - g_base : 16;
     const __mmask16 span_mask = static_cast<__mmask16>((1u << span) - 1);
-    // Per row of x: activation block scales 2^e, times 2^-14 for the limb fold, and the blocks'
-    // sums for the zero-point term.
+    // Per row of x: activation block scales, times 2^-14 (three limbs) or 2^-8 (two) for the limb
+    // fold, and the blocks' sums for the zero-point term.
     __m512 sx[MR], sums[MR];
     for (int m = 0; m < MR; ++m) {
       sx[m] = _mm512_mul_ps(_mm512_maskz_loadu_ps(span_mask, L.block_scale(ws, m0 + m) + g_base),
-                            _mm512_set1_ps(1.0f / 16384.0f));
+                            _mm512_set1_ps(NL == 3 ? 1.0f / 16384.0f : 1.0f / 256.0f));
       sums[m] = _mm512_maskz_loadu_ps(span_mask, L.block_sum(ws, m0 + m) + g_base);
     }
     __m512 scale[MR][NR];
@@ -239,6 +294,11 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
     if constexpr (G == 128)
       for (int m = 0; m < MR; ++m)
         for (int r = 0; r < NR; ++r) _mm512_store_ps(scale_mem[m][r], scale[m][r]);
+    // The span's accumulators as locals: updating acc itself, GCC stored all MR x NR of them to
+    // the stack after every chunk.
+    __m512 acc_span[MR][NR];
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < NR; ++r) acc_span[m][r] = acc[m][r];
     const int64_t k_end = (g_base + span) * G;
     for (int64_t k = g_base * G; k < k_end; k += 128) {
       // Only a chunk of G < 128 groups at the end of a row can be short (K is a multiple of G).
@@ -260,6 +320,17 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
         const int8_t* x1 = L.limb(ws, m0 + m, 1) + k;
         const int8_t* x2 = L.limb(ws, m0 + m, 2) + k;
         __m512i f[NR];
+        if constexpr (NL == 2) {
+          const __m512i l0 = _mm512_load_si512(x1), l1 = _mm512_load_si512(x1 + 64);
+#pragma GCC unroll 8
+          for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], _mm512_load_si512(x0));
+#pragma GCC unroll 8
+          for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(f[r], hi[r], _mm512_load_si512(x0 + 64));
+#pragma GCC unroll 8
+          for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(_mm512_slli_epi32(f[r], 8), l0, lo[r]);
+#pragma GCC unroll 8
+          for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(f[r], l1, hi[r]);
+        } else {
 #pragma GCC unroll 8
         for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], _mm512_load_si512(x0));
 #pragma GCC unroll 8
@@ -272,15 +343,18 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
         for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(_mm512_slli_epi32(f[r], 7), lo[r], _mm512_load_si512(x2));
 #pragma GCC unroll 8
         for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(f[r], hi[r], _mm512_load_si512(x2 + 64));
+        }
 #pragma GCC unroll 8
         for (int r = 0; r < NR; ++r) {
           __m512 sc;
           if constexpr (G == 128) sc = _mm512_set1_ps(scale_mem[m][r][k / G - g_base]);
           else sc = _mm512_permutexvar_ps(lanes, scale[m][r]);
-          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(f[r]), sc, acc[m][r]);
+          acc_span[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(f[r]), sc, acc_span[m][r]);
         }
       }
     }
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < NR; ++r) acc[m][r] = acc_span[m][r];
   }
   for (int r = 0; r < NR; ++r) {
     const float bias = a.bias ? a.bias[n0 + r] : 0.0f;
