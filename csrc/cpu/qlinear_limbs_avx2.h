@@ -184,7 +184,7 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
     for (int64_t k = g_base * G; k < k_end; k += 128) {
       const int64_t chunk_bytes = (k_end - k >= 128) ? 64 : (k_end - k) / 2;
       const int chunk_group = static_cast<int>(k / G - g_base);  // the chunk's first group in the span
-      prefetch_next_tile<NR, 64>(w + NR * row_bytes, row_bytes, k / 2);
+      prefetch_next_tile<NR, 64>(w + kLimbTilesAhead * NR * row_bytes, row_bytes, k / 2);
       // One row's chunk from the 64 weight bytes at src. Inlined into both loops below, so the
       // unrolled full-chunk loop keeps the accumulators in registers.
       auto row_chunk = [&](int r, const uint8_t* src, __m256 acc_r) __attribute__((always_inline)) {

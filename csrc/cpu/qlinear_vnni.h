@@ -304,7 +304,7 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
       // Only a chunk of G < 128 groups at the end of a row can be short (K is a multiple of G).
       const int64_t chunk_bytes = (G == 128 || k_end - k >= 128) ? 64 : (k_end - k) / 2;
       const __mmask64 byte_mask = chunk_bytes == 64 ? ~__mmask64(0) : ((__mmask64(1) << chunk_bytes) - 1);
-      prefetch_next_tile<NR, 64>(w + NR * row_bytes, row_bytes, k / 2);
+      prefetch_next_tile<NR, 64>(w + kLimbTilesAhead * NR * row_bytes, row_bytes, k / 2);
       const __m512i lanes = _mm512_add_epi32(lane_group, _mm512_set1_epi32(static_cast<int>(k / G - g_base)));
       __m512i lo[NR], hi[NR];
 #pragma GCC unroll 8
