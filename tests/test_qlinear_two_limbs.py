@@ -1,16 +1,16 @@
-"""The two-limb activation split of the AVX-512 VNNI int4 GEMV (csrc/cpu/limb_layout.h).
+"""The two-limb activation split of the int4 limb GEMVs (csrc/cpu/limb_layout.h).
 
-At M <= 3 the int4 kernel represents each activation block as s * (h + l / 256), s = amax / 127,
-when every block of the call passes keeps_two_limbs:  amax * len * 544 <= (K + 2) * sum|x|
-(the two-limb error costs at most half of the fp32-accumulation bound), and as three limbs
-otherwise. These tests build activations whose two-limb rounding errors all point the same way,
+The AVX-512 VNNI int4 kernel (M <= 3) and AVX2's (M = 1) represent each activation block as
+s * (h + l / 256), s = amax / 127, when every block of the call passes keeps_two_limbs:
+amax * len * 544 <= (K + 2) * sum|x| (the two-limb error costs at most half of the
+fp32-accumulation bound), and as three limbs otherwise. These tests build activations whose two-limb rounding errors all point the same way,
 so the two representations give measurably different outputs (0.8-3.5 units, against fp32
 accumulation errors of a few hundredths at most), and check against a float64 model of each:
 
 - which representation the kernel used, on each side of the criterion's threshold;
 - that with the errors aligned, the result still meets the fp32 bound of the exact problem.
 
-On other ISAs (AVX2's limbs, scalar fp32) the exact representation is expected throughout.
+Elsewhere (larger M, the scalar ISA: fp32 kernels) the exact representation is expected.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from support import assert_within, fp32_bound
 
 GROUP = 128
 TWO_LIMB_FACTOR = 544  # keeps_two_limbs' constant
-VNNI_MAX_M_INT4 = 3    # rows per call that take the VNNI GEMV (qlinear_kernels.cpp)
+LIMB_MAX_M = {"avx512": 3, "avx2": 1}  # rows per call that take the limb GEMVs (qlinear_kernels.cpp)
 
 
 def constant_weight(n: int, k: int, q: int = 15, scale: float = 1 / 16) -> tuple[QuantizedWeight, torch.Tensor]:
@@ -69,7 +69,7 @@ def threshold_mean_abs(k: int) -> float:
 
 
 def expect_two_limbs(cpu_isa: str, m: int) -> bool:
-    return cpu_isa == "avx512" and m <= VNNI_MAX_M_INT4
+    return m <= LIMB_MAX_M.get(cpu_isa, 0)
 
 
 def which(y: torch.Tensor, exact: torch.Tensor, two: torch.Tensor) -> list[str]:

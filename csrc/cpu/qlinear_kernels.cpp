@@ -212,8 +212,13 @@ void run_rows_limbs(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
   const uint8_t* ws = static_cast<const uint8_t*>(a.workspace);
   constexpr int NR = 4;
   int64_t n = n_begin;
-  for (; n + NR <= n_end; n += NR) limbs_avx2::int4_tile<G, NR>(a, L, ws, 0, n);
-  for (; n < n_end; ++n) limbs_avx2::int4_tile<G, 1>(a, L, ws, 0, n);
+  if (L.two_limbs(ws, 0)) {
+    for (; n + NR <= n_end; n += NR) limbs_avx2::int4_tile<G, NR, 2>(a, L, ws, 0, n);
+    for (; n < n_end; ++n) limbs_avx2::int4_tile<G, 1, 2>(a, L, ws, 0, n);
+  } else {
+    for (; n + NR <= n_end; n += NR) limbs_avx2::int4_tile<G, NR, 3>(a, L, ws, 0, n);
+    for (; n < n_end; ++n) limbs_avx2::int4_tile<G, 1, 3>(a, L, ws, 0, n);
+  }
 }
 #endif
 

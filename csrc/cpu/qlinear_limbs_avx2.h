@@ -35,23 +35,73 @@ inline int64_t reduce_add(__m256i v) {
   return total;
 }
 
+// max |x| and sum |x| over a block of `len` (a multiple of 8) activations.
+struct BlockStats {
+  float amax, abs_sum;
+  BlockStats(const float* xb, int64_t len) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 vmax = _mm256_setzero_ps(), vsum = _mm256_setzero_ps();
+    for (int64_t k = 0; k < len; k += 8) {
+      const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + k));
+      vmax = _mm256_max_ps(vmax, v);
+      vsum = _mm256_add_ps(vsum, v);  // unlike max, a sum keeps NaN and inf
+    }
+    amax = Vec::reduce_max(vmax);
+    abs_sum = Vec::sum(vsum);
+  }
+};
+
+// Whether every block of every row may take two limbs (limbs::keeps_two_limbs).
+inline bool all_blocks_take_two_limbs(const float* x, int64_t M, const Layout& L) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < L.n_blocks; ++b) {
+      const BlockStats st(x + m * L.K + b * L.block, L.block);
+      if (!limbs::keeps_two_limbs(st.amax, st.abs_sum, L.block, L.K)) return false;
+    }
+  return true;
+}
+
+// The two-limb split of one block (limb_layout.h): q = round(256 x / s), h = q >> 8, l = q & 255.
+inline void split_two_limbs(const float* xb, int64_t len, float amax, const Layout& L, limbs::RowOut& out,
+                            int64_t b, int64_t k0) {
+  const float s = amax / 127.0f;
+  const __m256 inv256 = _mm256_set1_ps((1.0f / s) * 256.0f);  // 256 fl(1 / s), exact
+  const __m256i low_byte = _mm256_set1_epi32(255);
+  __m256i sum_q = _mm256_setzero_si256();
+  for (int64_t k = 0; k < len; k += 16) {
+    __m256i h[2], l[2];
+    for (int half = 0; half < 2; ++half) {
+      const __m256i q = _mm256_cvtps_epi32(round_nearest(_mm256_mul_ps(_mm256_loadu_ps(xb + k + 8 * half), inv256)));
+      h[half] = _mm256_srai_epi32(q, 8);
+      l[half] = _mm256_and_si256(q, low_byte);
+      sum_q = _mm256_add_epi32(sum_q, q);  // |q| <= 32513, so 128 of them fit
+    }
+    const int64_t pos = L.position(k0 + k);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out.limb[0] + pos), pack_i32x16_to_i8(h[0], h[1]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out.limb[1] + pos), pack_u32x16_to_u8(l[0], l[1]));
+  }
+  out.scales[b] = s;
+  out.sums[b] = static_cast<float>(static_cast<double>(s) * static_cast<double>(reduce_add(sum_q)) / 256.0);
+}
+
 // Splits activation rows into limbs for int4 weights (L.nibble_order, blocks = groups of a
-// multiple of 32 that divides K). Runs once per qlinear call.
+// multiple of 32 that divides K): two where every block allows it, else three. Runs once per
+// qlinear call.
 inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const bool two = all_blocks_take_two_limbs(x, M, L);
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * L.K;
     limbs::RowOut out(L, ws, m);
+    if (two) out.mark_two_limbs(L);
     for (int64_t b = 0; b < L.n_blocks; ++b) {
       const int64_t k0 = b * L.block, len = L.block;
-      __m256 vmax = _mm256_setzero_ps(), vsum = _mm256_setzero_ps();
-      for (int64_t k = 0; k < len; k += 8) {
-        const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + k0 + k));
-        vmax = _mm256_max_ps(vmax, v);
-        vsum = _mm256_add_ps(vsum, v);  // unlike max, a sum keeps NaN and inf
+      const BlockStats st(xr + k0, len);
+      const float amax = st.amax;
+      if (!out.start_block(L, b, k0, len, amax, st.abs_sum)) continue;
+      if (two) {
+        split_two_limbs(xr + k0, len, amax, L, out, b, k0);
+        continue;
       }
-      const float amax = Vec::reduce_max(vmax);
-      if (!out.start_block(L, b, k0, len, amax, Vec::sum(vsum))) continue;
       const int e = limbs::block_exponent(amax);
       // For 2^-e beyond the fp32 range (denormal x), scale in two exact steps.
       const bool two_steps = e < -126;
@@ -117,7 +167,8 @@ inline SpanActivations span_activations(const float* block_scale, const float* b
 }
 
 // For the same span of weight row n, from one load of its fp16 scales: weight scale x activation
-// scale x 2^-14 (the limb fold) and the zero-point term's part scale x zero x 2^e sum(x_hat).
+// scale x `fold` (2^-14 for three limbs, 2^-8 for two) and the zero-point term's part
+// scale x zero x 2^e sum(x_hat).
 // A whole span (8 groups, every span of a row whose group count is a multiple of 8) is loaded
 // directly: copied into a small array first, the 16-byte load of that array waited on a failed
 // store-to-load forward every time, 15 % of this kernel's time (perf, L2-resident 4096 x 128).
@@ -125,7 +176,7 @@ struct SpanScales {
   __m256 scale, offset;
 };
 inline SpanScales span_scales(const QLinearArgs& a, const SpanActivations& act, int64_t groups, int64_t n, int64_t g0,
-                              int64_t span) {
+                              int64_t span, float fold) {
   const uint16_t* sw = a.scales + n * groups + g0;
   const uint8_t* zeros = a.zeros ? a.zeros + n * groups + g0 : nullptr;
   __m128i half_bits, zero_bytes = _mm_set1_epi8(static_cast<char>(kInt4SymmetricZero));
@@ -144,7 +195,7 @@ inline SpanScales span_scales(const QLinearArgs& a, const SpanActivations& act, 
   }
   const __m256 w_scale = _mm256_cvtph_ps(half_bits);  // 0 past the span
   const __m256 zero = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zero_bytes));
-  return {_mm256_mul_ps(_mm256_mul_ps(w_scale, act.scale), _mm256_set1_ps(1.0f / 16384.0f)),
+  return {_mm256_mul_ps(_mm256_mul_ps(w_scale, act.scale), _mm256_set1_ps(fold)),
           _mm256_mul_ps(_mm256_mul_ps(w_scale, zero), act.sum)};
 }
 
@@ -155,11 +206,18 @@ inline SpanScales span_scales(const QLinearArgs& a, const SpanActivations& act, 
 // G = 128 both halves belong to one group, so their s16 pair sums are added before widening
 // (4 x 3810 < 2^15) and the fold runs once per chunk.
 //
+// NL = 2 (rows split into two limbs, limb_layout.h): (H << 8) + L, the unsigned l limb as
+// vpmaddubsw's unsigned operand and the nibbles as its signed one; a pair is then at most
+// 2 * 255 * 15 = 7650 and the four pairs of a G = 128 lane 30600 < 2^15.
+//
 // Scales are computed 8 groups at a time into a small array that each chunk reads with a
 // broadcast load (G = 32: two groups per half, one permute), not converted chunk by chunk.
-template <int G, int NR>
+template <int G, int NR, int NL>
 void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t m, int64_t n0) {
   static_assert(G == 32 || G == 64 || G == 128, "int4 group size");
+  static_assert(NL == 2 || NL == 3, "two or three activation limbs");
+  constexpr int kFoldShift = NL == 3 ? 7 : 8;
+  constexpr float kFold = NL == 3 ? 1.0f / 16384.0f : 1.0f / 256.0f;
   const int64_t groups = a.K / G;
   const int64_t row_bytes = a.K / 2;
   const uint8_t* w = static_cast<const uint8_t*>(a.qweight) + n0 * row_bytes;
@@ -176,7 +234,7 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
     const SpanActivations act = span_activations(block_scale, block_sum, g_base, span);
     alignas(32) float scale[NR][8];
     for (int r = 0; r < NR; ++r) {
-      const SpanScales ss = span_scales(a, act, groups, n0 + r, g_base, span);
+      const SpanScales ss = span_scales(a, act, groups, n0 + r, g_base, span, kFold);
       _mm256_store_ps(scale[r], ss.scale);
       off[r] = _mm256_add_ps(off[r], ss.offset);
     }
@@ -194,26 +252,28 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
           lo[half] = _mm256_and_si256(raw, nibble);
           hi[half] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
         }
-        // s16 pair sums of one limb for one half: low nibbles meet limb entries 32h.., high ones 64+32h..
-        auto pairs = [&](const int8_t* x, int half) __attribute__((always_inline)) {
+        // s16 pair sums of limb j for one half: low nibbles meet limb entries 32h.., high ones 64+32h..
+        auto pairs = [&](int j, int half) __attribute__((always_inline)) {
+          const int8_t* x = limb_rows[j] + k;
           const __m256i x_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(x + 32 * half));
           const __m256i x_hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(x + 64 + 32 * half));
+          if (NL == 2 && j == 1)  // the unsigned l limb: the nibbles take the signed side
+            return _mm256_add_epi16(_mm256_maddubs_epi16(x_lo, lo[half]), _mm256_maddubs_epi16(x_hi, hi[half]));
           return _mm256_add_epi16(_mm256_maddubs_epi16(lo[half], x_lo), _mm256_maddubs_epi16(hi[half], x_hi));
         };
         if constexpr (G == 128) {
           __m256i folded = _mm256_setzero_si256();
-          for (int j = 0; j < kLimbs; ++j) {
-            const int8_t* x = limb_rows[j] + k;
-            const __m256i dot = _mm256_madd_epi16(_mm256_add_epi16(pairs(x, 0), pairs(x, 1)), ones);
-            folded = j == 0 ? dot : _mm256_add_epi32(_mm256_slli_epi32(folded, 7), dot);
+          for (int j = 0; j < NL; ++j) {
+            const __m256i dot = _mm256_madd_epi16(_mm256_add_epi16(pairs(j, 0), pairs(j, 1)), ones);
+            folded = j == 0 ? dot : _mm256_add_epi32(_mm256_slli_epi32(folded, kFoldShift), dot);
           }
           return _mm256_fmadd_ps(_mm256_cvtepi32_ps(folded), _mm256_broadcast_ss(&scale[r][chunk_group]), acc_r);
         } else {
           for (int half = 0; half < 2; ++half) {
             __m256i folded = _mm256_setzero_si256();
-            for (int j = 0; j < kLimbs; ++j) {
-              const __m256i dot = _mm256_madd_epi16(pairs(limb_rows[j] + k, half), ones);
-              folded = j == 0 ? dot : _mm256_add_epi32(_mm256_slli_epi32(folded, 7), dot);
+            for (int j = 0; j < NL; ++j) {
+              const __m256i dot = _mm256_madd_epi16(pairs(j, half), ones);
+              folded = j == 0 ? dot : _mm256_add_epi32(_mm256_slli_epi32(folded, kFoldShift), dot);
             }
             __m256 s;
             if constexpr (G == 64) s = _mm256_broadcast_ss(&scale[r][chunk_group + half]);

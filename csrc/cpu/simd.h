@@ -116,6 +116,12 @@ inline __m128i pack_i32x16_to_i8(__m256i a, __m256i b) {
   return _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
 }
 
+// The same for values within uint8 range (0..255), as unsigned bytes.
+inline __m128i pack_u32x16_to_u8(__m256i a, __m256i b) {
+  const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
+  return _mm_packus_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
+}
+
 #else  // scalar reference: the plainest possible code, also the fallback on non-x86 machines
 
 struct Vec {
