@@ -1,13 +1,13 @@
 """The two-limb activation split of the int4 limb GEMVs (csrc/cpu/limb_layout.h).
 
-The AVX-512 VNNI int4 kernel (M <= 3) and AVX2's (M = 1) represent each activation block as
-s * (h + l / 256), s = amax / 127, when every block of the call passes keeps_two_limbs:
-amax * len * 544 <= (K + 2) * sum|x| (the two-limb error costs at most half of the
-fp32-accumulation bound), and as three limbs otherwise. These tests build activations whose two-limb rounding errors all point the same way,
-so the two representations give measurably different outputs (0.8-3.5 units, against fp32
-accumulation errors of a few hundredths at most), and check against a float64 model of each:
+The AVX-512 VNNI int4 kernel (M <= 3) and AVX2's (M = 1) represent each 128-element chunk of
+activations as s * (h + l / 256), s = amax / 127 per block, when each of its blocks passes
+keeps_two_limbs: amax * len * 544 <= (K + 2) * sum|x| (the two-limb error costs at most half
+of the fp32-accumulation bound), and as three limbs otherwise. These tests build activations whose two-limb rounding errors all point the same way,
+so each chunk split one way or the other moves the output by a known 0.1 units (against fp32
+accumulation errors of about 1e-4), and check against a float64 model of each:
 
-- which representation the kernel used, on each side of the criterion's threshold;
+- which representation the kernel used, on each side of the criterion's threshold, chunk by chunk;
 - that with the errors aligned, the result still meets the fp32 bound of the exact problem.
 
 Elsewhere (larger M, the scalar ISA: fp32 kernels) the exact representation is expected.
@@ -37,19 +37,32 @@ def constant_weight(n: int, k: int, q: int = 15, scale: float = 1 / 16) -> tuple
     return qw, torch.full((n, k), (q - 8) * scale, dtype=torch.float64)
 
 
+# Offset of the test activations from the two-limb grid (steps of 1/256): 31/16384 rounds down to
+# the grid (it is under half a step) and is exact in three limbs (steps of 1/16384 at this scale).
+OFFSET = 31 / 16384
+
+
 def coherent_block(mean_abs: float) -> torch.Tensor:
-    """A block of 128 with max 127 (so s = 1 exactly) and 127 values of magnitude ~v and
-    alternating sign, each 0.49 / 256 above the two-limb grid (+(q + 0.49) / 256 and
-    (-q + 0.49) / 256), so that every element rounds down by nearly 1/512 while the products'
-    running sums stay small (a long sum of equal terms would accumulate fp32 rounding coherently
-    too). sum|x| ~ 127 + 127 v."""
+    """A block of 128 with max 127 (so s = 1 and 2^e = 1 exactly) and 127 values +-q / 256 +
+    OFFSET of magnitude ~v, so that every element rounds down by OFFSET in two limbs and not at
+    all in three. The signs flip every 16 elements, so that the running sums of the fp32 kernels
+    (scalar, 8 or 16 lanes) stay small: a long sum of same-sign terms would accumulate fp32
+    rounding coherently too. sum|x| ~ 127 + 127 v."""
     v = (128 * mean_abs - 127) / 127
     q = int(v * 256)
-    block = torch.empty(GROUP, dtype=torch.float32)
-    block[1::2] = (q + 0.49) / 256
-    block[2::2] = (-q + 0.49) / 256
+    sign = 1 - 2 * ((torch.arange(GROUP) // 16) % 2)  # flips every 16: each vector lane alternates
+    block = (sign * q / 256 + OFFSET).float()
     block[0] = 127.0
     return block
+
+
+def coherent_row(mean_abs: float, k: int) -> torch.Tensor:
+    """k // 128 coherent blocks whose maxima alternate in sign (the +-127 would otherwise add up
+    to a running sum in the thousands, where the scalar kernel's fp32 sum drifts by ~0.1)."""
+    block = coherent_block(mean_abs)
+    row = block.repeat(k // GROUP)
+    row[GROUP::2 * GROUP] = -127.0
+    return row
 
 
 def two_limb_value(x: torch.Tensor) -> torch.Tensor:
@@ -72,15 +85,34 @@ def expect_two_limbs(cpu_isa: str, m: int) -> bool:
     return m <= LIMB_MAX_M.get(cpu_isa, 0)
 
 
-def which(y: torch.Tensor, exact: torch.Tensor, two: torch.Tensor) -> list[str]:
-    """Per output: 'exact' or 'two' for whichever model it is much closer to, else 'neither'."""
-    d_exact = (y.double() - exact).abs()
-    d_two = (y.double() - two).abs()
-    gap = (exact - two).abs()
+def chunk_gap(w_value: float) -> float:
+    """What one chunk's two-limb rounding moves an output by, with every weight w_value."""
+    return (GROUP - 1) * OFFSET * w_value
+
+
+def which(y: torch.Tensor, tol: float, **models: torch.Tensor) -> list[str]:
+    """Per output: the name of the model within tol of it, else 'neither'. tol is a quarter of a
+    single chunk's gap, so one chunk split the other way is caught; fp32 accumulation errors
+    here are about 1e-4 against tol >= 0.02."""
+    got = y.double()
     out = []
-    for de, dt, g in zip(d_exact.flatten().tolist(), d_two.flatten().tolist(), gap.flatten().tolist()):
-        out.append("exact" if de < 0.25 * g else "two" if dt < 0.25 * g else "neither")
+    for i in range(got.numel()):
+        near = [n for n, v in models.items() if abs(float(got.flatten()[i]) - float(v.flatten()[i])) < tol]
+        out.append(near[0] if len(near) == 1 else "neither")
     return out
+
+
+def chunk_passes(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Per 128-element chunk (one g128 block): whether it meets keeps_two_limbs, in float64."""
+    blocks = x.double().reshape(*x.shape[:-1], -1, GROUP)
+    amax, abs_sum = blocks.abs().amax(dim=-1), blocks.abs().sum(dim=-1)
+    return amax * GROUP * TWO_LIMB_FACTOR <= (k + 2) * abs_sum
+
+
+def mixed_value(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Two limbs in the chunks that pass the criterion, the exact value in the others."""
+    passes = chunk_passes(x, k).repeat_interleave(GROUP, dim=-1)
+    return torch.where(passes, two_limb_value(x), x.double())
 
 
 @pytest.mark.parametrize("k", [1024, 2560, 4096])
@@ -89,32 +121,41 @@ def which(y: torch.Tensor, exact: torch.Tensor, two: torch.Tensor) -> list[str]:
 def test_two_limbs_taken_exactly_where_the_criterion_allows(cpu_isa, k, m, side):
     # Every block sits 3 % above (or below) the criterion's threshold for sum|x|.
     mean_abs = threshold_mean_abs(k) * (1.03 if side == "above" else 0.97)
-    x = coherent_block(mean_abs).repeat(m, k // GROUP)
+    x = coherent_row(mean_abs, k).repeat(m, 1)
     n = 9
     qw, w64 = constant_weight(n, k)
     y = qlinear(x, qw)
     x64 = x.double()
     exact, two = x64 @ w64.T, two_limb_value(x) @ w64.T
-    assert ((exact - two).abs() > 0.5).all(), "test setup: the two models must differ measurably"
+    tol = 0.25 * chunk_gap(float(w64[0, 0]))
+    assert torch.allclose(exact - two, torch.full_like(exact, k // GROUP * chunk_gap(float(w64[0, 0])))), "test setup"
     want = "two" if side == "above" and expect_two_limbs(cpu_isa, m) else "exact"
-    got = which(y, exact, two)
+    got = which(y, tol, exact=exact, two=two)
     assert got == [want] * len(got), f"{cpu_isa} K={k} M={m} {side}: expected {want}, got {sorted(set(got))}"
     # Either way the result meets the fp32 bound of the exact problem: the criterion's promise.
     assert_within(y, exact, fp32_bound(x64, w64), f"{cpu_isa} K={k} M={m} {side}")
 
 
-@pytest.mark.parametrize("m", [1, 2])
-def test_one_failing_block_keeps_the_whole_call_on_three_limbs(cpu_isa, m):
-    # Tiles of several rows read them in one format, so a single block below the threshold, in the
-    # last row, sends every row of the call to three limbs.
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_chunks_that_fail_keep_three_limbs_alone(cpu_isa, m):
+    # The decision is per 128-element chunk: blocks below the threshold (a different pattern in
+    # each row) keep three limbs while the rest of their row takes two, so the output matches
+    # neither the all-exact nor the all-two-limb model but the mix.
     k = 4096
-    x = coherent_block(threshold_mean_abs(k) * 1.5).repeat(m, k // GROUP)
-    x[m - 1, -GROUP:] = coherent_block(threshold_mean_abs(k) * 0.5)
+    chunks = k // GROUP
+    x = coherent_row(threshold_mean_abs(k) * 1.5, k).repeat(m, 1)
+    low = coherent_block(threshold_mean_abs(k) * 0.5)
+    for row in range(m):
+        for c in range(row, chunks, 3 + row):
+            x[row, c * GROUP + 1:(c + 1) * GROUP] = low[1:]  # keep the block's +-127
+    assert not chunk_passes(x, k).all() and chunk_passes(x, k).any(), "test setup: a mix of chunks"
     qw, w64 = constant_weight(5, k)
     y = qlinear(x, qw)
-    exact, two = x.double() @ w64.T, two_limb_value(x) @ w64.T
-    got = which(y, exact, two)
-    assert got == ["exact"] * len(got), f"{cpu_isa} M={m}: got {sorted(set(got))}"
+    exact, two, mixed = x.double() @ w64.T, two_limb_value(x) @ w64.T, mixed_value(x, k) @ w64.T
+    want = "mixed" if expect_two_limbs(cpu_isa, m) else "exact"
+    got = which(y, 0.25 * chunk_gap(float(w64[0, 0])), exact=exact, two=two, mixed=mixed)
+    assert got == [want] * len(got), f"{cpu_isa} M={m}: expected {want}, got {sorted(set(got))}"
+    assert_within(y, exact, fp32_bound(x.double(), w64), f"{cpu_isa} M={m}")
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -22,24 +22,30 @@ constexpr int64_t kAlign = 128;  // one int4 chunk: 64 bytes of weights, 128 ele
 inline int64_t round_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
 // Workspace layout for M activation rows: per row, kLimbs int8 arrays of Kp (K padded to 128, zero
-// filled) then, per block, the block scale 2^e and the block's zero-point sum 2^e * sum(x_hat),
-// then the per-block fp32 flags and two bytes of flags for the whole row.
+// filled) then, per block, the block scale and the block's zero-point sum 2^e * sum(x_hat), then
+// the per-block fp32 flags, two bytes for the whole row and one per 128-element chunk.
 //
-// Two-limb rows (int4 at M <= 3 on AVX-512 VNNI, see keeps_two_limbs): x ~= s (h + l / 256) with
-// s = amax / 127 (not a power of two), h = q >> 8 as int8 and l = q & 255 as *uint8*, where
-// q = round(256 x / s). Limb 2 is unused, the block scale is s and the sum s * sum(q) / 256.
+// int4 chunks (the int4 limb GEMVs' unit of work) whose blocks all pass keeps_two_limbs take two
+// limbs instead: x ~= s (h + l / 256) with s = amax / 127 (not a power of two), h = q >> 8 as
+// int8 and l = q & 255 as *uint8*, where q = round(256 x / s); limb 2 is unused there and the
+// block's sum is s * sum(q) / 256. For int4 the stored block scale includes the kernels' limb
+// fold, 2^e * 2^-14 or s * 2^-8, so a chunk of either kind costs the kernel the same scaling.
 //
 // With `nibble_order` (int4 weights) each 128-element chunk of limbs is stored in the order one
 // 64-byte load of packed weights yields after masking: first the low nibbles of its four 32-blocks
 // (elements 0-15 of each), then the high nibbles (elements 16-31 of each). The weights then need
 // no shuffles at all: `w & 0xF` and `(w >> 4) & 0xF` line up with the two halves of the limbs.
+enum LimbMode : uint8_t { kThreeLimbs = 0, kTwoLimbs = 1, kMixedLimbs = 2 };
+
 struct Layout {
-  int64_t K, Kp, block, n_blocks, row_bytes;
+  int64_t K, Kp, block, n_blocks, n_chunks, row_bytes;
   bool nibble_order;
   Layout(int64_t K_, int64_t block_, bool nibble_order_)
       : K(K_), Kp(round_up(K_, kAlign)), block(block_), nibble_order(nibble_order_) {
     n_blocks = (K + block - 1) / block;
-    row_bytes = round_up(kLimbs * Kp + 2 * n_blocks * static_cast<int64_t>(sizeof(float)) + n_blocks + 2, kAlign);
+    n_chunks = Kp / kAlign;
+    row_bytes = round_up(kLimbs * Kp + 2 * n_blocks * static_cast<int64_t>(sizeof(float)) + n_blocks + 2 + n_chunks,
+                         kAlign);
   }
   const int8_t* limb(const uint8_t* ws, int64_t m, int j) const {
     return reinterpret_cast<const int8_t*>(ws + m * row_bytes + j * Kp);
@@ -53,8 +59,10 @@ struct Layout {
   const uint8_t* fp32_block(const uint8_t* ws, int64_t m) const {
     return reinterpret_cast<const uint8_t*>(block_sum(ws, m) + n_blocks);
   }
-  // Whether row m holds two limbs (see above) rather than three.
-  bool two_limbs(const uint8_t* ws, int64_t m) const { return fp32_block(ws, m)[n_blocks + 1] != 0; }
+  // Row m's chunks: all three limbs, all two, or some of each (two_limb_chunk says which).
+  LimbMode limb_mode(const uint8_t* ws, int64_t m) const { return LimbMode(fp32_block(ws, m)[n_blocks + 1]); }
+  // 1 for the 128-element chunks of row m held as two limbs, else 0.
+  const uint8_t* two_limb_chunk(const uint8_t* ws, int64_t m) const { return fp32_block(ws, m) + n_blocks + 2; }
   // Where the 16 elements starting at natural index k (a multiple of 16) are stored.
   int64_t position(int64_t k) const {
     if (!nibble_order) return k;
@@ -70,6 +78,7 @@ struct RowOut {
   float* scales;
   float* sums;
   uint8_t* fp32_block;
+  uint8_t* two_limb_chunk;
   RowOut(const Layout& L, uint8_t* ws, int64_t m) {
     uint8_t* row = ws + m * L.row_bytes;
     for (int j = 0; j < kLimbs; ++j) {
@@ -80,9 +89,13 @@ struct RowOut {
     sums = scales + L.n_blocks;
     fp32_block = reinterpret_cast<uint8_t*>(sums + L.n_blocks);
     fp32_block[L.n_blocks] = 0;
-    fp32_block[L.n_blocks + 1] = 0;
+    fp32_block[L.n_blocks + 1] = kThreeLimbs;
+    two_limb_chunk = fp32_block + L.n_blocks + 2;
+    std::memset(two_limb_chunk, 0, static_cast<size_t>(L.n_chunks));
   }
-  void mark_two_limbs(const Layout& L) { fp32_block[L.n_blocks + 1] = 1; }
+  // Marks the int4 chunks whose blocks all pass keeps_two_limbs and sets the row's LimbMode, from
+  // each block's max |x| and sum |x|, which prepare()'s first pass leaves in scales[] and sums[].
+  void choose_two_limb_chunks(const Layout& L);
   // Decides block b (elements k0 .. k0+len, max |x| = amax, sum |x| = abs_sum): marks it for the
   // fp32 pass if it fails keeps_limbs, and returns whether its limbs are to be computed. A block
   // in fp32 or all zeros contributes nothing through the limbs: its limbs and sums are zeroed.
@@ -114,6 +127,20 @@ inline bool keeps_two_limbs(float amax, float abs_sum, int64_t len, int64_t K) {
   return __builtin_isfinite(abs_sum) && (amax == 0.0f || amax >= 0x1p-100f) &&
          static_cast<double>(amax) * static_cast<double>(len) * 544.0 <=
              static_cast<double>(K + 2) * static_cast<double>(abs_sum);
+}
+
+inline void RowOut::choose_two_limb_chunks(const Layout& L) {
+  if (!L.nibble_order) return;  // int8 weights keep three limbs
+  const int64_t per_chunk = kAlign / L.block;  // int4 blocks (groups) divide a chunk
+  int64_t twos = 0;
+  for (int64_t c = 0; c < L.n_chunks; ++c) {
+    bool two = true;
+    for (int64_t b = c * per_chunk; b < (c + 1) * per_chunk && b < L.n_blocks; ++b)
+      two = two && keeps_two_limbs(scales[b], sums[b], L.block, L.K);
+    two_limb_chunk[c] = two ? 1 : 0;
+    twos += two ? 1 : 0;
+  }
+  fp32_block[L.n_blocks + 1] = twos == 0 ? kThreeLimbs : twos == L.n_chunks ? kTwoLimbs : kMixedLimbs;
 }
 
 inline bool RowOut::start_block(const Layout& L, int64_t b, int64_t k0, int64_t len, float amax, float abs_sum) {

@@ -138,6 +138,17 @@ void run_rows(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
   }
 }
 
+#if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
+// The limb mode all M rows share (the tiles of several rows read them alike): kMixedLimbs unless
+// every row is all two-limb or all three-limb chunks.
+limbs::LimbMode call_limb_mode(const limbs::Layout& L, const uint8_t* ws, int64_t M) {
+  const limbs::LimbMode first = L.limb_mode(ws, 0);
+  for (int64_t m = 1; m < M; ++m)
+    if (L.limb_mode(ws, m) != first) return limbs::kMixedLimbs;
+  return first;
+}
+#endif
+
 #if defined(CGQ_ISA_AVX512)
 // The VNNI kernels pay three vpdpbusd (one per activation limb) for every 64 products of each row
 // of x; the fp32 kernels convert each weight once and pay one FMA per 16 products per row. So the
@@ -155,26 +166,27 @@ vnni::Layout vnni_layout(const QLinearArgs& a, bool int4) {
   return vnni::Layout(a.K, int4 ? a.group_size : vnni::kInt8Block, int4);
 }
 
+template <int MR, int NR, limbs::LimbMode kMode>
+void int4_tile_for_group(const QLinearArgs& a, const vnni::Layout& L, const uint8_t* ws, int64_t m, int64_t n) {
+  switch (a.group_size) {
+    case 32: vnni::int4_tile<32, MR, NR, kMode>(a, L, ws, m, n); break;
+    case 64: vnni::int4_tile<64, MR, NR, kMode>(a, L, ws, m, n); break;
+    default: vnni::int4_tile<128, MR, NR, kMode>(a, L, ws, m, n); break;
+  }
+}
+
 template <bool kInt4>
 void run_rows_vnni(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
   const vnni::Layout L = vnni_layout(a, kInt4);
   const uint8_t* ws = static_cast<const uint8_t*>(a.workspace);
-  const bool two_limbs = L.two_limbs(ws, 0);  // prepare() splits all rows of a call alike
+  const limbs::LimbMode mode = call_limb_mode(L, ws, a.M);
   auto tile = [&](auto mr, auto nr, int64_t m, int64_t n) {
     if constexpr (kInt4) {
       constexpr int MR = decltype(mr)::value, NR = decltype(nr)::value;
-      if (two_limbs) {
-        switch (a.group_size) {
-          case 32: vnni::int4_tile<32, MR, NR, 2>(a, L, ws, m, n); break;
-          case 64: vnni::int4_tile<64, MR, NR, 2>(a, L, ws, m, n); break;
-          default: vnni::int4_tile<128, MR, NR, 2>(a, L, ws, m, n); break;
-        }
-      } else {
-        switch (a.group_size) {
-          case 32: vnni::int4_tile<32, MR, NR, 3>(a, L, ws, m, n); break;
-          case 64: vnni::int4_tile<64, MR, NR, 3>(a, L, ws, m, n); break;
-          default: vnni::int4_tile<128, MR, NR, 3>(a, L, ws, m, n); break;
-        }
+      switch (mode) {
+        case limbs::kTwoLimbs: int4_tile_for_group<MR, NR, limbs::kTwoLimbs>(a, L, ws, m, n); break;
+        case limbs::kThreeLimbs: int4_tile_for_group<MR, NR, limbs::kThreeLimbs>(a, L, ws, m, n); break;
+        default: int4_tile_for_group<MR, NR, limbs::kMixedLimbs>(a, L, ws, m, n); break;
       }
     }
     else vnni::int8_tile<decltype(mr)::value, decltype(nr)::value>(a, L, ws, m, n);
@@ -212,12 +224,15 @@ void run_rows_limbs(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
   const uint8_t* ws = static_cast<const uint8_t*>(a.workspace);
   constexpr int NR = 4;
   int64_t n = n_begin;
-  if (L.two_limbs(ws, 0)) {
-    for (; n + NR <= n_end; n += NR) limbs_avx2::int4_tile<G, NR, 2>(a, L, ws, 0, n);
-    for (; n < n_end; ++n) limbs_avx2::int4_tile<G, 1, 2>(a, L, ws, 0, n);
-  } else {
-    for (; n + NR <= n_end; n += NR) limbs_avx2::int4_tile<G, NR, 3>(a, L, ws, 0, n);
-    for (; n < n_end; ++n) limbs_avx2::int4_tile<G, 1, 3>(a, L, ws, 0, n);
+  auto rows = [&](auto mode) {
+    constexpr limbs::LimbMode kMode = decltype(mode)::value;
+    for (; n + NR <= n_end; n += NR) limbs_avx2::int4_tile<G, NR, kMode>(a, L, ws, 0, n);
+    for (; n < n_end; ++n) limbs_avx2::int4_tile<G, 1, kMode>(a, L, ws, 0, n);
+  };
+  switch (call_limb_mode(L, ws, a.M)) {
+    case limbs::kTwoLimbs: rows(std::integral_constant<limbs::LimbMode, limbs::kTwoLimbs>{}); break;
+    case limbs::kThreeLimbs: rows(std::integral_constant<limbs::LimbMode, limbs::kThreeLimbs>{}); break;
+    default: rows(std::integral_constant<limbs::LimbMode, limbs::kMixedLimbs>{}); break;
   }
 }
 #endif

@@ -51,16 +51,6 @@ struct BlockStats {
   }
 };
 
-// Whether every block of every row may take two limbs (limbs::keeps_two_limbs).
-inline bool all_blocks_take_two_limbs(const float* x, int64_t M, const Layout& L) {
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < L.n_blocks; ++b) {
-      const BlockStats st(x + m * L.K + b * L.block, L.block);
-      if (!limbs::keeps_two_limbs(st.amax, st.abs_sum, L.block, L.K)) return false;
-    }
-  return true;
-}
-
 // The two-limb split of one block (limb_layout.h): q = round(256 x / s), h = q >> 8, l = q & 255.
 inline void split_two_limbs(const float* xb, int64_t len, float amax, const Layout& L, limbs::RowOut& out,
                             int64_t b, int64_t k0) {
@@ -80,25 +70,28 @@ inline void split_two_limbs(const float* xb, int64_t len, float amax, const Layo
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out.limb[0] + pos), pack_i32x16_to_i8(h[0], h[1]));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out.limb[1] + pos), pack_u32x16_to_u8(l[0], l[1]));
   }
-  out.scales[b] = s;
+  out.scales[b] = s * (1.0f / 256.0f);  // with the kernel's fold (H << 8) + L
   out.sums[b] = static_cast<float>(static_cast<double>(s) * static_cast<double>(reduce_add(sum_q)) / 256.0);
 }
 
 // Splits activation rows into limbs for int4 weights (L.nibble_order, blocks = groups of a
-// multiple of 32 that divides K): two where every block allows it, else three. Runs once per
+// multiple of 32 that divides K): two in the chunks that allow it, else three. Runs once per
 // qlinear call.
 inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
-  const bool two = all_blocks_take_two_limbs(x, M, L);
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * L.K;
     limbs::RowOut out(L, ws, m);
-    if (two) out.mark_two_limbs(L);
+    for (int64_t b = 0; b < L.n_blocks; ++b) {
+      const BlockStats st(xr + b * L.block, L.block);
+      out.scales[b] = st.amax;
+      out.sums[b] = st.abs_sum;
+    }
+    out.choose_two_limb_chunks(L);
     for (int64_t b = 0; b < L.n_blocks; ++b) {
       const int64_t k0 = b * L.block, len = L.block;
-      const BlockStats st(xr + k0, len);
-      const float amax = st.amax;
-      if (!out.start_block(L, b, k0, len, amax, st.abs_sum)) continue;
-      if (two) {
+      const float amax = out.scales[b];
+      if (!out.start_block(L, b, k0, len, amax, out.sums[b])) continue;
+      if (out.two_limb_chunk[k0 / limbs::kAlign]) {
         split_two_limbs(xr + k0, len, amax, L, out, b, k0);
         continue;
       }
@@ -129,7 +122,7 @@ inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
           sum[j] = _mm256_add_epi32(sum[j], _mm256_add_epi32(parts[0][j], parts[1][j]));
         }
       }
-      out.scales[b] = std::ldexp(1.0f, e);
+      out.scales[b] = std::ldexp(1.0f, e - 14);  // with the kernel's fold ((H << 7) + L) << 7) + LL
       out.sums[b] = limbs::limb_sum(reduce_add(sum[0]), reduce_add(sum[1]), reduce_add(sum[2]), e);
     }
   }
@@ -148,7 +141,7 @@ inline float dot_int4_fp32(const uint8_t* w, const float* x, int64_t G, float sc
 }
 
 // The activation side of a span of `span` <= 8 groups from g0, shared by the tile's rows: block
-// scales 2^e and block sums 2^e sum(x_hat); 0 past the span.
+// scales (with the limb fold, limb_layout.h) and block sums sum(x_hat); 0 past the span.
 struct SpanActivations {
   __m256 scale, sum;
 };
@@ -167,8 +160,7 @@ inline SpanActivations span_activations(const float* block_scale, const float* b
 }
 
 // For the same span of weight row n, from one load of its fp16 scales: weight scale x activation
-// scale x `fold` (2^-14 for three limbs, 2^-8 for two) and the zero-point term's part
-// scale x zero x 2^e sum(x_hat).
+// scale (which includes the limb fold) and the zero-point term's part scale x zero x sum(x_hat).
 // A whole span (8 groups, every span of a row whose group count is a multiple of 8) is loaded
 // directly: copied into a small array first, the 16-byte load of that array waited on a failed
 // store-to-load forward every time, 15 % of this kernel's time (perf, L2-resident 4096 x 128).
@@ -176,7 +168,7 @@ struct SpanScales {
   __m256 scale, offset;
 };
 inline SpanScales span_scales(const QLinearArgs& a, const SpanActivations& act, int64_t groups, int64_t n, int64_t g0,
-                              int64_t span, float fold) {
+                              int64_t span) {
   const uint16_t* sw = a.scales + n * groups + g0;
   const uint8_t* zeros = a.zeros ? a.zeros + n * groups + g0 : nullptr;
   __m128i half_bits, zero_bytes = _mm_set1_epi8(static_cast<char>(kInt4SymmetricZero));
@@ -195,7 +187,7 @@ inline SpanScales span_scales(const QLinearArgs& a, const SpanActivations& act, 
   }
   const __m256 w_scale = _mm256_cvtph_ps(half_bits);  // 0 past the span
   const __m256 zero = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zero_bytes));
-  return {_mm256_mul_ps(_mm256_mul_ps(w_scale, act.scale), _mm256_set1_ps(fold)),
+  return {_mm256_mul_ps(w_scale, act.scale),
           _mm256_mul_ps(_mm256_mul_ps(w_scale, zero), act.sum)};
 }
 
@@ -206,18 +198,16 @@ inline SpanScales span_scales(const QLinearArgs& a, const SpanActivations& act, 
 // G = 128 both halves belong to one group, so their s16 pair sums are added before widening
 // (4 x 3810 < 2^15) and the fold runs once per chunk.
 //
-// NL = 2 (rows split into two limbs, limb_layout.h): (H << 8) + L, the unsigned l limb as
-// vpmaddubsw's unsigned operand and the nibbles as its signed one; a pair is then at most
-// 2 * 255 * 15 = 7650 and the four pairs of a G = 128 lane 30600 < 2^15.
+// Two-limb chunks (limb_layout.h) fold as (H << 8) + L, the unsigned l limb as vpmaddubsw's
+// unsigned operand and the nibbles as its signed one; a pair is then at most 2 * 255 * 15 = 7650
+// and the four pairs of a G = 128 lane 30600 < 2^15. kMode: as in qlinear_vnni.h's int4_tile.
 //
 // Scales are computed 8 groups at a time into a small array that each chunk reads with a
 // broadcast load (G = 32: two groups per half, one permute), not converted chunk by chunk.
-template <int G, int NR, int NL>
+template <int G, int NR, limbs::LimbMode kMode>
 void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t m, int64_t n0) {
   static_assert(G == 32 || G == 64 || G == 128, "int4 group size");
-  static_assert(NL == 2 || NL == 3, "two or three activation limbs");
-  constexpr int kFoldShift = NL == 3 ? 7 : 8;
-  constexpr float kFold = NL == 3 ? 1.0f / 16384.0f : 1.0f / 256.0f;
+  const uint8_t* two_limb_chunk = L.two_limb_chunk(ws, m);
   const int64_t groups = a.K / G;
   const int64_t row_bytes = a.K / 2;
   const uint8_t* w = static_cast<const uint8_t*>(a.qweight) + n0 * row_bytes;
@@ -234,7 +224,7 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
     const SpanActivations act = span_activations(block_scale, block_sum, g_base, span);
     alignas(32) float scale[NR][8];
     for (int r = 0; r < NR; ++r) {
-      const SpanScales ss = span_scales(a, act, groups, n0 + r, g_base, span, kFold);
+      const SpanScales ss = span_scales(a, act, groups, n0 + r, g_base, span);
       _mm256_store_ps(scale[r], ss.scale);
       off[r] = _mm256_add_ps(off[r], ss.offset);
     }
@@ -243,6 +233,7 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
       const int64_t chunk_bytes = (k_end - k >= 128) ? 64 : (k_end - k) / 2;
       const int chunk_group = static_cast<int>(k / G - g_base);  // the chunk's first group in the span
       prefetch_next_tile<NR, 64>(w + kLimbTilesAhead * NR * row_bytes, row_bytes, k / 2);
+      const bool two = kMode == limbs::kTwoLimbs || (kMode == limbs::kMixedLimbs && two_limb_chunk[k / 128]);
       // One row's chunk from the 64 weight bytes at src. Inlined into both loops below, so the
       // unrolled full-chunk loop keeps the accumulators in registers.
       auto row_chunk = [&](int r, const uint8_t* src, __m256 acc_r) __attribute__((always_inline)) {
@@ -257,24 +248,22 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
           const int8_t* x = limb_rows[j] + k;
           const __m256i x_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(x + 32 * half));
           const __m256i x_hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(x + 64 + 32 * half));
-          if (NL == 2 && j == 1)  // the unsigned l limb: the nibbles take the signed side
+          if (two && j == 1)  // the unsigned l limb: the nibbles take the signed side
             return _mm256_add_epi16(_mm256_maddubs_epi16(x_lo, lo[half]), _mm256_maddubs_epi16(x_hi, hi[half]));
           return _mm256_add_epi16(_mm256_maddubs_epi16(lo[half], x_lo), _mm256_maddubs_epi16(hi[half], x_hi));
         };
+        // The limbs' dot products folded in int32: ((H << 7) + L) << 7) + LL, or (H << 8) + L.
+        auto fold = [&](auto dot) __attribute__((always_inline)) {
+          if (two) return _mm256_add_epi32(_mm256_slli_epi32(dot(0), 8), dot(1));
+          return _mm256_add_epi32(_mm256_slli_epi32(_mm256_add_epi32(_mm256_slli_epi32(dot(0), 7), dot(1)), 7), dot(2));
+        };
         if constexpr (G == 128) {
-          __m256i folded = _mm256_setzero_si256();
-          for (int j = 0; j < NL; ++j) {
-            const __m256i dot = _mm256_madd_epi16(_mm256_add_epi16(pairs(j, 0), pairs(j, 1)), ones);
-            folded = j == 0 ? dot : _mm256_add_epi32(_mm256_slli_epi32(folded, kFoldShift), dot);
-          }
+          const __m256i folded =
+              fold([&](int j) { return _mm256_madd_epi16(_mm256_add_epi16(pairs(j, 0), pairs(j, 1)), ones); });
           return _mm256_fmadd_ps(_mm256_cvtepi32_ps(folded), _mm256_broadcast_ss(&scale[r][chunk_group]), acc_r);
         } else {
           for (int half = 0; half < 2; ++half) {
-            __m256i folded = _mm256_setzero_si256();
-            for (int j = 0; j < NL; ++j) {
-              const __m256i dot = _mm256_madd_epi16(pairs(j, half), ones);
-              folded = j == 0 ? dot : _mm256_add_epi32(_mm256_slli_epi32(folded, kFoldShift), dot);
-            }
+            const __m256i folded = fold([&](int j) { return _mm256_madd_epi16(pairs(j, half), ones); });
             __m256 s;
             if constexpr (G == 64) s = _mm256_broadcast_ss(&scale[r][chunk_group + half]);
             else s = _mm256_permutevar8x32_ps(_mm256_load_ps(scale[r]),

@@ -47,19 +47,6 @@ struct BlockStats {
   }
 };
 
-// Whether every block of every row may take two limbs (limbs::keeps_two_limbs). Only int4 blocks
-// (whole groups, a multiple of 16 long) are split so, and all rows of a call together, since a
-// tile of several rows reads them in one format.
-inline bool all_blocks_take_two_limbs(const float* x, int64_t M, const Layout& L) {
-  if (!L.nibble_order || L.K % L.block) return false;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < L.n_blocks; ++b) {
-      const BlockStats st(x + m * L.K + b * L.block, L.block);
-      if (!limbs::keeps_two_limbs(st.amax, st.abs_sum, L.block, L.K)) return false;
-    }
-  return true;
-}
-
 // The two-limb split of one block (limb_layout.h): q = round(256 x / s), h = q >> 8, l = q & 255.
 inline void split_two_limbs(const float* xb, int64_t len, float amax, const Layout& L, limbs::RowOut& out,
                             int64_t b, int64_t k0) {
@@ -75,26 +62,30 @@ inline void split_two_limbs(const float* xb, int64_t len, float amax, const Layo
                      _mm512_cvtepi32_epi8(_mm512_and_si512(q, _mm512_set1_epi32(255))));
     sum_q = _mm512_add_epi32(sum_q, q);  // |q| <= 32513, so 128 of them fit
   }
-  out.scales[b] = s;
+  out.scales[b] = s * (1.0f / 256.0f);  // with the kernel's fold (H << 8) + L
   out.sums[b] = static_cast<float>(static_cast<double>(s) * static_cast<double>(_mm512_reduce_add_epi32(sum_q)) / 256.0);
 }
 
-// Splits activation rows into limbs (limb_layout.h): two per element where every block allows it
-// (int4 only), else three. Runs once per qlinear call. Blocks that fail limbs::keeps_limbs are
+// Splits activation rows into limbs (limb_layout.h): two per element in the int4 chunks that
+// allow it, else three. Runs once per qlinear call. Blocks that fail limbs::keeps_limbs are
 // marked for the fp32 pass.
 inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
-  const bool two = all_blocks_take_two_limbs(x, M, L);
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * L.K;
     limbs::RowOut out(L, ws, m);
-    if (two) out.mark_two_limbs(L);
+    for (int64_t b = 0; b < L.n_blocks; ++b) {
+      const int64_t k0 = b * L.block;
+      const BlockStats st(xr + k0, (L.K - k0 < L.block) ? L.K - k0 : L.block);
+      out.scales[b] = st.amax;
+      out.sums[b] = st.abs_sum;
+    }
+    out.choose_two_limb_chunks(L);
     for (int64_t b = 0; b < L.n_blocks; ++b) {
       const int64_t k0 = b * L.block;
       const int64_t len = (L.K - k0 < L.block) ? L.K - k0 : L.block;
-      const BlockStats st(xr + k0, len);
-      const float amax = st.amax;
-      if (!out.start_block(L, b, k0, len, amax, st.abs_sum)) continue;
-      if (two) {
+      const float amax = out.scales[b];
+      if (!out.start_block(L, b, k0, len, amax, out.sums[b])) continue;
+      if (out.two_limb_chunk[k0 / limbs::kAlign]) {
         split_two_limbs(xr + k0, len, amax, L, out, b, k0);
         continue;
       }
@@ -122,7 +113,7 @@ inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
         sum_l = _mm512_add_epi32(sum_l, li);
         sum_ll = _mm512_add_epi32(sum_ll, lli);
       }
-      out.scales[b] = ::ldexpf(1.0f, e);
+      out.scales[b] = ::ldexpf(1.0f, L.nibble_order ? e - 14 : e);  // int4: with the fold ((H << 7) + L) << 7) + LL
       out.sums[b] = limbs::limb_sum(_mm512_reduce_add_epi32(sum_h), _mm512_reduce_add_epi32(sum_l),
                                 _mm512_reduce_add_epi32(sum_ll), e);
     }
@@ -224,6 +215,45 @@ void int8_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
   }
 }
 
+// One 128-element chunk of NR rows of W (nibbles lo, hi) against one row of x's three limbs at
+// x0, x1, x2: the fold ((H << 7) + L) << 7) + LL per row, into f. The rows' chains run side by
+// side, limb by limb, the limbs read straight from L1 as memory operands (that frees six
+// registers: the accumulators were spilled before).
+template <int NR>
+__attribute__((always_inline)) inline void fold_three_limbs(const __m512i* lo, const __m512i* hi, const int8_t* x0,
+                                                            const int8_t* x1, const int8_t* x2, __m512i* f) {
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], _mm512_load_si512(x0));
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(f[r], hi[r], _mm512_load_si512(x0 + 64));
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(_mm512_slli_epi32(f[r], 7), lo[r], _mm512_load_si512(x1));
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(f[r], hi[r], _mm512_load_si512(x1 + 64));
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(_mm512_slli_epi32(f[r], 7), lo[r], _mm512_load_si512(x2));
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(f[r], hi[r], _mm512_load_si512(x2 + 64));
+}
+
+// The same against two limbs (h at x0, the unsigned l at x1): (H << 8) + L, four vpdpbusd and one
+// shift per row instead of six and two. The weights are the unsigned operand against h and the
+// signed one against l (nibbles 0..15 are both). |H| <= 15 * 128 * 8 and L <= 255 * 15 * 8, so
+// the fold is below 2^22 and converts to fp32 exactly.
+template <int NR>
+__attribute__((always_inline)) inline void fold_two_limbs(const __m512i* lo, const __m512i* hi, const int8_t* x0,
+                                                          const int8_t* x1, __m512i* f) {
+  const __m512i l0 = _mm512_load_si512(x1), l1 = _mm512_load_si512(x1 + 64);
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], _mm512_load_si512(x0));
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(f[r], hi[r], _mm512_load_si512(x0 + 64));
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(_mm512_slli_epi32(f[r], 8), l0, lo[r]);
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(f[r], l1, hi[r]);
+}
+
 // y[m0 .. m0+MR, n0 .. n0+NR] for int4 weights; the activation blocks are the weight groups.
 // Work goes in chunks of 128 elements (64 bytes of weights): a chunk holds 128 / G groups, and
 // lane i of a dot-product vector covers bytes 4i..4i+3, i.e. 32-block i / 4, so lane quarters
@@ -235,15 +265,12 @@ void int8_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
 // before it, so the fold costs two shifts and no adds. A lane sums 8 products per
 // chunk, |H| <= 15 * 127 * 8 < 2^14, so the result, < 2^29 in magnitude, cannot overflow.
 //
-// NL = 2 (rows split into two limbs, limb_layout.h) takes four vpdpbusd and one shift per chunk
-// and row of W instead of six and two: (H << 8) + L, the weights as the unsigned operand against
-// h and as the signed one against the unsigned l (nibbles 0..15 are both). |H| <= 15 * 128 * 8
-// and L <= 255 * 15 * 8, so the fold is below 2^22 and converts to fp32 exactly.
-template <int G, int MR, int NR, int NL>
+// Chunks held as two limbs (limb_layout.h) fold as (H << 8) + L (fold_two_limbs). kMode says
+// whether the tile's rows hold only three-limb chunks, only two-limb ones, or a mix, which costs
+// a branch per chunk and row of x.
+template <int G, int MR, int NR, limbs::LimbMode kMode>
 void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t m0, int64_t n0) {
   static_assert(G == 32 || G == 64 || G == 128, "int4 group size");
-  static_assert(NL == 2 || NL == 3, "two or three activation limbs");
-  static_assert(kLimbs == 3, "the fold below is written out for three limbs");
   const int64_t groups = a.K / G;
   const int64_t row_bytes = a.K / 2;
   const uint8_t* w = static_cast<const uint8_t*>(a.qweight) + n0 * row_bytes;
@@ -256,6 +283,8 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
   __m512 off[MR][NR];
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = off[m][r] = _mm512_setzero_ps();
+  const uint8_t* two_limb_chunk[MR];
+  for (int m = 0; m < MR; ++m) two_limb_chunk[m] = L.two_limb_chunk(ws, m0 + m);
 
   // Scales go 16 groups at a time: one vector of weight scale x activation scale per (row of x,
   // row of W), from which each chunk takes its groups' lanes with one permute (G = 128: one
@@ -268,12 +297,11 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
   for (int64_t g_base = 0; g_base < groups; g_base += 16) {
     const int64_t span = (groups - g_base < 16) ? groups - g_base : 16;
     const __mmask16 span_mask = static_cast<__mmask16>((1u << span) - 1);
-    // Per row of x: activation block scales, times 2^-14 (three limbs) or 2^-8 (two) for the limb
-    // fold, and the blocks' sums for the zero-point term.
+    // Per row of x: activation block scales (with the limb fold, limb_layout.h), and the blocks'
+    // sums for the zero-point term.
     __m512 sx[MR], sums[MR];
     for (int m = 0; m < MR; ++m) {
-      sx[m] = _mm512_mul_ps(_mm512_maskz_loadu_ps(span_mask, L.block_scale(ws, m0 + m) + g_base),
-                            _mm512_set1_ps(NL == 3 ? 1.0f / 16384.0f : 1.0f / 256.0f));
+      sx[m] = _mm512_maskz_loadu_ps(span_mask, L.block_scale(ws, m0 + m) + g_base);
       sums[m] = _mm512_maskz_loadu_ps(span_mask, L.block_sum(ws, m0 + m) + g_base);
     }
     __m512 scale[MR][NR];
@@ -314,36 +342,14 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
         hi[r] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
       }
       for (int m = 0; m < MR; ++m) {
-        // The rows' fold chains side by side, limb by limb, the limbs read straight from L1 as
-        // memory operands (that frees six registers: the accumulators were spilled before).
         const int8_t* x0 = L.limb(ws, m0 + m, 0) + k;
         const int8_t* x1 = L.limb(ws, m0 + m, 1) + k;
         const int8_t* x2 = L.limb(ws, m0 + m, 2) + k;
         __m512i f[NR];
-        if constexpr (NL == 2) {
-          const __m512i l0 = _mm512_load_si512(x1), l1 = _mm512_load_si512(x1 + 64);
-#pragma GCC unroll 8
-          for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], _mm512_load_si512(x0));
-#pragma GCC unroll 8
-          for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(f[r], hi[r], _mm512_load_si512(x0 + 64));
-#pragma GCC unroll 8
-          for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(_mm512_slli_epi32(f[r], 8), l0, lo[r]);
-#pragma GCC unroll 8
-          for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(f[r], l1, hi[r]);
-        } else {
-#pragma GCC unroll 8
-        for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], _mm512_load_si512(x0));
-#pragma GCC unroll 8
-        for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(f[r], hi[r], _mm512_load_si512(x0 + 64));
-#pragma GCC unroll 8
-        for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(_mm512_slli_epi32(f[r], 7), lo[r], _mm512_load_si512(x1));
-#pragma GCC unroll 8
-        for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(f[r], hi[r], _mm512_load_si512(x1 + 64));
-#pragma GCC unroll 8
-        for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(_mm512_slli_epi32(f[r], 7), lo[r], _mm512_load_si512(x2));
-#pragma GCC unroll 8
-        for (int r = 0; r < NR; ++r) f[r] = _mm512_dpbusd_epi32(f[r], hi[r], _mm512_load_si512(x2 + 64));
-        }
+        if constexpr (kMode == limbs::kTwoLimbs) fold_two_limbs<NR>(lo, hi, x0, x1, f);
+        else if constexpr (kMode == limbs::kThreeLimbs) fold_three_limbs<NR>(lo, hi, x0, x1, x2, f);
+        else if (two_limb_chunk[m][k / 128]) fold_two_limbs<NR>(lo, hi, x0, x1, f);
+        else fold_three_limbs<NR>(lo, hi, x0, x1, x2, f);
 #pragma GCC unroll 8
         for (int r = 0; r < NR; ++r) {
           __m512 sc;
