@@ -15,11 +15,12 @@
 //   int8       4 KB rows (not prefetched)                 11.5-13.8 -> 15.2-16.7 (20.6-24.8 with
 //              int8_tile's per-block accumulators).
 // AVX2's fp32 int8 kernel at M = 1, 2 threads: 24-27 -> 28-41 GB/s.
-// The int4 limb kernels (VNNI and AVX2) prefetch two tiles ahead instead (kLimbTilesAhead): once
-// the VNNI kernel took two limbs (qlinear_vnni.h), one tile ahead no longer hid the latency.
-// Single-threaded, M = 1, builds taking turns: VNNI 2 KB rows (6B qkv/fc_in) 19.8-22.4 -> 24.1-25.8
-// GB/s, 3 KB rows (16B fc_in) 20.8-22.5 -> 22.8-23.8, 8 KB rows (6B fc_out) 21.4-22.3 -> 22.4-22.8;
-// AVX2 12.2-14.6 -> 14.7-15.6 (read bandwidth 24-28 GB/s).
+// The limb kernels (VNNI int8 and int4, AVX2 int4) prefetch two tiles ahead instead
+// (kLimbTilesAhead): once the VNNI int4 kernel took two limbs (qlinear_vnni.h), one tile ahead no
+// longer hid the latency. Single-threaded, M = 1, builds taking turns: VNNI int4 2 KB rows (6B
+// qkv/fc_in) 19.8-22.4 -> 24.1-25.8 GB/s, 3 KB rows (16B fc_in) 20.8-22.5 -> 22.8-23.8, 8 KB rows
+// (6B fc_out) 21.4-22.3 -> 22.4-22.8; AVX2 int4 12.2-14.6 -> 14.7-15.6 (read bandwidth 24-28
+// GB/s). VNNI int8, two threads, three runs each taking turns: 74-98 -> 81-103 % of the bandwidth.
 // Short rows (CodeGen-350M: int4 K = 1024, 2 KB tiles) gain from L1: two threads, int4 1024 x
 // 3072 100 us to L1 against 163-179 us to L2, int8 lm_head 1024 x 51200 1.09-1.31 ms against
 // 1.25-1.44 ms. Prefetching a few lines ahead within each row instead (the textbook form)

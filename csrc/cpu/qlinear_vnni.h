@@ -174,7 +174,7 @@ void int8_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
     // Masked loads: the tail of the last row must not read past the weight buffer. Lanes past K
     // load 0 -> 128 after the flip, but meet zero limbs.
     const __mmask64 mask0 = low_bytes(a.K - k), mask1 = low_bytes(a.K - k - 64);
-    prefetch_next_tile<NR, kInt8Block>(w + NR * a.K, a.K, k);
+    prefetch_next_tile<NR, kInt8Block>(w + kLimbTilesAhead * NR * a.K, a.K, k);
     __m512i xl[MR][kLimbs][2];
     for (int m = 0; m < MR; ++m)
       for (int j = 0; j < kLimbs; ++j) {
