@@ -199,3 +199,45 @@ def test_model_error_leaves_cache_unchanged():
         model.forward([torch.zeros(300, dtype=torch.long)], big, [big.add_sequence()])
     with pytest.raises(ValueError, match="not in this KV cache"):
         model.forward([torch.arange(3)], big, [99])
+
+
+def test_int4_decode_with_a_wide_mlp_matches_transformers_on_the_dequantized_weights(cpu_isa):
+    # fc_out's K = 4096 lets decode steps (M = 1) take two activation limbs in the chunks whose gelu
+    # outputs meet the criterion (csrc/cpu/limb_layout.h) and three in the others, against
+    # transformers running the same (dequantized) weights. Each two-limb dot product stays within
+    # half the fp32-accumulation worst-case bound, but its typical error is larger than fp32's
+    # typical rounding: activations carry ~16 bits relative to their block's maximum (error <=
+    # 1.55e-5 max|x_block|) instead of ~21. Observed: logits within 7e-5 of their largest
+    # magnitude with two limbs, 1e-6 with three (a build without two limbs passes fp32_tolerance
+    # here) and ~1e-1 for int4 quantization itself. Tolerance: 3e-4 of the largest logit.
+    n_head, head_dim, rotary_dim = SHAPES["hd64"]
+    torch.manual_seed(11)
+    cfg = transformers.CodeGenConfig(vocab_size=VOCAB, n_positions=64, n_embd=n_head * head_dim, n_inner=4096,
+                                     n_layer=2, n_head=n_head, rotary_dim=rotary_dim, bos_token_id=0, eos_token_id=0)
+    hf = transformers.CodeGenForCausalLM(cfg).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(8.0)
+    model = CodeGenModel(CodeGenConfig.from_dict(cfg.to_dict()), converted_weights(hf, 4, group_size=128))
+    with torch.no_grad():  # quantization is per output row, so it commutes with qkv's row permutation
+        for i in range(cfg.n_layer):
+            for name in LINEARS:
+                linear = hf.get_submodule(f"transformer.h.{i}.{name}")
+                linear.weight.copy_(quantize_weight(linear.weight, bits=4, group_size=128).dequantize())
+    fc_out_inputs = []
+    hook = hf.transformer.h[0].mlp.fc_out.register_forward_hook(lambda m, args, out: fc_out_inputs.append(args[0]))
+    ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        ref = hf(ids).logits[0]
+    hook.remove()
+    cache = model.new_cache(32, dtype=torch.float32)  # quantized models default to an fp16 cache
+    seq = cache.add_sequence()
+    got = [model.forward([ids[0, :8]], cache, [seq], last_only=False)[0]]
+    for t in range(8, 24):
+        got.append(model.forward([ids[0, t:t + 1]], cache, [seq], last_only=False)[0])
+    got = torch.cat(got)
+    assert (got[:8] - ref[:8]).abs().max() <= fp32_tolerance(ref)  # the prompt: fp32 GEMV tiles
+    assert (got - ref).abs().max() <= 3e-4 * float(ref.abs().max())
+    # The test means something only if some chunks take two limbs and some three.
+    x = fc_out_inputs[0][0, 8:].double().reshape(16, -1, 128)
+    passes = x.abs().amax(-1) * 128 * 544 <= (4096 + 2) * x.abs().sum(-1)
+    assert 0 < float(passes.float().mean()) < 1, float(passes.float().mean())
