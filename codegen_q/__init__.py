@@ -16,7 +16,8 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from codegen_q.config import CodeGenConfig
 from codegen_q.convert import quantize_checkpoint
 from codegen_q.qformat import QuantizedCheckpoint, load_quantized
-from codegen_q.backends import backends, get_cpu_isa, get_num_threads, set_cpu_isa, set_num_threads
+from codegen_q.backends import (backends, get_activation_limbs, get_cpu_isa, get_num_threads, set_activation_limbs,
+                                set_cpu_isa, set_num_threads)
 from codegen_q.ops import dequantize, qlinear
 from codegen_q.quantize import QuantizedWeight, quantize_weight
 
@@ -49,11 +50,13 @@ __all__ = [
     "backends",
     "dequantize",
     "generate",
+    "get_activation_limbs",
     "get_cpu_isa",
     "get_num_threads",
     "load",
     "qlinear",
     "quantize_weight",
+    "set_activation_limbs",
     "set_cpu_isa",
     "set_num_threads",
 ]

@@ -22,6 +22,7 @@ def backends() -> dict[str, Any]:
             "supported_isas": list(cpu.supported_isas()),
             "num_threads": cpu.get_num_threads(),
             "native_bf16": bool(cpu.cpu_has_native_bf16()),
+            "activation_limbs": get_activation_limbs(),
         }
     }
     cuda = _native.cuda()
@@ -63,3 +64,21 @@ def set_cpu_isa(name: str) -> None:
 
 def get_cpu_isa() -> str:
     return str(_native.cpu().active_isa())
+
+
+def set_activation_limbs(limbs: int | str) -> None:
+    """How the int4 CPU decode kernels split activations into int8 limbs, as
+    CODEGEN_Q_ACTIVATION_LIMBS does.
+
+    ``"auto"`` (the default): two limbs in the chunks where their error stays within half the
+    fp32-accumulation bound, three elsewhere; faster when the kernel, not memory, is the limit.
+    ``3``: always three, which reproduces a float model to fp32 rounding (two limbs carry ~16
+    bits of each activation instead of ~21: logits typically move by ~1e-4 of their magnitude).
+    """
+    if not (limbs == "auto" or (type(limbs) is int and limbs == 3)):
+        raise ValueError(f"activation limbs must be 'auto' or 3, got {limbs!r}")
+    _native.cpu().set_two_limbs_allowed(limbs == "auto")
+
+
+def get_activation_limbs() -> int | str:
+    return "auto" if _native.cpu().two_limbs_allowed() else 3

@@ -9,6 +9,7 @@
 #include "cpu/decode_step.h"
 #include "cpu/dispatch.h"
 #include "cpu/isa.h"
+#include "cpu/limb_policy.h"
 
 namespace py = pybind11;
 using cgq::DequantArgs;
@@ -220,6 +221,8 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("compiled_isas", &cgq::cpu::compiled_isas);
   m.def("supported_isas", &cgq::cpu::supported_isas);
   m.def("cpu_has_native_bf16", &cgq::cpu::cpu_has_native_bf16);
+  m.def("two_limbs_allowed", &cgq::cpu::two_limbs_allowed);
+  m.def("set_two_limbs_allowed", &cgq::cpu::set_two_limbs_allowed, py::arg("allowed"));
   m.def("get_num_threads", &cgq::get_num_threads);
   m.def("set_num_threads", &cgq::set_num_threads, py::arg("n"));
 }

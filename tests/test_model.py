@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 
+import codegen_q
 from codegen_q.checkpoint import qkv_head_major_permutation
 from codegen_q.config import CodeGenConfig
 from codegen_q.kv_cache import OutOfKVBlocks, PagedKVCache
@@ -208,8 +209,8 @@ def test_int4_decode_with_a_wide_mlp_matches_transformers_on_the_dequantized_wei
     # half the fp32-accumulation worst-case bound, but its typical error is larger than fp32's
     # typical rounding: activations carry ~16 bits relative to their block's maximum (error <=
     # 1.55e-5 max|x_block|) instead of ~21. Observed: logits within 7e-5 of their largest
-    # magnitude with two limbs, 1e-6 with three (a build without two limbs passes fp32_tolerance
-    # here) and ~1e-1 for int4 quantization itself. Tolerance: 3e-4 of the largest logit.
+    # magnitude with two limbs, 1e-6 with three (checked below) and ~1e-1 for int4 quantization
+    # itself. Tolerance: 3e-4 of the largest logit.
     n_head, head_dim, rotary_dim = SHAPES["hd64"]
     torch.manual_seed(11)
     cfg = transformers.CodeGenConfig(vocab_size=VOCAB, n_positions=64, n_embd=n_head * head_dim, n_inner=4096,
@@ -237,6 +238,18 @@ def test_int4_decode_with_a_wide_mlp_matches_transformers_on_the_dequantized_wei
     got = torch.cat(got)
     assert (got[:8] - ref[:8]).abs().max() <= fp32_tolerance(ref)  # the prompt: fp32 GEMV tiles
     assert (got - ref).abs().max() <= 3e-4 * float(ref.abs().max())
+    # With three limbs forced (codegen_q.set_activation_limbs(3)) the decode steps match to fp32
+    # rounding again.
+    codegen_q.set_activation_limbs(3)
+    try:
+        cache = model.new_cache(32, dtype=torch.float32)
+        seq = cache.add_sequence()
+        exact = [model.forward([ids[0, :8]], cache, [seq], last_only=False)[0]]
+        for t in range(8, 24):
+            exact.append(model.forward([ids[0, t:t + 1]], cache, [seq], last_only=False)[0])
+    finally:
+        codegen_q.set_activation_limbs("auto")
+    assert (torch.cat(exact) - ref).abs().max() <= fp32_tolerance(ref)
     # The test means something only if some chunks take two limbs and some three.
     x = fc_out_inputs[0][0, 8:].double().reshape(16, -1, 128)
     passes = x.abs().amax(-1) * 128 * 544 <= (4096 + 2) * x.abs().sum(-1)

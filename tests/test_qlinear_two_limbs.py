@@ -15,9 +15,14 @@ Elsewhere (larger M, the scalar ISA: fp32 kernels) the exact representation is e
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
+import codegen_q
 from codegen_q import QuantizedWeight, qlinear
 from support import assert_within, fp32_bound
 
@@ -173,3 +178,41 @@ def test_two_limbs_on_random_activations_meet_the_fp32_bound(cpu_isa, seed):
         x = torch.randn(m, k, generator=g) * 3.0
         y = qlinear(x, qw)
         assert_within(y, x.double() @ w64.T, fp32_bound(x.double(), w64), f"{cpu_isa} M={m} seed={seed}")
+
+
+@pytest.fixture
+def three_limbs():
+    """codegen_q.set_activation_limbs(3) for the test, "auto" restored afterwards."""
+    codegen_q.set_activation_limbs(3)
+    try:
+        yield
+    finally:
+        codegen_q.set_activation_limbs("auto")
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_three_limbs_when_asked(cpu_isa, three_limbs, m):
+    # set_activation_limbs(3) keeps every chunk on three limbs, even where two are allowed.
+    k = 4096
+    x = coherent_row(threshold_mean_abs(k) * 1.5, k).repeat(m, 1)
+    qw, w64 = constant_weight(9, k)
+    y = qlinear(x, qw)
+    exact, two = x.double() @ w64.T, two_limb_value(x) @ w64.T
+    assert which(y, 0.25 * chunk_gap(float(w64[0, 0])), exact=exact, two=two) == ["exact"] * y.numel()
+
+
+def test_activation_limbs_setting():
+    assert codegen_q.get_activation_limbs() == "auto"
+    assert codegen_q.backends()["cpu"]["activation_limbs"] == "auto"
+    for bad in (2, 4, 3.0, True, "3", "exact"):
+        with pytest.raises(ValueError, match="activation limbs must be 'auto' or 3"):
+            codegen_q.set_activation_limbs(bad)
+    assert codegen_q.get_activation_limbs() == "auto"
+
+
+def test_activation_limbs_from_the_environment():
+    code = "import codegen_q; print(codegen_q.get_activation_limbs())"
+    for value, want in (("3", "3"), ("auto", "auto")):
+        env = dict(os.environ, CODEGEN_Q_ACTIVATION_LIMBS=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want

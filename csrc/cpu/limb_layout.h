@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu/limb_policy.h"
+
 namespace cgq::cpu::CGQ_ISA::limbs {
 
 constexpr int kLimbs = 3;
@@ -130,7 +132,7 @@ inline bool keeps_two_limbs(float amax, float abs_sum, int64_t len, int64_t K) {
 }
 
 inline void RowOut::choose_two_limb_chunks(const Layout& L) {
-  if (!L.nibble_order) return;  // int8 weights keep three limbs
+  if (!L.nibble_order || !two_limbs_allowed()) return;  // int8 weights keep three limbs
   const int64_t per_chunk = kAlign / L.block;  // int4 blocks (groups) divide a chunk
   int64_t twos = 0;
   for (int64_t c = 0; c < L.n_chunks; ++c) {
