@@ -112,10 +112,17 @@ struct RowOut {
 // i.e. if its limb error (< amax * 2^-21 per element) costs at most half of the fp32-accumulation
 // error bound (K + 2) 2^-24 sum|x||w| that the float kernels meet (for weights of comparable
 // size across the block). Small K therefore runs in fp32 entirely.
-inline bool keeps_limbs(float amax, float abs_sum, int64_t len, int64_t K) {
+// Both criteria below: a block's limb error, at most amax * `per_element` per element in units
+// of 2^-25, summed over `len` elements, within half the fp32 bound (K + 2) 2^-24 sum|x_block|
+// (weights of comparable size across the block); never for NaN or inf.
+inline bool within_half_fp32_bound(float amax, float abs_sum, int64_t len, int64_t K, double per_element) {
   return __builtin_isfinite(abs_sum) &&
-         static_cast<double>(amax) * static_cast<double>(len) * 16.0 <=
+         static_cast<double>(amax) * static_cast<double>(len) * per_element <=
              static_cast<double>(K + 2) * static_cast<double>(abs_sum);
+}
+
+inline bool keeps_limbs(float amax, float abs_sum, int64_t len, int64_t K) {
+  return within_half_fp32_bound(amax, abs_sum, len, K, 16.0);
 }
 
 // Whether a block may take two limbs instead of three: the same budget as keeps_limbs (half the
@@ -126,9 +133,7 @@ inline bool keeps_limbs(float amax, float abs_sum, int64_t len, int64_t K) {
 // (CodeGen-2B's 2560 and up) and 350M's 1024 keeps three limbs. amax below 2^-100 keeps three
 // limbs too, so 1 / s stays far from overflow.
 inline bool keeps_two_limbs(float amax, float abs_sum, int64_t len, int64_t K) {
-  return __builtin_isfinite(abs_sum) && (amax == 0.0f || amax >= 0x1p-100f) &&
-         static_cast<double>(amax) * static_cast<double>(len) * 544.0 <=
-             static_cast<double>(K + 2) * static_cast<double>(abs_sum);
+  return (amax == 0.0f || amax >= 0x1p-100f) && within_half_fp32_bound(amax, abs_sum, len, K, 544.0);
 }
 
 inline void RowOut::choose_two_limb_chunks(const Layout& L) {
@@ -156,6 +161,35 @@ inline bool RowOut::start_block(const Layout& L, int64_t b, int64_t k0, int64_t 
   scales[b] = 0.0f;
   sums[b] = 0.0f;
   return false;
+}
+
+// Fills the workspace rows of x [M, K] (prepare() of each ISA's limb kernels): each block's max
+// |x| and sum |x| (stats(xb, len) -> {amax, abs_sum}), then which int4 chunks take two limbs,
+// then each block that keeps limbs split by split_two or split_three (xb, len, amax, L, out, b,
+// k0).
+template <class Stats, class SplitTwo, class SplitThree>
+void prepare_rows(const float* x, int64_t M, const Layout& L, uint8_t* ws, Stats stats, SplitTwo split_two,
+                  SplitThree split_three) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * L.K;
+    RowOut out(L, ws, m);
+    // The blocks' statistics wait in scales[] and sums[] until their own split overwrites them.
+    for (int64_t b = 0; b < L.n_blocks; ++b) {
+      const int64_t k0 = b * L.block;
+      const auto st = stats(xr + k0, (L.K - k0 < L.block) ? L.K - k0 : L.block);
+      out.scales[b] = st.amax;
+      out.sums[b] = st.abs_sum;
+    }
+    out.choose_two_limb_chunks(L);
+    for (int64_t b = 0; b < L.n_blocks; ++b) {
+      const int64_t k0 = b * L.block;
+      const int64_t len = (L.K - k0 < L.block) ? L.K - k0 : L.block;
+      const float amax = out.scales[b];
+      if (!out.start_block(L, b, k0, len, amax, out.sums[b])) continue;
+      if (out.two_limb_chunk[k0 / kAlign]) split_two(xr + k0, len, amax, L, out, b, k0);
+      else split_three(xr + k0, len, amax, L, out, b, k0);
+    }
+  }
 }
 
 // Smallest e with amax / 2^e <= 127, so |h| <= 127 (amax > 0 and finite).

@@ -74,58 +74,47 @@ inline void split_two_limbs(const float* xb, int64_t len, float amax, const Layo
   out.sums[b] = static_cast<float>(static_cast<double>(s) * static_cast<double>(reduce_add(sum_q)) / 256.0);
 }
 
+// The three-limb split of one block (limb_layout.h) on its power-of-two scale 2^e.
+inline void split_three_limbs(const float* xb, int64_t len, float amax, const Layout& L, limbs::RowOut& out,
+                              int64_t b, int64_t k0) {
+  const int e = limbs::block_exponent(amax);
+  // For 2^-e beyond the fp32 range (denormal x), scale in two exact steps.
+  const bool two_steps = e < -126;
+  const __m256 inv = _mm256_set1_ps(two_steps ? std::ldexp(1.0f, -e - 64) : std::ldexp(1.0f, -e));
+  const __m256 pre = _mm256_set1_ps(std::ldexp(1.0f, 64));
+  const __m256 c128 = _mm256_set1_ps(128.0f);
+  __m256i sum[kLimbs] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+  for (int64_t k = 0; k < len; k += 16) {
+    __m256i parts[2][kLimbs];
+    for (int half = 0; half < 2; ++half) {
+      __m256 t = _mm256_loadu_ps(xb + k + 8 * half);
+      if (two_steps) t = _mm256_mul_ps(t, pre);
+      t = _mm256_mul_ps(t, inv);
+      const __m256 h = round_nearest(t);
+      const __m256 r1 = _mm256_mul_ps(_mm256_sub_ps(t, h), c128);
+      const __m256 l = round_nearest(r1);
+      const __m256 ll = round_nearest(_mm256_mul_ps(_mm256_sub_ps(r1, l), c128));
+      parts[half][0] = _mm256_cvtps_epi32(h);
+      parts[half][1] = _mm256_cvtps_epi32(l);
+      parts[half][2] = _mm256_cvtps_epi32(ll);
+    }
+    const int64_t pos = L.position(k0 + k);
+    for (int j = 0; j < kLimbs; ++j) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out.limb[j] + pos), pack_i32x16_to_i8(parts[0][j], parts[1][j]));
+      sum[j] = _mm256_add_epi32(sum[j], _mm256_add_epi32(parts[0][j], parts[1][j]));
+    }
+  }
+  out.scales[b] = std::ldexp(1.0f, e - 14);  // with the kernel's fold ((H << 7) + L) << 7) + LL
+  out.sums[b] = limbs::limb_sum(reduce_add(sum[0]), reduce_add(sum[1]), reduce_add(sum[2]), e);
+}
+
 // Splits activation rows into limbs for int4 weights (L.nibble_order, blocks = groups of a
 // multiple of 32 that divides K): two in the chunks that allow it, else three. Runs once per
 // qlinear call.
 inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = x + m * L.K;
-    limbs::RowOut out(L, ws, m);
-    for (int64_t b = 0; b < L.n_blocks; ++b) {
-      const BlockStats st(xr + b * L.block, L.block);
-      out.scales[b] = st.amax;
-      out.sums[b] = st.abs_sum;
-    }
-    out.choose_two_limb_chunks(L);
-    for (int64_t b = 0; b < L.n_blocks; ++b) {
-      const int64_t k0 = b * L.block, len = L.block;
-      const float amax = out.scales[b];
-      if (!out.start_block(L, b, k0, len, amax, out.sums[b])) continue;
-      if (out.two_limb_chunk[k0 / limbs::kAlign]) {
-        split_two_limbs(xr + k0, len, amax, L, out, b, k0);
-        continue;
-      }
-      const int e = limbs::block_exponent(amax);
-      // For 2^-e beyond the fp32 range (denormal x), scale in two exact steps.
-      const bool two_steps = e < -126;
-      const __m256 inv = _mm256_set1_ps(two_steps ? std::ldexp(1.0f, -e - 64) : std::ldexp(1.0f, -e));
-      const __m256 pre = _mm256_set1_ps(std::ldexp(1.0f, 64));
-      const __m256 c128 = _mm256_set1_ps(128.0f);
-      __m256i sum[kLimbs] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-      for (int64_t k = 0; k < len; k += 16) {
-        __m256i parts[2][kLimbs];
-        for (int half = 0; half < 2; ++half) {
-          __m256 t = _mm256_loadu_ps(xr + k0 + k + 8 * half);
-          if (two_steps) t = _mm256_mul_ps(t, pre);
-          t = _mm256_mul_ps(t, inv);
-          const __m256 h = round_nearest(t);
-          const __m256 r1 = _mm256_mul_ps(_mm256_sub_ps(t, h), c128);
-          const __m256 l = round_nearest(r1);
-          const __m256 ll = round_nearest(_mm256_mul_ps(_mm256_sub_ps(r1, l), c128));
-          parts[half][0] = _mm256_cvtps_epi32(h);
-          parts[half][1] = _mm256_cvtps_epi32(l);
-          parts[half][2] = _mm256_cvtps_epi32(ll);
-        }
-        const int64_t pos = L.position(k0 + k);
-        for (int j = 0; j < kLimbs; ++j) {
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(out.limb[j] + pos), pack_i32x16_to_i8(parts[0][j], parts[1][j]));
-          sum[j] = _mm256_add_epi32(sum[j], _mm256_add_epi32(parts[0][j], parts[1][j]));
-        }
-      }
-      out.scales[b] = std::ldexp(1.0f, e - 14);  // with the kernel's fold ((H << 7) + L) << 7) + LL
-      out.sums[b] = limbs::limb_sum(reduce_add(sum[0]), reduce_add(sum[1]), reduce_add(sum[2]), e);
-    }
-  }
+  limbs::prepare_rows(
+      x, M, L, ws, [](const float* xb, int64_t len) { return BlockStats(xb, len); },
+      [](auto&&... args) { split_two_limbs(args...); }, [](auto&&... args) { split_three_limbs(args...); });
 }
 
 // fp32 dot product of one int4 group with its dequantized weights, for blocks marked fp32.

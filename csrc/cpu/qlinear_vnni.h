@@ -66,58 +66,45 @@ inline void split_two_limbs(const float* xb, int64_t len, float amax, const Layo
   out.sums[b] = static_cast<float>(static_cast<double>(s) * static_cast<double>(_mm512_reduce_add_epi32(sum_q)) / 256.0);
 }
 
+// The three-limb split of one block (limb_layout.h) on its power-of-two scale 2^e.
+inline void split_three_limbs(const float* xb, int64_t len, float amax, const Layout& L, limbs::RowOut& out,
+                              int64_t b, int64_t k0) {
+  const int e = limbs::block_exponent(amax);
+  const __m512 inv = _mm512_set1_ps(::ldexpf(1.0f, -e));  // 2^-e, exact
+  const __m512 c128 = _mm512_set1_ps(128.0f);
+  __m512i sum_h = _mm512_setzero_si512(), sum_l = sum_h, sum_ll = sum_h;
+  for (int64_t k = 0; k < len; k += 16) {
+    const __mmask16 mask = (len - k >= 16) ? __mmask16(0xFFFF) : __mmask16((1u << (len - k)) - 1);
+    // For 2^-e beyond the fp32 range (denormal x), scale in two exact steps.
+    __m512 t = _mm512_maskz_loadu_ps(mask, xb + k);
+    if (e < -126) t = _mm512_mul_ps(_mm512_mul_ps(t, _mm512_set1_ps(::ldexpf(1.0f, 64))),
+                                    _mm512_set1_ps(::ldexpf(1.0f, -e - 64)));
+    else t = _mm512_mul_ps(t, inv);
+    const __m512 h = round_nearest(t);
+    const __m512 r1 = _mm512_mul_ps(_mm512_sub_ps(t, h), c128);
+    const __m512 l = round_nearest(r1);
+    const __m512 ll = round_nearest(_mm512_mul_ps(_mm512_sub_ps(r1, l), c128));
+    const __m512i hi = _mm512_cvtps_epi32(h), li = _mm512_cvtps_epi32(l), lli = _mm512_cvtps_epi32(ll);
+    const int64_t pos = L.position(k0 + k);
+    _mm_mask_storeu_epi8(out.limb[0] + pos, mask, _mm512_cvtepi32_epi8(hi));
+    _mm_mask_storeu_epi8(out.limb[1] + pos, mask, _mm512_cvtepi32_epi8(li));
+    _mm_mask_storeu_epi8(out.limb[2] + pos, mask, _mm512_cvtepi32_epi8(lli));
+    sum_h = _mm512_add_epi32(sum_h, hi);  // masked-off lanes loaded as 0
+    sum_l = _mm512_add_epi32(sum_l, li);
+    sum_ll = _mm512_add_epi32(sum_ll, lli);
+  }
+  out.scales[b] = ::ldexpf(1.0f, L.nibble_order ? e - 14 : e);  // int4: with the fold ((H << 7) + L) << 7) + LL
+  out.sums[b] = limbs::limb_sum(_mm512_reduce_add_epi32(sum_h), _mm512_reduce_add_epi32(sum_l),
+                            _mm512_reduce_add_epi32(sum_ll), e);
+}
+
 // Splits activation rows into limbs (limb_layout.h): two per element in the int4 chunks that
 // allow it, else three. Runs once per qlinear call. Blocks that fail limbs::keeps_limbs are
 // marked for the fp32 pass.
 inline void prepare(const float* x, int64_t M, const Layout& L, uint8_t* ws) {
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = x + m * L.K;
-    limbs::RowOut out(L, ws, m);
-    for (int64_t b = 0; b < L.n_blocks; ++b) {
-      const int64_t k0 = b * L.block;
-      const BlockStats st(xr + k0, (L.K - k0 < L.block) ? L.K - k0 : L.block);
-      out.scales[b] = st.amax;
-      out.sums[b] = st.abs_sum;
-    }
-    out.choose_two_limb_chunks(L);
-    for (int64_t b = 0; b < L.n_blocks; ++b) {
-      const int64_t k0 = b * L.block;
-      const int64_t len = (L.K - k0 < L.block) ? L.K - k0 : L.block;
-      const float amax = out.scales[b];
-      if (!out.start_block(L, b, k0, len, amax, out.sums[b])) continue;
-      if (out.two_limb_chunk[k0 / limbs::kAlign]) {
-        split_two_limbs(xr + k0, len, amax, L, out, b, k0);
-        continue;
-      }
-      const int e = limbs::block_exponent(amax);
-      const __m512 inv = _mm512_set1_ps(::ldexpf(1.0f, -e));  // 2^-e, exact
-      const __m512 c128 = _mm512_set1_ps(128.0f);
-      __m512i sum_h = _mm512_setzero_si512(), sum_l = sum_h, sum_ll = sum_h;
-      for (int64_t k = 0; k < len; k += 16) {
-        const __mmask16 mask = (len - k >= 16) ? __mmask16(0xFFFF) : __mmask16((1u << (len - k)) - 1);
-        // For 2^-e beyond the fp32 range (denormal x), scale in two exact steps.
-        __m512 t = _mm512_maskz_loadu_ps(mask, xr + k0 + k);
-        if (e < -126) t = _mm512_mul_ps(_mm512_mul_ps(t, _mm512_set1_ps(::ldexpf(1.0f, 64))),
-                                        _mm512_set1_ps(::ldexpf(1.0f, -e - 64)));
-        else t = _mm512_mul_ps(t, inv);
-        const __m512 h = round_nearest(t);
-        const __m512 r1 = _mm512_mul_ps(_mm512_sub_ps(t, h), c128);
-        const __m512 l = round_nearest(r1);
-        const __m512 ll = round_nearest(_mm512_mul_ps(_mm512_sub_ps(r1, l), c128));
-        const __m512i hi = _mm512_cvtps_epi32(h), li = _mm512_cvtps_epi32(l), lli = _mm512_cvtps_epi32(ll);
-        const int64_t pos = L.position(k0 + k);
-        _mm_mask_storeu_epi8(out.limb[0] + pos, mask, _mm512_cvtepi32_epi8(hi));
-        _mm_mask_storeu_epi8(out.limb[1] + pos, mask, _mm512_cvtepi32_epi8(li));
-        _mm_mask_storeu_epi8(out.limb[2] + pos, mask, _mm512_cvtepi32_epi8(lli));
-        sum_h = _mm512_add_epi32(sum_h, hi);  // masked-off lanes loaded as 0
-        sum_l = _mm512_add_epi32(sum_l, li);
-        sum_ll = _mm512_add_epi32(sum_ll, lli);
-      }
-      out.scales[b] = ::ldexpf(1.0f, L.nibble_order ? e - 14 : e);  // int4: with the fold ((H << 7) + L) << 7) + LL
-      out.sums[b] = limbs::limb_sum(_mm512_reduce_add_epi32(sum_h), _mm512_reduce_add_epi32(sum_l),
-                                _mm512_reduce_add_epi32(sum_ll), e);
-    }
-  }
+  limbs::prepare_rows(
+      x, M, L, ws, [](const float* xb, int64_t len) { return BlockStats(xb, len); },
+      [](auto&&... args) { split_two_limbs(args...); }, [](auto&&... args) { split_three_limbs(args...); });
 }
 
 // Combines the three limb accumulators of one block into fp32: H + L/128 + LL/128^2.
