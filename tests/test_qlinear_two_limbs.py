@@ -83,7 +83,8 @@ def two_limb_value(x: torch.Tensor) -> torch.Tensor:
 
 
 def threshold_mean_abs(k: int) -> float:
-    return 127 * GROUP * TWO_LIMB_FACTOR / (k + 2) / GROUP
+    """The mean |x| at which a block whose maximum is 127 meets keeps_two_limbs exactly."""
+    return 127 * TWO_LIMB_FACTOR / (k + 2)
 
 
 def expect_two_limbs(cpu_isa: str, m: int) -> bool:
