@@ -89,6 +89,9 @@ class HubCheckpoint:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self.config = CodeGenConfig.from_dir(self.path)
+        if self.config.quantization is not None:
+            raise ValueError(f"{self.path} is already quantized by codegen-q ({self.config.quantization.label}); "
+                             f"load it as it is (codegen_q.load, codegen-q generate) instead of quantizing it again")
         self.files = self._weight_files()
         self._where: dict[str, str] = {}  # tensor name -> file
         self._handles: dict[str, object] = {}
@@ -161,24 +164,24 @@ class HubCheckpoint:
         return tuple(t.shape), t.dtype
 
     def validate(self) -> None:
-        """Raise one ValueError naming every missing, unexpected or mis-shaped tensor."""
+        """Raise one ValueError summarising every missing, unexpected or mis-shaped tensor: the
+        likely cause first (a config field the weights disagree with), then counts and the first
+        few names of each kind."""
         expected = expected_tensors(self.config)
-        problems = []
         missing = [n for n in expected if n not in self._where]
         unexpected = [n for n in self._where if n not in expected]
-        if missing:
-            problems.append("missing " + ", ".join(missing))
-        if unexpected:
-            problems.append("unexpected " + ", ".join(unexpected))
-        for n, shape in expected.items():
-            if n in self._where:
-                got, dtype = self.shape_dtype(n)
-                if got != shape:
-                    problems.append(f"{n} has shape {list(got)}, config.json implies {list(shape)}")
-                if dtype not in (torch.float16, torch.float32, torch.bfloat16):
-                    problems.append(f"{n} is {dtype}, expected float16, float32 or bfloat16")
+        shapes = {n: self.shape_dtype(n) for n in expected if n in self._where}
+        misshaped = [f"{n} is {list(got)}, config.json implies {list(expected[n])}"
+                     for n, (got, _) in shapes.items() if got != expected[n]]
+        bad_dtype = [f"{n} is {dtype}" for n, (_, dtype) in shapes.items()
+                     if dtype not in (torch.float16, torch.float32, torch.bfloat16)]
+        problems = [_listed(what, items) for what, items in (
+            ("missing", missing), ("unexpected", unexpected), ("with the wrong shape", misshaped),
+            ("not float16, float32 or bfloat16", bad_dtype)) if items]
         if problems:
-            raise ValueError(f"{self.path} does not match its config.json: " + "; ".join(problems))
+            causes = config_disagreements(self.config, {n: got for n, (got, _) in shapes.items()}, self._where)
+            cause = f"config.json says {', '.join(causes)}: " if causes else ""
+            raise ValueError(f"{self.path} does not match its config.json: {cause}" + "; ".join(problems))
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) in canonical order, one at a time; drop each before asking for the next.
@@ -273,6 +276,32 @@ class HubCheckpoint:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+# How many names of each kind a mismatch error lists: the count says the rest.
+_NAMES_SHOWN = 3
+
+
+def _listed(what: str, items: list[str]) -> str:
+    more = f", and {len(items) - _NAMES_SHOWN} more" if len(items) > _NAMES_SHOWN else ""
+    return f"{len(items)} tensor(s) {what} ({', '.join(items[:_NAMES_SHOWN])}{more})"
+
+
+def config_disagreements(cfg: CodeGenConfig, shapes: dict[str, tuple[int, ...]], names) -> list[str]:
+    """The config fields the weights contradict, as "n_embd 1280, weights 1024" phrases."""
+    found = {}
+    wte = shapes.get("transformer.wte.weight")
+    if wte is not None and len(wte) == 2:
+        found["vocab_size"], found["n_embd"] = wte
+    fc_in = shapes.get("transformer.h.0.mlp.fc_in.weight")
+    if fc_in is not None and len(fc_in) == 2:
+        found["n_inner"] = fc_in[0]
+    layers = {int(m.group(1)) for m in map(_LAYER_INDEX.match, names) if m}
+    if layers:
+        found["n_layer"] = max(layers) + 1
+    return [f"{k} {getattr(cfg, k)}, weights {v}" for k, v in found.items() if getattr(cfg, k) != v]
+
+
+_LAYER_INDEX = re.compile(r"^transformer\.h\.(\d+)\.")
 
 _ST_DTYPES = {"F16": torch.float16, "F32": torch.float32, "BF16": torch.bfloat16, "F64": torch.float64,
               "I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}

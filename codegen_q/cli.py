@@ -15,25 +15,22 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    from codegen_q.config import QuantizationConfig
     from codegen_q.convert import keep_freed_memory_for_reuse, quantize_checkpoint
 
     keep_freed_memory_for_reuse()
-    if args.group_size is not None and args.bits == 8:
-        raise ValueError("--group-size applies to --bits 4 only (int8 is per output channel)")
     summary = quantize_checkpoint(args.src, args.out, bits=args.bits, group_size=args.group_size,
                                   symmetric=args.symmetric, lm_head=args.lm_head, force=args.force,
                                   progress=not args.no_progress and not args.json)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    q, e = summary["quantization"], summary["rel_error"]
-    scheme = f"int{q['bits']}" + (f" g{q['group_size']} {q['scheme']}" if q["bits"] == 4 else " per-channel")
-    print(f"wrote {summary['out']} ({scheme}, lm_head {q['lm_head']}, {summary['shards']} shard(s))")
+    q, e = QuantizationConfig.from_dict(summary["quantization"]), summary["rel_error"]
+    print(f"wrote {summary['out']} ({q.label}, lm_head {q.lm_head}, {summary['shards']} shard(s))")
     print(f"  size: {summary['bytes_in'] / 1e9:.3f} GB -> {summary['weight_bytes_out'] / 1e9:.3f} GB of weights "
           f"({summary['ratio']:.2f}x smaller)")
-    print(f"  relative error ||W - W_hat|| / ||W|| (256 rows sampled per tensor) over {summary['quantized_tensors']} "
-          f"quantized tensors: "
-          f"p50 {e['p50']:.4f}, p90 {e['p90']:.4f}, max {e['max']:.4f}")
+    print(f"  relative error ||W - W_hat|| / ||W|| over every element of the {summary['quantized_tensors']} "
+          f"quantized tensors: p50 {e['p50']:.4f}, p90 {e['p90']:.4f}, max {e['max']:.4f}")
     print(f"  time: {summary['seconds']:.1f} s, read {summary['read_gb_per_s']:.2f} GB/s")
     return 0
 

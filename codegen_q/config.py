@@ -33,6 +33,11 @@ class QuantizationConfig:
     def symmetric(self) -> bool:
         return self.scheme == "symmetric"
 
+    @property
+    def label(self) -> str:
+        """E.g. "int4 g128 asymmetric" or "int8 per-channel"."""
+        return f"int{self.bits}" + (f" g{self.group_size} {self.scheme}" if self.bits == 4 else " per-channel")
+
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": self.format_version, "bits": self.bits, "group_size": self.group_size,
                 "scheme": self.scheme, "method": self.method, "lm_head": self.lm_head,

@@ -19,8 +19,9 @@ import torch
 
 from codegen_q.checkpoint import HubCheckpoint, qkv_head_major_permutation
 from codegen_q.config import LM_HEAD_CHOICES, CodeGenConfig, QuantizationConfig
-from codegen_q.qformat import (MAX_SHARD_BYTES, atomic_output_dir, check_free_space, estimate_bytes,
-                               finish_directory, output_specs, plan_shards, quantized_bits, shard_names)
+from codegen_q.output_dir import Notice, check_free_space, refuse_existing, refuse_overlap, writing_output_dir
+from codegen_q.qformat import (MAX_SHARD_BYTES, estimate_bytes, finish_directory, output_specs, plan_shards,
+                               quantized_bits, shard_names)
 from codegen_q.quantize import DEFAULT_INT4_GROUP_SIZE, INT4_GROUP_SIZES, quantize_weight_with_error
 from codegen_q.safetensors_stream import SafetensorsStreamWriter
 
@@ -68,6 +69,8 @@ def quantization_config(bits: int, group_size: int | None, symmetric: bool, lm_h
     if lm_head not in LM_HEAD_CHOICES:
         raise ValueError(f"lm_head must be one of {', '.join(LM_HEAD_CHOICES)}, got {lm_head!r}")
     if bits == 8:  # always symmetric per channel: the symmetric flag only matters for int4
+        if group_size is not None:
+            raise ValueError("a group size applies to --bits 4 only (int8 has one scale per output channel)")
         if lm_head == "int4":
             raise ValueError("lm_head int4 needs --bits 4 (it shares the int4 group size and scheme)")
         return QuantizationConfig(bits=8, group_size=None, scheme="symmetric", lm_head=lm_head)
@@ -99,12 +102,18 @@ def _quantile(xs: list[float], p: float) -> float:
 
 def quantize_checkpoint(src: str, out: str, bits: int = 8, group_size: int | None = None, symmetric: bool = False,
                         lm_head: str = "int8", force: bool = False, progress: bool = True,
-                        max_shard_bytes: int = MAX_SHARD_BYTES) -> dict[str, Any]:
-    """Quantize the hub checkpoint ``src`` into the codegen-q directory ``out``; returns a summary."""
+                        max_shard_bytes: int = MAX_SHARD_BYTES, notice: Notice | None = None) -> dict[str, Any]:
+    """Quantize the hub checkpoint ``src`` into the codegen-q directory ``out``; returns a summary.
+
+    ``out`` is written as codegen_q/output_dir.py lays down (never over or inside ``src``, one run
+    per ``out``, complete or not at all); ``notice(message)`` hears what it cleaned up from runs
+    that died (default: a line on stderr).
+    """
     t0 = time.perf_counter()
     q = quantization_config(bits, group_size, symmetric, lm_head)
-    if os.path.exists(out) and not force:
-        raise FileExistsError(f"{os.path.abspath(out)} already exists; pass --force to replace it")
+    src, out = os.fspath(src), os.fspath(out)
+    refuse_overlap(out, [src])
+    refuse_existing(os.path.abspath(out), force)
     with HubCheckpoint(src) as ckpt:
         ckpt.validate()
         cfg = ckpt.config
@@ -113,19 +122,19 @@ def quantize_checkpoint(src: str, out: str, bits: int = 8, group_size: int | Non
         shards = plan_shards([s for specs in per_source.values() for s in specs], max_shard_bytes)
         names = shard_names(len(shards))
         estimate = estimate_bytes(shards, src)
-        check_free_space(out, estimate)
         out_cfg = CodeGenConfig.from_dict({**cfg.raw, "quantization": q.to_dict(), "torch_dtype": "float16"})
         perm = qkv_head_major_permutation(cfg.n_embd, cfg.n_head)
         total_in = sum(ckpt.shape_dtype(n)[1].itemsize * torch.Size(ckpt.shape_dtype(n)[0]).numel()
                        for n in per_source)
         errors: list[float] = []
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            # Redrawn at most every 0.1 s on a terminal, every 10 s into a log (CI), not per tensor.
-            bar = tqdm(total=total_in, unit="B", unit_scale=True, desc="quantize", file=sys.stderr,
-                       dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
-        with atomic_output_dir(out, force) as tmp, _cyclic_gc_paused():
+        with writing_output_dir(out, force, sources=[src], notice=notice) as tmp, _cyclic_gc_paused():
+            check_free_space(tmp, estimate)
+            bar = None
+            if progress:
+                from tqdm import tqdm
+                # Redrawn at most every 0.1 s on a terminal, every 10 s into a log (CI), not per tensor.
+                bar = tqdm(total=total_in, unit="B", unit_scale=True, desc="quantize", file=sys.stderr,
+                           dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
             weight_map, hashes = {}, {}
             shard_i, writer, left = -1, None, 0
             try:

@@ -14,25 +14,10 @@ import torch
 from codegen_q.checkpoint import expected_tensors
 from codegen_q.config import CodeGenConfig
 from codegen_q.convert import quantization_config
+from codegen_q.memory_plan import GPU_RUNTIME_OVERHEAD, check_context, kv_cache_bytes, prompt_activation_bytes
 from codegen_q.model import default_kv_dtype
 from codegen_q.qformat import output_specs
 from codegen_q.safetensors_stream import spec_nbytes
-
-# What a CUDA context and the allocator's slack take besides our tensors (measured on typical
-# drivers at 300-500 MB); the CPU runtime has no such fixed cost worth counting.
-GPU_RUNTIME_OVERHEAD = 500 * 2**20
-
-
-def kv_cache_bytes(cfg: CodeGenConfig, context: int, batch: int, bytes_per_element: int) -> int:
-    return 2 * cfg.n_layer * cfg.n_embd * context * batch * bytes_per_element  # K and V
-
-
-def activation_bytes(cfg: CodeGenConfig, context: int, batch: int) -> int:
-    # Prefill of the whole context in one pass: fp16 hidden, qkv and MLP-inner buffers for every
-    # token, plus fp32 logits for the last token of each sequence. Chunked prefill needs less.
-    per_token = (cfg.n_embd * 2 + 3 * cfg.n_embd + cfg.n_inner) * 2
-    return batch * context * per_token + batch * cfg.vocab_size * 4
-
 
 def _weights_bytes(cfg: CodeGenConfig, bits: int | None, group_size: int | None = None) -> int:
     if bits is None:
@@ -50,9 +35,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def describe(path: str, context: int | None = None, batch: int = 1) -> dict[str, Any]:
     cfg = CodeGenConfig.from_dir(path)
-    context = cfg.n_positions if context is None else context
-    if context <= 0 or batch <= 0:
-        raise ValueError(f"--context and --batch must be positive, got {context} and {batch}")
+    context, batch = check_context(cfg, cfg.n_positions if context is None else context, batch)
     disk = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
                if os.path.isfile(os.path.join(path, f)))
     params = sum(_numel(s) for s in expected_tensors(cfg).values())
@@ -64,12 +47,12 @@ def describe(path: str, context: int | None = None, batch: int = 1) -> dict[str,
         q_dict = None
         plans = {"fp16": _weights_bytes(cfg, None), "int8": _weights_bytes(cfg, 8),
                  "int4 g128": _weights_bytes(cfg, 4, 128)}
-    act = activation_bytes(cfg, context, batch)
+    act = prompt_activation_bytes(cfg, [context] * batch, torch.float32)
     memory = {}
     for name, w in plans.items():
         quantized = name != "fp16"
         # As codegen_q.load allocates it by default (fp32 activations).
-        kv_cpu, kv_gpu = (kv_cache_bytes(cfg, context, batch, torch.finfo(default_kv_dtype(quantized, device)).bits // 8)
+        kv_cpu, kv_gpu = (kv_cache_bytes(cfg, context * batch, default_kv_dtype(quantized, device))
                           for device in ("cpu", "cuda"))
         memory[name] = {"weights": w, "kv_cache_cpu": kv_cpu, "kv_cache_gpu": kv_gpu, "activations": act,
                         "cpu_total": w + kv_cpu + act, "gpu_total": w + kv_gpu + act + GPU_RUNTIME_OVERHEAD}

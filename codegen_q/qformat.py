@@ -13,14 +13,13 @@ A quantized Linear ``X.weight`` is stored as ``X.qweight``, ``X.scales`` and (as
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import struct
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
@@ -89,56 +88,6 @@ def estimate_bytes(shards: list[list[TensorSpec]], src_dir: str) -> int:
     tok = sum(os.path.getsize(os.path.join(src_dir, f)) for f in TOKENIZER_FILES
               if os.path.isfile(os.path.join(src_dir, f)))
     return sum(file_nbytes(s) for s in shards) + tok + (1 << 20)
-
-
-def check_free_space(out: str, need: int) -> None:
-    """OSError unless the file system that will hold ``out`` has ``need`` bytes free. Directories
-    above ``out`` that do not exist yet (they are created) are on the file system of the nearest
-    one that does."""
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.isdir(parent) and os.path.dirname(parent) != parent:
-        parent = os.path.dirname(parent)
-    free = shutil.disk_usage(parent).free
-    if free < need:
-        raise OSError(f"not enough disk space in {parent}: the output needs {need / 1e9:.2f} GB, "
-                      f"{free / 1e9:.2f} GB is free")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str, force: bool = False) -> Iterator[str]:
-    """Yield a temporary directory next to ``out``; on success it becomes ``out``, on any failure
-    (KeyboardInterrupt included) it is removed, so an interrupted run never leaves a model that loads.
-    With ``force`` an existing ``out`` is replaced only once the new one is complete."""
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    parent, base = os.path.split(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-        _fsync_dir(tmp)
-        if os.path.exists(out):
-            old = os.path.join(parent, f".{base}.old-{os.getpid()}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-        _fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sha256_file(path: str) -> str:

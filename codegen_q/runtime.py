@@ -10,6 +10,7 @@ import torch
 from codegen_q.backends import set_num_threads
 from codegen_q.checkpoint import HubCheckpoint, qkv_head_major_permutation
 from codegen_q.config import CodeGenConfig
+from codegen_q.memory_plan import check_context, kv_cache_bytes
 from codegen_q.model import CodeGenModel
 from codegen_q.qformat import load_quantized
 from codegen_q.quantize import QuantizedWeight
@@ -38,8 +39,8 @@ class LoadedModel:
     def memory(self, context: int | None = None, batch: int = 1) -> dict[str, Any]:
         """Bytes of weights held (and of those read per token), and of the KV cache for `batch`
         sequences of `context` tokens."""
-        context = context or self.config.n_positions
-        kv = 2 * self.config.n_layer * self.config.n_embd * context * batch * torch.finfo(self.model.kv_dtype).bits // 8
+        context, batch = check_context(self.config, self.config.n_positions if context is None else context, batch)
+        kv = kv_cache_bytes(self.config, context * batch, self.model.kv_dtype)
         wte = self.model.wte
         return {"weights_bytes": self.model.nbytes + wte.numel() * wte.element_size(),
                 "streamed_per_token_bytes": self.model.nbytes, "kv_cache_bytes": kv, "context": context,

@@ -137,8 +137,25 @@ def test_reader_names_missing_and_misshaped_tensors(tmp_path):
     with HubCheckpoint(src) as ckpt, pytest.raises(ValueError) as e:
         ckpt.validate()
     msg = str(e.value)
-    assert "transformer.h.2.attn.qkv_proj.weight" in msg and "lm_head.weight has shape" in msg
-    assert "transformer.wte.weight has shape" in msg
+    # The likely cause first, then each kind of problem with its count and first names.
+    assert f"vocab_size {cfg['vocab_size']}, weights {cfg['vocab_size'] - 8}" in msg and "n_layer 3, weights 2" in msg
+    assert "8 tensor(s) missing (transformer.h.2.ln_1.weight" in msg and "and 5 more" in msg
+    assert "3 tensor(s) with the wrong shape (transformer.wte.weight is" in msg
+
+
+def test_a_wrong_n_embd_is_summarised_not_listed(tmp_path):
+    # Every tensor disagrees: the error names the field and the first few tensors, not all of them.
+    src = make_tiny(tmp_path / "m", n_layer=4)
+    cfg_path = os.path.join(src, "config.json")
+    cfg = json.load(open(cfg_path))
+    width = cfg["n_embd"]
+    cfg.update(n_embd=2 * width, n_inner=None)
+    json.dump(cfg, open(cfg_path, "w"))
+    with HubCheckpoint(src) as ckpt, pytest.raises(ValueError) as e:
+        ckpt.validate()
+    msg = str(e.value)
+    assert f"config.json says n_embd {2 * width}, weights {width}" in msg
+    assert "tensor(s) with the wrong shape" in msg and "more)" in msg and len(msg) < 1000
 
 
 def test_config_errors(tmp_path):

@@ -190,8 +190,8 @@ def test_not_enough_disk_fails_before_writing(tmp_path, src, monkeypatch):
 
 
 def test_out_under_directories_that_do_not_exist_yet(tmp_path, src, monkeypatch):
-    # Like mkdir -p: the missing directories are made; the free-space check looks at the nearest
-    # directory that exists, and when space is short, nothing is made at all.
+    # Like mkdir -p: the missing directories are made; when space is short, they are removed again,
+    # so nothing is left at all.
     import shutil
     from collections import namedtuple
 
@@ -200,7 +200,8 @@ def test_out_under_directories_that_do_not_exist_yet(tmp_path, src, monkeypatch)
     asked = []
     monkeypatch.setattr(shutil, "disk_usage", lambda p: asked.append(p) or real_usage(p))
     quantize_checkpoint(src, out, bits=8, progress=False)
-    assert asked and all(os.path.isdir(p) for p in asked) and os.path.samefile(asked[0], tmp_path)
+    # Asked about the directory being written, beside OUT (on OUT's file system).
+    assert asked and os.path.dirname(asked[0]) == str(out.parent)
     assert load_quantized(out).config.n_layer > 0
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1000))
@@ -217,3 +218,19 @@ def test_non_codegen_and_missing_source(tmp_path):
     with pytest.raises(ValueError, match="'llama'"):
         quantize_checkpoint(tmp_path / "llama", tmp_path / "q", bits=8, progress=False)
     assert not (tmp_path / "q").exists() and not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("bits,group_size,label", [(4, 128, "int4 g128 asymmetric"), (8, None, "int8 per-channel")])
+def test_a_quantized_directory_as_the_source_says_so(tmp_path, src, bits, group_size, label):
+    done = tmp_path / "q"
+    quantize_checkpoint(src, done, bits=bits, group_size=group_size, progress=False)
+    with pytest.raises(ValueError) as e:
+        quantize_checkpoint(done, tmp_path / "again", bits=4, progress=False)
+    assert f"is already quantized by codegen-q ({label})" in str(e.value) and len(str(e.value)) < 300
+    assert sorted(os.listdir(tmp_path)) == ["q"]
+
+
+def test_a_group_size_with_int8_is_refused_not_dropped(tmp_path, src):
+    with pytest.raises(ValueError, match="applies to --bits 4 only"):
+        quantize_checkpoint(src, tmp_path / "q", bits=8, group_size=64, progress=False)
+    assert os.listdir(tmp_path) == []

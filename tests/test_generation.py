@@ -146,11 +146,11 @@ def test_seeded_sampling_is_reproducible(setup):
 def test_every_block_returns_after_finish_error_and_cancel(setup):
     _, model, tok = setup
     params = SamplingParams()
-    runner = Generator(model, tok, PROMPTS, 10, params, None, [], [])
+    runner = Generator.for_prompts(model, tok, PROMPTS, 10, params)
     for _ in runner.steps():
         pass
     assert runner.cache.num_free_blocks == runner.cache.num_blocks
-    runner = Generator(model, tok, PROMPTS[:1], 30, params, None, [], [])
+    runner = Generator.for_prompts(model, tok, PROMPTS[:1], 30, params)
     steps = runner.steps()
     next(steps), next(steps)
     steps.close()  # a cancelled stream
@@ -159,7 +159,7 @@ def test_every_block_returns_after_finish_error_and_cancel(setup):
     class Boom(RuntimeError):
         pass
 
-    runner = Generator(model, tok, PROMPTS, 10, params, None, [], [])
+    runner = Generator.for_prompts(model, tok, PROMPTS, 10, params)
     original = model.forward
     calls = {"n": 0}
 
@@ -190,9 +190,9 @@ def test_every_block_returns_after_finish_error_and_cancel(setup):
     (dict(frobnicate=True), "unknown argument"),
     (dict(progress="yes"), "progress must be a callable"),
 ])
-def test_bad_arguments_are_value_errors(setup, kwargs, match):
+def test_bad_arguments_are_value_or_type_errors(setup, kwargs, match):
     _, model, tok = setup
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         generate(model, PROMPTS[0], tokenizer=tok, **kwargs)
 
 
@@ -237,7 +237,7 @@ def test_cli_draws_a_prompt_bar_only_for_long_prompts_on_a_terminal(setup, monke
 def test_bad_prompts(setup):
     _, model, tok = setup
     for prompt in ("", [], [1, 2]):
-        with pytest.raises(ValueError):
+        with pytest.raises((ValueError, TypeError)):
             generate(model, prompt, tokenizer=tok)
     with pytest.raises(ValueError, match="exceed the model's context"):
         generate(model, "x = 1\n" * 200, tokenizer=tok, max_new_tokens=1)

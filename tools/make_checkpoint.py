@@ -12,14 +12,12 @@ codegen_q.testing.checkpoints so tests import it.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 import time
 
 from codegen_q.checkpoint import expected_tensors, is_legacy_buffer
 from codegen_q.config import CodeGenConfig
-from codegen_q.qformat import check_free_space
+from codegen_q.output_dir import check_free_space, writing_output_dir
 from codegen_q.testing.checkpoints import PRESETS, hub_config, make_checkpoint, tiny_config
 
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -54,29 +52,26 @@ def main(argv=None) -> int:
         print(f"make_checkpoint: error: {exc}", file=sys.stderr)
         return 1
     need = n_params * _ITEMSIZE[args.dtype]
-    if os.path.exists(args.out):
-        if not args.force:
-            print(f"make_checkpoint: error: {args.out} exists; pass --force to replace it", file=sys.stderr)
-            return 1
-        shutil.rmtree(args.out)
-    try:
-        check_free_space(args.out, int(need * 1.02))
-    except OSError as exc:
-        print(f"make_checkpoint: error: {exc}", file=sys.stderr)
-        return 1
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    # The weights' bytes (the legacy buffers are not counted); redrawn at most every 0.1 s on a
-    # terminal, every 10 s into a log.
-    with tqdm(total=need, unit="B", unit_scale=True, desc="write", file=sys.stderr, dynamic_ncols=True,
-              mininterval=0.1 if sys.stderr.isatty() else 10.0) as bar:
-        def on_tensor(name: str, nbytes: int) -> None:
-            if not is_legacy_buffer(name):
-                bar.update(nbytes)
+    try:
+        # Written beside OUT and renamed into place when complete, as the quantizer writes its output.
+        with writing_output_dir(args.out, force=args.force) as tmp:
+            check_free_space(tmp, int(need * 1.02))
+            # The weights' bytes (the legacy buffers are not counted); redrawn at most every 0.1 s
+            # on a terminal, every 10 s into a log.
+            with tqdm(total=need, unit="B", unit_scale=True, desc="write", file=sys.stderr, dynamic_ncols=True,
+                      mininterval=0.1 if sys.stderr.isatty() else 10.0) as bar:
+                def on_tensor(name: str, nbytes: int) -> None:
+                    if not is_legacy_buffer(name):
+                        bar.update(nbytes)
 
-        make_checkpoint(args.out, cfg, fmt=args.format, dtype=args.dtype, shards=args.shards, seed=args.seed,
-                        legacy_buffers=False if args.no_legacy_buffers else None, on_tensor=on_tensor)
+                make_checkpoint(tmp, cfg, fmt=args.format, dtype=args.dtype, shards=args.shards, seed=args.seed,
+                                legacy_buffers=False if args.no_legacy_buffers else None, on_tensor=on_tensor)
+    except (OSError, RuntimeError) as exc:
+        print(f"make_checkpoint: error: {exc}", file=sys.stderr)
+        return 1
     dt = time.perf_counter() - t0
     params = f"{n_params / 1e9:.2f} B" if n_params >= 1e8 else f"{n_params / 1e6:.2f} M"
     size = f"{need / 1e9:.2f} GB" if need >= 1e8 else f"{need / 1e6:.2f} MB"
