@@ -8,6 +8,7 @@ kept and raised only when a native op is actually called (the bitsandbytes habit
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 
 _cache: dict[str, tuple[ModuleType | None, str | None]] = {}
@@ -24,13 +25,29 @@ def _load(name: str) -> tuple[ModuleType | None, str | None]:
 
 def cpu() -> ModuleType:
     """The CPU kernels module; raises ImportError with a way out if it is missing."""
+    first = "_C_cpu" not in _cache
     module, error = _load("_C_cpu")
     if module is None:
         raise ImportError(
             "codegen-q's native CPU module is not built or cannot be loaded "
             f"({error}); reinstall the package with `pip install .` from a checkout."
         )
+    if first:
+        _default_threads(module)
     return module
+
+
+def _default_threads(module: ModuleType) -> None:
+    """The kernels' default thread count: CODEGEN_Q_NUM_THREADS if set (warned about when it
+    exceeds the usable CPUs), else the usable CPUs, which unlike the native default (the affinity
+    mask) also respect a container's CPU quota."""
+    from codegen_q.usable_cpus import usable_cpus, warn_if_oversubscribed
+
+    usable = usable_cpus()
+    if os.environ.get("CODEGEN_Q_NUM_THREADS"):
+        warn_if_oversubscribed(module.get_num_threads(), usable, stacklevel=4)
+    elif module.get_num_threads() != usable:
+        module.set_num_threads(usable)
 
 
 def cuda() -> ModuleType | None:

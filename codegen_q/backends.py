@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from codegen_q import _native
+from codegen_q.usable_cpus import warn_if_oversubscribed
 
 
 def backends() -> dict[str, Any]:
@@ -15,9 +16,13 @@ def backends() -> dict[str, Any]:
     (whether the CUDA module was compiled, for which architectures, and the devices visible now).
     """
     cpu = _native.cpu()
+    try:
+        isa, isa_error = cpu.active_isa(), None
+    except ValueError as exc:  # CODEGEN_Q_CPU_ISA names kernels this CPU or build lacks: reported, not raised
+        isa, isa_error = None, str(exc)
     info: dict[str, Any] = {
         "cpu": {
-            "isa": cpu.active_isa(),
+            "isa": isa,
             "compiled_isas": list(cpu.compiled_isas()),
             "supported_isas": list(cpu.supported_isas()),
             "num_threads": cpu.get_num_threads(),
@@ -25,6 +30,8 @@ def backends() -> dict[str, Any]:
             "activation_limbs": get_activation_limbs(),
         }
     }
+    if isa_error:
+        info["cpu"]["isa_error"] = isa_error
     cuda = _native.cuda()
     if cuda is None:
         info["cuda"] = {"compiled": False, "reason": _native.cuda_import_error(), "devices": []}
@@ -43,12 +50,15 @@ def backends() -> dict[str, Any]:
 
 
 def set_num_threads(n: int) -> None:
-    """Threads used by the CPU kernels (default: CODEGEN_Q_NUM_THREADS, else all usable cores)."""
+    """Threads used by the CPU kernels (default: CODEGEN_Q_NUM_THREADS, else the usable CPUs: the
+    affinity mask capped by the cgroup CPU quota). More than that warns: it slows decoding."""
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"num_threads must be an int, got {type(n).__name__}")
     if n < 1:
         raise ValueError(f"num_threads must be at least 1, got {n}")
-    _native.cpu().set_num_threads(n)
+    module = _native.cpu()
+    warn_if_oversubscribed(n)
+    module.set_num_threads(n)
 
 
 def get_num_threads() -> int:

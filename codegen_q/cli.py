@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:
@@ -63,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_quantize)
+    p.set_defaults(func=_cmd_quantize, on_interrupt="interrupted; nothing was written")
 
     p = sub.add_parser("inspect", help="show a model's config, quantization, size and memory plan")
     p.add_argument("model", help="hub checkpoint or codegen-q directory")
@@ -81,14 +83,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.showwarning = _show_warning
+    if sys.stdout is None:  # started with file descriptor 1 closed
+        if sys.stderr is not None:
+            print("codegen-q: error: standard output is closed, so there is nowhere to write the result",
+                  file=sys.stderr)
+        return 1
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("codegen-q: error: interrupted; nothing was written", file=sys.stderr)
+        print(f"codegen-q: error: {getattr(args, 'on_interrupt', 'interrupted')}", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, ImportError, RuntimeError) as exc:
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return 1
+    except (ValueError, TypeError, OSError, ImportError, RuntimeError, MemoryError) as exc:
         print(f"codegen-q: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each, like the errors (not Python's file:line and source line)."""
+    if sys.stderr is not None:
+        print(f"codegen-q: warning: {message}", file=sys.stderr)
 
 
 def _one_line(exc: BaseException) -> str:

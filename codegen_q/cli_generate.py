@@ -12,7 +12,9 @@ def add_parser(sub) -> None:
                        description="Complete PROMPT with MODEL. Tokens stream to stdout as they are decoded.")
     p.add_argument("model", help="a directory written by `codegen-q quantize`, or a hub CodeGen directory")
     p.add_argument("prompt", help="the prompt text, or - to read it from standard input")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=_max_new_tokens, default=None, metavar="N|auto",
+                   help="tokens to generate at most: N, or auto for up to the model's context "
+                        "(default: 128, fewer where the context ends first)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -32,6 +34,32 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, finish reason, speed)")
     p.add_argument("--no-verify", action="store_true", help="skip the manifest checksums when loading")
     p.set_defaults(func=run)
+
+
+def _max_new_tokens(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1 or auto, got {text!r}")
+    return n
+
+
+def _read_prompt(arg: str) -> str:
+    """The prompt argument, or standard input's bytes for "-", as UTF-8 text."""
+    if arg != "-":
+        return arg  # checked by generate(): an argument that was not UTF-8 arrives with lone surrogates
+    if sys.stdin is None:
+        raise ValueError("the prompt is - (standard input), but standard input is closed")
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"the prompt on standard input is not UTF-8 text (byte 0x{data[exc.start]:02x} at "
+                         f"offset {exc.start})") from None
 
 
 # Prompts at least this long get a progress bar over the model's blocks on a terminal: the prompt
@@ -60,10 +88,13 @@ def run(args: argparse.Namespace) -> int:
 
     from codegen_q.runtime import load
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    from codegen_q.generation import DEFAULT_MAX_NEW_TOKENS, check_text
+
+    prompt = check_text(_read_prompt(args.prompt), "the prompt")
     model = load(args.model, device=args.device, num_threads=args.threads, verify=not args.no_verify,
                  kv_dtype=args.kv_dtype, prefill_dtype=args.prefill_dtype)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    max_new_tokens = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
+    options = dict(max_new_tokens=max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
                    stop_at_top_level=args.stop_at_top_level, progress=_prompt_progress(model, prompt))
     start = time.perf_counter()

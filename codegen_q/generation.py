@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from codegen_q.kv_cache import DEFAULT_BLOCK_SIZE
-from codegen_q.memory_plan import GenerationPlan, available_bytes, generation_plan
+from codegen_q.memory_plan import USABLE_FRACTION, GenerationPlan, available_bytes, generation_plan
 from codegen_q.sampling import MAX_SEED, SamplingParams, check_seed, next_token
 from codegen_q.tokenizer import CodeGenTokenizer, IncrementalDecoder
 

@@ -114,7 +114,9 @@ class GenerationPlan:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    if n >= 1e8:
+        return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
 def generation_plan(cfg: CodeGenConfig, prompt_lengths: Sequence[int], new_tokens: Sequence[int], block_size: int,

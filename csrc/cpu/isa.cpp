@@ -69,11 +69,19 @@ Isa parse(const std::string& name) {
   throw std::invalid_argument("unknown CPU ISA '" + name + "'; expected one of scalar, avx2, avx512");
 }
 
+std::string joined(const std::vector<std::string>& names) {
+  std::string out;
+  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
+  return out;
+}
+
 Isa checked(Isa isa) {
   if (!compiled(isa))
-    throw std::invalid_argument(std::string("the CPU ISA '") + isa_name(isa) + "' was not compiled into this build");
+    throw std::invalid_argument(std::string("the CPU ISA '") + isa_name(isa) +
+                                "' was not compiled into this build (it has: " + joined(compiled_isas()) + ")");
   if (!cpu_runs(isa))
-    throw std::invalid_argument(std::string("this CPU cannot run the '") + isa_name(isa) + "' kernels");
+    throw std::invalid_argument(std::string("this CPU cannot run the '") + isa_name(isa) +
+                                "' kernels (it runs: " + joined(supported_isas()) + ")");
   return isa;
 }
 
