@@ -54,7 +54,10 @@ def _read_prompt(arg: str) -> str:
         return arg  # checked by generate(): an argument that was not UTF-8 arrives with lone surrogates
     if sys.stdin is None:
         raise ValueError("the prompt is - (standard input), but standard input is closed")
-    data = sys.stdin.buffer.read()
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text stream without bytes under it (an embedding program's own): already text
+        return sys.stdin.read()
+    data = stream.read()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

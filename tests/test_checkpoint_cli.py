@@ -22,6 +22,7 @@ def test_quantize_human_summary(tmp_path, src, capsys):
     assert main(["quantize", src, out, "--bits", "4", "--group-size", "64", "--symmetric", "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "int4 g64 symmetric" in text and "relative error" in text and "GB/s" in text
+    assert "over every element" in text and "sampled" not in text  # the error is not an estimate
     q = load_quantized(out).config.quantization
     assert (q.bits, q.group_size, q.scheme, q.lm_head) == (4, 64, "symmetric", "int8")
 
