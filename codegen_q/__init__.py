@@ -39,6 +39,14 @@ def generate(model, prompt, **kwargs):
     return _generate(model, prompt, **kwargs)
 
 
+def evaluate(model, sources, **kwargs):
+    """Perplexity of a model (a LoadedModel or a directory) on files / directories of code, and with
+    reference= its top-1 agreement and KL against another; see codegen_q.evaluation.evaluate."""
+    from codegen_q.evaluation import evaluate as _evaluate
+
+    return _evaluate(model, sources, **kwargs)
+
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -49,6 +57,7 @@ __all__ = [
     "QuantizedWeight",
     "backends",
     "dequantize",
+    "evaluate",
     "generate",
     "get_activation_limbs",
     "get_cpu_isa",
