@@ -1,22 +1,29 @@
-"""The generation loop: prefill, batched decode on the paged KV cache, stopping, streaming.
+"""generate(): complete prompts with a loaded model, on the engine (codegen_q/engine.py).
 
-All active sequences advance together: one forward per step with every sequence's new token
-(a flattened batch), so prompts of different lengths batch without padding, and a batch gives
-each prompt exactly what it gets alone under greedy decoding.
+generate() checks its arguments, tokenizes, plans the memory of the batch before anything is
+allocated, and runs the prompts on an Engine whose pool holds them all at once: all prompts
+start together, so its prompt pass and every decode step is one forward over the whole batch (a
+flattened batch: prompts of different lengths batch without padding, and a batch gives each
+prompt exactly what it gets alone under greedy decoding). A batch that does not fit runs in
+consecutive parts, each on its own engine whose pool is freed before the next is allocated.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 
+from codegen_q.engine import Completion, Engine, InsufficientMemory, TokenLogprob, check_logprobs
 from codegen_q.kv_cache import DEFAULT_BLOCK_SIZE
 from codegen_q.memory_plan import USABLE_FRACTION, GenerationPlan, available_bytes, generation_plan
-from codegen_q.sampling import MAX_SEED, SamplingParams, check_seed, next_token
-from codegen_q.tokenizer import CodeGenTokenizer, IncrementalDecoder
+from codegen_q.sampling import MAX_SEED, SamplingParams, check_seed
+from codegen_q.tokenizer import CodeGenTokenizer
+
+# Completion, TokenLogprob and InsufficientMemory live with the engine; generate() callers import them from here.
+__all__ = ["Completion", "InsufficientMemory", "TokenLogprob", "check_text", "generate"]
 
 # A new top-level statement at column 0 ends a code completion (cf. transformers' CodeGen
 # `truncate_before_pattern`); the match is cut together with the newline before it.
@@ -24,129 +31,17 @@ TOP_LEVEL_PATTERNS = (r"\n(?=def |class |if __name__|print\()",)
 
 
 @dataclass
-class Completion:
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop", "length" or "eos"
-    prompt_tokens: int
+class _Prompt:
+    """One tokenized prompt of a generate() call, with its budget and sampling seed."""
 
-
-@dataclass
-class _Request:
     index: int
     prompt_ids: list[int]
-    decoder: IncrementalDecoder
-    generator: torch.Generator | None
     max_new_tokens: int
-    seq_id: int = -1
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    cut_at: int | None = None  # text length after stop-string / pattern truncation
-    emitted: int = 0           # characters already streamed
-
-
-class Generator:
-    """Runs one group of requests; `steps()` yields (request index, text delta) while decoding."""
-
-    def __init__(self, model, tokenizer: CodeGenTokenizer, requests: Sequence[_Request], params: SamplingParams,
-                 stop: Sequence[str], stop_patterns: Sequence[str],
-                 progress: Callable[[int, int], None] | None = None) -> None:
-        self.model, self.tokenizer, self.params = model, tokenizer, params
-        self.progress = progress
-        self.stop = list(stop)
-        self.patterns = [re.compile(p) for p in stop_patterns]
-        self.holdback = max((len(s) for s in self.stop), default=1) - 1
-        self.requests = list(requests)
-        self.vocab_limit = min(len(tokenizer), model.config.vocab_size)
-
-    @classmethod
-    def for_prompts(cls, model, tokenizer: CodeGenTokenizer, prompts: Sequence[str],
-                    max_new_tokens: int | str | None, params: SamplingParams, seed: int | None = None,
-                    stop: Sequence[str] = (), stop_patterns: Sequence[str] = ()) -> "Generator":
-        """One runner for all of ``prompts`` (no memory planning: generate() does that)."""
-        return cls(model, tokenizer, _requests(model, tokenizer, prompts, max_new_tokens, params, seed), params,
-                   stop, stop_patterns)
-
-    def steps(self) -> Iterator[tuple[int, str]]:
-        # Each sequence owns whole blocks, so size the pool per sequence, rounded up to blocks.
-        block = DEFAULT_BLOCK_SIZE
-        tokens = sum(-(-(len(r.prompt_ids) + r.max_new_tokens) // block) * block for r in self.requests)
-        cache = self.cache = self.model.new_cache(tokens, block_size=block)
-        try:
-            for r in self.requests:
-                r.seq_id = cache.add_sequence()
-            active = list(self.requests)
-            # Plain greedy decode steps let the model pick the tokens (natively where it can).
-            greedy = self.params.temperature == 0 and self.params.repetition_penalty == 1.0
-            prompts = True
-            while active:
-                seqs = [r.seq_id for r in active]
-                if greedy and not prompts:
-                    picks = self.model.greedy_step([r.token_ids[-1] for r in active], cache, seqs, self.vocab_limit)
-                else:
-                    inputs = [torch.tensor(r.prompt_ids if prompts else [r.token_ids[-1]]) for r in active]
-                    logits = self.model.forward(inputs, cache, seqs, on_layer=self.progress if prompts else None)
-                    picks = [self._choose(r, lg[-1]) for r, lg in zip(active, logits)]
-                prompts = False
-                for r, tok in zip(active, picks):
-                    delta = self._advance(r, tok)
-                    if delta:
-                        yield r.index, delta
-                for r in active:
-                    if r.finish_reason is not None:
-                        cache.free(r.seq_id)
-                active = [r for r in active if r.finish_reason is None]
-        finally:  # normal end, error, or a stream closed early: every block goes back
-            for r in self.requests:
-                cache.free(r.seq_id)
-
-    def completions(self) -> list[Completion]:
-        return [Completion(self._final_text(r), r.token_ids, r.finish_reason or "length", len(r.prompt_ids))
-                for r in self.requests]
-
-    def _choose(self, r: _Request, logits: torch.Tensor) -> int:
-        return next_token(logits, self.params, self.vocab_limit, r.prompt_ids + r.token_ids, r.generator)
-
-    def _advance(self, r: _Request, tok: int) -> str:
-        if tok == self.tokenizer.eos_token_id:
-            r.finish_reason = "eos"
-            return self._flush(r)
-        r.token_ids.append(tok)
-        r.decoder.push(tok)
-        cut = self._find_stop(r.decoder.text)
-        if cut is not None:
-            r.cut_at, r.finish_reason = cut, "stop"
-            return self._flush(r)
-        if len(r.token_ids) >= r.max_new_tokens:
-            r.finish_reason = "length"
-            return self._flush(r)
-        # Hold back what could still turn out to be the start of a stop string.
-        safe = max(r.emitted, len(r.decoder.text) - self.holdback)
-        delta = r.decoder.text[r.emitted:safe]
-        r.emitted = safe
-        return delta
-
-    def _find_stop(self, text: str) -> int | None:
-        hits = [text.find(s) for s in self.stop if s in text]
-        hits += [m.start() for p in self.patterns for m in [p.search(text)] if m]
-        return min(hits) if hits else None
-
-    def _final_text(self, r: _Request) -> str:
-        if r.cut_at is not None:
-            return r.decoder.text[: r.cut_at]
-        # The streaming decoder holds back an incomplete trailing character; at the end the text
-        # is everything the tokens decode to (the decoder's text is a prefix of it).
-        return self.tokenizer.decode(r.token_ids)
-
-    def _flush(self, r: _Request) -> str:
-        text = self._final_text(r)
-        delta = text[r.emitted:]
-        r.emitted = len(text)
-        return delta
+    seed: int | None  # None for greedy decoding
 
 
 _KNOWN = {"max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop",
-          "stop_patterns", "stop_at_top_level", "stream", "progress"}
+          "stop_patterns", "stop_at_top_level", "stream", "progress", "logprobs"}
 
 
 class _CappedDefault(int):
@@ -164,7 +59,7 @@ def generate(model, prompt: str | Sequence[str], *, max_new_tokens: int | str | 
              seed: int | None = None, stop: str | Sequence[str] | None = None,
              stop_patterns: Sequence[str] | None = None, stop_at_top_level: bool = False, stream: bool = False,
              tokenizer: CodeGenTokenizer | None = None, progress: Callable[[int, int], None] | None = None,
-             **unknown):
+             logprobs: int | None = None, **unknown):
     """Complete one prompt or a list of prompts with a loaded model (see codegen_q.load).
 
     Returns a Completion (or a list, for a list of prompts). With stream=True, returns an iterator
@@ -173,7 +68,8 @@ def generate(model, prompt: str | Sequence[str], *, max_new_tokens: int | str | 
     context), None or "auto" (until the context is full), or by default 128 capped at the context.
     ``progress(layers_done, layers_total)``, if given, is called as the prompt pass goes through the
     model's blocks (a 2000-token prompt on a 6B model takes minutes on a laptop CPU before the first
-    token).
+    token). ``logprobs``: None, or an int 0-20: each Completion's ``logprobs`` then holds, per token
+    id, its log-probability under the model and that many most likely alternatives (TokenLogprob).
 
     The KV cache and the prompt pass's activations are planned before anything is allocated: a
     batch that does not fit in the memory available runs in consecutive parts (each prompt gets
@@ -219,23 +115,19 @@ def generate(model, prompt: str | Sequence[str], *, max_new_tokens: int | str | 
         raise TypeError(f"progress must be a callable (layers_done, layers_total) or None, got {progress!r}")
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
     check_seed(seed)
+    check_logprobs(logprobs)
     core = getattr(model, "model", model)
     requests = _requests(core, tokenizer, prompts, max_new_tokens, params, seed)
     parts = _parts_that_fit(core, requests)
-    # One runner (and one KV pool) at a time: a part's pool is freed before the next is allocated.
-    runners = (Generator(core, tokenizer, part, params, stop, patterns, progress) for part in parts)
+    done: dict[int, Completion] = {}
+    # One part (one engine and its KV pool) at a time: a part's pool is freed before the next is allocated.
+    runs = (_run_part(core, tokenizer, part, params, stop, patterns, progress, logprobs, done) for part in parts)
     if stream:
-        return _stream(runners, single)
-    done = []
-    for runner in runners:
-        for _ in runner.steps():
+        return _stream(runs, single)
+    for run in runs:
+        for _ in run:
             pass
-        done += runner.completions()
-    return done[0] if single else done
-
-
-class InsufficientMemory(MemoryError):
-    """A prompt needs more memory (KV cache and activations) than the device has available."""
+    return done[0] if single else [done[i] for i in range(len(prompts))]
 
 
 def check_text(value: object, what: str) -> str:
@@ -262,7 +154,9 @@ def _check_max_new_tokens(value: object) -> None:
 
 
 def _requests(model, tokenizer: CodeGenTokenizer, prompts: Sequence[str], max_new_tokens, params: SamplingParams,
-              seed: int | None) -> list[_Request]:
+              seed: int | None) -> list[_Prompt]:
+    """The prompts tokenized, each with its budget of new tokens (checked against the context)
+    and, when sampling, its seed: prompt i of a batch is seeded with seed + i."""
     context = model.config.n_positions
     out = []
     for i, prompt in enumerate(prompts):
@@ -283,25 +177,24 @@ def _requests(model, tokenizer: CodeGenTokenizer, prompts: Sequence[str], max_ne
                              f"max_new_tokens=None generates up to the context)")
         else:
             budget = max_new_tokens
-        gen = None
+        own_seed = None
         if params.temperature > 0:
-            gen = torch.Generator()
-            gen.manual_seed((seed if seed is not None else torch.seed() % (MAX_SEED + 1)) + i)
-        out.append(_Request(i, ids, IncrementalDecoder(tokenizer), gen, budget))
+            own_seed = (seed if seed is not None else torch.seed() % (MAX_SEED + 1)) + i
+        out.append(_Prompt(i, ids, budget, own_seed))
     return out
 
 
-def _plan(model, requests: Sequence[_Request], available: int) -> GenerationPlan:
+def _plan(model, requests: Sequence[_Prompt], available: int) -> GenerationPlan:
     return generation_plan(model.config, [len(r.prompt_ids) for r in requests], [r.max_new_tokens for r in requests],
                            DEFAULT_BLOCK_SIZE, model.kv_dtype, model.dtype, available)
 
 
-def _parts_that_fit(model, requests: list[_Request]) -> list[list[_Request]]:
+def _parts_that_fit(model, requests: list[_Prompt]) -> list[list[_Prompt]]:
     """The requests in consecutive groups whose memory plan fits (one group when the whole batch does)."""
     available = available_bytes(model.device)
     if _plan(model, requests, available).fits:
         return [requests]
-    parts: list[list[_Request]] = []
+    parts: list[list[_Prompt]] = []
     for r in requests:
         alone = _plan(model, [r], available)
         if not alone.fits:
@@ -314,7 +207,36 @@ def _parts_that_fit(model, requests: list[_Request]) -> list[list[_Request]]:
     return parts
 
 
-def _stream(runners: Iterator[Generator], single: bool):
-    for runner in runners:
-        for index, delta in runner.steps():
+def _run_part(model, tokenizer: CodeGenTokenizer, part: list[_Prompt], params: SamplingParams, stop: list[str],
+              patterns: list[str], progress: Callable[[int, int], None] | None, logprobs: int | None,
+              done: dict[int, Completion]) -> Iterator[tuple[int, str]]:
+    """Run one part to its end on an engine whose pool holds all its prompts at once, yielding
+    (prompt index, text delta) and filling done[index] as each one finishes. However it ends
+    (finished, an error, or a stream closed early), every block goes back."""
+    block = DEFAULT_BLOCK_SIZE
+    engine = Engine(model, tokenizer, kv_tokens=sum(_whole_blocks(p, block) for p in part), block_size=block,
+                    max_batch=len(part), max_queue=len(part),
+                    max_prefill_tokens=sum(len(p.prompt_ids) for p in part), progress=progress)
+    index = {engine.add_request(p.prompt_ids, params, p.max_new_tokens, stop, patterns, p.seed, logprobs): p.index
+             for p in part}
+    try:
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.completion is not None:
+                    done[index[out.request_id]] = out.completion
+                if out.delta:
+                    yield index[out.request_id], out.delta
+    finally:
+        for request_id in index:
+            engine.abort(request_id)
+
+
+def _whole_blocks(p: _Prompt, block: int) -> int:
+    """The tokens of the blocks a prompt and its new tokens take: a sequence owns whole blocks."""
+    return -(-(len(p.prompt_ids) + p.max_new_tokens) // block) * block
+
+
+def _stream(runs: Iterator[Iterator[tuple[int, str]]], single: bool):
+    for run in runs:
+        for index, delta in run:
             yield delta if single else (index, delta)

@@ -67,3 +67,19 @@ def next_token(logits: torch.Tensor, params: SamplingParams, vocab_limit: int, s
         logits[order[drop]] = float("-inf")
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprobs(logits: torch.Tensor, vocab_limit: int, token: int, top_n: int) -> tuple[float, dict[int, float]]:
+    """The log-probability of ``token`` under fp32 logits [vocab] of one sequence, and the top_n
+    most likely tokens (id -> log-probability, most likely first).
+
+    The model's own distribution: log_softmax over the real vocabulary (rows at or past
+    `vocab_limit` are padding, never chosen, so never counted), before temperature, top-k/top-p
+    and the repetition penalty, which shape the choice but not what the model thought of it.
+    """
+    logprobs = torch.log_softmax(logits[:vocab_limit].float(), dim=-1)
+    top: dict[int, float] = {}
+    if top_n:
+        values, ids = torch.topk(logprobs, min(top_n, vocab_limit))
+        top = dict(zip(ids.tolist(), values.tolist()))
+    return float(logprobs[token]), top

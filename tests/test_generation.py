@@ -7,9 +7,8 @@ import torch
 import transformers
 
 from codegen_q.config import CodeGenConfig
-from codegen_q.generation import Generator, generate
+from codegen_q.generation import generate
 from codegen_q.model import CodeGenModel
-from codegen_q.sampling import SamplingParams
 from codegen_q.testing.tokenizer_files import write_tokenizer_files
 from codegen_q.tokenizer import CodeGenTokenizer, IncrementalDecoder
 from test_model import converted_weights
@@ -143,23 +142,27 @@ def test_seeded_sampling_is_reproducible(setup):
     assert a.token_ids != c.token_ids
 
 
-def test_every_block_returns_after_finish_error_and_cancel(setup):
+def test_every_block_returns_after_finish_error_and_cancel(setup, monkeypatch):
     _, model, tok = setup
-    params = SamplingParams()
-    runner = Generator.for_prompts(model, tok, PROMPTS, 10, params)
-    for _ in runner.steps():
-        pass
-    assert runner.cache.num_free_blocks == runner.cache.num_blocks
-    runner = Generator.for_prompts(model, tok, PROMPTS[:1], 30, params)
-    steps = runner.steps()
+    pools = []
+    real_new_cache = model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda *a, **k: pools.append(real_new_cache(*a, **k)) or pools[-1])
+
+    def whole() -> bool:
+        return bool(pools) and all(p.num_free_blocks == p.num_blocks for p in pools)
+
+    generate(model, PROMPTS, max_new_tokens=10, tokenizer=tok)
+    assert whole()
+    pools.clear()
+    steps = generate(model, PROMPTS[0], max_new_tokens=30, tokenizer=tok, stream=True)
     next(steps), next(steps)
     steps.close()  # a cancelled stream
-    assert runner.cache.num_free_blocks == runner.cache.num_blocks
+    assert whole()
 
     class Boom(RuntimeError):
         pass
 
-    runner = Generator.for_prompts(model, tok, PROMPTS, 10, params)
+    pools.clear()
     original = model.forward
     calls = {"n": 0}
 
@@ -172,10 +175,10 @@ def test_every_block_returns_after_finish_error_and_cancel(setup):
     model.forward = failing_forward
     try:
         with pytest.raises(Boom):
-            list(runner.steps())
+            generate(model, PROMPTS, max_new_tokens=10, tokenizer=tok)
     finally:
         del model.forward
-    assert runner.cache.num_free_blocks == runner.cache.num_blocks
+    assert calls["n"] == 3 and whole()
 
 
 @pytest.mark.parametrize("kwargs,match", [
