@@ -22,18 +22,34 @@ from codegen_q.ops import dequantize, qlinear
 from codegen_q.quantize import QuantizedWeight, quantize_weight
 
 
-def load(path, device="cpu", dtype=None, num_threads=None, verify=True, kv_dtype=None, prefill_dtype=None):
-    """Load a quantized (or hub) CodeGen directory; see codegen_q.runtime.load."""
+def load(path=None, device="cpu", dtype=None, num_threads=None, verify=True, kv_dtype=None, prefill_dtype=None):
+    """Load a quantized (or hub) CodeGen directory, or with no path the small default model that
+    ships with codegen-q; see codegen_q.runtime.load."""
+    from codegen_q import default_model
     from codegen_q.runtime import load as _load
 
-    return _load(path, device=device, dtype=dtype, num_threads=num_threads, verify=verify, kv_dtype=kv_dtype,
+    return _load(default_model.path() if path is None else path, device=device, dtype=dtype, num_threads=num_threads, verify=verify, kv_dtype=kv_dtype,
                  prefill_dtype=prefill_dtype)
 
 
-def generate(model, prompt, **kwargs):
-    """Complete prompt(s) with a model from codegen_q.load, or a model directory path."""
+_default = None
+
+
+def generate(*model_and_prompt, **kwargs):
+    """generate([model,] prompt, **options): complete prompt(s) with a model from codegen_q.load, a
+    model directory path, or with no model the default one (loaded once, then kept); see
+    codegen_q.generation.generate for the options."""
+    global _default
     from codegen_q.generation import generate as _generate
 
+    if len(model_and_prompt) == 1:
+        if _default is None:
+            _default = load()
+        model, prompt = _default, model_and_prompt[0]
+    elif len(model_and_prompt) == 2:
+        model, prompt = model_and_prompt
+    else:
+        raise TypeError(f"generate() takes ([model,] prompt), got {len(model_and_prompt)} positional arguments")
     if isinstance(model, (str, _os.PathLike)):
         model = load(model)
     return _generate(model, prompt, **kwargs)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="complete a prompt with a quantized (or hub) CodeGen model",
                        description="Complete PROMPT with MODEL. Tokens stream to stdout as they are decoded.")
-    p.add_argument("model", help="a directory written by `codegen-q quantize`, or a hub CodeGen directory")
-    p.add_argument("prompt", help="the prompt text, or - to read it from standard input")
+    p.add_argument("model_and_prompt", nargs="+", metavar="[MODEL] PROMPT",
+                   help="MODEL: a directory written by `codegen-q quantize`, or a hub CodeGen directory "
+                        "(default: the small model shipped with codegen-q); PROMPT: the text, or - to read it "
+                        "from standard input")
     p.add_argument("--max-new-tokens", type=_max_new_tokens, default=None, metavar="N|auto",
                    help="tokens to generate at most: N, or auto for up to the model's context "
                         "(default: 128, fewer where the context ends first)")
@@ -46,6 +49,20 @@ def _max_new_tokens(text: str) -> int | str:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected an int >= 1 or auto, got {text!r}")
     return n
+
+
+def model_and_prompt(words: list[str]) -> tuple[str, str]:
+    """(model directory, prompt) from the positional words: a lone word is the prompt, for the
+    default model, unless it names a model directory (then the prompt is what is missing)."""
+    from codegen_q import default_model
+
+    if len(words) > 2:
+        raise ValueError(f"expected [MODEL] PROMPT, got {len(words)} arguments; quote a prompt with spaces")
+    if len(words) == 2:
+        return words[0], words[1]
+    if os.path.isfile(os.path.join(words[0], "config.json")):
+        raise ValueError(f"{words[0]} is a model directory, but no prompt was given after it")
+    return default_model.path(), words[0]
 
 
 def _read_prompt(arg: str) -> str:
@@ -93,8 +110,9 @@ def run(args: argparse.Namespace) -> int:
 
     from codegen_q.generation import DEFAULT_MAX_NEW_TOKENS, check_text
 
-    prompt = check_text(_read_prompt(args.prompt), "the prompt")
-    model = load(args.model, device=args.device, num_threads=args.threads, verify=not args.no_verify,
+    model_dir, prompt_arg = model_and_prompt(args.model_and_prompt)
+    prompt = check_text(_read_prompt(prompt_arg), "the prompt")
+    model = load(model_dir, device=args.device, num_threads=args.threads, verify=not args.no_verify,
                  kv_dtype=args.kv_dtype, prefill_dtype=args.prefill_dtype)
     max_new_tokens = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
     options = dict(max_new_tokens=max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -250,6 +250,21 @@ def _commit(tmp: str, out: str) -> None:
     _fsync_dir(parent)
 
 
+def write_file_atomically(path: str, text: str) -> None:
+    """Write a small text file as a whole or not at all: a temporary file beside it, synced, renamed."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def refuse_existing(out: str, force: bool) -> None:
     if os.path.lexists(out) and not force:
         kind = "a directory" if os.path.isdir(out) else "a file"

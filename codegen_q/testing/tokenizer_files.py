@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Iterable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -67,24 +68,27 @@ const result = [1, 2, 3].map((x) => x * 2).filter((x) => x > 2);
 '''
 
 
-def build_tokenizer(vocab_size: int = 1000) -> Tokenizer:
-    """A byte-level BPE of ``vocab_size`` ids (the last one ``<|endoftext|>``) plus 38 whitespace tokens."""
+def build_tokenizer(vocab_size: int = 1000, corpus: Iterable[str] | None = None) -> Tokenizer:
+    """A byte-level BPE of ``vocab_size`` ids (the last one ``<|endoftext|>``) plus 38 whitespace
+    tokens, trained on ``corpus`` (texts; default: the little built-in sample)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=[], show_progress=False)
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator([_CORPUS] * 4 if corpus is None else corpus, trainer=trainer)
     tok.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
     tok.add_tokens([AddedToken(w, normalized=False) for w in WHITESPACE_TOKENS])
     return tok
 
 
-def write_tokenizer_files(out_dir: str, vocab_size: int = 1000, model_max_length: int = 2048) -> dict[str, int]:
+def write_tokenizer_files(out_dir: str, vocab_size: int = 1000, model_max_length: int = 2048,
+                          corpus: Iterable[str] | None = None) -> dict[str, int]:
     """Write tokenizer.json, vocab.json, merges.txt, added_tokens.json, special_tokens_map.json and
-    tokenizer_config.json; returns {"eos_token_id": ..., "size": ...}."""
-    tok = build_tokenizer(vocab_size)
+    tokenizer_config.json (a BPE trained on ``corpus``, see build_tokenizer); returns
+    {"eos_token_id": ..., "size": ...}."""
+    tok = build_tokenizer(vocab_size, corpus)
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     model = json.loads(tok.to_str())["model"]
     vocab = dict(model["vocab"])
