@@ -74,10 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="check a quantized directory against its manifest")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=_cmd_inspect)
-    from codegen_q import cli_eval, cli_generate
+    from codegen_q import cli_eval, cli_generate, cli_serve
 
     cli_generate.add_parser(sub)
     cli_eval.add_parser(sub)
+    cli_serve.add_parser(sub)
     return parser
 
 

@@ -110,7 +110,8 @@ class _Request:
     def plain_greedy(self) -> bool:
         """Whether the fused greedy step may choose its tokens: it gives no logits."""
         p = self.params
-        return p.temperature == 0 and p.repetition_penalty == 1.0 and self.logprobs is None
+        return (p.temperature == 0 and p.repetition_penalty == 1.0 and not p.penalizes_generated
+                and self.logprobs is None)
 
 
 class Engine:
@@ -311,7 +312,7 @@ class Engine:
     def _choose_all(self, batch: list[_Request], rows: list[torch.Tensor]) -> list[StepOutput]:
         picks, logprobs = [], []
         for r, row in zip(batch, rows):
-            tok = next_token(row, r.params, self.vocab_limit, r.prompt_ids + r.token_ids, r.generator)
+            tok = next_token(row, r.params, self.vocab_limit, r.prompt_ids + r.token_ids, r.generator, r.token_ids)
             picks.append(tok)
             logprobs.append(None if r.logprobs is None else TokenLogprob(
                 tok, *token_logprobs(row, self.vocab_limit, tok, r.logprobs)))

@@ -1,9 +1,11 @@
-"""Choosing the next token from logits: padding mask, repetition penalty, temperature, top-k, top-p."""
+"""Choosing the next token from logits: padding mask, repetition penalty, presence / frequency
+penalties, temperature, top-k, top-p."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -14,6 +16,10 @@ class SamplingParams:
     top_k: int = 0            # 0: off
     top_p: float = 1.0        # 1: off
     repetition_penalty: float = 1.0
+    # OpenAI's penalties, on the tokens generated so far (not the prompt): a token's logit loses
+    # presence_penalty once it has appeared, and frequency_penalty for each time it has.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if not _finite_number(self.temperature) or self.temperature < 0:
@@ -25,8 +31,20 @@ class SamplingParams:
         if not _finite_number(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be a finite number > 0 (1 turns it off), "
                              f"got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _finite_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise ValueError(f"{name} must be a number from -{MAX_PENALTY} to {MAX_PENALTY} (0 turns it off), "
+                                 f"got {value!r}")
+
+    @property
+    def penalizes_generated(self) -> bool:
+        """Whether the presence or frequency penalty is on (the logits depend on what was generated)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
+# OpenAI's range for presence_penalty and frequency_penalty.
+MAX_PENALTY = 2.0
 # torch.Generator.manual_seed takes 64-bit seeds; request i of a batch is seeded with seed + i.
 MAX_SEED = 2**63 - 1
 
@@ -41,12 +59,15 @@ def _finite_number(x: object) -> bool:
 
 
 def next_token(logits: torch.Tensor, params: SamplingParams, vocab_limit: int, seen: list[int],
-               generator: torch.Generator | None) -> int:
-    """One token id from fp32 logits [vocab] of one sequence.
+               generator: torch.Generator | None, generated: Sequence[int] = ()) -> int:
+    """One token id from fp32 logits [vocab] of one sequence; ``seen``: the prompt and the tokens
+    generated so far (the repetition penalty's), ``generated``: those generated (the presence and
+    frequency penalties').
 
     Rows at or past `vocab_limit` (the tokenizer's size) are embedding padding and never chosen.
     """
-    if params.temperature == 0 and params.repetition_penalty == 1.0:  # plain greedy: no copy needed
+    if params.temperature == 0 and params.repetition_penalty == 1.0 and not params.penalizes_generated:
+        # plain greedy: no copy needed
         return int(torch.argmax(logits[:vocab_limit]))
     logits = logits.float().clone()
     logits[vocab_limit:] = float("-inf")
@@ -54,6 +75,9 @@ def next_token(logits: torch.Tensor, params: SamplingParams, vocab_limit: int, s
         idx = torch.tensor(sorted(set(seen)), dtype=torch.long)
         picked = logits[idx]
         logits[idx] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    if params.penalizes_generated and generated:
+        idx, counts = torch.unique(torch.tensor(list(generated), dtype=torch.long), return_counts=True)
+        logits[idx] -= params.presence_penalty + params.frequency_penalty * counts.float()
     if params.temperature == 0:
         return int(torch.argmax(logits))
     logits = logits / params.temperature

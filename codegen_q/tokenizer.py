@@ -36,6 +36,7 @@ class CodeGenTokenizer:
         self.eos_token_id: int | None = ids.get("eos_token")
         self.bos_token_id: int | None = ids.get("bos_token")
         self.pad_token_id: int | None = ids.get("pad_token")
+        self._added: frozenset[int] | None = None
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "CodeGenTokenizer":
@@ -75,6 +76,34 @@ class CodeGenTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for: a byte-level token may hold part of a UTF-8 character,
+        which decode() alone would turn into U+FFFD."""
+        piece = self._tok.id_to_token(int(token_id))
+        if piece is None:
+            raise ValueError(f"token id {token_id!r} is not in the tokenizer's {len(self)} ids")
+        if int(token_id) in self._added_ids:  # added tokens (whitespace runs, specials) are plain text
+            return piece.encode("utf-8")
+        return bytes(_BYTE_OF_CHAR[c] for c in piece)
+
+    @property
+    def _added_ids(self) -> frozenset[int]:
+        if self._added is None:
+            self._added = frozenset(self._tok.get_added_tokens_decoder())
+        return self._added
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE spells byte b as one printable character: itself for the printable
+    ASCII and Latin-1 ranges, 256 + n for the n-th of the others."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
 
 
 class IncrementalDecoder:
