@@ -26,12 +26,12 @@ import sysconfig
 import tempfile
 import time
 
-import torch
-
-from codegen_q import default_model
+from codegen_q import default_model  # before torch: codegen_q sets torch's OpenMP threads passive
 from codegen_q.convert import quantize_checkpoint
 from codegen_q.evaluation import evaluate
 from codegen_q.runtime import LoadedModel, load
+
+import torch  # noqa: E402  (after codegen_q, see above)
 
 # (label, quantize_checkpoint options); None is the float model itself.
 SCHEMES = [
