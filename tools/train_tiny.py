@@ -129,8 +129,10 @@ def train(args) -> int:
     transformers.logging.set_verbosity_error()
     root = sysconfig.get_paths()["stdlib"]
     files = corpus_files(root)
-    train_texts = read_texts(root, [f for f in files if not is_held_out(f)])
-    held_texts = read_texts(root, [f for f in files if is_held_out(f)])
+    train_files, held_files = [f for f in files if not is_held_out(f)], [f for f in files if is_held_out(f)]
+    if args.max_files:  # a quick run (tests): the first files of each split
+        train_files, held_files = train_files[:args.max_files], held_files[:max(1, args.max_files // HELD_OUT_ONE_IN)]
+    train_texts, held_texts = read_texts(root, train_files), read_texts(root, held_files)
     started = time.perf_counter()
     with writing_output_dir(args.out, force=args.force) as tmp:
         tok_info = write_tokenizer_files(tmp, vocab_size=args.vocab, model_max_length=args.context,
@@ -218,9 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--max-files", type=int, default=None, help="train on the first N files only (a quick check)")
     args = p.parse_args(argv)
     if args.n_embd % 256:
         p.error("--n-embd must be a multiple of 256")
+    if args.seq_len > args.context:
+        p.error("--seq-len must not exceed --context")
     return train(args)
 
 
