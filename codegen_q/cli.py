@@ -50,7 +50,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from codegen_q import __version__
+
     parser = argparse.ArgumentParser(prog="codegen-q", description="Quantized inference for Salesforce CodeGen models.")
+    parser.add_argument("--version", action="version", version=f"codegen-q {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("backends", help="show the CPU ISA, threads and CUDA support of this installation")
     p.set_defaults(func=_cmd_backends)
