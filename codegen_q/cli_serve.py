@@ -50,6 +50,9 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--model-name", default=None,
                    help="the model id /v1/models lists and responses carry (default: the directory's name)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="do not reuse the KV cache of prompt prefixes seen before (by default a request "
+                        "computes only what follows its longest cached prefix, e.g. an editor's file)")
     p.set_defaults(func=run)
 
 
@@ -127,14 +130,15 @@ def run(args: argparse.Namespace) -> int:
     model = load(model_dir, device=args.device, num_threads=args.threads)
     kv_tokens = None if args.kv_memory is None else kv_tokens_for(model, args.kv_memory)
     app = create_app(model, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                     kv_tokens=kv_tokens, model_name=name)
+                     kv_tokens=kv_tokens, model_name=name, prefix_caching=args.prefix_cache)
     sock = _listen(args.host, args.port)
     _log_to_stderr()
     cache, (host, port) = app.state.engine.cache, sock.getsockname()[:2]
     logging.getLogger("codegen_q.server").info(
-        "serving %s as %r on %s at http://%s:%d/v1: KV cache of %d tokens, %d requests at once, %d waiting; %s",
-        model_dir, app.state.model_name, model.model.device, f"[{host}]" if ":" in host else host, port,
-        cache.num_blocks * cache.block_size, args.max_batch, args.max_queue,
+        "serving %s as %r on %s at http://%s:%d/v1: KV cache of %d tokens (prefix caching %s), %d requests at "
+        "once, %d waiting; %s", model_dir, app.state.model_name, model.model.device,
+        f"[{host}]" if ":" in host else host, port, cache.num_blocks * cache.block_size,
+        "on" if args.prefix_cache else "off", args.max_batch, args.max_queue,
         "API key required" if api_key else "no API key")
     if not _is_loopback(args.host) and api_key is None:
         warnings.warn(f"serving on {args.host} without an API key: anyone who can reach port {args.port} can use "

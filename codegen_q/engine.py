@@ -12,6 +12,17 @@ preempted. A request the pool cannot hold yet waits in a first-in-first-out queu
 overtakes an earlier one, so a long one is never starved by short ones) until finished or
 aborted requests give their blocks back.
 
+Prefix caching (on by default; kv_cache.py keeps the blocks): once a prompt pass has written a
+request's full blocks, they are cached under the chain hash of their tokens, and so are blocks
+that fill while decoding. A request admitted later starts on the cached blocks of its longest
+cached prefix, shared read-only, and its prompt pass computes only the rest. The block holding a
+prompt's last token is always computed again (it yields the logits of the first new token, and
+the request writes past it, never into a shared block). Admission stays exact: a request takes
+the free blocks its uncached tokens need plus the evictable cached blocks it starts on; free
+blocks include evictable ones (a reservation evicts the least recently used). A request whose
+next block an admitted, not yet run prompt is computing waits one step to share it, so a batch
+with a common prefix (one generate() call) computes it once.
+
 Not thread-safe: one thread drives an engine (a server's scheduler loop).
 """
 
@@ -25,7 +36,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from codegen_q.kv_cache import DEFAULT_BLOCK_SIZE
+from codegen_q.kv_cache import DEFAULT_BLOCK_SIZE, block_hashes
 from codegen_q.memory_plan import (USABLE_FRACTION, GenerationPlan, available_bytes, kv_cache_bytes,
                                    prompt_activation_bytes)
 from codegen_q.sampling import SamplingParams, next_token, token_logprobs
@@ -95,6 +106,9 @@ class _Request:
     logprobs: int | None
     decoder: IncrementalDecoder
     seq_id: int | None = None  # its KV sequence, once admitted
+    hashes: list[bytes] = field(default_factory=list)  # chain hashes of its full blocks (prefix caching)
+    cached_tokens: int = 0  # prompt tokens it started on from the prefix cache
+    registered: int = 0     # its first blocks known to be in the prefix cache
     token_ids: list[int] = field(default_factory=list)
     token_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
@@ -125,11 +139,13 @@ class Engine:
     into one step, so a burst of long prompts neither stalls the running requests for long nor
     takes more activation memory than one full-context prompt (a single longer prompt still runs).
     ``progress(layers_done, layers_total)`` is called as each prompt pass goes through the blocks.
+    ``prefix_caching``: reuse the K/V of cached prompt prefixes (see the module docstring).
     """
 
     def __init__(self, model, tokenizer: CodeGenTokenizer | None = None, *, kv_tokens: int | None = None,
                  max_batch: int = 8, max_queue: int = 64, max_prefill_tokens: int | None = None,
-                 block_size: int = DEFAULT_BLOCK_SIZE, progress: Callable[[int, int], None] | None = None) -> None:
+                 block_size: int = DEFAULT_BLOCK_SIZE, progress: Callable[[int, int], None] | None = None,
+                 prefix_caching: bool = True) -> None:
         self.model = getattr(model, "model", model)  # a LoadedModel or a CodeGenModel
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         if self.tokenizer is None:
@@ -141,7 +157,10 @@ class Engine:
             _check_positive_int("max_prefill_tokens", max_prefill_tokens)
         if progress is not None and not callable(progress):
             raise TypeError(f"progress must be a callable (layers_done, layers_total) or None, got {progress!r}")
+        if not isinstance(prefix_caching, bool):
+            raise TypeError(f"prefix_caching must be True or False, got {prefix_caching!r}")
         self.max_batch, self.max_queue, self.progress = max_batch, max_queue, progress
+        self.prefix_caching = prefix_caching
         self.max_prefill_tokens = max_prefill_tokens or config.n_positions
         if kv_tokens is None:
             kv_tokens = _planned_pool_tokens(self.model, max_batch, self.max_prefill_tokens, block_size)
@@ -154,6 +173,9 @@ class Engine:
         self._requests: dict[int, _Request] = {}  # every unfinished request, by id
         self._undelivered: list[StepOutput] = []  # made by a step that then raised
         self._next_id = 0
+        # Prompt tokens of admitted requests, and how many of them came from the prefix cache.
+        self.prompt_tokens = 0
+        self.cached_prompt_tokens = 0
 
     # ----------------------------------------------------------------------------------------
     # What callers use
@@ -222,8 +244,14 @@ class Engine:
         return len(self._admitted) + len(self._running)
 
     def pool_is_whole(self) -> bool:
-        """Whether every block of the pool is free (always so once nothing is unfinished)."""
+        """Whether no request holds a block: each is empty or an evictable cached one (always so
+        once nothing is unfinished)."""
         return self.cache.num_free_blocks == self.cache.num_blocks
+
+    @property
+    def num_evictable_blocks(self) -> int:
+        """Free blocks still caching a prefix (cache.num_evictable_blocks)."""
+        return self.cache.num_evictable_blocks
 
     # ----------------------------------------------------------------------------------------
     # Requests in
@@ -245,8 +273,11 @@ class Engine:
         if params.temperature > 0:
             generator = torch.Generator()
             generator.manual_seed(secrets.randbits(63) if seed is None else seed)
-        return _Request(self._next_id, prompt_ids, params, max_new_tokens, stop, patterns, generator, logprobs,
-                        IncrementalDecoder(self.tokenizer))
+        r = _Request(self._next_id, prompt_ids, params, max_new_tokens, stop, patterns, generator, logprobs,
+                     IncrementalDecoder(self.tokenizer))
+        if self.prefix_caching:
+            r.hashes = block_hashes(prompt_ids, self.cache.block_size)
+        return r
 
     def _check_prompt(self, prompt_ids) -> list[int]:
         if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence):
@@ -276,28 +307,65 @@ class Engine:
 
     def _admit(self) -> None:
         """Start waiting requests, oldest first, while the batch, the step's prompt tokens and the
-        pool have room; every block a request can need is taken now."""
-        budget = self.max_prefill_tokens - sum(len(r.prompt_ids) for r in self._admitted)
+        pool have room; every block a request can need is taken now (the cached prefix it starts
+        on, and fresh blocks for the rest of its prompt plus max_new_tokens)."""
+        bs = self.cache.block_size
+        budget = self.max_prefill_tokens - sum(len(r.prompt_ids) - r.cached_tokens for r in self._admitted)
+        # Blocks the admitted prompts will cache once their pass has run.
+        coming = {h for r in self._admitted for h in r.hashes[r.registered:]}
         while self._queue and self.num_running < self.max_batch:
             r = self._queue[0]
-            need = len(r.prompt_ids) + r.max_new_tokens
-            if (self._admitted and len(r.prompt_ids) > budget) or self._blocks_for(need) > self.cache.num_free_blocks:
+            prefix = self._usable_prefix(r)
+            if len(prefix) < self._shareable_blocks(r) and r.hashes[len(prefix)] in coming:
+                break  # its next block is being computed this step: wait one step and share it
+            new_tokens = len(r.prompt_ids) - len(prefix) * bs
+            total = len(r.prompt_ids) + r.max_new_tokens
+            # Fresh blocks for the rest, and the prefix's evictable blocks, which stop being free.
+            cost = self._blocks_for(total) - len(prefix) + sum(map(self.cache.is_evictable, prefix))
+            if (self._admitted and new_tokens > budget) or cost > self.cache.num_free_blocks:
                 break  # it waits, and so does everything behind it
             self._queue.popleft()
-            r.seq_id = self.cache.add_sequence()
-            self.cache.reserve({r.seq_id: need})
+            r.seq_id = self.cache.add_sequence(prefix)  # holds the prefix first, so reserve cannot evict it
+            self.cache.reserve({r.seq_id: total - len(prefix) * bs})
+            r.cached_tokens, r.registered = len(prefix) * bs, len(prefix)
+            self.prompt_tokens += len(r.prompt_ids)
+            self.cached_prompt_tokens += r.cached_tokens
             self._admitted.append(r)
-            budget -= len(r.prompt_ids)
+            coming.update(r.hashes[len(prefix):])
+            budget -= new_tokens
+
+    def _shareable_blocks(self, r: _Request) -> int:
+        """The most blocks a request may start on: never the one holding its prompt's last token,
+        whose pass gives the logits of the first new token (a whole prompt cached still computes
+        its last block, into a block of its own)."""
+        return (len(r.prompt_ids) - 1) // self.cache.block_size if self.prefix_caching else 0
+
+    def _usable_prefix(self, r: _Request) -> list[int]:
+        return self.cache.cached_prefix(r.hashes[: self._shareable_blocks(r)]) if self.prefix_caching else []
+
+    def _cache_full_blocks(self, r: _Request) -> None:
+        """Enter a request's blocks that are full and written (prompt or decoded) in the prefix cache."""
+        bs = self.cache.block_size
+        full = self.cache.length(r.seq_id) // bs
+        if full <= r.registered:
+            return
+        if len(r.hashes) < full:  # blocks filled while decoding: hash them from the tokens now
+            r.hashes = block_hashes((r.prompt_ids + r.token_ids)[: full * bs], bs, r.hashes)
+        self.cache.register(r.seq_id, r.hashes[r.registered:full], start=r.registered)
+        r.registered = full
 
     # ----------------------------------------------------------------------------------------
     # The model
 
     def _run_prompts(self) -> list[StepOutput]:
         batch = self._admitted
-        logits = self.model.forward([torch.tensor(r.prompt_ids) for r in batch], self.cache,
+        logits = self.model.forward([torch.tensor(r.prompt_ids[r.cached_tokens:]) for r in batch], self.cache,
                                     [r.seq_id for r in batch], on_layer=self.progress)
         self._admitted = []
         self._running += batch
+        if self.prefix_caching:
+            for r in batch:
+                self._cache_full_blocks(r)
         return self._choose_all(batch, [lg[-1] for lg in logits])
 
     def _decode(self) -> list[StepOutput]:
@@ -305,9 +373,18 @@ class Engine:
         seqs, last = [r.seq_id for r in batch], [r.token_ids[-1] for r in batch]
         if all(r.plain_greedy for r in batch):  # the fused step picks the tokens natively
             picks = self.model.greedy_step(last, self.cache, seqs, self.vocab_limit)
+            self._cache_decoded_blocks(batch)
             return self._advance_all(batch, picks, [None] * len(batch))
         logits = self.model.forward([torch.tensor([t]) for t in last], self.cache, seqs)
+        self._cache_decoded_blocks(batch)
         return self._choose_all(batch, [lg[-1] for lg in logits])
+
+    def _cache_decoded_blocks(self, batch: list[_Request]) -> None:
+        if self.prefix_caching:
+            bs = self.cache.block_size
+            for r in batch:
+                if self.cache.length(r.seq_id) // bs > r.registered:  # a block just filled
+                    self._cache_full_blocks(r)
 
     def _choose_all(self, batch: list[_Request], rows: list[torch.Tensor]) -> list[StepOutput]:
         picks, logprobs = [], []

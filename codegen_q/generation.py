@@ -4,8 +4,10 @@ generate() checks its arguments, tokenizes, plans the memory of the batch before
 allocated, and runs the prompts on an Engine whose pool holds them all at once: all prompts
 start together, so its prompt pass and every decode step is one forward over the whole batch (a
 flattened batch: prompts of different lengths batch without padding, and a batch gives each
-prompt exactly what it gets alone under greedy decoding). A batch that does not fit runs in
-consecutive parts, each on its own engine whose pool is freed before the next is allocated.
+prompt exactly what it gets alone under greedy decoding). Prompts with a common prefix compute
+it once: the engine's prefix caching lets the later ones start on the first one's blocks, a
+step after it. A batch that does not fit runs in consecutive parts, each on its own engine whose
+pool is freed before the next is allocated.
 """
 
 from __future__ import annotations

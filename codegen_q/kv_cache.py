@@ -1,14 +1,29 @@
-"""Paged KV cache: fixed-size blocks from one preallocated pool, one block table per sequence.
+"""Paged KV cache: fixed-size blocks from one preallocated pool, one block table per sequence,
+and the prefix cache over those blocks.
 
-Sequences of different lengths share the pool without copying: a sequence owns whole blocks of
-`block_size` tokens, gets a new block when it crosses a block boundary, and returns every block
-when it finishes or is cancelled. Running out of blocks raises OutOfKVBlocks before anything is
-changed, so a failed step leaves the cache exactly as it was.
+Sequences of different lengths share the pool without copying: a sequence holds whole blocks of
+`block_size` tokens, gets a new block when it crosses a block boundary, and gives every block
+back when it finishes or is cancelled. Running out of blocks raises OutOfKVBlocks before anything
+is changed, so a failed step leaves the cache exactly as it was.
+
+Prefix caching (an editor sends the same file prefix on every keystroke): a block whose tokens
+are all written can be registered under a chain hash of EVERY token up to its end
+(block_hashes), so equal hashes mean equal token prefixes, hence equal K/V. A new sequence may
+then start on the cached blocks of its longest cached prefix (add_sequence(prefix=...)) instead
+of computing them. Blocks are reference-counted: a cached block is shared read-only by every
+sequence holding it (a sequence only ever writes past its prefix, into blocks of its own), and
+when no sequence holds it any more it stays cached but evictable. Reservations take empty blocks
+first and then evict cached ones, least recently used first; so "free" counts both kinds, and
+a pool with every block free is whole whatever it still caches.
 """
 
 from __future__ import annotations
 
+import array
+import collections
+import hashlib
 import math
+from typing import Sequence
 
 import torch
 
@@ -17,6 +32,20 @@ DEFAULT_BLOCK_SIZE = 16
 
 class OutOfKVBlocks(RuntimeError):
     """The pool has fewer free blocks than a step needs."""
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int, known: Sequence[bytes] = ()) -> list[bytes]:
+    """The chain hash of each full block of token_ids: block i's is a digest of block i-1's and
+    block i's tokens, so it stands for all tokens 0..(i+1) * block_size - 1, and two sequences that
+    differ anywhere before a block never share it. ``known``: hashes of the first blocks, already
+    computed (a growing sequence extends its list). blake2b-128: a collision, which would hand a
+    sequence someone else's K/V, is as unlikely as in content-addressed storage."""
+    out = list(known)
+    for i in range(len(out), len(token_ids) // block_size):
+        h = hashlib.blake2b(out[-1] if out else b"", digest_size=16)
+        h.update(array.array("q", token_ids[i * block_size:(i + 1) * block_size]).tobytes())
+        out.append(h.digest())
+    return out
 
 
 class PagedKVCache:
@@ -30,7 +59,12 @@ class PagedKVCache:
         shape = (n_layer, num_blocks, block_size, n_head, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)  # never read before written
         self.v = torch.empty(shape, dtype=dtype, device=device)
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: low ids first
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # empty blocks, a stack: low ids first
+        self._refs = [0] * num_blocks  # sequences holding each block
+        # Cached blocks no sequence holds, least recently used first: taken only when _free is empty.
+        self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._hash_of: dict[int, bytes] = {}  # cached block -> its chain hash
+        self._cached: dict[bytes, int] = {}   # chain hash -> cached block
         self._tables: dict[int, list[int]] = {}
         self._lengths: dict[int, int] = {}
         self._next_id = 0
@@ -48,14 +82,70 @@ class PagedKVCache:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks no sequence holds, which a reservation can take: empty ones and evictable cached ones."""
+        return len(self._free) + len(self._evictable)
 
-    def add_sequence(self) -> int:
+    @property
+    def num_evictable_blocks(self) -> int:
+        """Free blocks that still hold a cached prefix (evicted, least recently used first, when needed)."""
+        return len(self._evictable)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks registered in the prefix cache, held by sequences or evictable."""
+        return len(self._cached)
+
+    def add_sequence(self, prefix: Sequence[int] = ()) -> int:
+        """A new sequence; ``prefix``: cached blocks (cached_prefix's) it starts on, shared read-only,
+        so its length starts at len(prefix) * block_size."""
+        blocks = list(prefix)
+        for b in blocks:
+            if b not in self._hash_of:
+                raise ValueError(f"block {b} is not a cached block; a sequence can only start on cached blocks")
+        for b in blocks:
+            self._hold(b)
         seq_id = self._next_id
         self._next_id += 1
-        self._tables[seq_id] = []
-        self._lengths[seq_id] = 0
+        self._tables[seq_id] = blocks
+        self._lengths[seq_id] = len(blocks) * self.block_size
         return seq_id
+
+    def cached_prefix(self, hashes: Sequence[bytes]) -> list[int]:
+        """The cached blocks of the longest run of ``hashes`` (block_hashes of a prompt) from its start."""
+        out = []
+        for h in hashes:
+            b = self._cached.get(h)
+            if b is None:
+                break
+            out.append(b)
+        return out
+
+    def is_evictable(self, block: int) -> bool:
+        """Whether a cached block is held by no sequence (taking it costs one free block)."""
+        return block in self._evictable
+
+    def register(self, seq_id: int, hashes: Sequence[bytes], start: int = 0) -> int:
+        """Enter blocks start, start + 1, ... of a sequence in the prefix cache under ``hashes``
+        (their block_hashes); each must be completely written. A block cached already is left as
+        it is, and so is one whose hash another block holds (it stays the sequence's own).
+        Returns how many blocks were newly cached."""
+        table, added = self._tables[seq_id], 0
+        if (start + len(hashes)) * self.block_size > self._lengths[seq_id]:
+            raise ValueError(f"blocks up to {start + len(hashes)} of sequence {seq_id} are not all written yet "
+                             f"({self._lengths[seq_id]} tokens); only full, written blocks can be cached")
+        for b, h in zip(table[start:start + len(hashes)], hashes):
+            if b in self._hash_of or h in self._cached:
+                continue
+            self._hash_of[b], self._cached[h] = h, b
+            added += 1
+        return added
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prefix: evictable blocks become empty, held ones stop being shareable."""
+        self._free.extend(reversed(self._evictable))
+        self._evictable.clear()
+        self._hash_of.clear()
+        self._cached.clear()
 
     def length(self, seq_id: int) -> int:
         if seq_id not in self._lengths:
@@ -69,12 +159,13 @@ class PagedKVCache:
         """Make room for needs[seq] more tokens in each sequence, all or nothing."""
         wanted = {s: self._blocks_for(self._lengths[s] + n) - len(self._tables[s]) for s, n in needs.items()}
         total = sum(max(0, w) for w in wanted.values())
-        if total > len(self._free):
+        if total > self.num_free_blocks:
             raise OutOfKVBlocks(f"the KV cache needs {total} more blocks of {self.block_size} tokens but only "
-                                f"{len(self._free)} of {self.num_blocks} are free; use a larger cache or fewer tokens")
+                                f"{self.num_free_blocks} of {self.num_blocks} are free; use a larger cache or "
+                                f"fewer tokens")
         for s, w in wanted.items():
             for _ in range(w):
-                self._tables[s].append(self._free.pop())
+                self._tables[s].append(self._take())
 
     def slots(self, seq_id: int, n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(block ids, offsets) of the next n_new token positions of a sequence (already reserved)."""
@@ -124,10 +215,36 @@ class PagedKVCache:
         self._lengths[seq_id] += n
 
     def free(self, seq_id: int) -> None:
-        """Return a sequence's blocks to the pool (finished, failed or cancelled)."""
+        """Give a sequence's blocks back (finished, failed or cancelled): a block no other sequence
+        holds becomes empty, or, if cached, evictable."""
         blocks = self._tables.pop(seq_id, [])
         self._lengths.pop(seq_id, None)
-        self._free.extend(reversed(blocks))
+        empty = []
+        # Last block first: a prefix's tail then comes before its head in the LRU order, so eviction
+        # takes the tail first (a block past an evicted one could never be reached again).
+        for b in reversed(blocks):
+            self._refs[b] -= 1
+            if self._refs[b] > 0:
+                continue
+            if b in self._hash_of:
+                self._evictable[b] = None
+            else:
+                empty.append(b)
+        self._free.extend(empty)  # reversed already: the lowest ids come off the stack first
+
+    def _hold(self, block: int) -> None:
+        self._refs[block] += 1
+        self._evictable.pop(block, None)
+
+    def _take(self) -> int:
+        """A block for a sequence to write: an empty one, else the least recently used cached one."""
+        if self._free:
+            b = self._free.pop()
+        else:
+            b, _ = self._evictable.popitem(last=False)
+            del self._cached[self._hash_of.pop(b)]
+        self._refs[b] = 1
+        return b
 
     def _blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)

@@ -9,8 +9,9 @@ The flattened batch: all new tokens of all sequences go through the Linear layer
 qlinear per layer with M = total new tokens). With an fp32 or fp16 CPU cache (the CPU runtime),
 rotary and the KV append are one native pass over the fused qkv output, and attention is the
 native paged kernel for decode and causal prefill alike (each query attends to its own sequence's
-blocks up to its position), except fresh prompts of FUSED_PREFILL_MIN_TOKENS or more, which take
-torch's fused causal attention over their own K/V. A quantized model decoding one token per
+blocks up to its position), except fresh prompts (nothing cached before them) of
+FUSED_PREFILL_MIN_TOKENS or more, which take torch's fused causal attention over their own K/V,
+whatever else is in the batch (a prompt continuing a cached prefix, a decode step). A quantized model decoding one token per
 sequence runs every block, ln_f and the lm_head in one native call instead (fused_decode.py).
 Other dtypes take a torch path that gathers each sequence's K/V.
 """
@@ -187,7 +188,9 @@ class CodeGenModel:
         h = self.wte[ids].to(self.dtype).contiguous()
         d = self.config.n_embd
         scale = self.head_dim ** -0.5
-        fresh_prompts = all(st == 0 for st in starts) and max(counts) >= FUSED_PREFILL_MIN_TOKENS
+        # Per sequence, so that one prompt continuing a cached prefix does not send the others' long
+        # fresh prompts through the slower paged kernel.
+        fused = [st == 0 and n >= FUSED_PREFILL_MIN_TOKENS for st, n in zip(starts, counts)]
         g = self.prefill_dtype
         for li, layer in enumerate(self.layers):
             x = torch.nn.functional.layer_norm(h, (d,), layer["ln_w"], layer["ln_b"], self.eps)
@@ -195,11 +198,7 @@ class CodeGenModel:
             if native:
                 rotary_kv_append(qkv, plan["positions"], self.sin, self.cos, plan["slot_blocks"],
                                  plan["slot_offsets"], cache.k[li], cache.v[li], self.rotary_dim)
-                if fresh_prompts:
-                    attn = causal_self_attention(qkv, counts, scale, cache.k.dtype)
-                else:
-                    attn = paged_attention(qkv[:, 0], cache.k[li], cache.v[li], plan["tables"], plan["lengths"],
-                                           scale, plan["query_rows"])
+                attn = self._native_attention(qkv, cache, li, plan, counts, fused, scale)
             else:
                 q = apply_rotary(qkv[:, 0], sin, cos, self.rotary_dim)
                 k = apply_rotary(qkv[:, 1], sin, cos, self.rotary_dim)
@@ -283,6 +282,24 @@ class CodeGenModel:
         for s in seq_ids:
             cache.advance(s, 1)
         return out
+
+    @staticmethod
+    def _native_attention(qkv: torch.Tensor, cache: PagedKVCache, li: int, plan: dict[str, torch.Tensor],
+                          counts: Sequence[int], fused: Sequence[bool], scale: float) -> torch.Tensor:
+        """One layer's attention on the native path: fused causal attention for the sequences
+        marked in ``fused`` (fresh long prompts), the paged kernel for the others' rows."""
+        if not any(fused):
+            return paged_attention(qkv[:, 0], cache.k[li], cache.v[li], plan["tables"], plan["lengths"],
+                                   scale, plan["query_rows"])
+        if all(fused):
+            return causal_self_attention(qkv, counts, scale, cache.k.dtype)
+        rows = torch.repeat_interleave(torch.tensor(fused), torch.tensor(counts))
+        attn = torch.empty_like(qkv[:, 0])
+        attn[rows] = causal_self_attention(qkv[rows], [n for n, f in zip(counts, fused) if f], scale, cache.k.dtype)
+        rest = ~rows
+        attn[rest] = paged_attention(qkv[rest, 0], cache.k[li], cache.v[li], plan["tables"],
+                                     plan["lengths"][rest].contiguous(), scale, plan["query_rows"][rest].contiguous())
+        return attn
 
     def _ln_f(self, h: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.layer_norm(h, (self.config.n_embd,), self.ln_f_w, self.ln_f_b, self.eps)

@@ -295,6 +295,34 @@ def test_models_and_health(client, port):
     conn.close()
 
 
+def test_a_repeated_prompt_starts_on_its_cached_prefix(model, app, client, port):
+    """An editor resends its file: the second request computes only past the cached blocks, and
+    gets the same text; with prefix caching off nothing is cached."""
+    prompt = "".join(PROMPTS) * 2
+
+    def cached_tokens(p: int) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", p, timeout=TIMEOUT)
+        conn.request("GET", "/health")
+        body = json.loads(conn.getresponse().read())
+        conn.close()
+        return body["prefix_cache"]["cached_prompt_tokens"]
+
+    want = greedy(model, prompt, 8).text
+    before = cached_tokens(port)
+    texts = [client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+             for _ in range(2)]
+    assert texts == [want, want]
+    assert cached_tokens(port) - before >= 32  # at least two blocks of 16 the second time
+    assert pool_is_whole(app)
+    off = create_app(model, max_batch=2, max_queue=4, prefix_caching=False)
+    assert not off.state.engine.prefix_caching
+    with serving(off) as p:
+        c = make_client(p, key="unused")
+        assert [c.completions.create(model="q4", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+                for _ in range(2)] == [want, want]
+        assert cached_tokens(p) == 0
+
+
 def test_32_concurrent_clients_each_get_the_single_request_text(model, app, port):
     want = {p: greedy(model, p, 10).text for p in PROMPTS}
 
@@ -440,8 +468,14 @@ def test_a_dead_scheduler_fails_what_waits_and_health_says_so(model, monkeypatch
         client = make_client(p)
         assert client.completions.create(model="tiny", prompt="def f():", max_tokens=2).choices
 
+        real = app.state.engine.has_unfinished
+
         def bug():
-            raise KeyError("simulated bug")
+            # Only once the next request is in: the thread may still be checking for work after
+            # the first response went out, and failing there would close the server before it.
+            if real():
+                raise KeyError("simulated bug")
+            return False
 
         monkeypatch.setattr(app.state.engine, "has_unfinished", bug)
         with pytest.raises(openai.InternalServerError, match="simulated bug"):
@@ -462,6 +496,8 @@ def test_the_serve_command_line():
     args = build_parser().parse_args(["serve", "m", "--kv-memory", "512MB", "--port", "0", "--max-batch", "2"])
     assert (args.model, args.kv_memory, args.port, args.max_batch, args.host) == ("m", 512 * 10**6, 0, 2, "127.0.0.1")
     assert build_parser().parse_args(["serve"]).model is None  # the default model
+    assert build_parser().parse_args(["serve"]).prefix_cache
+    assert not build_parser().parse_args(["serve", "--no-prefix-cache"]).prefix_cache
     assert [parse_size(s) for s in ("2GB", "1.5GiB", "64k", "1000")] == [2 * 10**9, 3 * 2**29, 64_000, 1000]
     for bad in ("", "lots", "-1GB", "2XB", "0.1"):
         with pytest.raises(argparse.ArgumentTypeError):

@@ -5,7 +5,8 @@ disconnects and one log line per request, over one Engine driven by the Schedule
     POST /v1/engines/{engine}/completions  is accepted); the second is Copilot's / FauxPilot's
                                            spelling, same body and behaviour, any engine name
     GET  /v1/models, /v1/models/{id}       the one model served
-    GET  /health                           liveness and the engine's load; needs no API key
+    GET  /health                           liveness, the engine's load and its prefix cache; needs
+                                           no API key
 
 Every error is OpenAI's error body: 400 for bad input (``param`` names the field), 401 for a
 missing or wrong API key, 413 for a body over max_body_bytes, 429 with Retry-After when the
@@ -55,14 +56,16 @@ FINAL_SEND_SECONDS = 1.0
 
 def create_app(model, *, api_key: str | None = None, max_batch: int = 8, max_queue: int = 64,
                kv_tokens: int | None = None, model_name: str | None = None,
-               max_body_bytes: int = 1_000_000) -> Starlette:
+               max_body_bytes: int = 1_000_000, prefix_caching: bool = True) -> Starlette:
     """The server's ASGI app for ``model`` (a model from codegen_q.load, or a directory to load).
 
     One Engine (``max_batch``, ``max_queue``, ``kv_tokens`` as for codegen_q.engine.Engine) on a
     scheduler thread that starts with the app's lifespan (or the first request); ``api_key``:
     when set, every /v1 route needs ``Authorization: Bearer <api_key>``; ``model_name``: the id
-    /v1/models lists and responses carry (default: the model directory's name). The engine and
-    the scheduler are app.state.engine and app.state.scheduler.
+    /v1/models lists and responses carry (default: the model directory's name); ``prefix_caching``:
+    reuse the KV cache of prompt prefixes seen before (an editor resends the same file on every
+    keystroke; see codegen_q/engine.py). The engine and the scheduler are app.state.engine and
+    app.state.scheduler.
     """
     if isinstance(model, (str, os.PathLike)):
         from codegen_q.runtime import load
@@ -74,7 +77,8 @@ def create_app(model, *, api_key: str | None = None, max_batch: int = 8, max_que
         raise ValueError("model_name must be a non-empty str, or None for the model directory's name")
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be an int >= 1, got {max_body_bytes!r}")
-    engine = Engine(model, kv_tokens=kv_tokens, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(model, kv_tokens=kv_tokens, max_batch=max_batch, max_queue=max_queue,
+                    prefix_caching=prefix_caching)
     name = model_name or os.path.basename(os.path.normpath(getattr(model, "path", "codegen-q"))) or "codegen-q"
     service = _Service(engine, Scheduler(engine), name, api_key, max_body_bytes)
     app = Starlette(routes=service.routes(), lifespan=service.lifespan,
@@ -112,10 +116,14 @@ class _Service:
     # Routes
 
     async def health(self, request: Request) -> Response:
-        healthy = self.scheduler.healthy
+        healthy, engine = self.scheduler.healthy, self.engine
+        # Read from this thread while the scheduler's steps: plain counters, at worst a step old.
+        prefix_cache = {"enabled": engine.prefix_caching, "cached_blocks": engine.cache.num_cached_blocks,
+                        "evictable_blocks": engine.num_evictable_blocks, "prompt_tokens": engine.prompt_tokens,
+                        "cached_prompt_tokens": engine.cached_prompt_tokens}
         return JSONResponse({"status": "ok" if healthy else "unavailable", "model": self.name,
-                             "running": self.engine.num_running, "waiting": self.engine.num_waiting},
-                            status_code=200 if healthy else 503)
+                             "running": engine.num_running, "waiting": engine.num_waiting,
+                             "prefix_cache": prefix_cache}, status_code=200 if healthy else 503)
 
     async def models(self, request: Request) -> Response:
         try:
