@@ -39,16 +39,19 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _max_new_tokens(text: str) -> int | str:
-    if text == "auto":
-        return text
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1."""
     try:
         n = int(text)
     except ValueError:
         n = 0
     if n < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1 or auto, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
     return n
+
+
+def _max_new_tokens(text: str) -> int | str:
+    return text if text == "auto" else positive_int(text)
 
 
 def model_and_prompt(words: list[str]) -> tuple[str, str]:

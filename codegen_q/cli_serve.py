@@ -18,6 +18,8 @@ import socket
 import sys
 import warnings
 
+from codegen_q.cli_generate import positive_int
+
 API_KEY_ENV = "CODEGEN_Q_API_KEY"
 GRACE_SECONDS = 5
 DEFAULT_MODEL_NAME = "codegen-q-default"
@@ -40,14 +42,14 @@ def add_parser(sub) -> None:
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV}, if set; "
                         f"else no key). Other users can see a command line: prefer the variable")
-    p.add_argument("--max-batch", type=_positive_int, default=8, help="requests decoded at once (default 8)")
-    p.add_argument("--max-queue", type=_positive_int, default=64,
+    p.add_argument("--max-batch", type=positive_int, default=8, help="requests decoded at once (default 8)")
+    p.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests waiting beyond those; more get 429 (default 64)")
     p.add_argument("--kv-memory", type=parse_size, default=None, metavar="SIZE",
                    help="memory for the KV cache, e.g. 2GB or 512MiB (default: room for --max-batch full "
                         "contexts, or what the memory available holds)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: the GPU if usable)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--model-name", default=None,
                    help="the model id /v1/models lists and responses carry (default: the directory's name)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
@@ -66,16 +68,6 @@ def parse_size(text: str) -> int:
     if m is None or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
         raise argparse.ArgumentTypeError(f"expected a size such as 2GB, 512MB or 1.5GiB, got {text!r}")
     return int(float(m.group(1)) * _UNITS[unit])
-
-
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
-    return n
 
 
 def _port(text: str) -> int:

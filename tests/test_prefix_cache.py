@@ -16,43 +16,10 @@ from codegen_q.engine import Engine
 from codegen_q.generation import generate
 from codegen_q.kv_cache import PagedKVCache, block_hashes
 from codegen_q.model import CodeGenModel
-from test_engine import drive, limit, solo_greedy
+from engine_support import drive, float_model, int4_model, limit, reference, solo_greedy, tok  # noqa: F401 (fixtures)
 from test_generation import PROMPTS
 
 BS = 16  # the engine's default block size, used throughout
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    from test_generation import reference_with_tokenizer
-
-    return reference_with_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def tok(reference):
-    return reference[1]
-
-
-@pytest.fixture(scope="module")
-def float_model(reference):
-    from codegen_q.config import CodeGenConfig
-    from test_model import converted_weights
-
-    hf, _ = reference
-    return CodeGenModel(CodeGenConfig.from_dict(hf.config.to_dict()), converted_weights(hf))
-
-
-@pytest.fixture(scope="module")
-def int4_model(reference):
-    """int4 blocks, an int8 lm_head and an fp16 KV cache: plain greedy decoding takes the fused step."""
-    from codegen_q.config import CodeGenConfig
-    from test_model import converted_weights
-
-    hf, _ = reference
-    model = CodeGenModel(CodeGenConfig.from_dict(hf.config.to_dict()), converted_weights(hf, 4, lm_head_bits=8))
-    assert model.fused is not None and model.fused.has_head
-    return model
 
 
 def tokens(tok, n: int, salt: int = 0) -> list[int]:
