@@ -98,3 +98,32 @@ def test_a_lone_model_directory_is_not_taken_for_a_prompt(capsys):
 
     assert main(["generate", default_model.HUB_DIR]) == 1
     assert "no prompt was given" in capsys.readouterr().err
+
+
+def test_codegen_q_serve_with_no_model_serves_the_default_one():
+    import http.client
+    import queue
+    import signal
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "codegen_q.cli", "serve", "--port", "0", "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    try:
+        seen = [lines.get(timeout=120)]
+        while "serving" not in seen[-1]:
+            seen.append(lines.get(timeout=120))
+        port = int(seen[-1].split("at http://127.0.0.1:")[1].split("/")[0])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        body = {"prompt": "def fibonacci(n):\n", "max_tokens": 12, "temperature": 0}
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        reply = json.loads(conn.getresponse().read())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(60)
+    assert reply["model"] == "codegen-q-default"
+    assert reply["choices"][0]["text"] == codegen_q.generate("def fibonacci(n):\n", max_new_tokens=12).text
