@@ -19,7 +19,7 @@ LM_HEAD_CHOICES = ("fp16", "int8", "int4")
 
 @dataclass(frozen=True)
 class QuantizationConfig:
-    """The ``quantization`` section of a codegen-q directory's config.json (DESIGN §3)."""
+    """The ``quantization`` section of a codegen-q directory's config.json (docs/design.md §3)."""
 
     bits: int
     group_size: Optional[int]

@@ -185,7 +185,7 @@ def _convert_tensor(name: str, w: torch.Tensor, q: QuantizationConfig, perm: tor
         yield name, w.to(torch.float16).contiguous()
         return
     if name.endswith("attn.qkv_proj.weight"):
-        w = w.index_select(0, perm)  # rows to [q | k | v] head-major, once, here (DESIGN §1)
+        w = w.index_select(0, perm)  # rows to [q | k | v] head-major, once, here (docs/design.md §1)
     # The error over every element, summed by the native pass while each row is in cache (a
     # sampled estimate from a separate pass cost 15% of a 2B conversion).
     qw, rel_error = quantize_weight_with_error(w, bits=bits, group_size=None if bits == 8 else q.group_size,

@@ -1,4 +1,4 @@
-"""The CodeGen forward pass (DESIGN §1) on codegen-q's ops and the paged KV cache.
+"""The CodeGen forward pass (docs/design.md §1) on codegen-q's ops and the paged KV cache.
 
 Weights come as a name -> tensor / QuantizedWeight mapping in the converted layout: hub names,
 quantized Linears as QuantizedWeight, and qkv_proj rows already reordered to [q | k | v], each

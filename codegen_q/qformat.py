@@ -1,4 +1,4 @@
-"""The codegen-q quantized directory format (DESIGN §3): layout, atomic writing, loading.
+"""The codegen-q quantized directory format (docs/design.md §3): layout, atomic writing, loading.
 
     OUT/config.json                       the source config + "quantization" section
     OUT/model-0000i-of-0000N.safetensors  <= 2 GB each

@@ -20,7 +20,7 @@ the quantizer's time the disk had requests in flight (the kernel's io_ticks; ove
 run, whose start-up reads little, divided by the quantizer's own time, so it can pass 100 %).
 
 Memory is sampled from /proc/PID/status of the child process every 50 ms: RssAnon is private
-memory (what must stay bounded, DESIGN §3), which includes the source tensors being read and
+memory (what must stay bounded, docs/design.md §3), which includes the source tensors being read and
 held (the quantizer reads them with O_DIRECT into its own memory); VmRSS adds whatever file pages
 are mapped (libraries, and the checkpoint's where it is read through its mapping). Checkpoints
 this script makes are deleted at the end unless --keep.

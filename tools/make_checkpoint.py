@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write a random-weight CodeGen checkpoint in the hub's layout (DESIGN §6).
+"""Write a random-weight CodeGen checkpoint in the hub's layout (docs/design.md §6).
 
     python tools/make_checkpoint.py OUT --preset 2B                      # one fp16 pytorch_model.bin, as the hub
     python tools/make_checkpoint.py OUT --preset 16B --format safetensors --shards 8

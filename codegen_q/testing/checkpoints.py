@@ -21,7 +21,7 @@ from codegen_q.safetensors_stream import SafetensorsStreamWriter, spec_nbytes
 from codegen_q.testing.tokenizer_files import write_tokenizer_files
 from codegen_q.testing.torch_zip import write_state_dict
 
-# DESIGN §1: the hub's shapes.
+# The hub's shapes (docs/design.md §1).
 PRESETS: dict[str, dict[str, int]] = {
     "350M": {"n_layer": 20, "n_embd": 1024, "n_head": 16, "rotary_dim": 32},
     "2B": {"n_layer": 32, "n_embd": 2560, "n_head": 32, "rotary_dim": 64},

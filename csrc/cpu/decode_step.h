@@ -1,7 +1,7 @@
 // One decode step of every transformer block of a quantized CodeGen model, in one native call:
-// S sequences, one new token each (DESIGN §1 per block: ln_1; qkv and fc_in from the same x;
-// rotary + KV append; paged attention; h += out_proj(attn) + fc_out(gelu_new(fc_in(x)))), then,
-// when the model has a head, logits = lm_head(ln_f(h)).
+// S sequences, one new token each (docs/design.md §1 per block: ln_1; qkv and fc_in from the
+// same x; rotary + KV append; paged attention; h += out_proj(attn) + fc_out(gelu_new(fc_in(x)))),
+// then, when the model has a head, logits = lm_head(ln_f(h)).
 //
 // Why one call: at decode a 350M block is ~12 MB of weights, a few hundred microseconds, and the
 // per-op Python dispatch and per-GEMV thread wake-ups (25-40 us each) of the op-by-op path cost
