@@ -39,7 +39,7 @@ import torch
 from codegen_q.kv_cache import DEFAULT_BLOCK_SIZE, block_hashes
 from codegen_q.memory_plan import (USABLE_FRACTION, GenerationPlan, available_bytes, kv_cache_bytes,
                                    prompt_activation_bytes)
-from codegen_q.sampling import SamplingParams, next_token, token_logprobs
+from codegen_q.sampling import SamplingParams, check_seed, next_token, token_logprobs
 from codegen_q.tokenizer import CodeGenTokenizer, IncrementalDecoder
 
 # The most alternatives a request may ask for per token (OpenAI's completions API allows as many).
@@ -266,8 +266,7 @@ class Engine:
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop strings must be non-empty str, got {stop!r}")
         patterns = [_compiled(p) for p in ([stop_patterns] if isinstance(stop_patterns, str) else stop_patterns)]
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
-            raise ValueError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
+        check_seed(seed, largest=SEED_LIMIT - 1)
         check_logprobs(logprobs)
         generator = None
         if params.temperature > 0:

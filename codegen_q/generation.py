@@ -20,7 +20,7 @@ import torch
 
 from codegen_q.engine import Completion, Engine, InsufficientMemory, TokenLogprob, check_logprobs
 from codegen_q.kv_cache import DEFAULT_BLOCK_SIZE
-from codegen_q.memory_plan import USABLE_FRACTION, GenerationPlan, available_bytes, generation_plan
+from codegen_q.memory_plan import GenerationPlan, available_bytes, generation_plan
 from codegen_q.sampling import MAX_SEED, SamplingParams, check_seed
 from codegen_q.tokenizer import CodeGenTokenizer
 

@@ -59,9 +59,8 @@ def available_bytes(device: torch.device | str) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    avail = _meminfo_available()
-    limit = _cgroup_memory_left()
-    return min(a for a in (avail, limit) if a is not None) if (avail, limit) != (None, None) else 2**62
+    known = [b for b in (_meminfo_available(), _cgroup_memory_left()) if b is not None]
+    return min(known) if known else 2**62  # neither source readable (not Linux): nothing to plan against
 
 
 def _meminfo_available() -> int | None:

@@ -49,9 +49,12 @@ MAX_PENALTY = 2.0
 MAX_SEED = 2**63 - 1
 
 
-def check_seed(seed: object) -> None:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
-        raise ValueError(f"seed must be None or an int in [0, 2**63 - 1], got {seed!r}")
+def check_seed(seed: object, largest: int = MAX_SEED) -> None:
+    """ValueError unless seed is None or an int in [0, largest] (torch.Generator takes up to 2**64 - 1;
+    callers that add a request's index to a seed allow less)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= largest):
+        bound = f"2**{(largest + 1).bit_length() - 1} - 1" if (largest + 1) & largest == 0 else str(largest)
+        raise ValueError(f"seed must be None or an int in [0, {bound}], got {seed!r}")
 
 
 def _finite_number(x: object) -> bool:

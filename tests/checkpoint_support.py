@@ -29,3 +29,20 @@ def dequant_reference(qw) -> tuple[torch.Tensor, torch.Tensor]:
 def leftovers(parent) -> list[str]:
     """Temporary or backup directories the writer may have left next to OUT."""
     return [n for n in os.listdir(parent) if ".tmp-" in n or ".old-" in n]
+
+
+def assert_float_path_matches_transformers(path, text: str, rel: float) -> None:
+    """codegen_q.load(path)'s float forward over every position of ``text`` equals transformers'
+    CodeGenForCausalLM on the same hub directory, within ``rel`` of the logits' largest magnitude."""
+    import transformers
+
+    from codegen_q.runtime import load
+
+    ours = load(path)
+    hf = transformers.CodeGenForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor(ours.tokenizer.encode(text))
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    cache = ours.model.new_cache(len(ids))
+    got = ours.model.forward([ids], cache, [cache.add_sequence()], last_only=False)[0]
+    assert (got - ref).abs().max() <= rel * ref.abs().max()

@@ -14,7 +14,7 @@ import codegen_q
 from codegen_q import generation
 from codegen_q.cli import main as cli_main
 from codegen_q.convert import quantize_checkpoint
-from codegen_q.memory_plan import available_bytes, kv_cache_bytes
+from codegen_q.memory_plan import USABLE_FRACTION, available_bytes, kv_cache_bytes
 from codegen_q.runtime import load
 from codegen_q.testing.checkpoints import make_checkpoint, tiny_config
 
@@ -161,7 +161,7 @@ def test_a_batch_too_large_for_memory_runs_in_parts_with_the_same_result(model, 
     # Room for the two longest prompts' KV cache and activations at a time, not for all six.
     requests = generation._requests(model.model, model.tokenizer, PROMPTS, 8, generation.SamplingParams(), None)
     longest = sorted(requests, key=lambda r: len(r.prompt_ids))[-2:]
-    room = int(generation._plan(model.model, longest, 0).needed / generation.USABLE_FRACTION) + 1
+    room = int(generation._plan(model.model, longest, 0).needed / USABLE_FRACTION) + 1
     assert not generation._plan(model.model, requests, room).fits
     monkeypatch.setattr(generation, "available_bytes", lambda device: room)
     parts = model.generate(PROMPTS, max_new_tokens=8)

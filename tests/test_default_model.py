@@ -11,13 +11,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import transformers
 
 import codegen_q
 from codegen_q import default_model
 from codegen_q.convert import quantize_checkpoint
 from codegen_q.evaluation import evaluate
+from checkpoint_support import assert_float_path_matches_transformers
 
 # Float sums run in another order on another CPU (AVX2 instead of AVX-512, other thread counts):
 # recomputed perplexities may move by rounding, far less than this.
@@ -44,14 +44,9 @@ def test_the_shipped_files_are_small_and_complete():
 
 
 def test_transformers_and_the_float_path_agree_on_the_shipped_checkpoint():
+    assert_float_path_matches_transformers(
+        default_model.HUB_DIR, "import os\n\n\ndef walk(root):\n    for name in os.listdir(root):\n", rel=1e-4)
     ours = codegen_q.load(default_model.HUB_DIR)
-    hf = transformers.CodeGenForCausalLM.from_pretrained(default_model.HUB_DIR, dtype=torch.float32).eval()
-    ids = torch.tensor(ours.tokenizer.encode("import os\n\n\ndef walk(root):\n    for name in os.listdir(root):\n"))
-    with torch.no_grad():
-        ref = hf(ids[None]).logits[0]
-    cache = ours.model.new_cache(len(ids))
-    got = ours.model.forward([ids], cache, [cache.add_sequence()], last_only=False)[0]
-    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
     hf_tok = transformers.AutoTokenizer.from_pretrained(default_model.HUB_DIR)
     assert hf_tok(open(default_model.HELD_OUT_SAMPLE).read()[:4000])["input_ids"] == ours.tokenizer.encode(
         open(default_model.HELD_OUT_SAMPLE).read()[:4000])

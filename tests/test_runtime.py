@@ -16,6 +16,7 @@ from codegen_q.cli import main as cli_main
 from codegen_q.convert import quantize_checkpoint
 from codegen_q.runtime import load
 from codegen_q.testing.checkpoints import make_checkpoint, tiny_config
+from checkpoint_support import assert_float_path_matches_transformers
 from support import CUDA_USABLE
 
 transformers.logging.set_verbosity_error()
@@ -33,14 +34,7 @@ def dirs(tmp_path_factory):
 
 
 def test_float_path_matches_transformers_on_a_hub_directory(dirs):
-    model = load(dirs["hub"])
-    hf = transformers.CodeGenForCausalLM.from_pretrained(dirs["hub"], torch_dtype=torch.float32).eval()
-    ids = torch.tensor(model.tokenizer.encode("def fib(n):\n    if n < 2:\n        return n"))
-    with torch.no_grad():
-        ref = hf(ids[None]).logits[0]
-    cache = model.model.new_cache(64)
-    got = model.model.forward([ids], cache, [cache.add_sequence()], last_only=False)[0]
-    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert_float_path_matches_transformers(dirs["hub"], "def fib(n):\n    if n < 2:\n        return n", rel=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])

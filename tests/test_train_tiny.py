@@ -9,10 +9,8 @@ import os
 import subprocess
 import sys
 
-import torch
-import transformers
-
 import codegen_q
+from checkpoint_support import assert_float_path_matches_transformers
 
 TOOL = os.path.join(os.path.dirname(__file__), "..", "tools", "train_tiny.py")
 QUICK = ["--max-files", "12", "--steps", "3", "--batch", "2", "--seq-len", "64", "--context", "128",
@@ -42,10 +40,4 @@ def test_a_quick_run_makes_a_loadable_checkpoint_deterministically(tmp_path):
 
     ours = codegen_q.load(tmp_path / "a")
     assert len(ours.tokenizer) == 600 + 38
-    hf = transformers.CodeGenForCausalLM.from_pretrained(tmp_path / "a", dtype=torch.float32).eval()
-    ids = torch.tensor(ours.tokenizer.encode("def f(x):\n    return x\n"))
-    with torch.no_grad():
-        ref = hf(ids[None]).logits[0]
-    cache = ours.model.new_cache(len(ids))
-    got = ours.model.forward([ids], cache, [cache.add_sequence()], last_only=False)[0]
-    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert_float_path_matches_transformers(tmp_path / "a", "def f(x):\n    return x\n", rel=1e-4)
