@@ -39,7 +39,7 @@ NATIVE_MAX_M_CUDA = 8
 _DEQUANT_TILE_ELEMENTS = 1 << 21
 
 
-GEMM_DTYPES = (None, torch.float32, torch.bfloat16)
+GEMM_DTYPES = (None, torch.float32, torch.bfloat16, torch.int8)
 
 
 def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None, *,
@@ -53,12 +53,18 @@ def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None
     (prefill): x and each dequantized weight tile are rounded to bf16 and multiplied by torch's
     bf16 GEMM (fp32 accumulation, outputs rounded to bf16), about 2^-8 of each output's scale
     instead of fp32 rounding. Rows that take the native kernels (decode, small batches: on the CPU
-    up to NATIVE_MAX_M_BF16, on a GPU up to NATIVE_MAX_M_CUDA) are unaffected. None / float32 (the
+    up to NATIVE_MAX_M_BF16, on a GPU up to NATIVE_MAX_M_CUDA) are unaffected.
+
+    ``gemm_dtype=torch.int8`` (CPU only) quantizes x to int8 on the fly, one scale per row and 128
+    elements of K, and multiplies with integer dot products, from int8_activation_min_rows() rows
+    of x and for K a multiple of 128 (fewer rows, or other K, run in fp32). Each activation is
+    rounded to within half a step of its chunk's largest magnitude / 127; the weights' integer
+    products are exact (csrc/cpu/qlinear_i8gemm.h states the contract). None / float32 (the
     default): fp32 throughout.
     """
     _check_qweight(qweight)
     if gemm_dtype not in GEMM_DTYPES:
-        raise ValueError(f"gemm_dtype must be None, torch.float32 or torch.bfloat16, got {gemm_dtype!r}")
+        raise ValueError(f"gemm_dtype must be None, torch.float32, torch.bfloat16 or torch.int8, got {gemm_dtype!r}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in ACTIVATION_DTYPES:
@@ -68,6 +74,9 @@ def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None
         raise ValueError(f"x must have shape [..., {k}] to match the weight's in_features, got {list(x.shape)}")
     if x.device != qweight.device:
         raise ValueError(f"x is on {x.device} but the weight is on {qweight.device}; move one of them")
+    if gemm_dtype == torch.int8 and x.device.type != "cpu":
+        raise ValueError("gemm_dtype=torch.int8 (int8 activations) is a CPU path; use None or torch.bfloat16 on "
+                         f"{x.device.type}")
     bias32 = None
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
@@ -87,11 +96,17 @@ def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None
     if m > 0 and n > 0:
         native_max_m = NATIVE_MAX_M_CUDA if x.is_cuda else native_max_m_cpu()
         bf16_gemm = gemm_dtype == torch.bfloat16 and m > NATIVE_MAX_M_BF16
-        if m <= native_max_m and not bf16_gemm:
-            _native_qlinear(x2, qweight, bias32, y)
+        int8_gemm = gemm_dtype == torch.int8
+        if (m <= native_max_m and not bf16_gemm) or int8_gemm:
+            _native_qlinear(x2, qweight, bias32, y, int8_activations=int8_gemm)
         else:
             _dequantize_gemm(x2, qweight, bias32, y, None if gemm_dtype == torch.float32 else gemm_dtype)
     return y.to(x.dtype).reshape(*lead, n)
+
+
+def int8_activation_min_rows() -> int:
+    """The fewest rows of x that gemm_dtype=torch.int8 quantizes (one tile of the active ISA's GEMM)."""
+    return _native.cpu().int8_activation_min_rows()
 
 
 def native_max_m_cpu() -> int:
@@ -130,7 +145,8 @@ def _cuda_stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _native_qlinear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+def _native_qlinear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None, y: torch.Tensor,
+                    int8_activations: bool = False) -> None:
     m, k = x.shape
     n = w.out_features
     if w.device.type == "cuda":
@@ -150,10 +166,10 @@ def _native_qlinear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | No
     cpu = _native.cpu()
     if w.bits == 8:
         cpu.qlinear_int8(x.data_ptr(), m, k, w.qweight.data_ptr(), w.scales.data_ptr(), _addr(bias),
-                         y.data_ptr(), n)
+                         y.data_ptr(), n, int8_activations)
     else:
         cpu.qlinear_int4(x.data_ptr(), m, k, w.qweight.data_ptr(), w.scales.data_ptr(), _addr(w.zeros),
-                         w.group_size, _addr(bias), y.data_ptr(), n)
+                         w.group_size, _addr(bias), y.data_ptr(), n, int8_activations)
 
 
 def _dequantize_rows(w: QuantizedWeight, start: int, stop: int, out: torch.Tensor) -> None:

@@ -28,8 +28,9 @@ cgq::cpu::WeightRows weight_rows(uintptr_t w, int64_t K, int w_type) {
 }
 
 QLinearArgs qlinear_args(uintptr_t x, int64_t M, int64_t K, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
-                         int64_t group_size, uintptr_t bias, uintptr_t y, int64_t N) {
+                         int64_t group_size, uintptr_t bias, uintptr_t y, int64_t N, bool int8_activations) {
   QLinearArgs a;
+  a.int8_activations = int8_activations;
   a.x = ptr<const float>(x);
   a.M = M;
   a.K = K;
@@ -64,17 +65,21 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def(
       "qlinear_int8",
       [](uintptr_t x, int64_t M, int64_t K, uintptr_t qweight, uintptr_t scales, uintptr_t bias, uintptr_t y,
-         int64_t N) { cgq::cpu::qlinear_int8(qlinear_args(x, M, K, qweight, scales, 0, 0, bias, y, N)); },
+         int64_t N, bool int8_activations) {
+        cgq::cpu::qlinear_int8(qlinear_args(x, M, K, qweight, scales, 0, 0, bias, y, N, int8_activations));
+      },
       py::arg("x"), py::arg("M"), py::arg("K"), py::arg("qweight"), py::arg("scales"), py::arg("bias"), py::arg("y"),
-      py::arg("N"), py::call_guard<py::gil_scoped_release>());
+      py::arg("N"), py::arg("int8_activations") = false, py::call_guard<py::gil_scoped_release>());
   m.def(
       "qlinear_int4",
       [](uintptr_t x, int64_t M, int64_t K, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
-         int64_t group_size, uintptr_t bias, uintptr_t y, int64_t N) {
-        cgq::cpu::qlinear_int4(qlinear_args(x, M, K, qweight, scales, zeros, group_size, bias, y, N));
+         int64_t group_size, uintptr_t bias, uintptr_t y, int64_t N, bool int8_activations) {
+        cgq::cpu::qlinear_int4(
+            qlinear_args(x, M, K, qweight, scales, zeros, group_size, bias, y, N, int8_activations));
       },
       py::arg("x"), py::arg("M"), py::arg("K"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
-      py::arg("group_size"), py::arg("bias"), py::arg("y"), py::arg("N"), py::call_guard<py::gil_scoped_release>());
+      py::arg("group_size"), py::arg("bias"), py::arg("y"), py::arg("N"), py::arg("int8_activations") = false,
+      py::call_guard<py::gil_scoped_release>());
   m.def(
       "dequantize_int8",
       [](uintptr_t qweight, uintptr_t scales, int64_t N, int64_t K, uintptr_t out) {
@@ -216,6 +221,7 @@ PYBIND11_MODULE(_C_cpu, m) {
       "read_checksum", [](uintptr_t data, int64_t bytes) { return cgq::cpu::read_checksum(ptr<const uint8_t>(data), bytes); },
       py::arg("data"), py::arg("bytes"), py::call_guard<py::gil_scoped_release>());
 
+  m.def("int8_activation_min_rows", &cgq::cpu::int8_activation_min_rows);
   m.def("active_isa", [] { return std::string(cgq::cpu::isa_name(cgq::cpu::active_isa())); });
   m.def("set_isa", &cgq::cpu::set_isa, py::arg("name"));
   m.def("compiled_isas", &cgq::cpu::compiled_isas);

@@ -32,6 +32,9 @@ struct QLinearArgs {
   const float* bias = nullptr;       // [N] or nullptr
   float* y = nullptr;
   const void* workspace = nullptr;   // CPU: per-call activation workspace (see cpu/kernels.h)
+  // CPU, prompts: quantize x to int8 (per row and 128 elements of K) and multiply with integer
+  // dot products where enough rows come at once (cpu/qlinear_i8gemm.h); otherwise ignored.
+  bool int8_activations = false;
 };
 
 // out[N, K] float32 = dequant(W) for the rows [0, N) of the same layout.

@@ -14,7 +14,7 @@
 namespace cgq::cpu {
 
 #define CGQ_TABLE(isa) \
-  KernelTable { isa::qlinear_workspace_bytes, isa::qlinear_prepare, isa::qlinear_int8, isa::qlinear_int4, isa::dequantize_int8, isa::dequantize_int4, isa::read_checksum, \
+  KernelTable { isa::qlinear_workspace_bytes, isa::qlinear_prepare, isa::qlinear_int8, isa::qlinear_int4, isa::int8_activation_min_rows, isa::dequantize_int8, isa::dequantize_int4, isa::read_checksum, \
                 isa::quantize_rows, \
                 isa::paged_attention, isa::rotary_kv_append, isa::store_kv_row, isa::gelu_new }
 
@@ -117,6 +117,8 @@ void run_qlinear(QLinearArgs a, bool int4) {
 void qlinear_int8(const QLinearArgs& a) { run_qlinear(a, false); }
 
 void qlinear_int4(const QLinearArgs& a) { run_qlinear(a, true); }
+
+int64_t int8_activation_min_rows() { return kernels().int8_activation_min_rows(); }
 
 void dequantize_int8(const DequantArgs& a) {
   check_shapes(a.N, a.K, a.qweight, a.scales, a.out, false, 0);

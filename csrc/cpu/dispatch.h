@@ -10,6 +10,8 @@ namespace cgq::cpu {
 
 void qlinear_int8(const QLinearArgs& a);
 void qlinear_int4(const QLinearArgs& a);
+// The fewest rows of x for which QLinearArgs::int8_activations takes effect (the active ISA's tile).
+int64_t int8_activation_min_rows();
 void dequantize_int8(const DequantArgs& a);
 void dequantize_int4(const DequantArgs& a);
 // Quantize rows [0, N) of a weight in one pass per row (see cpu/quantize_kernels.cpp).

@@ -15,6 +15,7 @@ struct KernelTable {
   void (*qlinear_prepare)(const QLinearArgs&, bool, void*);
   void (*qlinear_int8)(const QLinearArgs&, int64_t, int64_t);
   void (*qlinear_int4)(const QLinearArgs&, int64_t, int64_t);
+  int64_t (*int8_activation_min_rows)();
   void (*dequantize_int8)(const DequantArgs&, int64_t, int64_t);
   void (*dequantize_int4)(const DequantArgs&, int64_t, int64_t);
   uint64_t (*read_checksum)(const uint8_t*, int64_t);

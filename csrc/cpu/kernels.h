@@ -48,6 +48,8 @@ inline int64_t attention_scratch_floats(int64_t n_head, int64_t longest) { retur
   void qlinear_prepare(const QLinearArgs& a, bool int4, void* workspace);              \
   void qlinear_int8(const QLinearArgs& a, int64_t n_begin, int64_t n_end);             \
   void qlinear_int4(const QLinearArgs& a, int64_t n_begin, int64_t n_end);             \
+  /* the fewest rows of x that take the int8-activation GEMM (cpu/qlinear_i8gemm.h) */   \
+  int64_t int8_activation_min_rows();                                                  \
   void dequantize_int8(const DequantArgs& a, int64_t n_begin, int64_t n_end);          \
   void dequantize_int4(const DequantArgs& a, int64_t n_begin, int64_t n_end);          \
   uint64_t read_checksum(const uint8_t* data, int64_t bytes);                          \

@@ -21,6 +21,7 @@
 #if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
 #include "cpu/qlinear_gemm.h"
 #endif
+#include "cpu/qlinear_i8gemm.h"
 
 namespace cgq::cpu::CGQ_ISA {
 namespace {
@@ -269,6 +270,7 @@ void run_gemm(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
 }  // namespace
 
 int64_t qlinear_workspace_bytes(const QLinearArgs& a, bool int4) {
+  if (i8gemm::applies(a)) return i8gemm::workspace_bytes(a, int4);
 #if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
   if (uses_gemm(a)) return gemm::workspace_bytes(a.M, a.K);
 #endif
@@ -284,6 +286,7 @@ int64_t qlinear_workspace_bytes(const QLinearArgs& a, bool int4) {
 }
 
 void qlinear_prepare(const QLinearArgs& a, bool int4, void* workspace) {
+  if (i8gemm::applies(a)) return i8gemm::prepare(a, int4, static_cast<uint8_t*>(workspace));
 #if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
   if (uses_gemm(a)) return gemm::prepare(a.x, a.M, a.K, static_cast<float*>(workspace));
 #endif
@@ -299,6 +302,7 @@ void qlinear_prepare(const QLinearArgs& a, bool int4, void* workspace) {
 }
 
 void qlinear_int8(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
+  if (i8gemm::applies(a)) return i8gemm::run<false>(a, n_begin, n_end);
 #if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
   if (uses_gemm(a)) return run_gemm<Int8TileImpl>(a, n_begin, n_end);
 #endif
@@ -310,7 +314,10 @@ void qlinear_int8(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
 #endif
 }
 
+int64_t int8_activation_min_rows() { return i8gemm::kMT; }
+
 void qlinear_int4(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
+  if (i8gemm::applies(a)) return i8gemm::run<true>(a, n_begin, n_end);
 #if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
   if (uses_gemm(a)) return run_gemm<Int4TileImpl>(a, n_begin, n_end);
 #endif

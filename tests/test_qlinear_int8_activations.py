@@ -1,0 +1,215 @@
+"""qlinear with int8 activations (gemm_dtype=torch.int8, the prompt GEMM of csrc/cpu/qlinear_i8gemm.h).
+
+Checked on every ISA this CPU runs, against references written here from the documented contract:
+- the same quantized activations in float64 (exact integer sums, then fp32 rounding of the
+  per-group epilogue, whose bound is derived below);
+- the float path (unquantized x), within the bound the activations' rounding allows;
+- rows holding NaN/inf, outlier channels, -128 int8 codes (the AVX2 kernel's sign trick), and the
+  shapes that stay in fp32 (too few rows, K not a multiple of 128).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codegen_q import QuantizedWeight, qlinear, quantize_weight
+from codegen_q.ops import int8_activation_min_rows
+from support import FP32_UNIT_ROUNDOFF, SYMMETRIC_ZERO, fp32_bound, per_element, unpack_int4_ref
+
+CHUNK = 128  # elements of K per activation scale (the contract in qlinear_i8gemm.h)
+SCHEMES = {
+    "int8": dict(bits=8),
+    "int4-g128-asym": dict(bits=4, group_size=128),
+    "int4-g32-sym": dict(bits=4, group_size=32, symmetric=True),
+    "int4-g64-asym": dict(bits=4, group_size=64),
+}
+# (K, N): N = 1 (one-column tiles only), 13 (a 12-wide AVX-512 tile + 1), 37 and 101 (every tile
+# width and an uneven split between threads).
+SHAPES = [(128, 13), (384, 1), (1024, 37), (2560, 101)]
+
+
+def quantize_activations(x: torch.Tensor):
+    """x [M, K] float32 -> (q [M, K] float64 integers, sx [M, K/CHUNK] float64 of the fp32 scales).
+
+    amax = max |x| per chunk, inv = 127 / amax and sx = amax / 127 in float32, q = round half to
+    even of x * inv (float32 product); where inv is not finite (amax 0 or below ~4e-37) q = 0 and
+    sx = 0; a chunk holding NaN or inf has sx = NaN.
+    """
+    m, k = x.shape
+    xc = x.reshape(m, k // CHUNK, CHUNK)
+    finite = torch.isfinite(xc).all(dim=-1)
+    amax = torch.where(finite, xc.abs().amax(dim=-1), torch.zeros((), dtype=torch.float32))
+    inv = torch.tensor(127.0, dtype=torch.float32) / amax
+    usable = torch.isfinite(inv)  # amax = 0, or so small that 127 / amax overflows: zeros
+    safe_inv = torch.where(usable, inv, torch.zeros((), dtype=torch.float32))
+    q = torch.round(torch.where(finite[..., None], xc, torch.zeros((), dtype=torch.float32)) * safe_inv[..., None])
+    sx = torch.where(usable, amax / torch.tensor(127.0, dtype=torch.float32), torch.zeros((), dtype=torch.float32))
+    sx = torch.where(finite, sx, torch.full((), float("nan"), dtype=torch.float32))
+    return q.reshape(m, k).double(), sx.double()
+
+
+def weight_codes(qw: QuantizedWeight):
+    """(codes - zero [N, K] float64, per-element scale [N, K] float64, row scale [N] float64)."""
+    if qw.bits == 8:
+        n = qw.shape[0]
+        return qw.qweight.double(), torch.ones(qw.shape, dtype=torch.float64), qw.scales.double()
+    g = qw.group_size
+    zero = SYMMETRIC_ZERO if qw.zeros is None else per_element(qw.zeros.double(), g)
+    codes = unpack_int4_ref(qw.qweight).double() - zero
+    return codes, per_element(qw.scales.double(), g), torch.ones(qw.shape[0], dtype=torch.float64)
+
+
+def contract_reference(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None):
+    """y in float64 from the contract, and the bound on the kernel's fp32 epilogue around it.
+
+    Per weight group g (int8: per chunk), the kernel's integer sum d_g = sum q (w - z) is exact and
+    exact in fp32; it adds t_g = d_g * fl(sx * sw) into an fp32 total by one FMA. That is a
+    recursive sum of n = K/g terms each carrying one more rounding: |err| <= (n + 1) u sum |t_g|;
+    then the row scale and the bias add two roundings. So
+    |y - ref| <= (n + 3) u (|rowscale| sum_g |t_g| + |bias|) (first order; n u << 1).
+    """
+    q, sx = quantize_activations(x)
+    codes, sw, rowscale = weight_codes(qw)
+    n_, k = qw.shape
+    g = qw.group_size if qw.bits == 4 else CHUNK
+    groups = k // g
+    sx_el = sx.repeat_interleave(CHUNK, dim=1)  # [M, K]
+    # per group: d_g [M, N, groups] and its factor sx * sw
+    d = torch.einsum("mgk,ngk->mng", q.reshape(-1, groups, g), codes.reshape(n_, groups, g))
+    sx_g = sx_el[:, ::g]                        # [M, groups]
+    sw_g = sw[:, ::g]                           # [N, groups]
+    t = d * sx_g[:, None, :] * sw_g[None, :, :]
+    b = torch.zeros(n_, dtype=torch.float64) if bias is None else bias.double()
+    ref = t.sum(-1) * rowscale + b
+    tol = (groups + 3) * FP32_UNIT_ROUNDOFF * (t.abs().sum(-1) * rowscale.abs() + b.abs())
+    return ref, tol, q, sx
+
+
+def make(scheme: str, m: int, k: int, n: int, seed: int, outlier: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    qw = quantize_weight(torch.randn(n, k, generator=g) * 0.05, **SCHEMES[scheme])
+    x = torch.randn(m, k, generator=g)
+    if outlier:  # LLM-style massive activations: a few channels 100-1000x the rest
+        cols = torch.randint(0, k, (3,), generator=g)
+        x[:, cols] *= torch.tensor([100.0, -300.0, 1000.0])
+    return x, qw, torch.randn(n, generator=g)
+
+
+def assert_close(y, ref, tol, what):
+    err = (y.double() - ref).abs()
+    bad = ~(err <= tol)
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {err.numel()} outputs out of bound; worst "
+                           f"err {float(err.max()):.3e} vs tol {float(tol.flatten()[err.flatten().argmax()]):.3e}")
+
+
+def ms() -> list[int]:
+    return [1, 2, 3]  # in units filled in by the test: one tile, one tile + 1, 300 rows
+
+
+def rows_for(case: int) -> int:
+    t = int8_activation_min_rows()
+    return {1: t, 2: t + 1, 3: 300}[case]
+
+
+CASES = [pytest.param(s, k, n, id=f"{s}-K{k}-N{n}") for s in SCHEMES for k, n in SHAPES]
+
+
+@pytest.mark.parametrize("case", ms(), ids=["one-tile", "tile+1", "M300"])
+@pytest.mark.parametrize("scheme,k,n", CASES)
+def test_exact_integer_sums_then_fp32_epilogue(cpu_isa, scheme, k, n, case):
+    m = rows_for(case)
+    x, qw, bias = make(scheme, m, k, n, seed=31 * m + k + n)
+    y = qlinear(x, qw, bias, gemm_dtype=torch.int8)
+    ref, tol, _, _ = contract_reference(x, qw, bias)
+    assert_close(y, ref, tol, f"{cpu_isa} {scheme} M={m}")
+
+
+@pytest.mark.parametrize("outlier", [False, True], ids=["gaussian", "outlier-channels"])
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_against_the_float_path_within_the_rounding_bound(cpu_isa, scheme, outlier):
+    """|x - q sx| <= sx (1/2 + 2^-16) + 4u |x| per element (the round to the nearest step, plus the
+    fp32 roundings of inv, x * inv and sx), so the two paths differ by at most
+    sum_k that * |w_k| * |rowscale|, plus each path's own fp32 bound."""
+    m, k, n = 2 * int8_activation_min_rows() + 3, 1024, 37
+    x, qw, bias = make(scheme, m, k, n, seed=5, outlier=outlier)
+    y8 = qlinear(x, qw, bias, gemm_dtype=torch.int8)
+    yf = qlinear(x, qw, bias)
+    ref8, tol8, _, sx = contract_reference(x, qw, bias)
+    codes, sw, rowscale = weight_codes(qw)
+    w_abs = (codes * sw).abs() * rowscale.abs()[:, None]
+    step = sx.repeat_interleave(CHUNK, dim=1) * (0.5 + 2.0 ** -16) + 4 * FP32_UNIT_ROUNDOFF * x.double().abs()
+    w64 = codes * sw * rowscale[:, None]
+    tol = step @ w_abs.T + tol8 + fp32_bound(x.double(), w64, bias.double())
+    assert_close(y8, yf.double(), tol, f"{cpu_isa} {scheme} outlier={outlier}")
+    # and the rounding does show: the paths are not secretly the same
+    assert not torch.equal(y8, yf)
+
+
+def test_int8_codes_of_minus_128(cpu_isa):
+    """Hand-made int8 weights may hold -128 (our quantizer stops at -127): negating it would
+    overflow a byte, so the AVX2 kernel puts w's sign on x instead."""
+    g = torch.Generator().manual_seed(3)
+    m, k, n = int8_activation_min_rows() + 5, 256, 9
+    q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    q[:, ::3] = -128
+    qw = QuantizedWeight(8, (n, k), q, torch.rand(n, generator=g).to(torch.float16) + 0.5)
+    x = torch.randn(m, k, generator=g)
+    y = qlinear(x, qw, None, gemm_dtype=torch.int8)
+    ref, tol, _, _ = contract_reference(x, qw, None)
+    assert_close(y, ref, tol, f"{cpu_isa} -128")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-g128-asym"])
+def test_non_finite_rows_stay_in_their_row(cpu_isa, scheme):
+    m, k, n = int8_activation_min_rows() + 2, 512, 21
+    x, qw, bias = make(scheme, m, k, n, seed=11)
+    clean = x.clone()
+    clean[1] = 0.0
+    clean[m - 1] = 0.0
+    x[1, 7] = float("nan")
+    x[m - 1, 300] = float("inf")
+    y = qlinear(x, qw, bias, gemm_dtype=torch.int8)
+    y_clean = qlinear(clean, qw, bias, gemm_dtype=torch.int8)
+    assert torch.isnan(y[1]).all() and torch.isnan(y[m - 1]).all()
+    others = [i for i in range(m) if i not in (1, m - 1)]
+    assert torch.equal(y[others], y_clean[others])
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_all_zero_chunks(cpu_isa, scheme):
+    m, k, n = int8_activation_min_rows(), 384, 13
+    x, qw, bias = make(scheme, m, k, n, seed=2)
+    x[:, 128:256] = 0.0
+    x[3] = 0.0
+    x[5, 256:384] = torch.randn(128) * 1e-38  # no finite 127 / amax: quantized as zeros
+    y = qlinear(x, qw, bias, gemm_dtype=torch.int8)
+    ref, tol, _, _ = contract_reference(x, qw, bias)
+    assert_close(y, ref, tol, f"{cpu_isa} {scheme} zero chunks")
+    assert torch.equal(y[3], bias)
+
+
+@pytest.mark.parametrize("scheme,k", [("int8", 1000), ("int4-g32-sym", 1120)])
+def test_shapes_it_does_not_take_run_in_fp32(cpu_isa, scheme, k):
+    """Fewer rows than one tile, or K not a multiple of 128: the same result as gemm_dtype=None."""
+    t = int8_activation_min_rows()
+    x, qw, bias = make(scheme, 2 * t, k, 19, seed=4)
+    assert torch.equal(qlinear(x, qw, bias, gemm_dtype=torch.int8), qlinear(x, qw, bias))
+    x, qw, bias = make("int8", t - 1, 512, 19, seed=5)
+    assert torch.equal(qlinear(x, qw, bias, gemm_dtype=torch.int8), qlinear(x, qw, bias))
+
+
+def test_batched_leading_dims_and_dtypes(cpu_isa):
+    t = int8_activation_min_rows()
+    x, qw, bias = make("int4-g128-asym", 2 * t, 256, 11, seed=6)
+    y = qlinear(x.reshape(2, t, 256), qw, bias, gemm_dtype=torch.int8)
+    assert y.shape == (2, t, 11)
+    assert torch.equal(y.reshape(2 * t, 11), qlinear(x, qw, bias, gemm_dtype=torch.int8))
+    yb = qlinear(x.to(torch.bfloat16), qw, bias, gemm_dtype=torch.int8)
+    assert yb.dtype == torch.bfloat16
+
+
+def test_refused_off_the_cpu_and_for_unknown_dtypes():
+    x, qw, bias = make("int8", 4, 128, 3, seed=7)
+    with pytest.raises(ValueError, match="gemm_dtype"):
+        qlinear(x, qw, bias, gemm_dtype=torch.int16)
