@@ -30,13 +30,19 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: the GPU if usable)")
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="KV cache dtype (default auto: float16 for a quantized model on the CPU, else float32)")
-    p.add_argument("--prefill-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="GEMM dtype of a quantized model's prompt pass: bfloat16 is ~1.6x faster on CPUs with "
-                        "native bf16, with logits ~1%% off (default: float32)")
+    add_prefill_dtype_option(p)
     p.add_argument("--no-stream", action="store_true", help="print the completion at the end only")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, finish reason, speed)")
     p.add_argument("--no-verify", action="store_true", help="skip the manifest checksums when loading")
     p.set_defaults(func=run)
+
+
+def add_prefill_dtype_option(p: argparse.ArgumentParser) -> None:
+    """--prefill-dtype, as generate, serve and eval take it (runtime.load's prefill_dtype)."""
+    p.add_argument("--prefill-dtype", default="float32", choices=["float32", "bfloat16", "int8"],
+                   help="a quantized model's GEMM dtype for prompts: int8 quantizes the activations (CPU; several "
+                        "times faster, see docs/default-model.md for its cost), bfloat16 is ~1.6x faster on CPUs "
+                        "with native bf16, with logits ~1%% off (default: float32)")
 
 
 def positive_int(text: str) -> int:

@@ -113,7 +113,7 @@ class CodeGenModel:
         self.config = config
         self.dtype = dtype
         # The quantized Linears' GEMM dtype for many rows at once (ops.qlinear's gemm_dtype):
-        # None / float32 keep fp32; bfloat16 is the opt-in faster, less exact prefill.
+        # None / float32 keep fp32; bfloat16 and int8 are the opt-in faster, less exact prefills.
         self.prefill_dtype = prefill_dtype
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head

@@ -18,6 +18,9 @@ from codegen_q.tokenizer import CodeGenTokenizer
 
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# A quantized model's GEMM dtype for prompts (ops.qlinear's gemm_dtype): int8 quantizes the
+# activations on the CPU (csrc/cpu/qlinear_i8gemm.h).
+PREFILL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 
 
 class LoadedModel:
@@ -87,7 +90,10 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     `kv_dtype` is the KV cache's: by default float16 for a quantized model on the CPU, else `dtype`.
     `prefill_dtype="bfloat16"` runs a quantized model's many-row GEMMs (prompts) in bf16: ~1.6x
     faster prefill on a CPU with native bf16 (AVX512-BF16, AMX), logits ~1 % off the fp32 ones;
-    decode is unchanged. Default: fp32 (see ops.qlinear's gemm_dtype).
+    `prefill_dtype="int8"` (CPU) quantizes the prompt's activations to int8 per row and 128
+    columns and multiplies with integer dot products (VNNI / AVX2): several times the fp32 GEMM's
+    speed, at the cost docs/default-model.md measures. Decode is unchanged either way. Default:
+    fp32 (see ops.qlinear's gemm_dtype).
     `verify` checks the manifest checksums.
     """
     path = os.fspath(path)
@@ -96,7 +102,10 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     device = _resolve_device(device)
     dtype = _dtype_argument("dtype", dtype, FLOAT_DTYPES) or torch.float32
     kv_dtype = None if kv_dtype == "auto" else _dtype_argument("kv_dtype", kv_dtype, KV_DTYPES)
-    prefill_dtype = _dtype_argument("prefill_dtype", prefill_dtype, FLOAT_DTYPES)
+    prefill_dtype = _dtype_argument("prefill_dtype", prefill_dtype, PREFILL_DTYPES)
+    if prefill_dtype == torch.int8 and device != "cpu":
+        raise ValueError(f"prefill_dtype='int8' is a CPU option (int8 activations); on {device} use float32 "
+                         "or bfloat16")
     if prefill_dtype == torch.bfloat16 and device == "cpu":
         _warn_if_bf16_is_emulated()
     if num_threads is not None:
