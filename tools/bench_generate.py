@@ -191,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     from bench_kernels import measure_read_bandwidth
 
     paths = prepare(args.work, args.preset, args.threads)
-    prompt = list(range(100, 100 + args.prompt_tokens))  # ids well inside any tokenizer
+    from bench_prefill import prompt_ids
+    from codegen_q.tokenizer import CodeGenTokenizer
+
+    # ids the tokenizer can spell (CTranslate2 takes token strings): a long prompt of consecutive ids
+    # ran past a small tokenizer's vocabulary
+    prompt = prompt_ids(args.prompt_tokens, len(CodeGenTokenizer.from_dir(paths["hub"])))
     bandwidth = measure_read_bandwidth(1 << 29)
     where = {"codegen-q fp32": ("codegen-q", paths["hub"]), "codegen-q int8": ("codegen-q", paths["int8"]),
              "codegen-q int4": ("codegen-q", paths["int4"]), "transformers fp32": ("transformers", paths["hub"]),

@@ -48,6 +48,11 @@ SCHEMES = [
     ("int4 g128 asym, lm_head int4", dict(bits=4, group_size=128, lm_head="int4")),
 ]
 TARGETS = {"int8": 0.005, "int4 g128 asym": 0.05}
+# The int8-activation prompt GEMM (load(prefill_dtype="int8")): perplexity with every scored token
+# computed through it, against the same quantized model with fp32 prompt GEMMs. It may become the
+# default only within this limit.
+PREFILL_SCHEMES = [("int8", dict(bits=8)), ("int4 g128 asym", dict(bits=4, group_size=128))]
+PREFILL_LIMIT = 0.005
 
 PROMPTS = [
     "def fibonacci(n):\n", "import os\nimport sys\n\n\ndef main():\n", "class Stack:\n    def __init__(self):\n",
@@ -110,14 +115,59 @@ def blame(model_dir: str, files: list[str], scheme: dict) -> list[tuple[str, flo
     return sorted(out, key=lambda kv: -kv[1])
 
 
+def prefill_report(model_dir: str, files: list[str], tmp: str) -> dict:
+    """Each PREFILL_SCHEMES model with int8 prompt activations against itself with fp32 ones."""
+    rows = []
+    for label, scheme in PREFILL_SCHEMES:
+        out = os.path.join(tmp, "prefill_" + label.replace(" ", "_"))
+        quantize_checkpoint(model_dir, out, progress=False, **scheme)
+        fp32_prefill = load(out)
+        t0 = time.perf_counter()
+        r = evaluate(load(out, prefill_dtype="int8"), files, reference=fp32_prefill, progress=sys.stderr.isatty())
+        change = r.perplexity / r.reference_perplexity - 1
+        rows.append({"scheme": label, "options": scheme, "perplexity_fp32_prefill": r.reference_perplexity,
+                     "perplexity_int8_prefill": r.perplexity, "perplexity_change": change,
+                     "top1_agreement": r.top1_agreement, "mean_kl": r.mean_kl, "tokens": r.tokens,
+                     "seconds": time.perf_counter() - t0})
+        print(f"{label}, int8 prefill: perplexity {r.perplexity:.4f} ({change:+.3%} against fp32 prefill)",
+              file=sys.stderr)
+    return {"limit": PREFILL_LIMIT, "rows": rows, "met": all(abs(r["perplexity_change"]) <= PREFILL_LIMIT for r in rows)}
+
+
+def format_prefill(prefill: dict) -> str:
+    lines = ["int8 prompt activations (prefill_dtype=\"int8\") against fp32 ones, same weights:", "",
+             "| scheme | perplexity, fp32 prefill | int8 prefill | change | top-1 agreement | mean KL (nats) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in prefill["rows"]:
+        lines.append(f"| {r['scheme']} | {r['perplexity_fp32_prefill']:.3f} | {r['perplexity_int8_prefill']:.3f} | "
+                     f"{r['perplexity_change']:+.3%} | {r['top1_agreement']:.2%} | {r['mean_kl']:.6f} |")
+    lines.append(f"target: within {prefill['limit']:.1%}: {'met' if prefill['met'] else 'MISSED'}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=default_model.HUB_DIR, help="hub checkpoint (default: the shipped model)")
     p.add_argument("--files", nargs="+", default=None, help="held-out code (default: the model's held-out files)")
     p.add_argument("--json", default=None, help="write the report here as JSON")
+    p.add_argument("--prefill-only", action="store_true",
+                   help="only the int8-prefill comparison; with --json, update that file's \"prefill_int8\" entry")
     args = p.parse_args(argv)
     files = args.files or held_out_files(args.model)
     torch.manual_seed(0)
+    if args.prefill_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            prefill = prefill_report(args.model, files, tmp)
+        print(format_prefill(prefill))
+        if args.json:
+            report = {}
+            if os.path.isfile(args.json):
+                with open(args.json, encoding="utf-8") as f:
+                    report = json.load(f)
+            report["prefill_int8"] = prefill
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=1)
+        return 0
     reference = load(args.model)
     float_greedy = greedy_completions(reference)
     rows = []
@@ -146,10 +196,14 @@ def main(argv: list[str] | None = None) -> int:
         row = next(r for r in rows if r["scheme"] == label)
         report["targets"][label] = {"limit": limit, "change": row["perplexity_change"],
                                     "met": row["perplexity_change"] <= limit}
+    with tempfile.TemporaryDirectory() as tmp:
+        report["prefill_int8"] = prefill_report(args.model, files, tmp)
     int4 = report["targets"]["int4 g128 asym"]
     if not int4["met"]:
         report["int4_g128_blame"] = blame(args.model, files, dict(bits=4, group_size=128))
     print(format_table(report))
+    print()
+    print(format_prefill(report["prefill_int8"]))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
