@@ -14,7 +14,7 @@
 namespace cgq::cpu {
 
 #define CGQ_TABLE(isa) \
-  KernelTable { isa::qlinear_workspace_bytes, isa::qlinear_prepare, isa::qlinear_int8, isa::qlinear_int4, isa::int8_activation_min_rows, isa::dequantize_int8, isa::dequantize_int4, isa::read_checksum, \
+  KernelTable { isa::qlinear_workspace_bytes, isa::qlinear_prepare, isa::qlinear_prepare_parts, isa::qlinear_prepare_part, isa::qlinear_int8, isa::qlinear_int4, isa::int8_activation_min_rows, isa::dequantize_int8, isa::dequantize_int4, isa::read_checksum, \
                 isa::quantize_rows, \
                 isa::paged_attention, isa::rotary_kv_append, isa::store_kv_row, isa::gelu_new }
 
@@ -94,7 +94,14 @@ void run_qlinear_pass(QLinearArgs a, bool int4) {
   if (ws_bytes > 0) {
     thread_local AlignedScratch workspace;
     void* ws = workspace.get(ws_bytes);
-    k.qlinear_prepare(a, int4, ws);
+    const int64_t parts = k.qlinear_prepare_parts(a, int4);
+    if (parts > 0) {  // a part per tile of rows of x: K floats of each of its rows are read
+      const int64_t part_bytes = a.K * 4 * ((a.M + parts - 1) / parts);
+      parallel_for(parts, 1, [&](int64_t b, int64_t e) { k.qlinear_prepare_part(a, int4, ws, b, e); },
+                   max_jobs(1, parts, part_bytes));
+    } else {
+      k.qlinear_prepare(a, int4, ws);
+    }
     a.workspace = ws;
   }
   const auto fn = int4 ? k.qlinear_int4 : k.qlinear_int8;

@@ -13,6 +13,8 @@ namespace cgq::cpu {
 struct KernelTable {
   int64_t (*qlinear_workspace_bytes)(const QLinearArgs&, bool);
   void (*qlinear_prepare)(const QLinearArgs&, bool, void*);
+  int64_t (*qlinear_prepare_parts)(const QLinearArgs&, bool);
+  void (*qlinear_prepare_part)(const QLinearArgs&, bool, void*, int64_t, int64_t);
   void (*qlinear_int8)(const QLinearArgs&, int64_t, int64_t);
   void (*qlinear_int4)(const QLinearArgs&, int64_t, int64_t);
   int64_t (*int8_activation_min_rows)();

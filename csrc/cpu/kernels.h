@@ -46,6 +46,10 @@ inline int64_t attention_scratch_floats(int64_t n_head, int64_t longest) { retur
   namespace cgq::cpu::isa {                                                            \
   int64_t qlinear_workspace_bytes(const QLinearArgs& a, bool int4);                    \
   void qlinear_prepare(const QLinearArgs& a, bool int4, void* workspace);              \
+  /* qlinear_prepare in independent parts (0: it has none, call qlinear_prepare) */      \
+  int64_t qlinear_prepare_parts(const QLinearArgs& a, bool int4);                      \
+  void qlinear_prepare_part(const QLinearArgs& a, bool int4, void* workspace,          \
+                            int64_t begin, int64_t end);                               \
   void qlinear_int8(const QLinearArgs& a, int64_t n_begin, int64_t n_end);             \
   void qlinear_int4(const QLinearArgs& a, int64_t n_begin, int64_t n_end);             \
   /* the fewest rows of x that take the int8-activation GEMM (cpu/qlinear_i8gemm.h) */   \

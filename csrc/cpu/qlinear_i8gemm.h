@@ -158,13 +158,14 @@ inline void chunk_quantize(const float* x, float inv, int8_t* q) {
 #endif
 }
 
-// Quantizes x into the workspace (the calling thread, once per call). Every |x * inv| <= 127 up
-// to rounding, so the values fit int8 without clamping.
-inline void prepare(const QLinearArgs& a, bool int4, uint8_t* ws) {
+// Quantizes the tiles [t_begin, t_end) of x into the workspace; tiles are independent, so the
+// dispatcher spreads them over threads. Every |x * inv| <= 127 up to rounding, so the values fit
+// int8 without clamping.
+inline void prepare(const QLinearArgs& a, bool int4, uint8_t* ws, int64_t t_begin, int64_t t_end) {
   const Layout L = layout(a, int4);
   const int64_t K = a.K;
   alignas(64) int8_t row[kChunk];
-  for (int64_t t = 0; t < L.tiles; ++t) {
+  for (int64_t t = t_begin; t < t_end; ++t) {
     int8_t* q = reinterpret_cast<int8_t*>(ws + t * L.tile_bytes());
     float* sx = reinterpret_cast<float*>(ws + t * L.tile_bytes() + L.q_bytes());
     float* qsum = sx + L.sx_floats();

@@ -286,7 +286,7 @@ int64_t qlinear_workspace_bytes(const QLinearArgs& a, bool int4) {
 }
 
 void qlinear_prepare(const QLinearArgs& a, bool int4, void* workspace) {
-  if (i8gemm::applies(a)) return i8gemm::prepare(a, int4, static_cast<uint8_t*>(workspace));
+  if (i8gemm::applies(a)) return i8gemm::prepare(a, int4, static_cast<uint8_t*>(workspace), 0, i8gemm::layout(a, int4).tiles);
 #if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
   if (uses_gemm(a)) return gemm::prepare(a.x, a.M, a.K, static_cast<float*>(workspace));
 #endif
@@ -315,6 +315,14 @@ void qlinear_int8(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
 }
 
 int64_t int8_activation_min_rows() { return i8gemm::kMT; }
+
+int64_t qlinear_prepare_parts(const QLinearArgs& a, bool int4) {
+  return i8gemm::applies(a) ? i8gemm::layout(a, int4).tiles : 0;
+}
+
+void qlinear_prepare_part(const QLinearArgs& a, bool int4, void* workspace, int64_t begin, int64_t end) {
+  i8gemm::prepare(a, int4, static_cast<uint8_t*>(workspace), begin, end);
+}
 
 void qlinear_int4(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
   if (i8gemm::applies(a)) return i8gemm::run<true>(a, n_begin, n_end);
