@@ -18,6 +18,7 @@
 
 #include "common/qformat.h"
 #include "cpu/dequant_int4.h"
+#include "cpu/kernel_constants.h"
 #include "cpu/simd.h"
 
 namespace cgq::cpu::CGQ_ISA::gemm {
@@ -26,12 +27,14 @@ namespace cgq::cpu::CGQ_ISA::gemm {
 // the x vectors and the broadcast: 24 of 32 zmm, 10 of 16 ymm (with 12, GCC kept one accumulator
 // on the stack in AVX2's int4 loop: 83 against 160 GFLOP/s).
 #if defined(CGQ_ISA_AVX512)
-constexpr int kNR = 12;
+constexpr kernel_constants::Isa kTile = kernel_constants::kAvx512;
 #else
-constexpr int kNR = 5;
+constexpr kernel_constants::Isa kTile = kernel_constants::kAvx2;
 #endif
+constexpr int kNR = static_cast<int>(kTile.gemm_tile_n);
 constexpr int kMV = 2;
 constexpr int kMT = kMV * Vec::W;  // rows of x per tile: the lanes of kMV vectors
+static_assert(kMT == kTile.gemm_tile_m, "kernel_constants.h states this ISA's GEMM tile");
 constexpr int kKC = 128;           // k per dequantized panel: a multiple of every int4 group size
 
 // The rows of x this GEMM takes: whole tiles only. qlinear_kernels.cpp runs the last M % kMT rows

@@ -8,6 +8,7 @@
 // independent FMA chains hide FMA latency; at M > 1 each weight vector, once converted, feeds
 // MR FMAs, so the conversion cost is shared by the batch.
 #include "cpu/dequant_int4.h"
+#include "cpu/kernel_constants.h"
 #include "cpu/kernels.h"
 #include "cpu/prefetch.h"
 #include "cpu/simd.h"
@@ -155,8 +156,8 @@ limbs::LimbMode call_limb_mode(const limbs::Layout& L, const uint8_t* ws, int64_
 // integer path wins at M = 1 and loses as rows are added. Measured single-threaded on the dev VM
 // (GMAC/s, VNNI vs FMA, CodeGen-350M/6B shapes): int8 M=1 33-37 vs 25-26, M=2 32-33 vs 41-43,
 // M=8 23-34 vs 36-44; int4 M=2 31-38 vs 22-28, M=4 30-31 vs 30-40, M=8 30-31 vs 34-40.
-constexpr int64_t kVnniMaxMInt8 = 1;
-constexpr int64_t kVnniMaxMInt4 = 3;
+constexpr int64_t kVnniMaxMInt8 = kernel_constants::kAvx512.limb_max_m_int8;
+constexpr int64_t kVnniMaxMInt4 = kernel_constants::kAvx512.limb_max_m_int4;
 
 bool uses_vnni(const QLinearArgs& a, bool int4) { return a.M <= (int4 ? kVnniMaxMInt4 : kVnniMaxMInt8); }
 
@@ -214,6 +215,7 @@ void run_rows_vnni(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
 #elif defined(CGQ_ISA_AVX2)
 // int4 at M = 1 runs on activation limbs and vpmaddubsw (qlinear_limbs_avx2.h); larger M, where
 // each converted weight feeds several rows of x, and int8 keep the fp32 kernels.
+static_assert(kernel_constants::kAvx2.limb_max_m_int4 == 1, "uses_limbs: M = 1 (run_rows_limbs computes row 0 only)");
 bool uses_limbs(const QLinearArgs& a, bool int4) { return int4 && a.M == 1; }
 
 limbs::Layout limbs_layout(const QLinearArgs& a) { return limbs::Layout(a.K, a.group_size, true); }
