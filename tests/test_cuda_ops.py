@@ -9,8 +9,9 @@ import torch
 
 import codegen_q
 from codegen_q import qlinear, quantize_weight
-from support import (CUDA_USABLE, assert_sums_exact_in_fp32, assert_within, dequantize_ref, exact_qweight,
-                     fp32_bound, small_int_tensor)
+from codegen_q.testing.reference import assert_within, fp32_bound
+from codegen_q.testing.reference import dequantize as dequantize_ref
+from support import CUDA_USABLE, assert_sums_exact_in_fp32, exact_qweight, small_int_tensor
 
 pytestmark = pytest.mark.skipif(not CUDA_USABLE,
                                 reason="no usable CUDA device (needs a GPU, a driver and the CUDA build)")
