@@ -17,7 +17,7 @@ import torch
 import codegen_q
 from codegen_q import _native
 from codegen_q.kv_cache import PagedKVCache
-from test_model import SHAPES, our_model, reference_model
+from model_support import our_model, reference_model, reference_with_tokenizer
 
 SCHEMES = {"int8": 8, "int4": 4}
 OTHER = {8: 4, 4: 8}  # the lm_head's scheme beside the blocks': int4 blocks get the format's int8 default
@@ -231,9 +231,7 @@ def test_greedy_picks_break_ties_and_nans_as_torch_argmax_does(jobs):
 
 
 def _model_and_tokenizer(tmp_path, bits: int, seed: int):
-    """test_generation's reference model and tokenizer, quantized (int8 lm_head)."""
-    from test_generation import reference_with_tokenizer
-
+    """The reference model with the test tokenizer, quantized (int8 lm_head)."""
     hf, tok = reference_with_tokenizer(tmp_path, seed)
     model = our_model(hf, bits, lm_head_bits=8)
     assert model.fused is not None and model.fused.has_head and len(tok) < model.config.vocab_size
