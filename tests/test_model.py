@@ -1,5 +1,5 @@
-"""The CodeGen forward pass against transformers' CodeGenForCausalLM (the reference), on the tiny
-random models of model_support.py."""
+"""The CodeGen forward pass against transformers' CodeGenForCausalLM and against the float64
+reference (codegen_q/testing/reference.py), on the tiny random models of model_support.py."""
 
 from __future__ import annotations
 
@@ -33,6 +33,55 @@ def test_prefill_and_each_decode_step_match_transformers(shape):
     assert got.shape == ref.shape
     assert (got - ref).abs().max() <= fp32_tolerance(ref)
     assert cache.length(seq) == 37
+
+
+def test_gelu_and_rotary_match_their_references():
+    # The torch pieces of the op-by-op path on their own, where a mistake is easiest to read.
+    x = torch.cat([torch.linspace(-12, 12, 4001), torch.randn(4000, generator=torch.Generator().manual_seed(9)) * 3])
+    want = reference.gelu_new(x)
+    # One fp32 evaluation of the formula: a few ulps of each term (observed <= 1.5e-7 relative).
+    assert ((model_module.gelu_new(x).double() - want).abs() <= 2.0 ** -20 * (want.abs() + 1)).all()
+    q = torch.randn(7, 3, 64, generator=torch.Generator().manual_seed(10))
+    positions = torch.tensor([0, 1, 2, 17, 100, 255, 299])
+    sin, cos = model_module.rotary_tables(300, 32)
+    got = model_module.apply_rotary(q, sin[positions], cos[positions], 32)
+    # fp32 angle tables as transformers builds them: sin/cos of angles up to ~300 rad carry
+    # ~300 * 2^-24 each (the bound test_attention uses for the native pass).
+    assert (got.double() - reference.rotary(q, positions, 32)).abs().max() < 1e-4
+    assert torch.equal(got[..., 32:], q[..., 32:])
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_float64_reference_matches_transformers_in_either_qkv_layout(shape):
+    # The reference every kernel test leans on, checked once against an independent implementation:
+    # on the hub's weights (qkv in 4 chunks of query, value, key) and on the converted ones
+    # (head-major), which must give the same logits up to float64 rounding.
+    hf = reference_model(shape)
+    ids = torch.randint(0, VOCAB, (29,), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = hf(ids[None]).logits[0]
+    hub = reference.logits(hf.state_dict(), hf.config, ids, qkv_layout="hub")
+    assert (hub - want.double()).abs().max() <= fp32_tolerance(want)
+    ours = reference.logits(converted_weights(hf), hf.config, ids)
+    assert (ours - hub).abs().max() <= 1e-12 * float(hub.abs().max())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_prefill_and_decode_steps_match_the_reference_on_the_same_weights(bits):
+    # Quantization error aside (test_quantized_logits_close_to_float_path), a quantized model must
+    # compute its own weights' function to fp32 rounding: prompt and each decode step (M = 1, the
+    # fused native step) against the float64 reference on the same dequantized weights.
+    hf = reference_model("hd80")
+    model = our_model(hf, bits, lm_head_bits=8)
+    ids = torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(8))
+    want = reference.logits(converted_weights(hf, bits, lm_head_bits=8), hf.config, ids)
+    cache = model.new_cache(32, dtype=torch.float32)  # quantized models default to an fp16 cache
+    seq = cache.add_sequence()
+    got = [model.forward([ids[:20]], cache, [seq], last_only=False)[0]]
+    for t in range(20, 30):
+        got.append(model.forward([ids[t:t + 1]], cache, [seq], last_only=False)[0])
+    got = torch.cat(got).double()
+    assert (got - want).abs().max() <= fp32_tolerance(want)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
