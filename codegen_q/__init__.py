@@ -4,8 +4,8 @@ import os as _os
 import sys as _sys
 
 # torch's CPU wheel runs its ops on libgomp threads that spin-wait after every parallel region by
-# default; beside our own kernel threads that starves one pool or the other (90 ms vs 1.35 ms per
-# decode step measured on 2 cores). libgomp reads this once, when torch loads, so it is set here,
+# default; beside our own kernel threads that starves one pool or the other (figures in
+# docs/cpu-kernels.md, "Threads"). libgomp reads this once, when torch loads, so it is set here,
 # before importing torch, unless the user chose a policy. See codegen_q/runtime.py for the warning
 # given when torch was imported first.
 # Whether that came too late: torch was imported first and the user set no policy (the

@@ -101,9 +101,8 @@ def io_buffer(nbytes: int) -> mmap.mmap:
     """Fresh private anonymous memory for O_DIRECT transfers, with huge pages where offered.
 
     Private, because Python's default for anonymous maps is shared memory, which gets no huge
-    pages here. With 4 KB pages a direct request is cut at the device's segment limit (254 pages,
-    1 MB on the dev VM); with 2 MB pages it goes out whole (4 MB), and a 2B conversion, reads and
-    writes both direct, took 15 % less time.
+    pages here. With 4 KB pages a direct request is cut at the device's segment limit (254 pages);
+    with 2 MB pages it goes out whole, and a conversion takes less time (docs/quantizer-io.md).
     """
     if not hasattr(mmap, "MAP_PRIVATE"):  # not a Unix: plain anonymous memory
         return mmap.mmap(-1, nbytes)

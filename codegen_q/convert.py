@@ -31,8 +31,8 @@ def keep_freed_memory_for_reuse() -> bool:
     """Ask glibc to recycle freed blocks instead of returning them to the OS (Linux only).
 
     Every tensor's temporaries are 10-600 MB; glibc serves those with fresh mmaps and unmaps
-    them on free, so each one is page-faulted and zeroed again: measured, that was 60% of the
-    run time (system time) on a 2B checkpoint. Keeping the heap caps private memory at its
+    them on free, so each one is page-faulted and zeroed again, which dominated the run time
+    (system time; docs/quantizer-io.md). Keeping the heap caps private memory at its
     high-water mark, which is bounded by the largest tensor anyway. Process-wide, so the CLI
     calls it, not the library function. Returns whether it took effect.
     """

@@ -2,8 +2,8 @@
 the file system allows it.
 
 Why not plain buffered writes: every byte written through the page cache is first copied into
-freshly allocated cache pages, and on the dev VM that copy alone ran at 0.4-0.8 GB/s (half the
-quantizer's CPU time went to it), while the disk takes O_DIRECT writes at ~2 GB/s. With O_DIRECT
+freshly allocated cache pages, a copy slower than the disk takes O_DIRECT writes and a large part
+of the quantizer's CPU time (docs/quantizer-io.md, "Measurements behind the I/O code"). With O_DIRECT
 the disk reads the staging buffer itself, and those two buffers are the only memory the writes
 touch. A file system that refuses O_DIRECT (tmpfs, some network file systems) gets the same
 writes buffered; the result is the same file either way.

@@ -2,10 +2,9 @@
 few background threads, with O_DIRECT where the file system allows it.
 
 Why not the mmap'd tensors torch.load and safe_open give: every page of a mapped file costs the
-kernel a page-cache page, a fault to map it and its unmapping on release. A cold 2B conversion
-(5.6 GB) spent 7.2 s user and 2.1 s system time that way on the 2-core dev VM, CPU-bound with the
-disk idle a third of the time; reading directly, 4.7 s and 1.7 s, and the conversion took 15-30 %
-less time (tools/bench_quantize.py; measured with getrusage and /sys/block/*/stat).
+kernel a page-cache page, a fault to map it and its unmapping on release: a cold conversion through
+the mappings is CPU-bound with the disk partly idle, and reading directly takes less user and
+system time and less time overall (docs/quantizer-io.md, "Measurements behind the I/O code").
 
 Tensors are read into mappings from _posix.io_buffer (huge pages, so a direct request goes out at
 the device's 4 MB limit instead of 1 MB of 4 KB pages; with 4 KB pages the same reads made the
@@ -32,14 +31,14 @@ ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses: a multiple of th
 READ_PIECE = 8 << 20  # one pread
 _HUGE_PAGE = 2 << 20
 # Preads in flight at once: the disk gets several requests queued, as the kernel's own read-ahead
-# gives it (one thread and 64 MB reads ran within noise of this on the dev VM).
+# gives it (one thread with 64 MB reads did no better: docs/quantizer-io.md).
 READ_THREADS = 4
 
 
 def worth_reading_directly(path: str) -> bool:
     """Whether reading ``path`` with RangeReader beats its mapping: not on a file system kept in
-    memory (tmpfs, which accepts O_DIRECT since Linux 6.6 but then copies: a 2B int4 conversion from
-    /dev/shm took 2.6-2.9 s through the mapping, 3.3-3.9 s read), nor on one that refuses O_DIRECT."""
+    memory (tmpfs, which accepts O_DIRECT since Linux 6.6 but then copies, so the mapping is the
+    faster way there: docs/quantizer-io.md), nor on one that refuses O_DIRECT."""
     if in_memory_filesystem(path):
         return False
     fd, direct = open_direct(path, os.O_RDONLY)
@@ -65,9 +64,8 @@ class TruncatedFile(ValueError):
 class _MappingPool:
     """The reader's buffers: mappings from _posix.io_buffer, each reused once no tensor refers to it.
 
-    Fresh mappings cost the kernel zeroed pages, faulted in while the read waits: reading the 2B
-    checkpoint alone into fresh ones took 1.2 s of system time at 2.16 GB/s, into reused ones
-    0.06-0.5 s at 2.52-2.58 GB/s (dev VM). A tensor over a mapping (torch.frombuffer) holds a
+    Fresh mappings cost the kernel zeroed pages, faulted in while the read waits, many times the
+    system time of reused ones (docs/quantizer-io.md). A tensor over a mapping (torch.frombuffer) holds a
     reference to it for as long as its storage lives, views included, so the mapping's reference
     count says when it is free. A free mapping is reused for a request of at least half its size;
     free ones are unmapped, largest first, while the pool would exceed ``keep_bytes``.

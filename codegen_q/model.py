@@ -52,15 +52,16 @@ class Linear:
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
     """transformers' NewGELUActivation, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))): torch's
-    tanh-approximate gelu is that formula in one pass (transformers' version is six, 42 ms against
-    3.5 ms on a 1000 x 4096 prefill activation here); the two differ by fp32 rounding (<= 2.4e-7)."""
+    tanh-approximate gelu is that formula in one pass (transformers' version is six ops, an order of
+    magnitude slower on a prefill activation: docs/cpu-kernels.md, "Torch-side choices"); the two
+    differ by fp32 rounding (<= 2.4e-7)."""
     return torch.nn.functional.gelu(x, approximate="tanh")
 
 
 # A prompt at least this long, with nothing cached before it, takes torch's fused causal attention
 # (scaled_dot_product_attention) over its own K/V instead of the paged kernel, which handles one
-# query at a time: measured on 2 threads, 16 heads of 64, 128 tokens 1.02 vs 0.82 ms, 256 tokens
-# 3.84 vs 2.44 ms, 1000 tokens 46 vs 22 ms per layer; at 32-64 they are even.
+# query at a time. The two are even at 32-64 tokens and torch pulls ahead from about 128 (figures:
+# docs/cpu-kernels.md, "Torch-side choices").
 FUSED_PREFILL_MIN_TOKENS = 128
 
 
@@ -230,8 +231,9 @@ class CodeGenModel:
         """Feed one token per sequence and return each sequence's greedy next token among the
         first vocab_limit logits (torch.argmax's choice: the first of equal maxima). The fused
         native step picks them itself where it can, while the logits are still in its caches
-        (torch's argmax over cold logits cost ~0.13 ms of a 350M token), and no logits reach
-        Python; otherwise this is forward + argmax."""
+        (torch's argmax over cold logits is a visible part of a small model's token:
+        docs/cpu-kernels.md, "Torch-side choices"), and no logits reach Python; otherwise this is
+        forward + argmax."""
         token_ids = [int(t) for t in token_ids]
         if isinstance(vocab_limit, bool) or not isinstance(vocab_limit, int) or vocab_limit < 1:
             raise ValueError(f"vocab_limit must be an int >= 1, got {vocab_limit!r}")

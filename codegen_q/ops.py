@@ -25,14 +25,13 @@ ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Up to this many rows of x qlinear runs the native kernels; above, dequantize + torch's GEMM. The
 # AVX2 and AVX-512 builds switch to their own blocked GEMM from one tile of rows (16 / 32), which
 # beats torch's fp32 GEMM on dequantized weights at every M measured, without the float copy of
-# the weight: two Zen 4 cores, CodeGen-350M/6B shapes, GFLOP/s, int4 / int8 vs torch: M = 32
-# 187-202 / 195-211 vs 77-87; M = 256 193-202 / 202-213 vs 160-176. So they have no limit; the
+# the weight (docs/cpu-kernels.md, "Which kernel takes a call"). So they have no limit; the
 # scalar build's FMA kernels are compute-bound sooner.
 NATIVE_MAX_M_CPU = {"avx512": sys.maxsize, "avx2": sys.maxsize}
 NATIVE_MAX_M_CPU_DEFAULT = 16
 # With gemm_dtype=torch.bfloat16 the native kernels take at most this many rows; more go to torch's
-# bf16 GEMM (AVX-512 with BF16: 260-330 GFLOP/s from M = 256 on the same machine, dequantizing
-# included).
+# bf16 GEMM, faster there than the native fp32 kernels where the CPU multiplies bf16 natively
+# (AVX-512 BF16), dequantizing included (docs/cpu-kernels.md, "Which kernel takes a call").
 NATIVE_MAX_M_BF16 = 64
 NATIVE_MAX_M_CUDA = 8
 # Size of the float32 weight tile used by the large-M path.

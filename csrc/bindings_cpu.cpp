@@ -9,6 +9,7 @@
 #include "cpu/decode_step.h"
 #include "cpu/dispatch.h"
 #include "cpu/isa.h"
+#include "cpu/kernel_constants.h"
 #include "cpu/limb_policy.h"
 
 namespace py = pybind11;
@@ -231,4 +232,25 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("set_two_limbs_allowed", &cgq::cpu::set_two_limbs_allowed, py::arg("allowed"));
   m.def("get_num_threads", &cgq::get_num_threads);
   m.def("set_num_threads", &cgq::set_num_threads, py::arg("n"));
+
+  // ---- Kernel constants (csrc/cpu/kernel_constants.h), for the tests to read, not restate ----
+  m.def("kernel_constants", [] {
+    namespace kc = cgq::cpu::kernel_constants;
+    auto isa = [](const kc::Isa& c) {
+      py::dict d;
+      d["limb_max_m_int8"] = c.limb_max_m_int8;
+      d["limb_max_m_int4"] = c.limb_max_m_int4;
+      d["gemm_tile_m"] = c.gemm_tile_m;
+      d["gemm_tile_n"] = c.gemm_tile_n;
+      return d;
+    };
+    py::dict isas;
+    isas["avx512"] = isa(kc::kAvx512);
+    isas["avx2"] = isa(kc::kAvx2);
+    py::dict d;
+    d["two_limb_factor"] = kc::kTwoLimbFactor;
+    d["limb_chunk"] = kc::kLimbChunk;
+    d["isa"] = isas;
+    return d;
+  });
 }

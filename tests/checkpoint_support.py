@@ -6,8 +6,8 @@ import os
 
 import torch
 
-from codegen_q.quantize import unpack_int4
 from codegen_q.testing import make_checkpoint, tiny_config
+from codegen_q.testing.reference import dequantize, per_element
 
 
 def make_tiny(path, fmt="bin", dtype="float16", shards=1, seed=0, **cfg) -> str:
@@ -15,15 +15,9 @@ def make_tiny(path, fmt="bin", dtype="float16", shards=1, seed=0, **cfg) -> str:
 
 
 def dequant_reference(qw) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w_hat, per-element scale) in float64, straight from the documented layouts."""
-    if qw.bits == 8:
-        s = qw.scales.double()[:, None].expand(qw.shape)
-        return qw.qweight.double() * s, s
-    g = qw.group_size
-    q = unpack_int4(qw.qweight).double()
-    s = qw.scales.double().repeat_interleave(g, dim=1)
-    z = 8.0 if qw.zeros is None else qw.zeros.double().repeat_interleave(g, dim=1)
-    return (q - z) * s, s
+    """(w_hat, per-element scale) in float64, from the documented layouts (testing/reference.py)."""
+    s = qw.scales.double()
+    return dequantize(qw), (s[:, None].expand(qw.shape) if qw.bits == 8 else per_element(s, qw.group_size))
 
 
 def leftovers(parent) -> list[str]:

@@ -11,8 +11,7 @@ from codegen_q.config import CodeGenConfig
 from codegen_q.engine import Engine
 from codegen_q.kv_cache import PagedKVCache
 from codegen_q.model import CodeGenModel
-from test_generation import PROMPTS, reference_with_tokenizer
-from test_model import converted_weights
+from model_support import PROMPTS, converted_weights, reference_with_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Native paged attention (decode and causal prefill) and the rotary + KV-append pass, against
-float64 torch references written from the definitions."""
+the float64 references of codegen_q/testing/reference.py."""
 
 from __future__ import annotations
 
@@ -7,19 +7,7 @@ import pytest
 import torch
 
 from codegen_q.attention_ops import paged_attention, rotary_kv_append
-
-
-def reference(q, k_cache, v_cache, tables, lengths, scale):
-    out = torch.empty(q.shape, dtype=torch.float64)
-    block = k_cache.shape[1]
-    for s in range(q.shape[0]):
-        pos = torch.arange(int(lengths[s]))
-        blocks = tables[s].long()[pos // block]
-        k = k_cache[blocks, pos % block].double()  # [L, H, D]
-        v = v_cache[blocks, pos % block].double()
-        p = torch.softmax(torch.einsum("hd,lhd->hl", q[s].double(), k) * scale, dim=-1)
-        out[s] = torch.einsum("hl,lhd->hd", p, v)
-    return out
+from codegen_q.testing import reference
 
 
 # CodeGen's head dims (64, 80, 256) and 128 run code compiled for that size; 40 and 48 the code for
@@ -42,7 +30,7 @@ def test_matches_reference_with_scattered_blocks(cpu_isa, head_dim, kv_dtype):
     q = torch.randn(len(lengths), n_head, head_dim, generator=g) * 0.5
     scale = head_dim ** -0.5
     out = paged_attention(q, k_cache, v_cache, tables, lengths, scale)
-    ref = reference(q, k_cache, v_cache, tables, lengths, scale)  # of the cache's values, exactly
+    ref = reference.paged_attention(q, k_cache, v_cache, tables, lengths, scale)  # of the cache's values, exactly
     # fp32 dot products of head_dim terms and a softmax-weighted sum of L values of |v| ~ 1:
     # a few hundred ulps at most; 1e-5 absolute is ~100 ulps of the outputs' O(1) size. An fp16
     # cache is read exactly (fp16 -> fp32 is exact), so the same bound holds.
@@ -90,7 +78,7 @@ def test_causal_prefill_with_strided_q_matches_reference(cpu_isa, head_dim):
     lengths = (positions + 1).to(torch.int32)
     scale = head_dim ** -0.5
     out = paged_attention(qkv[:, 0], k_cache, v_cache, tables, lengths, scale, query_rows)
-    ref = reference(qkv[:, 0], k_cache, v_cache, tables[query_rows.long()], lengths, scale)
+    ref = reference.paged_attention(qkv[:, 0], k_cache, v_cache, tables[query_rows.long()], lengths, scale)
     assert (out.double() - ref).abs().max() < 1e-5
     # Causality, directly: changing a key after a query's position must not change that query.
     later = k_cache.clone()
@@ -98,19 +86,6 @@ def test_causal_prefill_with_strided_q_matches_reference(cpu_isa, head_dim):
     out2 = paged_attention(qkv[:, 0], later, v_cache, tables, lengths, scale, query_rows)
     assert torch.equal(out2[: counts[0] + 19], out[: counts[0] + 19])
     assert not torch.equal(out2[-1], out[-1])
-
-
-def rotary_reference(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    """GPT-J rotate-every-two in float64, from the definition: pair (2j, 2j + 1) turns by
-    position * 10000^(-2j / rotary_dim)."""
-    x = x.double().clone()
-    j = torch.arange(rotary_dim // 2, dtype=torch.float64)
-    angle = positions.double()[:, None] * 10000.0 ** (-2.0 * j / rotary_dim)  # [T, rot/2]
-    s, c = torch.sin(angle)[:, None, :], torch.cos(angle)[:, None, :]
-    even, odd = x[..., 0:rotary_dim:2].clone(), x[..., 1:rotary_dim:2].clone()
-    x[..., 0:rotary_dim:2] = even * c - odd * s
-    x[..., 1:rotary_dim:2] = odd * c + even * s
-    return x
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
@@ -129,8 +104,8 @@ def test_rotary_kv_append_matches_reference(cpu_isa, head_dim, rotary_dim, kv_dt
     k_cache = torch.full((num_blocks, block, n_head, head_dim), float("nan"), dtype=kv_dtype)
     v_cache = torch.full((num_blocks, block, n_head, head_dim), float("nan"), dtype=kv_dtype)
     rotary_kv_append(qkv, positions, sin, cos, slot_blocks, slot_offsets, k_cache, v_cache, rotary_dim)
-    q_ref = rotary_reference(original[:, 0], positions, rotary_dim)
-    k_ref = rotary_reference(original[:, 1], positions, rotary_dim)
+    q_ref = reference.rotary(original[:, 0], positions, rotary_dim)
+    k_ref = reference.rotary(original[:, 1], positions, rotary_dim)
     # fp32 angle tables (as transformers builds them) and two fp32 products per output: the error
     # is dominated by sin/cos of angles up to ~300 rad rounded in fp32 (~300 * 2^-24 each).
     tol = 1e-4

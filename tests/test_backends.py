@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import codegen_q
+from codegen_q import _native
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -23,9 +24,13 @@ def test_backends_structure():
     assert "scalar" in cpu["compiled_isas"]
     assert set(cpu["supported_isas"]) <= set(cpu["compiled_isas"])
     assert cpu["isa"] in cpu["supported_isas"]
-    assert cpu["num_threads"] >= 1
-    assert isinstance(info["cuda"]["compiled"], bool)
-    assert isinstance(info["cuda"]["devices"], list)
+    assert cpu["num_threads"] == codegen_q.get_num_threads() >= 1
+    cuda = info["cuda"]
+    assert cuda["compiled"] is (_native.cuda() is not None)  # True exactly when the module loads
+    if not cuda["compiled"]:
+        # No module: no device offered, and the import error says why (test_cuda_build.py checks
+        # the compiled case).
+        assert cuda["devices"] == [] and cuda["reason"] == _native.cuda_import_error() and cuda["reason"]
 
 
 def test_best_isa_is_default():

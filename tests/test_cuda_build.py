@@ -5,20 +5,33 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 
 import pytest
 
 import codegen_q
+from codegen_q import _native
 
 CUDA_INFO = codegen_q.backends()["cuda"]
 pytestmark = pytest.mark.skipif(not CUDA_INFO["compiled"], reason="this build has no CUDA module")
 
 
+def parameters(fn) -> list[str]:
+    """A pybind11 function's parameter names, from its signature line `op(x: int, M: int) -> None`."""
+    return re.findall(r"(\w+): ", fn.__doc__.strip().splitlines()[0])
+
+
 def test_cuda_module_imports_without_a_gpu():
     module = importlib.import_module("codegen_q._C_cuda")
-    for op in ("qlinear_int8", "qlinear_int4", "dequantize_int8", "dequantize_int4", "devices"):
-        assert callable(getattr(module, op)), op
-    assert isinstance(module.compiler_version, str) and module.compiler_version
+    cpu = _native.cpu()
+    # codegen_q/ops.py calls each CUDA op with the CPU op's arguments, in the same order, plus the
+    # stream: a parameter renamed, dropped or moved in either binding shows here, GPU or not.
+    for op in ("qlinear_int8", "qlinear_int4", "dequantize_int8", "dequantize_int4"):
+        assert parameters(getattr(module, op)) == parameters(getattr(cpu, op)) + ["stream"], op
+    assert re.fullmatch(r"\d+\.\d+(\.\d+)?", module.compiler_version), module.compiler_version
+    devices, reason = module.devices()
+    assert [d["index"] for d in devices] == list(range(len(devices)))
+    assert devices or reason  # no device: the reason why, for backends() to show
 
 
 def test_cuda_module_built_for_turing_through_hopper():
@@ -35,7 +48,7 @@ def test_cuda_module_built_for_turing_through_hopper():
 def test_backends_cuda_entry_is_consistent():
     info = CUDA_INFO
     assert info["compiled"] is True
-    assert isinstance(info["devices"], list)
+    assert [d["index"] for d in info["devices"]] == list(range(len(info["devices"])))
     assert info["device_available"] == bool(info["devices"])
     if not info["devices"]:
         # No device: say why (no driver, CUDA_VISIBLE_DEVICES="", ...), so a user is not left guessing.

@@ -9,8 +9,10 @@ import torch
 
 import codegen_q
 from codegen_q import qlinear, quantize_weight
-from support import (CUDA_USABLE, assert_sums_exact_in_fp32, assert_within, dequantize_ref, exact_qweight,
-                     fp32_bound, small_int_tensor)
+from codegen_q.ops import NATIVE_MAX_M_CUDA
+from codegen_q.testing.reference import assert_within, fp32_bound
+from codegen_q.testing.reference import dequantize as dequantize_ref
+from support import CUDA_USABLE, assert_sums_exact_in_fp32, exact_qweight, small_int_tensor
 
 pytestmark = pytest.mark.skipif(not CUDA_USABLE,
                                 reason="no usable CUDA device (needs a GPU, a driver and the CUDA build)")
@@ -24,8 +26,8 @@ SCHEMES = {
 # N odd; K = 1120 is a multiple of 32 but not of 64 or 128; K = 8320 takes the GEMV's K loop
 # round more than once for int8 and int4 alike.
 SHAPES = [(256, 101), (1120, 67), (4096, 37), (8320, 29)]
-# 1, 3 and 8: the native CUDA GEMV; 17 and 300: above NATIVE_MAX_M_CUDA, dequantize + cuBLAS.
-MS = [1, 3, 8, 17, 300]
+# Up to NATIVE_MAX_M_CUDA (8): the native CUDA GEMV; above it (17, 300), dequantize + cuBLAS.
+MS = [1, 3, NATIVE_MAX_M_CUDA, 2 * NATIVE_MAX_M_CUDA + 1, 300]
 CASES = [pytest.param(s, k, n, id=f"{s}-K{k}-N{n}")
          for s, kw in SCHEMES.items() for k, n in SHAPES if k % (kw.get("group_size") or 1) == 0]
 

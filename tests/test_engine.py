@@ -13,8 +13,7 @@ from codegen_q.kv_cache import PagedKVCache
 from codegen_q.model import CodeGenModel
 from codegen_q.sampling import SamplingParams
 from engine_support import drive, float_model, ids, int4_model, limit, reference, solo_greedy, tok  # noqa: F401 (fixtures)
-from test_generation import PROMPTS
-from test_model import converted_weights
+from model_support import PROMPTS, converted_weights
 
 SAMPLING = SamplingParams(temperature=1.0, top_k=50, top_p=0.95)
 

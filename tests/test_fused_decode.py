@@ -17,7 +17,8 @@ import torch
 import codegen_q
 from codegen_q import _native
 from codegen_q.kv_cache import PagedKVCache
-from test_model import SHAPES, our_model, reference_model
+from codegen_q.testing import reference
+from model_support import converted_weights, our_model, reference_model, reference_with_tokenizer
 
 SCHEMES = {"int8": 8, "int4": 4}
 OTHER = {8: 4, 4: 8}  # the lm_head's scheme beside the blocks': int4 blocks get the format's int8 default
@@ -72,6 +73,23 @@ def test_fused_step_matches_op_by_op(cpu_isa, shape, scheme, jobs, kv_dtype):
     # at most 2^-11 of their scale (measured: ~1.5e-5 of it).
     rel = 1e-5 if kv_dtype == torch.float32 else 2.0 ** -11
     assert (got - want).abs().max() <= rel * want.abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_fused_steps_match_the_float64_reference(cpu_isa, scheme):
+    # Not only the two paths against each other: each fused step's logits against the float64
+    # reference of the whole step (codegen_q/testing/reference.py) on the same quantized weights,
+    # the sequence being its prompt plus the tokens fed so far.
+    bits = SCHEMES[scheme]
+    hf = reference_model("hd64", n_layer=2, seed=7)
+    model = our_model(hf, bits, lm_head_bits=OTHER[bits])
+    weights = converted_weights(hf, bits, lm_head_bits=OTHER[bits])
+    prompts = [[5, 9, 2, 7, 1, 3, 3, 8], [11], list(range(20, 37))]
+    got, fed = _run(model, prompts, 12, fused=True)
+    for s, prompt in enumerate(prompts):
+        ids = prompt + [step[s] for step in fed]
+        want = reference.logits(weights, hf.config, ids)[len(prompt) - 1:]
+        assert (got[:, s].double() - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6, f"sequence {s}"
 
 
 def _assert_fused_matches_op_by_op(model, prompts, steps, min_bytes: int | None = None, cache_tokens: int = 256):
@@ -231,9 +249,7 @@ def test_greedy_picks_break_ties_and_nans_as_torch_argmax_does(jobs):
 
 
 def _model_and_tokenizer(tmp_path, bits: int, seed: int):
-    """test_generation's reference model and tokenizer, quantized (int8 lm_head)."""
-    from test_generation import reference_with_tokenizer
-
+    """The reference model with the test tokenizer, quantized (int8 lm_head)."""
     hf, tok = reference_with_tokenizer(tmp_path, seed)
     model = our_model(hf, bits, lm_head_bits=8)
     assert model.fused is not None and model.fused.has_head and len(tok) < model.config.vocab_size

@@ -4,36 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 from codegen_q.config import CodeGenConfig
 from codegen_q.generation import generate
 from codegen_q.model import CodeGenModel
-from codegen_q.testing.tokenizer_files import write_tokenizer_files
-from codegen_q.tokenizer import CodeGenTokenizer, IncrementalDecoder
-from test_model import converted_weights
-
-transformers.logging.set_verbosity_error()
-MODEL_VOCAB = 640  # more rows than the tokenizer has ids: the rest are padding
-PROMPTS = ["def add(a, b):\n    return", "class Stack:\n", "import os\n\n\ndef main():\n        x = 1"]
-
-
-def reference_with_tokenizer(directory, seed: int = 0):
-    """The test tokenizer (written to `directory`) and a random transformers CodeGen whose 640
-    vocabulary rows cover its ids, the rest padding as on the hub; logits spread (no near-ties)
-    and EOS suppressed, so random completions run to their length."""
-    write_tokenizer_files(str(directory))
-    tokenizer = CodeGenTokenizer.from_dir(directory)
-    torch.manual_seed(seed)
-    cfg = transformers.CodeGenConfig(vocab_size=MODEL_VOCAB, n_positions=128, n_embd=128, n_layer=2, n_head=4,
-                                     rotary_dim=16, bos_token_id=tokenizer.eos_token_id,
-                                     eos_token_id=tokenizer.eos_token_id)
-    hf = transformers.CodeGenForCausalLM(cfg).eval()
-    with torch.no_grad():
-        hf.lm_head.weight.mul_(8.0)
-        hf.lm_head.bias[tokenizer.eos_token_id] = -1e4  # keep random completions from ending at once
-    return hf, tokenizer
-
+from codegen_q.tokenizer import IncrementalDecoder
+from model_support import MODEL_VOCAB, PROMPTS, converted_weights, reference_with_tokenizer
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

@@ -1,8 +1,5 @@
-"""The CodeGen forward pass against transformers' CodeGenForCausalLM (the reference).
-
-Tiny random models in three shapes that mirror the real head dims (64 for 350M, 80 for 2B, 256 for
-6B/16B), each with rotary_dim < head_dim so the partial, interleaved rotary is exercised.
-"""
+"""The CodeGen forward pass against transformers' CodeGenForCausalLM and against the float64
+reference (codegen_q/testing/reference.py), on the tiny random models of model_support.py."""
 
 from __future__ import annotations
 
@@ -11,65 +8,14 @@ import torch
 import transformers
 
 import codegen_q
-from codegen_q.checkpoint import qkv_head_major_permutation
+from codegen_q import _native
 from codegen_q.config import CodeGenConfig
 from codegen_q.kv_cache import OutOfKVBlocks, PagedKVCache
 import codegen_q.model as model_module
 from codegen_q.model import CodeGenModel
 from codegen_q.quantize import quantize_weight
-from test_qlinear_two_limbs import chunk_passes
-
-SHAPES = {"hd64": (4, 64, 32), "hd80": (4, 80, 64), "hd256": (4, 256, 64)}
-VOCAB = 512
-LINEARS = ("attn.qkv_proj", "attn.out_proj", "mlp.fc_in", "mlp.fc_out")
-
-transformers.logging.set_verbosity_error()
-
-
-def reference_model(shape: str, n_layer: int = 2, seed: int = 0) -> transformers.CodeGenForCausalLM:
-    n_head, head_dim, rotary_dim = SHAPES[shape]
-    torch.manual_seed(seed)
-    cfg = transformers.CodeGenConfig(vocab_size=VOCAB, n_positions=256, n_embd=n_head * head_dim, n_layer=n_layer,
-                                     n_head=n_head, rotary_dim=rotary_dim, bos_token_id=0, eos_token_id=0)
-    model = transformers.CodeGenForCausalLM(cfg).eval()
-    with torch.no_grad():  # spread the logits so greedy decoding has no near-ties
-        model.lm_head.weight.mul_(8.0)
-    return model
-
-
-def converted_weights(hf: transformers.CodeGenForCausalLM, bits: int | None = None, group_size: int = 32,
-                      lm_head_bits: int | None = None) -> dict:
-    """The hub state dict in codegen-q's layout: qkv rows head-major, block Linears (`bits`) and
-    lm_head (`lm_head_bits`) optionally quantized."""
-    cfg = hf.config
-    sd = {k: v.detach().clone() for k, v in hf.state_dict().items()}
-    perm = qkv_head_major_permutation(cfg.n_embd, cfg.n_head)
-    for i in range(cfg.n_layer):
-        key = f"transformer.h.{i}.attn.qkv_proj.weight"
-        sd[key] = sd[key][perm]
-        if bits is not None:
-            for name in LINEARS:
-                w = sd.pop(f"transformer.h.{i}.{name}.weight")
-                kwargs = dict(bits=8) if bits == 8 else dict(bits=4, group_size=group_size)
-                sd[f"transformer.h.{i}.{name}"] = quantize_weight(w, **kwargs)
-    if lm_head_bits is not None:
-        w = sd.pop("lm_head.weight")
-        sd["lm_head"] = quantize_weight(w, bits=8) if lm_head_bits == 8 else quantize_weight(w, bits=4, group_size=32)
-    return sd
-
-
-def our_model(hf, bits: int | None = None, lm_head_bits: int | None = None) -> CodeGenModel:
-    return CodeGenModel(CodeGenConfig.from_dict(hf.config.to_dict()), converted_weights(hf, bits,
-                                                                                        lm_head_bits=lm_head_bits))
-
-
-def fp32_tolerance(ref: torch.Tensor) -> float:
-    # Both implementations compute in fp32 with different summation orders (fused qkv split,
-    # einsum vs matmul, our qlinear kernels). Logits are O(1); two layers of O(d)-term fp32 dot
-    # products and softmaxes accumulate a few hundred ulps at most: 1e-5 relative to the largest
-    # logit is ~ 100 ulps of it and 10x above what we observe (~1e-6).
-    return 1e-5 * float(ref.abs().max())
-
+from codegen_q.testing import reference
+from model_support import LINEARS, SHAPES, VOCAB, converted_weights, fp32_tolerance, our_model, reference_model
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_prefill_and_each_decode_step_match_transformers(shape):
@@ -87,6 +33,55 @@ def test_prefill_and_each_decode_step_match_transformers(shape):
     assert got.shape == ref.shape
     assert (got - ref).abs().max() <= fp32_tolerance(ref)
     assert cache.length(seq) == 37
+
+
+def test_gelu_and_rotary_match_their_references():
+    # The torch pieces of the op-by-op path on their own, where a mistake is easiest to read.
+    x = torch.cat([torch.linspace(-12, 12, 4001), torch.randn(4000, generator=torch.Generator().manual_seed(9)) * 3])
+    want = reference.gelu_new(x)
+    # One fp32 evaluation of the formula: a few ulps of each term (observed <= 1.5e-7 relative).
+    assert ((model_module.gelu_new(x).double() - want).abs() <= 2.0 ** -20 * (want.abs() + 1)).all()
+    q = torch.randn(7, 3, 64, generator=torch.Generator().manual_seed(10))
+    positions = torch.tensor([0, 1, 2, 17, 100, 255, 299])
+    sin, cos = model_module.rotary_tables(300, 32)
+    got = model_module.apply_rotary(q, sin[positions], cos[positions], 32)
+    # fp32 angle tables as transformers builds them: sin/cos of angles up to ~300 rad carry
+    # ~300 * 2^-24 each (the bound test_attention uses for the native pass).
+    assert (got.double() - reference.rotary(q, positions, 32)).abs().max() < 1e-4
+    assert torch.equal(got[..., 32:], q[..., 32:])
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_float64_reference_matches_transformers_in_either_qkv_layout(shape):
+    # The reference every kernel test leans on, checked once against an independent implementation:
+    # on the hub's weights (qkv in 4 chunks of query, value, key) and on the converted ones
+    # (head-major), which must give the same logits up to float64 rounding.
+    hf = reference_model(shape)
+    ids = torch.randint(0, VOCAB, (29,), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = hf(ids[None]).logits[0]
+    hub = reference.logits(hf.state_dict(), hf.config, ids, qkv_layout="hub")
+    assert (hub - want.double()).abs().max() <= fp32_tolerance(want)
+    ours = reference.logits(converted_weights(hf), hf.config, ids)
+    assert (ours - hub).abs().max() <= 1e-12 * float(hub.abs().max())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_prefill_and_decode_steps_match_the_reference_on_the_same_weights(bits):
+    # Quantization error aside (test_quantized_logits_close_to_float_path), a quantized model must
+    # compute its own weights' function to fp32 rounding: prompt and each decode step (M = 1, the
+    # fused native step) against the float64 reference on the same dequantized weights.
+    hf = reference_model("hd80")
+    model = our_model(hf, bits, lm_head_bits=8)
+    ids = torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(8))
+    want = reference.logits(converted_weights(hf, bits, lm_head_bits=8), hf.config, ids)
+    cache = model.new_cache(32, dtype=torch.float32)  # quantized models default to an fp16 cache
+    seq = cache.add_sequence()
+    got = [model.forward([ids[:20]], cache, [seq], last_only=False)[0]]
+    for t in range(20, 30):
+        got.append(model.forward([ids[t:t + 1]], cache, [seq], last_only=False)[0])
+    got = torch.cat(got).double()
+    assert (got - want).abs().max() <= fp32_tolerance(want)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -224,7 +219,7 @@ def test_int4_decode_with_a_wide_mlp_matches_transformers_on_the_dequantized_wei
         for i in range(cfg.n_layer):
             for name in LINEARS:
                 linear = hf.get_submodule(f"transformer.h.{i}.{name}")
-                linear.weight.copy_(quantize_weight(linear.weight, bits=4, group_size=128).dequantize())
+                linear.weight.copy_(reference.dequantize(quantize_weight(linear.weight, bits=4, group_size=128)))
     fc_out_inputs = []
     hook = hf.transformer.h[0].mlp.fc_out.register_forward_hook(lambda m, args, out: fc_out_inputs.append(args[0]))
     ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(12))
@@ -252,5 +247,7 @@ def test_int4_decode_with_a_wide_mlp_matches_transformers_on_the_dequantized_wei
         codegen_q.set_activation_limbs("auto")
     assert (torch.cat(exact) - ref).abs().max() <= fp32_tolerance(ref)
     # The test means something only if some chunks take two limbs and some three.
-    passes = chunk_passes(fc_out_inputs[0][0, 8:], cfg.n_inner)
+    kernel = _native.cpu().kernel_constants()
+    passes = reference.two_limb_chunks(fc_out_inputs[0][0, 8:], cfg.n_inner, kernel["two_limb_factor"],
+                                       kernel["limb_chunk"])
     assert 0 < float(passes.float().mean()) < 1, float(passes.float().mean())

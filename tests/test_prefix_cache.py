@@ -17,7 +17,7 @@ from codegen_q.generation import generate
 from codegen_q.kv_cache import PagedKVCache, block_hashes
 from codegen_q.model import CodeGenModel
 from engine_support import drive, float_model, int4_model, limit, reference, solo_greedy, tok  # noqa: F401 (fixtures)
-from test_generation import PROMPTS
+from model_support import PROMPTS
 
 BS = 16  # the engine's default block size, used throughout
 

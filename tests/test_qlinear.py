@@ -9,8 +9,10 @@ import torch
 import codegen_q
 from codegen_q import QuantizedWeight, qlinear, quantize_weight
 from codegen_q.ops import NATIVE_MAX_M_CPU_DEFAULT, native_max_m_cpu
-from support import (DEVICES, assert_sums_exact_in_fp32, assert_within, exact_qweight, fp32_bound,
-                     small_int_tensor)
+from codegen_q.testing.reference import assert_within, fp32_bound
+from codegen_q.testing.reference import qlinear as ref_qlinear
+from codegen_q.testing.reference import weight as ref_weight
+from support import DEVICES, assert_sums_exact_in_fp32, exact_qweight, small_int_tensor
 
 SCHEMES = {
     "int8": dict(bits=8),
@@ -22,8 +24,9 @@ SCHEMES = {
 # multiples of 32 that are not multiples of 128 (1120: not of 64 either) and large K only with small N.
 SHAPES = [(256, 101), (1088, 51), (1120, 67), (2560, 45), (4096, 37)]
 # 1 and 3: the GEMV tiles (VNNI / limb kernels where the ISA has them); 17: AVX2's blocked GEMM
-# (one 16-row tile + 1 row left over), the GEMV tiles on AVX-512, dequantize + torch on scalar;
-# 64: whole GEMM tiles only; 300: GEMM tiles + 12 rows left over (dequantize + torch on scalar).
+# (one tile + 1 row left over), the GEMV tiles on AVX-512, dequantize + torch on scalar; 64: whole
+# GEMM tiles only; 300: GEMM tiles + rows left over (dequantize + torch on scalar). The tile sizes
+# are the build's (test_grids_cross_every_kernel_boundary).
 MS = [1, 3, 17, 64, 300]
 
 
@@ -45,11 +48,9 @@ def make_problem(scheme: str, m: int, k: int, n: int, seed: int, x_dtype=torch.f
 
 
 def reference(x, qw, bias):
-    w64 = qw.dequantize().double()  # dequantize itself is checked bit-exact in test_quantize_weight.py
-    x64 = x.double()
+    """The float64 value of qlinear(x, qw, bias) and the fp32-accumulation bound around it."""
     b64 = None if bias is None else bias.double()
-    ref = x64 @ w64.T + (0 if b64 is None else b64)
-    return ref, fp32_bound(x64, w64, b64)
+    return ref_qlinear(x, qw, bias), fp32_bound(x.double(), ref_weight(qw), b64)
 
 
 @pytest.mark.parametrize("m", MS)
@@ -167,14 +168,31 @@ EXACT_SCHEMES = {
 }
 
 
-@pytest.mark.parametrize("n", [1, 7, 8, 9, 23, 29])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 40, 64, 65])
+# M covers the 4/2/1-row GEMV tiles and their combinations, both sides of each ISA's limb-GEMV
+# threshold and of scalar's native / dequantize switch (16), whole blocked-GEMM tiles with and
+# without rows left over; N covers a lone row, the tail loops alone, one 8-row GEMV tile, a tile
+# plus tails, several GEMM tiles plus single rows. test_grids_cross_every_kernel_boundary checks
+# them against the build's own tile sizes and thresholds.
+EXACT_MS = [1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 40, 64, 65]
+EXACT_NS = [1, 7, 8, 9, 23, 29]
+
+
+def test_grids_cross_every_kernel_boundary():
+    constants = _native().kernel_constants()
+    assert NATIVE_MAX_M_CPU_DEFAULT in EXACT_MS and NATIVE_MAX_M_CPU_DEFAULT + 1 in EXACT_MS
+    for isa, c in constants["isa"].items():
+        for limit in (c["limb_max_m_int8"], c["limb_max_m_int4"]):
+            assert limit == 0 or {limit, limit + 1} <= set(EXACT_MS), (isa, limit)
+        tile_m, tile_n = c["gemm_tile_m"], c["gemm_tile_n"]
+        for ms in (EXACT_MS, MS):  # whole GEMM tiles only, and tiles with rows left over
+            assert any(m % tile_m == 0 for m in ms) and any(m > tile_m and m % tile_m for m in ms), (isa, ms)
+        assert any(n < tile_n for n in EXACT_NS) and any(n > tile_n and n % tile_n for n in EXACT_NS), isa
+
+
+@pytest.mark.parametrize("n", EXACT_NS)
+@pytest.mark.parametrize("m", EXACT_MS)
 @pytest.mark.parametrize("scheme", list(EXACT_SCHEMES))
 def test_qlinear_exact_on_representable_problems(cpu_isa, scheme, m, n):
-    # M covers the 4/2/1-row GEMV tiles and their combinations, both sides of scalar's native /
-    # dequantize switch (16), whole blocked-GEMM tiles (16 rows on AVX2, 32 on AVX-512) with and
-    # without rows left over; N covers a lone row, the tail loops alone, one 8-row GEMV tile, a
-    # tile plus tails, several tiles (the GEMM's 12- and 5-row tiles plus single rows).
     bits, k, group_size, symmetric = EXACT_SCHEMES[scheme]
     g = torch.Generator().manual_seed(m * 100 + n)
     qw, w64 = exact_qweight(bits, n, k, g, group_size, symmetric)
@@ -494,7 +512,7 @@ def test_bf16_gemm_option_within_its_bound_and_only_for_many_rows(scheme):
     x, qw, bias = make_problem(scheme, 300, 1024, 51, seed=11)
     ref, _ = reference(x, qw, bias)
     got = qlinear(x, qw, bias, gemm_dtype=torch.bfloat16).double()
-    magnitude = x.double().abs() @ qw.dequantize().double().abs().T
+    magnitude = x.double().abs() @ ref_weight(qw).abs().T
     bound = 2.0 ** -8 * magnitude + 2.0 ** -8 * ref.abs() + 1e-6
     assert ((got - ref).abs() <= bound).all()
     assert not torch.equal(got, qlinear(x, qw, bias).double())  # it did take the bf16 GEMM

@@ -2,10 +2,13 @@
 
 The AVX-512 VNNI int4 kernel (M <= 3) and AVX2's (M = 1) represent each 128-element chunk of
 activations as s * (h + l / 256), s = amax / 127 per block, when each of its blocks passes
-keeps_two_limbs: amax * len * 544 <= (K + 2) * sum|x| (the two-limb error costs at most half
-of the fp32-accumulation bound), and as three limbs otherwise. These tests build activations whose two-limb rounding errors all point the same way,
-so each chunk split one way or the other moves the output by a known 0.1 units (against fp32
-accumulation errors of about 1e-4), and check against a float64 model of each:
+keeps_two_limbs: amax * len * factor <= (K + 2) * sum|x| (the two-limb error costs at most half
+of the fp32-accumulation bound), and as three limbs otherwise. The factor, the chunk length and
+the rows per call that take the limb GEMVs are the build's own (_C_cpu.kernel_constants()).
+
+These tests build activations whose two-limb rounding errors all point the same way, so each chunk
+split one way or the other moves the output by a known 0.1 units (against fp32 accumulation
+errors of about 1e-4), and check against a float64 model of each (codegen_q/testing/reference.py):
 
 - which representation the kernel used, on each side of the criterion's threshold, chunk by chunk;
 - that with the errors aligned, the result still meets the fp32 bound of the exact problem.
@@ -23,22 +26,20 @@ import pytest
 import torch
 
 import codegen_q
-from codegen_q import QuantizedWeight, qlinear
-from support import assert_within, fp32_bound
+from codegen_q import QuantizedWeight, _native, qlinear
+from codegen_q.testing.reference import (assert_within, dequantize, fp32_bound, pack_int4, two_limb_chunks,
+                                         two_limb_value)
 
-GROUP = 128
-TWO_LIMB_FACTOR = 544  # keeps_two_limbs' constant
-LIMB_MAX_M = {"avx512": 3, "avx2": 1}  # rows per call that take the limb GEMVs (qlinear_kernels.cpp)
+KERNEL = _native.cpu().kernel_constants()
+GROUP = KERNEL["limb_chunk"]  # the tests' int4 group is one chunk, so a block is a chunk
+TWO_LIMB_FACTOR = KERNEL["two_limb_factor"]
 
 
 def constant_weight(n: int, k: int, q: int = 15, scale: float = 1 / 16) -> tuple[QuantizedWeight, torch.Tensor]:
     """Symmetric int4 g128 weights all equal to (q - 8) * scale, so errors in x add up coherently."""
-    nib = torch.full((n, k), q, dtype=torch.uint8)
-    packed = nib[:, 0::2] | (nib[:, 1::2] << 4)
-    # The documented layout (pack_int4_ref) packs each 32-block as 16 low and 16 high nibbles; with
-    # every nibble equal, any order of the bytes is the same weight.
+    packed = pack_int4(torch.full((n, k), q, dtype=torch.uint8))
     scales = torch.full((n, k // GROUP), scale, dtype=torch.float16)
-    qw = QuantizedWeight(4, (n, k), packed.contiguous(), scales, None, GROUP)
+    qw = QuantizedWeight(4, (n, k), packed, scales, None, GROUP)
     return qw, torch.full((n, k), (q - 8) * scale, dtype=torch.float64)
 
 
@@ -70,25 +71,14 @@ def coherent_row(mean_abs: float, k: int) -> torch.Tensor:
     return row
 
 
-def two_limb_value(x: torch.Tensor) -> torch.Tensor:
-    """float64 model of the kernel's two-limb split: s = fl32(amax / 127), t = fl32(x fl32(1 / s)),
-    q = round(256 t), x ~= s q / 256 (block by block)."""
-    blocks = x.reshape(*x.shape[:-1], -1, GROUP)
-    amax = blocks.abs().amax(dim=-1, keepdim=True)
-    s = amax / 127.0                               # float32 division, as the kernel
-    inv = 1.0 / s
-    t = blocks * inv
-    q = torch.round(t.double() * 256)              # 256 t is exact; round half to even like vcvtps2dq
-    return (s.double() * q / 256).reshape(x.shape)
-
-
 def threshold_mean_abs(k: int) -> float:
     """The mean |x| at which a block whose maximum is 127 meets keeps_two_limbs exactly."""
     return 127 * TWO_LIMB_FACTOR / (k + 2)
 
 
 def expect_two_limbs(cpu_isa: str, m: int) -> bool:
-    return m <= LIMB_MAX_M.get(cpu_isa, 0)
+    """Whether an int4 call of m rows takes the limb GEMVs on this ISA (the scalar one has none)."""
+    return m <= KERNEL["isa"].get(cpu_isa, {}).get("limb_max_m_int4", 0)
 
 
 def chunk_gap(w_value: float) -> float:
@@ -109,16 +99,17 @@ def which(y: torch.Tensor, tol: float, **models: torch.Tensor) -> list[str]:
 
 
 def chunk_passes(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Per 128-element chunk (one g128 block): whether it meets keeps_two_limbs, in float64."""
-    blocks = x.double().reshape(*x.shape[:-1], -1, GROUP)
-    amax, abs_sum = blocks.abs().amax(dim=-1), blocks.abs().sum(dim=-1)
-    return amax * GROUP * TWO_LIMB_FACTOR <= (k + 2) * abs_sum
+    return two_limb_chunks(x, k, TWO_LIMB_FACTOR, GROUP)
+
+
+def two_limbs(x: torch.Tensor) -> torch.Tensor:
+    return two_limb_value(x, GROUP)
 
 
 def mixed_value(x: torch.Tensor, k: int) -> torch.Tensor:
     """Two limbs in the chunks that pass the criterion, the exact value in the others."""
     passes = chunk_passes(x, k).repeat_interleave(GROUP, dim=-1)
-    return torch.where(passes, two_limb_value(x), x.double())
+    return torch.where(passes, two_limbs(x), x.double())
 
 
 @pytest.mark.parametrize("k", [1024, 2560, 4096])
@@ -132,7 +123,7 @@ def test_two_limbs_taken_exactly_where_the_criterion_allows(cpu_isa, k, m, side)
     qw, w64 = constant_weight(n, k)
     y = qlinear(x, qw)
     x64 = x.double()
-    exact, two = x64 @ w64.T, two_limb_value(x) @ w64.T
+    exact, two = x64 @ w64.T, two_limbs(x) @ w64.T
     tol = 0.25 * chunk_gap(float(w64[0, 0]))
     assert torch.allclose(exact - two, torch.full_like(exact, k // GROUP * chunk_gap(float(w64[0, 0])))), "test setup"
     want = "two" if side == "above" and expect_two_limbs(cpu_isa, m) else "exact"
@@ -157,7 +148,7 @@ def test_chunks_that_fail_keep_three_limbs_alone(cpu_isa, m):
     assert not chunk_passes(x, k).all() and chunk_passes(x, k).any(), "test setup: a mix of chunks"
     qw, w64 = constant_weight(5, k)
     y = qlinear(x, qw)
-    exact, two, mixed = x.double() @ w64.T, two_limb_value(x) @ w64.T, mixed_value(x, k) @ w64.T
+    exact, two, mixed = x.double() @ w64.T, two_limbs(x) @ w64.T, mixed_value(x, k) @ w64.T
     want = "mixed" if expect_two_limbs(cpu_isa, m) else "exact"
     got = which(y, 0.25 * chunk_gap(float(w64[0, 0])), exact=exact, two=two, mixed=mixed)
     assert got == [want] * len(got), f"{cpu_isa} M={m}: expected {want}, got {sorted(set(got))}"
@@ -173,8 +164,8 @@ def test_two_limbs_on_random_activations_meet_the_fp32_bound(cpu_isa, seed):
     q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
     zeros = torch.randint(0, 16, (n, k // GROUP), generator=g, dtype=torch.uint8)
     scales = (torch.rand(n, k // GROUP, generator=g) * 0.02 + 0.001).to(torch.float16)
-    qw = QuantizedWeight(4, (n, k), (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(), scales, zeros, GROUP)
-    w64 = qw.dequantize().double()
+    qw = QuantizedWeight(4, (n, k), pack_int4(q), scales, zeros, GROUP)
+    w64 = dequantize(qw)
     for m in (1, 2, 3):
         x = torch.randn(m, k, generator=g) * 3.0
         y = qlinear(x, qw)
@@ -198,7 +189,7 @@ def test_three_limbs_when_asked(cpu_isa, three_limbs, m):
     x = coherent_row(threshold_mean_abs(k) * 1.5, k).repeat(m, 1)
     qw, w64 = constant_weight(9, k)
     y = qlinear(x, qw)
-    exact, two = x.double() @ w64.T, two_limb_value(x) @ w64.T
+    exact, two = x.double() @ w64.T, two_limbs(x) @ w64.T
     assert which(y, 0.25 * chunk_gap(float(w64[0, 0])), exact=exact, two=two) == ["exact"] * y.numel()
 
 

@@ -1,7 +1,7 @@
 """quantize_weight: layout, scale choice and the round-to-nearest error bound, on fresh random weights.
 
-Every property is checked against values computed here from the raw tensors (support.py holds the
-independent int4 unpacker), never against another output of the library.
+Every property is checked against values computed here from the raw tensors (codegen_q/testing/
+reference.py holds the independent int4 unpacker), never against another output of the library.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ import torch
 import codegen_q
 from codegen_q import quantize_weight
 from codegen_q.quantize import pack_int4, unpack_int4
-from support import dequantize_ref, pack_int4_ref, per_element, unpack_int4_ref
+from codegen_q.testing.reference import dequantize as dequantize_ref
+from codegen_q.testing.reference import pack_int4 as pack_int4_ref
+from codegen_q.testing.reference import per_element
+from codegen_q.testing.reference import unpack_int4 as unpack_int4_ref
 
 SEEDS = [0, 1, 2]
 
@@ -137,7 +140,7 @@ def test_pack_unpack_round_trip(seed, k):
     packed = pack_int4(q)
     assert packed.dtype == torch.uint8 and packed.shape == (7, k // 2)
     assert torch.equal(unpack_int4(packed), q)
-    # And the library agrees with the layout written down independently in support.py.
+    # And the library agrees with the layout written down independently in testing/reference.py.
     assert torch.equal(packed, pack_int4_ref(q))
     assert torch.equal(unpack_int4_ref(packed), q)
 

@@ -25,10 +25,10 @@ import statistics
 import sys
 import time
 
-import torch
-
-import codegen_q
+import codegen_q  # before torch: it makes torch's OpenMP threads passive, which only works before torch loads
 from codegen_q import _native
+from codegen_q.testing.reference import assert_qlinear_within_bound
+import torch
 
 # (name, in_features K, out_features N): CodeGen-6B qkv / fc_in / fc_out and CodeGen-16B fc_in.
 SHAPES = [
@@ -38,6 +38,7 @@ SHAPES = [
     ("16B fc_in", 6144, 24576),
 ]
 QUICK_SHAPES = [("small", 1024, 4096)]
+CHECKED_ROWS = 512  # output features compared with the float64 reference before timing
 
 
 def median_seconds(fn, min_time: float = 0.5, min_runs: int = 10) -> float:
@@ -111,6 +112,8 @@ def bench_shape(name: str, k: int, n: int, m: int, probe_bytes: int, with_peers:
 
     for label, kwargs in (("codegen-q int8", dict(bits=8)), ("codegen-q int4 g128", dict(bits=4, group_size=128))):
         qw = codegen_q.quantize_weight(w, **kwargs)
+        # A fast wrong kernel is no result: its output is checked before it is timed.
+        assert_qlinear_within_bound(codegen_q.qlinear(x, qw), x, qw, rows=CHECKED_ROWS, what=f"{label} {name} M={m}")
         copies = rotating(lambda: codegen_q.QuantizedWeight(
             qw.bits, qw.shape, qw.qweight.clone(), qw.scales.clone(), None if qw.zeros is None else qw.zeros.clone(),
             qw.group_size), qw.nbytes)

@@ -19,10 +19,10 @@ import json
 import statistics
 import sys
 
+import codegen_q  # before torch: it makes torch's OpenMP threads passive, which only works before torch loads
+from codegen_q.testing.reference import assert_qlinear_within_bound
 import torch
 import torch.nn.functional as F
-
-import codegen_q
 
 SHAPES = [
     ("350M qkv_proj", 1024, 3072),
@@ -34,6 +34,7 @@ SHAPES = [
 ]
 QUICK_SHAPES = [("6B fc_in", 4096, 16384)]
 CALLS_PER_GRAPH = 20
+CHECKED_ROWS = 512  # output features compared with the float64 reference before timing
 
 
 def graph_seconds_per_call(fn, replays: int = 15) -> float:
@@ -86,6 +87,9 @@ def bench_shape(name: str, k: int, n: int, m: int, bandwidth: float) -> list[dic
 
     for label, kwargs in (("codegen-q int8", dict(bits=8)), ("codegen-q int4 g128", dict(bits=4, group_size=128))):
         qw = codegen_q.quantize_weight(w.cpu(), **kwargs).to("cuda")
+        # A fast wrong kernel is no result: its output is checked before it is timed.
+        assert_qlinear_within_bound(codegen_q.qlinear(x, qw, bias), x, qw, bias, rows=CHECKED_ROWS,
+                                    what=f"{label} {name} M={m}")
         add(label, graph_seconds_per_call(lambda: codegen_q.qlinear(x, qw, bias)), qw.nbytes)
         del qw
     w16, x16, b16 = w.half(), x.half(), bias.half()

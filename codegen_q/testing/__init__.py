@@ -1,4 +1,6 @@
-"""Random-weight CodeGen checkpoints in the hub's layout, for tests and benchmarks (docs/design.md §6)."""
+"""Helpers for tests and benchmarks: random-weight CodeGen checkpoints in the hub's layout
+(docs/design.md §6) and, in ``codegen_q.testing.reference``, the float64 references every kernel
+and a whole decode step are checked against."""
 
 from codegen_q.testing.checkpoints import PRESETS, make_checkpoint, tiny_config
 

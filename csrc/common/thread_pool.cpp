@@ -25,9 +25,8 @@ namespace {
 
 // Idle workers sleep at once (no spin-wait): torch runs its own ops on its own OpenMP threads
 // between our kernels, and on a machine with as many threads as cores any spinning thread, ours
-// or libgomp's, steals the core the other pool needs. Measured on 2 cores, decode of a 2-layer
-// model: 200 us of spinning here plus libgomp's default spinning gave 90 ms/step, no spinning on
-// either side 1.35 ms/step (codegen_q/__init__.py makes libgomp passive).
+// or libgomp's, steals the core the other pool needs: with both pools spinning a decode step took
+// many times longer (docs/cpu-kernels.md, "Threads"; codegen_q/__init__.py makes libgomp passive).
 
 int default_num_threads() {
   if (const char* env = std::getenv("CODEGEN_Q_NUM_THREADS")) {

@@ -30,9 +30,8 @@ void parallel_region(int max_jobs, const std::function<void(int, int)>& fn);
 // A reusable barrier for the n jobs of one parallel_region. Waiters spin (with pause, yielding
 // to the OS now and then in case the machine is oversubscribed): it is meant for stages a few
 // hundred microseconds long whose jobs all run at once, where a futex sleep/wake round trip
-// (30-70 us here, sometimes milliseconds) costs more than the imbalance it waits out. Measured
-// on the 2-vCPU dev VM, CodeGen-350M int8 decode on two jobs: 78 tok/s with spinning barriers,
-// slower than one job (49 tok/s) with barriers that slept after a few microseconds.
+// (tens of microseconds, sometimes milliseconds) costs more than the imbalance it waits out: with
+// barriers that slept, two jobs decoded slower than one (docs/cpu-kernels.md, "Threads").
 class SpinBarrier {
  public:
   explicit SpinBarrier(int n) : n_(n) {}

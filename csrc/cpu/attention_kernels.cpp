@@ -17,13 +17,7 @@
 // hand four vectors at a time. The softmax's exp runs in vectors (exp_vec). With a compiled head
 // dim, q . k is taken for W positions at once and their W horizontal sums done as one tree
 // (lane_sums): a separate reduction per position was half of a short context's instructions.
-//
-// Measured on the 2-vCPU dev VM (Zen 4), 16 heads of 64, fp16 cache, every call cold (read bandwidth
-// ~32 GB/s), one query over 2000 positions: 840-1250 us before all this, 390-400 us after (two
-// threads); 265 us with the cache warm on one thread. CodeGen-350M int4 decode per token: 8.5 ->
-// 7.8 ms at 100 cached tokens, 15.2 -> 11.6 ms at 1000, 21.0 -> 14.1 ms at 1900. The W-position
-// scores: 160 positions 79 -> 61 us per call (compute-bound), 1000 and 2000 unchanged (bound by
-// the cache's reading).
+// What each of these gained: docs/cpu-kernels.md, "Attention".
 #include <cmath>
 #include <cstdint>
 

@@ -151,9 +151,8 @@ void check_slots_match_tables(const DecodeStepArgs& a) {
 
 // Threads for a step: one per model.min_block_bytes_per_job (default 1 MB, as for a lone GEMV) of
 // a block's weight bytes times the rows of x, at most the pool's threads. Tiny blocks stay on one
-// thread, where three barriers per block would cost more than they split. Measured on the
-// 2-vCPU dev VM, CodeGen-350M batch 1 (12 MB per int8 block): one job 45-48 tok/s int8 and
-// 55-60 int4, two jobs 66-68 and 86-94; batch 8 67-70 -> 88-90; 2B int8 208 -> 122 ms per step.
+// thread, where three barriers per block would cost more than they split; from 350M's blocks up,
+// two jobs beat one (docs/cpu-kernels.md, "Waking threads").
 int64_t linear_bytes(const DecodeLinear& l, bool int4) { return l.N * (int4 ? l.K / 2 : l.K); }
 
 int jobs_for(const DecodeModel& m, int64_t S) {

@@ -4,8 +4,8 @@
 // then, when the model has a head, logits = lm_head(ln_f(h)).
 //
 // Why one call: at decode a 350M block is ~12 MB of weights, a few hundred microseconds, and the
-// per-op Python dispatch and per-GEMV thread wake-ups (25-40 us each) of the op-by-op path cost
-// about as much as the weights' reading. Here the pool is woken once per step; the threads split
+// per-op Python dispatch and per-GEMV thread wake-ups (tens of microseconds each) of the op-by-op
+// path cost about as much as the weights' reading. Here the pool is woken once per step; the threads split
 // each stage's rows and meet at spinning barriers (3 per block); tiny per-token work (layer norm,
 // activation limbs) is done redundantly by every thread instead of being waited for.
 #pragma once

@@ -47,18 +47,17 @@ namespace {
 // a few KB, so even 8 rows are worth a thread.
 constexpr int64_t kRowGrain = 8;
 
-// Waking a worker costs 25-40 us (measured on the 2-core dev VM), about what 1 MB of weights takes
-// one thread at decode; so a thread gets at least kMinBytesPerThread of weight bytes x rows of x.
-// Below ~2 MB a decode GEMV therefore runs on the calling thread alone (1024x1024 int8: 44 us
-// alone, 57 us on two threads; 4096x1024: 131 us alone, 107 us on two).
+// Waking a worker costs about what 1 MB of weights takes one thread at decode; so a thread gets at
+// least kMinBytesPerThread of weight bytes x rows of x, and below ~2 MB a decode GEMV runs on the
+// calling thread alone (docs/cpu-kernels.md, "Waking threads").
 constexpr int64_t kMinBytesPerThread = int64_t(1) << 20;
 
 // Rows of x per pass of the kernels. The blocked GEMM's workspace (a transposed copy of x) is
 // kept by the calling thread for its next call, so a long prompt would otherwise leave M x K
 // floats behind for good (201 MB after a 2048-token 16B prefill); in passes it is at most
 // kRowsPerPass x K (25 MB for 16B's fc_out). 256 is a whole number of GEMM tiles (16 / 32 rows),
-// so the passes add no leftover rows, and each pass is ~0.3 s of work at 16B shapes against one
-// barrier.
+// so the passes add no leftover rows, and each pass is far more work at 16B shapes than the one
+// barrier between passes.
 constexpr int64_t kRowsPerPass = 256;
 
 int max_jobs(int64_t M, int64_t N, int64_t row_bytes) {

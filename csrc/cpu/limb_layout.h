@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu/kernel_constants.h"
 #include "cpu/limb_policy.h"
 
 namespace cgq::cpu::CGQ_ISA::limbs {
@@ -128,12 +129,13 @@ inline bool keeps_limbs(float amax, float abs_sum, int64_t len, int64_t K) {
 // Whether a block may take two limbs instead of three: the same budget as keeps_limbs (half the
 // fp32-accumulation bound) for the two-limb error. With s = fl(amax / 127), t = fl(x fl(1 / s))
 // and q = round(256 t): |x - s q / 256| <= s (254 u + 1/512) <= amax * 1.55e-5 (u = 2^-24), and
-// len * amax * 1.55e-5 <= (K + 2) 2^-25 sum|x| is amax * len * 520 <= (K + 2) sum|x|; 544 leaves
-// a margin. Gaussian blocks of 128 have amax / mean|x| of about 3-4, so K >= ~2300 qualifies
-// (CodeGen-2B's 2560 and up) and 350M's 1024 keeps three limbs. amax below 2^-100 keeps three
-// limbs too, so 1 / s stays far from overflow.
+// len * amax * 1.55e-5 <= (K + 2) 2^-25 sum|x| is amax * len * 520 <= (K + 2) sum|x|;
+// kTwoLimbFactor (544, kernel_constants.h) leaves a margin. Gaussian blocks of 128 have amax /
+// mean|x| of about 3-4, so K >= ~2300 qualifies (CodeGen-2B's 2560 and up) and 350M's 1024
+// keeps three limbs. amax below 2^-100 keeps three limbs too, so 1 / s stays far from overflow.
 inline bool keeps_two_limbs(float amax, float abs_sum, int64_t len, int64_t K) {
-  return (amax == 0.0f || amax >= 0x1p-100f) && within_half_fp32_bound(amax, abs_sum, len, K, 544.0);
+  return (amax == 0.0f || amax >= 0x1p-100f) &&
+         within_half_fp32_bound(amax, abs_sum, len, K, kernel_constants::kTwoLimbFactor);
 }
 
 inline void RowOut::choose_two_limb_chunks(const Layout& L) {

@@ -3,8 +3,8 @@
 //
 // Why a second layout: the GEMV tiles (qlinear_kernels.cpp) put K along the vector lanes, so each
 // FMA needs a vector of x and a vector of converted weights, and every row of x costs a load per
-// FMA. At M = 32 they ran at 118-134 GFLOP/s on two Zen 4 cores whose FMA peak is 231 (torch's
-// fp32 GEMM on dequantized weights: 83-150). Here the lanes run along the rows of x instead:
+// FMA: at M = 32 they ran at about half the FMA peak (docs/cpu-kernels.md, "The blocked GEMM").
+// Here the lanes run along the rows of x instead:
 //   - qlinear_prepare transposes x once per call into tiles of kMT rows, [K][kMT];
 //   - a tile of NR weight rows is dequantized kKC elements at a time into a small fp32 panel on
 //     the stack (L1), scales and zero points applied as in dequantize_int4;
@@ -18,20 +18,23 @@
 
 #include "common/qformat.h"
 #include "cpu/dequant_int4.h"
+#include "cpu/kernel_constants.h"
 #include "cpu/simd.h"
 
 namespace cgq::cpu::CGQ_ISA::gemm {
 
 // NR weight rows x kMV vectors of x rows of accumulators, within the register file with room for
 // the x vectors and the broadcast: 24 of 32 zmm, 10 of 16 ymm (with 12, GCC kept one accumulator
-// on the stack in AVX2's int4 loop: 83 against 160 GFLOP/s).
+// on the stack in AVX2's int4 loop, at half the speed).
 #if defined(CGQ_ISA_AVX512)
-constexpr int kNR = 12;
+constexpr kernel_constants::Isa kTile = kernel_constants::kAvx512;
 #else
-constexpr int kNR = 5;
+constexpr kernel_constants::Isa kTile = kernel_constants::kAvx2;
 #endif
+constexpr int kNR = static_cast<int>(kTile.gemm_tile_n);
 constexpr int kMV = 2;
 constexpr int kMT = kMV * Vec::W;  // rows of x per tile: the lanes of kMV vectors
+static_assert(kMT == kTile.gemm_tile_m, "kernel_constants.h states this ISA's GEMM tile");
 constexpr int kKC = 128;           // k per dequantized panel: a multiple of every int4 group size
 
 // The rows of x this GEMM takes: whole tiles only. qlinear_kernels.cpp runs the last M % kMT rows
@@ -150,10 +153,10 @@ void tile(const QLinearArgs& a, const float* xt, int64_t m0, int64_t n0, const K
 }
 
 // K in parts of at most kMaxKPart (whole chunks): a tile's x^T rows for one part, kMT x 4 bytes
-// each, are read again by every tile of weight rows, so they must stay in L2 (1 MB here): 512 KB
-// at most. With all of 6B fc_out's K = 16384 (2 MB of x^T per tile) the GEMM ran at 110-150
-// GFLOP/s against 190-200 for K <= 4096; in parts, 174-206 (16B fc_in / fc_out: 199-211). Parts
-// of 2048 were no better at K = 16384 and slower at 4096 (177-182).
+// each, are read again by every tile of weight rows, so they must stay in L2 (1 MB on the machine
+// it was tuned on): 512 KB at most. With all of 6B fc_out's K = 16384 (2 MB of x^T per tile) the
+// GEMM was a third slower; in parts, as fast as at K <= 4096. Parts of 2048 were no better at
+// K = 16384 and slower at 4096 (docs/cpu-kernels.md, "The blocked GEMM").
 constexpr int64_t kMaxKPart = 4096;
 
 // Elements per part: K split evenly into as few parts as kMaxKPart allows, rounded up to whole

@@ -8,6 +8,7 @@
 // independent FMA chains hide FMA latency; at M > 1 each weight vector, once converted, feeds
 // MR FMAs, so the conversion cost is shared by the batch.
 #include "cpu/dequant_int4.h"
+#include "cpu/kernel_constants.h"
 #include "cpu/kernels.h"
 #include "cpu/prefetch.h"
 #include "cpu/simd.h"
@@ -113,8 +114,8 @@ CGQ_DEFINE_TILE(Int4TileImpl, int4_tile, true)
 #undef CGQ_DEFINE_TILE
 
 // Rows of x in groups of 4, then one group of the 3, 2 or 1 left: every group converts each weight
-// once more, so M = 3 as 2 + 1 paid two conversions where 3 pays one (AVX2, 6B fc_in int4:
-// 5.5 ms at M = 3 against 4.2 at M = 4 before the 3-row tile).
+// once more, so M = 3 as 2 + 1 paid two conversions where 3 pays one (M = 3 was slower than M = 4
+// before the 3-row tile: docs/cpu-kernels.md, "Which kernel takes a call").
 template <template <int, int> class Impl>
 void run_rows(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
   constexpr int NR = 8;  // MR x NRsub <= 8 accumulators: 1 x 8, 2 x 4, 3 x 2, 4 x 2
@@ -153,11 +154,10 @@ limbs::LimbMode call_limb_mode(const limbs::Layout& L, const uint8_t* ws, int64_
 #if defined(CGQ_ISA_AVX512)
 // The VNNI kernels pay three vpdpbusd (one per activation limb) for every 64 products of each row
 // of x; the fp32 kernels convert each weight once and pay one FMA per 16 products per row. So the
-// integer path wins at M = 1 and loses as rows are added. Measured single-threaded on the dev VM
-// (GMAC/s, VNNI vs FMA, CodeGen-350M/6B shapes): int8 M=1 33-37 vs 25-26, M=2 32-33 vs 41-43,
-// M=8 23-34 vs 36-44; int4 M=2 31-38 vs 22-28, M=4 30-31 vs 30-40, M=8 30-31 vs 34-40.
-constexpr int64_t kVnniMaxMInt8 = 1;
-constexpr int64_t kVnniMaxMInt4 = 3;
+// integer path wins at M = 1 and loses as rows are added: int8 from M = 2, int4 from M = 4
+// (docs/cpu-kernels.md, "Which kernel takes a call").
+constexpr int64_t kVnniMaxMInt8 = kernel_constants::kAvx512.limb_max_m_int8;
+constexpr int64_t kVnniMaxMInt4 = kernel_constants::kAvx512.limb_max_m_int4;
 
 bool uses_vnni(const QLinearArgs& a, bool int4) { return a.M <= (int4 ? kVnniMaxMInt4 : kVnniMaxMInt8); }
 
@@ -215,6 +215,7 @@ void run_rows_vnni(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
 #elif defined(CGQ_ISA_AVX2)
 // int4 at M = 1 runs on activation limbs and vpmaddubsw (qlinear_limbs_avx2.h); larger M, where
 // each converted weight feeds several rows of x, and int8 keep the fp32 kernels.
+static_assert(kernel_constants::kAvx2.limb_max_m_int4 == 1, "uses_limbs: M = 1 (run_rows_limbs computes row 0 only)");
 bool uses_limbs(const QLinearArgs& a, bool int4) { return int4 && a.M == 1; }
 
 limbs::Layout limbs_layout(const QLinearArgs& a) { return limbs::Layout(a.K, a.group_size, true); }
@@ -240,9 +241,8 @@ void run_rows_limbs(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
 
 #if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
 // From one whole tile of rows of x (qlinear_gemm.h: 32 on AVX-512, 16 on AVX2) the blocked GEMM
-// takes the whole tiles. Two threads of the dev VM, GFLOP/s at M = 32 on 350M/6B shapes: the GEMM
-// int4 187-202, int8 195-211; the GEMV tiles (taking turns with the GEMM's first version) int4
-// 147-159, int8 167-174.
+// takes the whole tiles, faster there than the GEMV tiles (docs/cpu-kernels.md, "Which kernel
+// takes a call").
 bool uses_gemm(const QLinearArgs& a) { return a.M >= gemm::kMT; }
 
 // The GEMM's tiles, then the rows of x past its last whole tile through the fp32 GEMV tiles (not
@@ -365,8 +365,8 @@ void dequantize_int4(const DequantArgs& a, int64_t n_begin, int64_t n_end) {
 
 #if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
 // The bandwidth probe must be the best plain read we know, or kernels that prefetch would look
-// better than the memory allows: a software prefetch 4 KB ahead into L2 read 20.9 -> 22.8 GB/s on
-// one thread of the dev VM (1, 2 and 8 KB ahead: no gain or less).
+// better than the memory allows: a software prefetch 4 KB ahead into L2 reads faster than none
+// (1, 2 and 8 KB ahead: no gain or less; docs/cpu-kernels.md, "Prefetching").
 inline void prefetch_ahead(const uint8_t* p, int bytes) {
   for (int j = 0; j < bytes; j += 64) _mm_prefetch(reinterpret_cast<const char*>(p + 4096 + j), _MM_HINT_T1);
 }

@@ -1,7 +1,8 @@
 // Integer-dot-product int4 GEMV for the AVX2 variant: included by qlinear_kernels.cpp in the avx2
 // translation unit only. The same scheme as qlinear_vnni.h (activation limbs, limb_layout.h) on
 // AVX2's vpmaddubsw, for CPUs without AVX-512: the fp32 kernel converts every nibble to a float
-// and pays two FMAs per 8 weights, and at M = 1 read 6-11 GB/s on two threads of the dev VM.
+// and pays two FMAs per 8 weights, and at M = 1 read well below the memory's bandwidth
+// (docs/cpu-kernels.md, "Inner loops").
 //
 // vpmaddubsw multiplies u8 weights by s8 limbs and adds adjacent pairs into s16 with saturation;
 // nibbles (<= 15) times limbs (|h| <= 127) keep a pair within 2 * 15 * 127 = 3810, and the sum

@@ -277,10 +277,9 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
   // row of W), from which each chunk takes its groups' lanes with one permute (G = 128: one
   // broadcast). Fetching and multiplying the scales chunk by chunk instead cost four of a chunk's
   // ~17 instructions. Written as NR chains side by side with the limbs as memory operands and the
-  // G = 128 broadcast, a chunk-row with weights in L2 takes 3.04 ns instead of 3.56 (one thread,
-  // Zen 4; a bare loop of the same instructions, 2.2 ns). The zero-point term is gathered from
-  // the same scale loads (it had its own pass over the scales per row): 2.96 ns, group 32 3.88 ->
-  // 3.64.
+  // G = 128 broadcast, a chunk-row with weights in L2 takes less time. The zero-point term is
+  // gathered from the same scale loads (it had its own pass over the scales per row). Timings:
+  // docs/cpu-kernels.md, "Inner loops".
   for (int64_t g_base = 0; g_base < groups; g_base += 16) {
     const int64_t span = (groups - g_base < 16) ? groups - g_base : 16;
     const __mmask16 span_mask = static_cast<__mmask16>((1u << span) - 1);

@@ -79,7 +79,7 @@ void int8_row_error(const float* x, const int8_t* q, int64_t K, float scale, con
 // 32 consecutive elements of one group -> 16 packed bytes (byte j = q[j] | q[j + 16] << 4), with
 // q = clamp(round_half_even(x / s) + z, 0, 15): the reference's operations, in vector registers.
 // The plain loop left this to the compiler, which packed byte by byte (vpextrb) and made the int4
-// pass 10x slower than the int8 one.
+// pass an order of magnitude slower than the int8 one.
 inline void quantize_block32(const float* src, float s, float z, uint8_t* dst) {
 #if defined(CGQ_ISA_AVX512)
   const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z), lo = _mm512_setzero_ps(), hi = _mm512_set1_ps(15.0f);

@@ -14,9 +14,9 @@
 // - Each of the M <= kMaxGemvM activation rows has its own accumulators (template parameter),
 //   so one weight load serves every row of x; for M > 1 the R rows are decoded once per step.
 //
-// Measured on an H200 (docs/benchmarks.md): M = 1 int8 reaches 68-87% of the read bandwidth,
-// int4 31-35% (bound by the decode arithmetic, not by memory). M = 4..8 is limited by the fp32
-// x reads and is slower than cuBLAS fp16 there: that case wants tensor cores (a later kernel).
+// At M = 1 int8 reads close to the memory's bandwidth and int4 well under it (bound by the decode
+// arithmetic, not by memory). M = 4..8 is limited by the fp32 x reads and is slower than cuBLAS
+// fp16 there: that case wants tensor cores (a later kernel). Figures: docs/benchmarks.md, "GPU".
 #pragma once
 
 #include <cuda_runtime.h>

@@ -1,0 +1,256 @@
+"""Slow, obvious float64 references for every kernel and for a whole CodeGen decode step.
+
+Written from the documented definitions (the layouts in codegen_q/quantize.py's docstring and
+csrc/common/qformat.h; the model as docs/design.md §1 states transformers' CodeGen), never from
+the library's own code: nothing here imports a kernel, an unpacker or the model. The tests and the
+benchmarks' correctness checks compare against these; a reference that reused the code under test
+could not catch its bugs.
+
+Everything returns float64 on the CPU. Inputs may be any float dtype on any device: they are read
+as their exact values (fp16/bf16/fp32 -> float64 is exact), so a reference of a kernel's inputs is
+the exact answer and the only error left to bound is the kernel's own fp32 arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+
+# --------------------------------------------------------------------------------------------
+# Weight layouts. int4: K is cut into blocks of 32; byte j of a block holds element j in its low
+# nibble and element j + 16 in its high nibble; w = (q - zero) * scale per group of K, zero 8 when
+# the weight is symmetric. int8: w = q * scale, one scale per output row.
+
+INT4_BLOCK = 32
+SYMMETRIC_ZERO = 8
+FP32_UNIT_ROUNDOFF = 2.0 ** -24
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15 [N, K] -> packed bytes [N, K/2] in the documented layout."""
+    n, k = q.shape
+    blocks = q.to(torch.uint8).reshape(n, k // INT4_BLOCK, INT4_BLOCK)
+    half = INT4_BLOCK // 2
+    return (blocks[..., :half] | (blocks[..., half:] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """packed bytes [N, K/2] -> uint8 values 0..15 [N, K]."""
+    n, nbytes = packed.shape
+    half = INT4_BLOCK // 2
+    blocks = packed.cpu().reshape(n, nbytes // half, half)
+    return torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).reshape(n, nbytes * 2)
+
+
+def per_element(t: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N, K/group] per-group values spread to [N, K]."""
+    return t.repeat_interleave(group_size, dim=1)
+
+
+def dequantize(qw) -> torch.Tensor:
+    """float64 [N, K] value of a QuantizedWeight, from its raw tensors."""
+    qweight, scales = qw.qweight.cpu(), qw.scales.cpu().double()
+    if qw.bits == 8:
+        return qweight.double() * scales[:, None]
+    g = qw.group_size
+    q = unpack_int4(qweight).double()
+    zero = SYMMETRIC_ZERO if qw.zeros is None else per_element(qw.zeros.cpu().double(), g)
+    return (q - zero) * per_element(scales, g)
+
+
+def weight(w) -> torch.Tensor:
+    """float64 [N, K] of a float tensor or a QuantizedWeight."""
+    return w.detach().cpu().double() if isinstance(w, torch.Tensor) else dequantize(w)
+
+
+def qlinear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W.T + bias in float64, W a QuantizedWeight (or a float tensor)."""
+    y = x.detach().cpu().double() @ weight(w).T
+    return y if bias is None else y + bias.detach().cpu().double()
+
+
+def fp32_bound(x64: torch.Tensor, w64: torch.Tensor, bias64: torch.Tensor | None = None) -> torch.Tensor:
+    """Rigorous worst-case error of y = x @ W.T + bias computed with float32 accumulation.
+
+    Each output is a K-term dot product summed in fp32 in any order (FMA chains, vector lanes, a
+    horizontal reduction, or a blocked GEMM), then at most one scale multiply and one bias add:
+    at most K + 2 roundings on a path, each of relative size <= u = 2**-24, applied to partial
+    sums bounded by sum_k |x_k||w_k| + |bias|. Hence |y - ref| <= (K + 2) u (|x| @ |W|^T + |bias|)
+    (first order; the gamma_n = nu/(1-nu) correction is < 1e-3 relative here).
+    Dequantized weights themselves are exact in fp32 (<= 5-bit integer times an fp16 scale).
+    """
+    k = x64.shape[-1]
+    mag = x64.abs() @ w64.abs().T
+    if bias64 is not None:
+        mag = mag + bias64.abs()
+    return (k + 2) * FP32_UNIT_ROUNDOFF * mag
+
+
+def assert_within(y: torch.Tensor, ref: torch.Tensor, tol: torch.Tensor, what: str = "") -> None:
+    """Every element of y within tol of ref; the first offender named otherwise."""
+    err = (y.double().cpu() - ref).abs()
+    bad = err > tol
+    if bad.any():
+        idx = tuple(bad.nonzero()[0].tolist())
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {err.numel()} outputs exceed the bound; first at {list(idx)}: "
+            f"y={y.double().cpu()[idx].item()!r} ref={ref[idx].item()!r} "
+            f"err={err[idx].item():.3e} tol={tol[idx].item():.3e}")
+
+
+def assert_qlinear_within_bound(y: torch.Tensor, x: torch.Tensor, qw, bias: torch.Tensor | None = None,
+                                rows: int | None = None, what: str = "") -> None:
+    """y = qlinear(x, qw, bias), on any device, within the fp32-accumulation bound of the float64
+    reference; only its first `rows` output features are checked when given, so a benchmark's
+    large weight need not be widened whole to float64."""
+    n, k = qw.shape
+    rows = n if rows is None else min(rows, n)
+    if rows < n:
+        qw = type(qw)(qw.bits, (rows, k), qw.qweight[:rows], qw.scales[:rows],
+                      None if qw.zeros is None else qw.zeros[:rows], qw.group_size)
+    x64, w64 = x.detach().cpu().double(), dequantize(qw)
+    b64 = None if bias is None else bias.detach().cpu().double()[:rows]
+    assert_within(y[..., :rows], qlinear(x64, w64, b64), fp32_bound(x64, w64, b64), what)
+
+
+# --------------------------------------------------------------------------------------------
+# The pieces of a CodeGen block (docs/design.md §1).
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last dim, biased variance."""
+    x = x.double()
+    mean = x.mean(dim=-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight.double() + bias.double()
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh approximation of gelu."""
+    x = x.double()
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """CodeGen's (GPT-J's) partial interleaved rotary on x [T, H, D]: pair (2j, 2j + 1) of the
+    first rotary_dim dims turns by position * base^(-2j / rotary_dim); the other dims pass."""
+    x = x.double().clone()
+    j = torch.arange(rotary_dim // 2, dtype=torch.float64)
+    angle = positions.double()[:, None] * base ** (-2.0 * j / rotary_dim)  # [T, rotary_dim/2]
+    s, c = torch.sin(angle)[:, None, :], torch.cos(angle)[:, None, :]
+    even, odd = x[..., 0:rotary_dim:2].clone(), x[..., 1:rotary_dim:2].clone()
+    x[..., 0:rotary_dim:2] = even * c - odd * s
+    x[..., 1:rotary_dim:2] = odd * c + even * s
+    return x
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query row per head over L positions: q [H, D], k and v [L, H, D] -> [H, D]."""
+    p = torch.softmax(torch.einsum("hd,lhd->hl", q.double(), k.double()) * scale, dim=-1)
+    return torch.einsum("hl,lhd->hd", p, v.double())
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q, k, v [T, H, D] of one sequence: query t attends to positions 0..t -> [T, H, D]."""
+    return torch.stack([attention(q[t], k[: t + 1], v[: t + 1], scale) for t in range(q.shape[0])])
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                    lengths: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode over a paged cache: query row s [H, D] attends to the first lengths[s] positions of
+    its sequence, position p stored at block tables[s][p // block], offset p % block of the
+    [num_blocks, block, H, D] caches. -> [S, H, D]."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    block = k_cache.shape[1]
+    for s in range(q.shape[0]):
+        pos = torch.arange(int(lengths[s]))
+        blocks = tables[s].long()[pos // block]
+        out[s] = attention(q[s], k_cache[blocks, pos % block], v_cache[blocks, pos % block], scale)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# A whole CodeGen forward / decode step, from a state dict.
+
+def split_qkv(y: torch.Tensor, n_head: int, layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv_proj's output [T, 3d] -> q, k, v [T, H, D].
+
+    "hub": the outputs are 4 model-parallel chunks, each split into query, VALUE, KEY parts of d/4,
+    head h = chunk * (H/4) + j at offset j * D of its part. "qkv_head_major" (codegen-q's format):
+    [q heads | k heads | v heads], each head's D rows contiguous and in their original order.
+    """
+    t, three_d = y.shape
+    d = three_d // 3
+    head_dim = d // n_head
+    if layout == "qkv_head_major":
+        q, k, v = y.view(t, 3, n_head, head_dim).unbind(1)
+        return q, k, v
+    if layout == "hub":
+        parts = y.view(t, 4, 3, n_head // 4, head_dim)  # chunk, part (q, v, k), head in chunk, dim
+        q, v, k = (parts[:, :, i].reshape(t, n_head, head_dim) for i in range(3))
+        return q, k, v
+    raise ValueError(f"unknown qkv layout {layout!r}")
+
+
+def _linear(weights: Mapping, name: str, x: torch.Tensor, bias: bool) -> torch.Tensor:
+    """A Linear of the state dict: `name` as a QuantizedWeight, or `name.weight` as a tensor."""
+    w = weights[name] if name in weights else weights[f"{name}.weight"]
+    return qlinear(x, w, weights[f"{name}.bias"] if bias else None)
+
+
+def logits(weights: Mapping, config, ids, qkv_layout: str = "qkv_head_major",
+           kv_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """float64 logits [T, vocab] of one sequence, every position attending causally.
+
+    Row t is what a decode step at position t returns with ids[:t] in the cache: a whole decode
+    step, layer norms, rotary, attention, gelu MLP and lm_head included. ``weights`` uses the
+    hub's names (``transformer.h.{i}.attn.qkv_proj.weight`` or, quantized, the QuantizedWeight
+    under ``transformer.h.{i}.attn.qkv_proj``); ``config`` has n_layer, n_head, n_embd,
+    rotary_dim and layer_norm_epsilon. ``kv_dtype`` rounds the cached (rotated) keys and values
+    to that dtype, as a cache of that dtype stores them.
+    """
+    ids = torch.as_tensor(ids).long().cpu()
+    n_head, head_dim = config.n_head, config.n_embd // config.n_head
+    rotary_dim = config.rotary_dim or head_dim
+    eps = config.layer_norm_epsilon
+    positions = torch.arange(ids.numel())
+    h = weights["transformer.wte.weight"].cpu().double()[ids]
+    for i in range(config.n_layer):
+        p = f"transformer.h.{i}."
+        x = layer_norm(h, weights[p + "ln_1.weight"], weights[p + "ln_1.bias"], eps)
+        q, k, v = split_qkv(_linear(weights, p + "attn.qkv_proj", x, bias=False), n_head, qkv_layout)
+        q, k = rotary(q, positions, rotary_dim), rotary(k, positions, rotary_dim)
+        if kv_dtype is not None:
+            k, v = k.to(kv_dtype).double(), v.to(kv_dtype).double()
+        a = causal_attention(q, k, v, head_dim ** -0.5).reshape(len(ids), -1)
+        mlp = _linear(weights, p + "mlp.fc_out", gelu_new(_linear(weights, p + "mlp.fc_in", x, bias=True)), bias=True)
+        h = h + _linear(weights, p + "attn.out_proj", a, bias=False) + mlp
+    h = layer_norm(h, weights["transformer.ln_f.weight"], weights["transformer.ln_f.bias"], eps)
+    return _linear(weights, "lm_head", h, bias=True)
+
+
+def decode_step(weights: Mapping, config, ids, **kwargs) -> torch.Tensor:
+    """float64 logits [vocab] of the last token of ids, with the ones before it cached."""
+    return logits(weights, config, ids, **kwargs)[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# The int4 limb GEMVs' two-limb activation split (csrc/cpu/limb_layout.h), as a float64 model. The
+# criterion's factor and chunk length are the build's (codegen_q._C_cpu.kernel_constants()).
+
+def two_limb_chunks(x: torch.Tensor, k: int, factor: float, chunk: int) -> torch.Tensor:
+    """Per chunk of x [..., K]: whether it takes two limbs, amax * chunk * factor <= (K + 2) sum|x|."""
+    blocks = x.double().reshape(*x.shape[:-1], -1, chunk)
+    amax, abs_sum = blocks.abs().amax(dim=-1), blocks.abs().sum(dim=-1)
+    return amax * chunk * factor <= (k + 2) * abs_sum
+
+
+def two_limb_value(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """What two limbs hold of fp32 x [..., K], chunk by chunk: s = fl32(amax / 127),
+    t = fl32(x fl32(1 / s)), q = round(256 t) (half to even), x ~= s q / 256."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, chunk)
+    s = blocks.abs().amax(dim=-1, keepdim=True) / 127.0  # float32 arithmetic, as the kernel
+    t = blocks * (1.0 / s)
+    q = torch.round(t.double() * 256)  # 256 t is exact
+    return (s.double() * q / 256).reshape(x.shape)

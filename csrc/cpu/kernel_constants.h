@@ -1,0 +1,32 @@
+// The constants that decide which path a qlinear call takes and how its work is tiled, defined
+// once: the per-ISA kernels read them from here, and bindings_cpu.cpp exports them
+// (codegen_q._C_cpu.kernel_constants()) so the tests aim at the boundaries the build has instead
+// of restating them. Plain values in a namespace of their own, so every ISA's translation unit and
+// the binding see the same definitions.
+#pragma once
+
+#include <cstdint>
+
+namespace cgq::cpu::kernel_constants {
+
+// limb_layout.h, keeps_two_limbs: a chunk takes two activation limbs when each of its blocks has
+// amax * len * kTwoLimbFactor <= (K + 2) * sum|x| (520 keeps the two-limb error within half the
+// fp32-accumulation bound; the rest is margin).
+inline constexpr double kTwoLimbFactor = 544.0;
+// The limb GEMVs' unit of work along K: one 128-element chunk, 64 bytes of int4 weights.
+inline constexpr int64_t kLimbChunk = 128;
+
+struct Isa {
+  // Rows of x (M) up to which the integer limb GEMVs run instead of the fp32 kernels; 0: never.
+  int64_t limb_max_m_int8, limb_max_m_int4;
+  // The blocked GEMM's tile (qlinear_gemm.h): rows of x per tile (its lanes) and weight rows.
+  int64_t gemm_tile_m, gemm_tile_n;
+};
+
+// AVX-512: the VNNI GEMVs pay one vpdpbusd per limb for every 64 products of a row of x, the fp32
+// ones one FMA per 16, so integer wins for few rows only (docs/cpu-kernels.md has the figures).
+inline constexpr Isa kAvx512{1, 3, 32, 12};
+// AVX2: int4 at M = 1 runs on limbs and vpmaddubsw; int8 keeps the fp32 kernels.
+inline constexpr Isa kAvx2{0, 1, 16, 5};
+
+}  // namespace cgq::cpu::kernel_constants
