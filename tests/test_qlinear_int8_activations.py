@@ -15,9 +15,10 @@ import torch
 
 from codegen_q import QuantizedWeight, qlinear, quantize_weight
 from codegen_q.ops import int8_activation_min_rows
-from support import FP32_UNIT_ROUNDOFF, SYMMETRIC_ZERO, fp32_bound, per_element, unpack_int4_ref
+from codegen_q.testing.reference import (FP32_UNIT_ROUNDOFF, INT8_ACTIVATION_CHUNK, fp32_bound, int8_activations,
+                                         qlinear_int8_activations, weight_codes)
 
-CHUNK = 128  # elements of K per activation scale (the contract in qlinear_i8gemm.h)
+CHUNK = INT8_ACTIVATION_CHUNK
 SCHEMES = {
     "int8": dict(bits=8),
     "int4-g128-asym": dict(bits=4, group_size=128),
@@ -27,63 +28,6 @@ SCHEMES = {
 # (K, N): N = 1 (one-column tiles only), 13 (a 12-wide AVX-512 tile + 1), 37 and 101 (every tile
 # width and an uneven split between threads).
 SHAPES = [(128, 13), (384, 1), (1024, 37), (2560, 101)]
-
-
-def quantize_activations(x: torch.Tensor):
-    """x [M, K] float32 -> (q [M, K] float64 integers, sx [M, K/CHUNK] float64 of the fp32 scales).
-
-    amax = max |x| per chunk, inv = 127 / amax and sx = amax / 127 in float32, q = round half to
-    even of x * inv (float32 product); where inv is not finite (amax 0 or below ~4e-37) q = 0 and
-    sx = 0; a chunk holding NaN or inf has sx = NaN.
-    """
-    m, k = x.shape
-    xc = x.reshape(m, k // CHUNK, CHUNK)
-    finite = torch.isfinite(xc).all(dim=-1)
-    amax = torch.where(finite, xc.abs().amax(dim=-1), torch.zeros((), dtype=torch.float32))
-    inv = torch.tensor(127.0, dtype=torch.float32) / amax
-    usable = torch.isfinite(inv)  # amax = 0, or so small that 127 / amax overflows: zeros
-    safe_inv = torch.where(usable, inv, torch.zeros((), dtype=torch.float32))
-    q = torch.round(torch.where(finite[..., None], xc, torch.zeros((), dtype=torch.float32)) * safe_inv[..., None])
-    sx = torch.where(usable, amax / torch.tensor(127.0, dtype=torch.float32), torch.zeros((), dtype=torch.float32))
-    sx = torch.where(finite, sx, torch.full((), float("nan"), dtype=torch.float32))
-    return q.reshape(m, k).double(), sx.double()
-
-
-def weight_codes(qw: QuantizedWeight):
-    """(codes - zero [N, K] float64, per-element scale [N, K] float64, row scale [N] float64)."""
-    if qw.bits == 8:
-        n = qw.shape[0]
-        return qw.qweight.double(), torch.ones(qw.shape, dtype=torch.float64), qw.scales.double()
-    g = qw.group_size
-    zero = SYMMETRIC_ZERO if qw.zeros is None else per_element(qw.zeros.double(), g)
-    codes = unpack_int4_ref(qw.qweight).double() - zero
-    return codes, per_element(qw.scales.double(), g), torch.ones(qw.shape[0], dtype=torch.float64)
-
-
-def contract_reference(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None):
-    """y in float64 from the contract, and the bound on the kernel's fp32 epilogue around it.
-
-    Per weight group g (int8: per chunk), the kernel's integer sum d_g = sum q (w - z) is exact and
-    exact in fp32; it adds t_g = d_g * fl(sx * sw) into an fp32 total by one FMA. That is a
-    recursive sum of n = K/g terms each carrying one more rounding: |err| <= (n + 1) u sum |t_g|;
-    then the row scale and the bias add two roundings. So
-    |y - ref| <= (n + 3) u (|rowscale| sum_g |t_g| + |bias|) (first order; n u << 1).
-    """
-    q, sx = quantize_activations(x)
-    codes, sw, rowscale = weight_codes(qw)
-    n_, k = qw.shape
-    g = qw.group_size if qw.bits == 4 else CHUNK
-    groups = k // g
-    sx_el = sx.repeat_interleave(CHUNK, dim=1)  # [M, K]
-    # per group: d_g [M, N, groups] and its factor sx * sw
-    d = torch.einsum("mgk,ngk->mng", q.reshape(-1, groups, g), codes.reshape(n_, groups, g))
-    sx_g = sx_el[:, ::g]                        # [M, groups]
-    sw_g = sw[:, ::g]                           # [N, groups]
-    t = d * sx_g[:, None, :] * sw_g[None, :, :]
-    b = torch.zeros(n_, dtype=torch.float64) if bias is None else bias.double()
-    ref = t.sum(-1) * rowscale + b
-    tol = (groups + 3) * FP32_UNIT_ROUNDOFF * (t.abs().sum(-1) * rowscale.abs() + b.abs())
-    return ref, tol, q, sx
 
 
 def make(scheme: str, m: int, k: int, n: int, seed: int, outlier: bool = False):
@@ -121,7 +65,7 @@ def test_exact_integer_sums_then_fp32_epilogue(cpu_isa, scheme, k, n, case):
     m = rows_for(case)
     x, qw, bias = make(scheme, m, k, n, seed=31 * m + k + n)
     y = qlinear(x, qw, bias, gemm_dtype=torch.int8)
-    ref, tol, _, _ = contract_reference(x, qw, bias)
+    ref, tol = qlinear_int8_activations(x, qw, bias)
     assert_close(y, ref, tol, f"{cpu_isa} {scheme} M={m}")
 
 
@@ -135,7 +79,8 @@ def test_against_the_float_path_within_the_rounding_bound(cpu_isa, scheme, outli
     x, qw, bias = make(scheme, m, k, n, seed=5, outlier=outlier)
     y8 = qlinear(x, qw, bias, gemm_dtype=torch.int8)
     yf = qlinear(x, qw, bias)
-    ref8, tol8, _, sx = contract_reference(x, qw, bias)
+    ref8, tol8 = qlinear_int8_activations(x, qw, bias)
+    _, sx = int8_activations(x)
     codes, sw, rowscale = weight_codes(qw)
     w_abs = (codes * sw).abs() * rowscale.abs()[:, None]
     step = sx.repeat_interleave(CHUNK, dim=1) * (0.5 + 2.0 ** -16) + 4 * FP32_UNIT_ROUNDOFF * x.double().abs()
@@ -156,7 +101,7 @@ def test_int8_codes_of_minus_128(cpu_isa):
     qw = QuantizedWeight(8, (n, k), q, torch.rand(n, generator=g).to(torch.float16) + 0.5)
     x = torch.randn(m, k, generator=g)
     y = qlinear(x, qw, None, gemm_dtype=torch.int8)
-    ref, tol, _, _ = contract_reference(x, qw, None)
+    ref, tol = qlinear_int8_activations(x, qw, None)
     assert_close(y, ref, tol, f"{cpu_isa} -128")
 
 
@@ -184,7 +129,7 @@ def test_all_zero_chunks(cpu_isa, scheme):
     x[3] = 0.0
     x[5, 256:384] = torch.randn(128) * 1e-38  # no finite 127 / amax: quantized as zeros
     y = qlinear(x, qw, bias, gemm_dtype=torch.int8)
-    ref, tol, _, _ = contract_reference(x, qw, bias)
+    ref, tol = qlinear_int8_activations(x, qw, bias)
     assert_close(y, ref, tol, f"{cpu_isa} {scheme} zero chunks")
     assert torch.equal(y[3], bias)
 

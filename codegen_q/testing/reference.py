@@ -116,6 +116,66 @@ def assert_qlinear_within_bound(y: torch.Tensor, x: torch.Tensor, qw, bias: torc
 
 
 # --------------------------------------------------------------------------------------------
+# qlinear with int8 activations (gemm_dtype=torch.int8; the contract in csrc/cpu/qlinear_i8gemm.h).
+
+INT8_ACTIVATION_CHUNK = 128
+
+
+def int8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float32 -> (q [M, K], sx [M, K/128]) in float64, as the kernel quantizes x.
+
+    Per row and chunk of 128: amax = max |x|, inv = 127 / amax and sx = amax / 127 in float32,
+    q = round half to even of the float32 product x * inv; where inv is not finite (amax 0 or below
+    ~4e-37) q = 0 and sx = 0; a chunk holding NaN or inf has sx = NaN.
+    """
+    f32 = torch.float32
+    m, k = x.shape
+    xc = x.detach().cpu().to(f32).reshape(m, k // INT8_ACTIVATION_CHUNK, INT8_ACTIVATION_CHUNK)
+    finite = torch.isfinite(xc).all(dim=-1)
+    amax = torch.where(finite, xc.abs().amax(dim=-1), torch.zeros((), dtype=f32))
+    inv = torch.tensor(127.0, dtype=f32) / amax
+    usable = torch.isfinite(inv)
+    safe_inv = torch.where(usable, inv, torch.zeros((), dtype=f32))
+    q = torch.round(torch.where(finite[..., None], xc, torch.zeros((), dtype=f32)) * safe_inv[..., None])
+    sx = torch.where(usable, amax / torch.tensor(127.0, dtype=f32), torch.zeros((), dtype=f32))
+    sx = torch.where(finite, sx, torch.full((), float("nan"), dtype=f32))
+    return q.reshape(m, k).double(), sx.double()
+
+
+def weight_codes(qw) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(code - zero [N, K], per-element scale [N, K], row scale [N]) in float64: w = the product."""
+    if qw.bits == 8:
+        return qw.qweight.cpu().double(), torch.ones(qw.shape, dtype=torch.float64), qw.scales.cpu().double()
+    g = qw.group_size
+    zero = SYMMETRIC_ZERO if qw.zeros is None else per_element(qw.zeros.cpu().double(), g)
+    codes = unpack_int4(qw.qweight.cpu()).double() - zero
+    return codes, per_element(qw.scales.cpu().double(), g), torch.ones(qw.shape[0], dtype=torch.float64)
+
+
+def qlinear_int8_activations(x: torch.Tensor, qw, bias: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8-activation qlinear in float64, and the bound on the kernel's fp32 epilogue around it.
+
+    Per weight group g (int8 weights: per 128-chunk), the kernel's integer sum d_g = sum q (w - z)
+    is exact, and exact in fp32 (below 2^24); it adds t_g = d_g * fl(sx * sw) to an fp32 total with
+    one FMA: a recursive sum of n = K/g terms each carrying one more rounding, |err| <= (n + 1) u
+    sum |t_g|; the row scale and the bias add two roundings. So
+    |y - ref| <= (n + 3) u (|rowscale| sum_g |t_g| + |bias|) (first order; n u << 1).
+    """
+    q, sx = int8_activations(x)
+    codes, sw, rowscale = weight_codes(qw)
+    n, k = qw.shape
+    g = qw.group_size if qw.bits == 4 else INT8_ACTIVATION_CHUNK
+    groups = k // g
+    d = torch.einsum("mgk,ngk->mng", q.reshape(-1, groups, g), codes.reshape(n, groups, g))
+    sx_g = sx.repeat_interleave(INT8_ACTIVATION_CHUNK, dim=1)[:, ::g]
+    t = d * sx_g[:, None, :] * sw[:, ::g][None, :, :]
+    b = torch.zeros(n, dtype=torch.float64) if bias is None else bias.detach().cpu().double()
+    y = t.sum(-1) * rowscale + b
+    return y, (groups + 3) * FP32_UNIT_ROUNDOFF * (t.abs().sum(-1) * rowscale.abs() + b.abs())
+
+
+# --------------------------------------------------------------------------------------------
 # The pieces of a CodeGen block (docs/design.md §1).
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
