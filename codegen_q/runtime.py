@@ -21,6 +21,10 @@ KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": tor
 # A quantized model's GEMM dtype for prompts (ops.qlinear's gemm_dtype): int8 quantizes the
 # activations on the CPU (csrc/cpu/qlinear_i8gemm.h).
 PREFILL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
+# A quantized model's prompt GEMMs on the CPU unless asked otherwise: int8 activations, chosen
+# because the quality report (tools/eval_quality.py, docs/default-model.md) puts their cost within
+# 0.5 % of fp32 prompts' perplexity on the trained default model.
+DEFAULT_CPU_PREFILL_DTYPE = torch.int8
 
 
 class LoadedModel:
@@ -92,8 +96,9 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     faster prefill on a CPU with native bf16 (AVX512-BF16, AMX), logits ~1 % off the fp32 ones;
     `prefill_dtype="int8"` (CPU) quantizes the prompt's activations to int8 per row and 128
     columns and multiplies with integer dot products (VNNI / AVX2): several times the fp32 GEMM's
-    speed, at the cost docs/default-model.md measures. Decode is unchanged either way. Default:
-    fp32 (see ops.qlinear's gemm_dtype).
+    speed. Decode is unchanged either way. Default (None or "auto"): int8 for a quantized model on
+    the CPU (it moves the default model's perplexity by +0.01 %, docs/default-model.md), else fp32
+    (see ops.qlinear's gemm_dtype).
     `verify` checks the manifest checksums.
     """
     path = os.fspath(path)
@@ -102,7 +107,8 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     device = _resolve_device(device)
     dtype = _dtype_argument("dtype", dtype, FLOAT_DTYPES) or torch.float32
     kv_dtype = None if kv_dtype == "auto" else _dtype_argument("kv_dtype", kv_dtype, KV_DTYPES)
-    prefill_dtype = _dtype_argument("prefill_dtype", prefill_dtype, PREFILL_DTYPES)
+    prefill_dtype = None if prefill_dtype == "auto" else _dtype_argument("prefill_dtype", prefill_dtype,
+                                                                          PREFILL_DTYPES)
     if prefill_dtype == torch.int8 and device != "cpu":
         raise ValueError(f"prefill_dtype='int8' is a CPU option (int8 activations); on {device} use float32 "
                          "or bfloat16")
@@ -121,6 +127,8 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     if device != "cpu":
         weights = {name: w.to(device) for name, w in weights.items()}
     tokenizer = CodeGenTokenizer.from_dir(path)
+    if prefill_dtype is None and device == "cpu" and config.quantization is not None:
+        prefill_dtype = DEFAULT_CPU_PREFILL_DTYPE
     model = CodeGenModel(config, weights, dtype=dtype, kv_dtype=kv_dtype, prefill_dtype=prefill_dtype)
     return LoadedModel(path, config, model, tokenizer)
 

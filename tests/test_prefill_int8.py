@@ -65,7 +65,7 @@ def greedy_with_margins(loaded, ids: list[int], n: int) -> tuple[list[int], list
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_prompt_logits_within_the_bound(cpu_isa, models, prompt_ids, scheme):
-    fp32 = all_logits(load(models[scheme]), prompt_ids)
+    fp32 = all_logits(load(models[scheme], prefill_dtype="float32"), prompt_ids)
     int8 = all_logits(load(models[scheme], prefill_dtype="int8"), prompt_ids)
     scale = float(fp32.abs().max())
     err = float((int8 - fp32).abs().max())
@@ -80,7 +80,7 @@ def test_prompt_logits_within_the_bound(cpu_isa, models, prompt_ids, scheme):
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_greedy_continuation_matches_where_the_margin_allows(models, held_out_ids, scheme):
-    fp32, int8 = load(models[scheme]), load(models[scheme], prefill_dtype="int8")
+    fp32, int8 = load(models[scheme], prefill_dtype="float32"), load(models[scheme], prefill_dtype="int8")
     confident = 0
     for cut in range(100, 480, 10):  # prompts ending at many points (context: 512)
         ref, margins = greedy_with_margins(fp32, held_out_ids[:cut], NEW_TOKENS)
@@ -89,6 +89,12 @@ def test_greedy_continuation_matches_where_the_margin_allows(models, held_out_id
         assert got[:sure] == ref[:sure], f"{scheme}, prompt of {cut}: continuations differ in the first {sure} steps"
         confident += sure
     assert confident >= 4, f"test setup: only {confident} confident steps over all prompts"
+
+
+def test_int8_is_the_default_for_quantized_models_on_the_cpu(models, prompt_ids):
+    default = all_logits(load(models["int8"]), prompt_ids)
+    assert torch.equal(default, all_logits(load(models["int8"], prefill_dtype="int8"), prompt_ids))
+    assert load(default_model.HUB_DIR).model.prefill_dtype is None  # a float model keeps fp32 prompts
 
 
 def test_unknown_prefill_dtype_is_refused(models):
