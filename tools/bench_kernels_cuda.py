@@ -8,7 +8,7 @@ the larger is the ceiling), then times each
 kernel. Kernels run from a captured CUDA graph (20 calls per replay), so the numbers are GPU time,
 not Python launch overhead; the capture also shows the ops are graph-safe.
 
-    python tools/bench_kernels_cuda.py                   # 350M/6B/16B shapes, M = 1, 4, 8, 512
+    python tools/bench_kernels_cuda.py                   # 350M/6B/16B shapes, M = 1 .. 512
     python tools/bench_kernels_cuda.py --quick --json out.json
 """
 
@@ -94,7 +94,35 @@ def bench_shape(name: str, k: int, n: int, m: int, bandwidth: float) -> list[dic
         del qw
     w16, x16, b16 = w.half(), x.half(), bias.half()
     add("torch fp16 linear", graph_seconds_per_call(lambda: F.linear(x16, w16, b16)), w16.numel() * 2)
+    int4pack = torch_int4pack(w, x)
+    if int4pack is not None:
+        add(TORCH_INT4PACK, graph_seconds_per_call(int4pack[0]), int4pack[1])
     return rows
+
+
+TORCH_INT4PACK = "torch int4pack_mm g128"
+
+
+def torch_int4pack(w: torch.Tensor, x: torch.Tensor):
+    """(call, weight bytes) of torch's own int4 weight-only GEMM (tinygemm, bf16 activations, group
+    128) on w, the peer the issue measures against; None where this torch or GPU has none."""
+    n, k = w.shape
+    try:
+        g = 128
+        wg = w.float().reshape(n, k // g, g)
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        q = ((wg - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+        # tinygemm's scale-and-zero: w = (q - 8) * scale + zero, with zero the value at q = 8
+        sz = torch.stack([scale.reshape(n, -1), (lo + 8 * scale).reshape(n, -1)], -1).transpose(0, 1)
+        packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+        sz, xb = sz.contiguous().to(torch.bfloat16), x.to(torch.bfloat16)
+        call = lambda: torch.ops.aten._weight_int4pack_mm(xb, packed, g, sz)  # noqa: E731
+        call()
+    except (RuntimeError, AttributeError) as exc:  # no such op, or not for this GPU's architecture
+        print(f"(torch int4pack_mm unavailable: {str(exc).splitlines()[0][:120]})", file=sys.stderr)
+        return None
+    return call, n * k // 2 + sz.numel() * 2
 
 
 def print_table(rows: list[dict], bandwidth: float) -> None:
@@ -111,7 +139,8 @@ def print_table(rows: list[dict], bandwidth: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8, 512], help="M values (default: 1 4 8 512)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 512],
+                        help="M values (default: 1 2 4 8 16 32 64 512)")
     parser.add_argument("--quick", action="store_true", help="one shape")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
