@@ -55,11 +55,11 @@ def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None
     up to NATIVE_MAX_M_BF16, on a GPU up to NATIVE_MAX_M_CUDA) are unaffected.
 
     ``gemm_dtype=torch.int8`` (CPU only) quantizes x to int8 on the fly, one scale per row and 128
-    elements of K, and multiplies with integer dot products, from int8_activation_min_rows() rows
-    of x and for K a multiple of 128 (fewer rows, or other K, run in fp32). Each activation is
-    rounded to within half a step of its chunk's largest magnitude / 127; the weights' integer
-    products are exact (csrc/cpu/qlinear_i8gemm.h states the contract). None / float32 (the
-    default): fp32 throughout.
+    elements of K, and multiplies with integer dot products, for K a multiple of 128 (other K run
+    in fp32). Each activation is rounded to within half a step of its chunk's largest magnitude /
+    127; the weights' integer products are exact (csrc/cpu/qlinear_i8gemm.h states the contract).
+    Each row's result is the same whatever rows come with it. None / float32 (the default): fp32
+    throughout.
     """
     _check_qweight(qweight)
     if gemm_dtype not in GEMM_DTYPES:
@@ -104,7 +104,7 @@ def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None
 
 
 def int8_activation_min_rows() -> int:
-    """The fewest rows of x that gemm_dtype=torch.int8 quantizes (one tile of the active ISA's GEMM)."""
+    """Rows of x per tile of the active ISA's int8-activation GEMM (fewer are padded to one)."""
     return _native.cpu().int8_activation_min_rows()
 
 

@@ -4,8 +4,8 @@ Checked on every ISA this CPU runs, against references written here from the doc
 - the same quantized activations in float64 (exact integer sums, then fp32 rounding of the
   per-group epilogue, whose bound is derived below);
 - the float path (unquantized x), within the bound the activations' rounding allows;
-- rows holding NaN/inf, outlier channels, -128 int8 codes (the AVX2 kernel's sign trick), and the
-  shapes that stay in fp32 (too few rows, K not a multiple of 128).
+- rows holding NaN/inf, outlier channels, -128 int8 codes (the AVX2 kernel's sign trick), a row's
+  independence of the rows that come with it, and K not a multiple of 128 (which stays fp32).
 """
 
 from __future__ import annotations
@@ -47,22 +47,17 @@ def assert_close(y, ref, tol, what):
                            f"err {float(err.max()):.3e} vs tol {float(tol.flatten()[err.flatten().argmax()]):.3e}")
 
 
-def ms() -> list[int]:
-    return [1, 2, 3]  # in units filled in by the test: one tile, one tile + 1, 300 rows
-
-
-def rows_for(case: int) -> int:
-    t = int8_activation_min_rows()
-    return {1: t, 2: t + 1, 3: 300}[case]
+# M: 1 (a tile of padding), one tile, one tile + 1, 300 (two passes of rows)
+MS = {"M1": lambda t: 1, "one-tile": lambda t: t, "tile+1": lambda t: t + 1, "M300": lambda t: 300}
 
 
 CASES = [pytest.param(s, k, n, id=f"{s}-K{k}-N{n}") for s in SCHEMES for k, n in SHAPES]
 
 
-@pytest.mark.parametrize("case", ms(), ids=["one-tile", "tile+1", "M300"])
+@pytest.mark.parametrize("case", list(MS))
 @pytest.mark.parametrize("scheme,k,n", CASES)
 def test_exact_integer_sums_then_fp32_epilogue(cpu_isa, scheme, k, n, case):
-    m = rows_for(case)
+    m = MS[case](int8_activation_min_rows())
     x, qw, bias = make(scheme, m, k, n, seed=31 * m + k + n)
     y = qlinear(x, qw, bias, gemm_dtype=torch.int8)
     ref, tol = qlinear_int8_activations(x, qw, bias)
@@ -135,13 +130,22 @@ def test_all_zero_chunks(cpu_isa, scheme):
 
 
 @pytest.mark.parametrize("scheme,k", [("int8", 1000), ("int4-g32-sym", 1120)])
-def test_shapes_it_does_not_take_run_in_fp32(cpu_isa, scheme, k):
-    """Fewer rows than one tile, or K not a multiple of 128: the same result as gemm_dtype=None."""
+def test_k_not_a_multiple_of_128_runs_in_fp32(cpu_isa, scheme, k):
+    x, qw, bias = make(scheme, 2 * int8_activation_min_rows(), k, 19, seed=4)
+    assert torch.equal(qlinear(x, qw, bias, gemm_dtype=torch.int8), qlinear(x, qw, bias))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-g128-asym"])
+def test_a_row_is_the_same_whatever_rows_come_with_it(cpu_isa, scheme):
+    """One row alone (a padded tile), in a partial tile, in a full one, and in a second pass of
+    rows: bit for bit the same, so a prompt's output does not depend on what it is batched with."""
     t = int8_activation_min_rows()
-    x, qw, bias = make(scheme, 2 * t, k, 19, seed=4)
-    assert torch.equal(qlinear(x, qw, bias, gemm_dtype=torch.int8), qlinear(x, qw, bias))
-    x, qw, bias = make("int8", t - 1, 512, 19, seed=5)
-    assert torch.equal(qlinear(x, qw, bias, gemm_dtype=torch.int8), qlinear(x, qw, bias))
+    x, qw, bias = make(scheme, 300, 512, 29, seed=8)
+    full = qlinear(x, qw, bias, gemm_dtype=torch.int8)
+    for rows in (slice(0, 1), slice(5, 6), slice(0, t - 1), slice(t + 3, 2 * t + 7), slice(260, 300)):
+        assert torch.equal(qlinear(x[rows], qw, bias, gemm_dtype=torch.int8), full[rows]), rows
+    ref, tol = qlinear_int8_activations(x[:1], qw, bias)
+    assert_close(full[:1], ref, tol, f"{cpu_isa} {scheme} one row")
 
 
 def test_batched_leading_dims_and_dtypes(cpu_isa):

@@ -48,7 +48,9 @@ def model(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
     make_checkpoint(str(d / "hub"), tiny_config(n_embd=128, n_head=4, rotary_dim=16, n_positions=128))
     quantize_checkpoint(str(d / "hub"), str(d / "q4"), bits=4, group_size=32, progress=False)
-    return load(str(d / "q4"), kv_dtype="float32")  # float32 KV: the logprob reference matches closely
+    # float32 KV and prompts: the logprob reference (one prompt pass over the completion) matches
+    # the decode steps closely
+    return load(str(d / "q4"), kv_dtype="float32", prefill_dtype="float32")
 
 
 @contextlib.contextmanager

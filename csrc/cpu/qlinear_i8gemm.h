@@ -73,9 +73,10 @@ constexpr int kInt8Offset = 128;
 constexpr int kInt8Offset = 0;
 #endif
 
-// Whether a call takes this path: asked for, at least one whole tile of rows (fewer rows go to the
-// GEMV tiles, which read each weight once per row anyway), and whole chunks of K.
-inline bool applies(const QLinearArgs& a) { return a.int8_activations && a.M >= kMT && a.K % kChunk == 0; }
+// Whether a call takes this path: asked for, and whole chunks of K. Any number of rows, fewer than
+// a tile too (the tile is padded with zero rows): a row's result must not depend on how many rows
+// came with it, or a prompt's output would change with the other requests it is batched with.
+inline bool applies(const QLinearArgs& a) { return a.int8_activations && a.K % kChunk == 0; }
 
 // The workspace qlinear_prepare fills: per tile of kMT rows (the last one padded with zero rows),
 // the quantized rows [K/4][kMT][4], then sx [K/kChunk][kMT] and the sums of q per weight group
