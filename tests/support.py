@@ -32,6 +32,15 @@ DEVICES: list[str] = ["cpu"] + (["cuda"] if CUDA_USABLE else [])
 # Weights whose dequantized values, products with small-integer x and all partial sums are exact
 # in fp32: qlinear must then equal the float64 reference bit for bit, whatever the summation order.
 
+# The quantization schemes the kernel tests run, one of each kind: int8, int4 with and without
+# zero points, every group size.
+QLINEAR_SCHEMES = {
+    "int8": dict(bits=8),
+    "int4-g128-asym": dict(bits=4, group_size=128),
+    "int4-g32-sym": dict(bits=4, group_size=32, symmetric=True),
+    "int4-g64-asym": dict(bits=4, group_size=64),
+}
+
 MIN_EXACT_SCALE = 2.0 ** -4
 
 

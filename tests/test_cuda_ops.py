@@ -12,17 +12,12 @@ from codegen_q import qlinear, quantize_weight
 from codegen_q.ops import NATIVE_MAX_M_CUDA
 from codegen_q.testing.reference import assert_within, fp32_bound
 from codegen_q.testing.reference import dequantize as dequantize_ref
-from support import CUDA_USABLE, assert_sums_exact_in_fp32, exact_qweight, small_int_tensor
+from support import CUDA_USABLE, QLINEAR_SCHEMES, assert_sums_exact_in_fp32, exact_qweight, small_int_tensor
 
 pytestmark = pytest.mark.skipif(not CUDA_USABLE,
                                 reason="no usable CUDA device (needs a GPU, a driver and the CUDA build)")
 
-SCHEMES = {
-    "int8": dict(bits=8),
-    "int4-g128-asym": dict(bits=4, group_size=128),
-    "int4-g32-sym": dict(bits=4, group_size=32, symmetric=True),
-    "int4-g64-asym": dict(bits=4, group_size=64),
-}
+SCHEMES = QLINEAR_SCHEMES
 # N odd; K = 1120 is a multiple of 32 but not of 64 or 128; K = 8320 takes the GEMV's K loop
 # round more than once for int8 and int4 alike.
 SHAPES = [(256, 101), (1120, 67), (4096, 37), (8320, 29)]

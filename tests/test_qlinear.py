@@ -12,14 +12,9 @@ from codegen_q.ops import NATIVE_MAX_M_CPU_DEFAULT, native_max_m_cpu
 from codegen_q.testing.reference import assert_within, fp32_bound
 from codegen_q.testing.reference import qlinear as ref_qlinear
 from codegen_q.testing.reference import weight as ref_weight
-from support import DEVICES, assert_sums_exact_in_fp32, exact_qweight, small_int_tensor
+from support import DEVICES, QLINEAR_SCHEMES, assert_sums_exact_in_fp32, exact_qweight, small_int_tensor
 
-SCHEMES = {
-    "int8": dict(bits=8),
-    "int4-g128-asym": dict(bits=4, group_size=128),
-    "int4-g32-sym": dict(bits=4, group_size=32, symmetric=True),
-    "int4-g64-asym": dict(bits=4, group_size=64),
-}
+SCHEMES = QLINEAR_SCHEMES
 # (K, N): N odd and not a multiple of 8 (8-row tiles + tail rows, uneven thread split); K includes
 # multiples of 32 that are not multiples of 128 (1120: not of 64 either) and large K only with small N.
 SHAPES = [(256, 101), (1088, 51), (1120, 67), (2560, 45), (4096, 37)]

@@ -17,14 +17,10 @@ from codegen_q import QuantizedWeight, qlinear, quantize_weight
 from codegen_q.ops import int8_activation_min_rows
 from codegen_q.testing.reference import (FP32_UNIT_ROUNDOFF, INT8_ACTIVATION_CHUNK, fp32_bound, int8_activations,
                                          qlinear_int8_activations, weight_codes)
+from support import QLINEAR_SCHEMES
 
 CHUNK = INT8_ACTIVATION_CHUNK
-SCHEMES = {
-    "int8": dict(bits=8),
-    "int4-g128-asym": dict(bits=4, group_size=128),
-    "int4-g32-sym": dict(bits=4, group_size=32, symmetric=True),
-    "int4-g64-asym": dict(bits=4, group_size=64),
-}
+SCHEMES = QLINEAR_SCHEMES
 # (K, N): N = 1 (one-column tiles only), 13 (a 12-wide AVX-512 tile + 1), 37 and 101 (every tile
 # width and an uneven split between threads).
 SHAPES = [(128, 13), (384, 1), (1024, 37), (2560, 101)]

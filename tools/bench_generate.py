@@ -152,31 +152,41 @@ def prepare(work: str, preset: str, threads: int) -> dict[str, str]:
 
 
 def run_worker(name: str, path: str, prompt: list[int], new: int, batch: int, threads: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--path", path, "--prompt", json.dumps(prompt),
-           "--new", str(new), "--batch", str(batch), "--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    return run_tool_worker(__file__, name, ["--worker", name, "--path", path, "--prompt", json.dumps(prompt),
+                                            "--new", str(new), "--batch", str(batch), "--threads", str(threads)])
+
+
+def run_tool_worker(tool: str, name: str, args: list[str]) -> dict:
+    """Run `tool` with `args` in a process of its own and return the JSON of its RESULT line."""
+    proc = subprocess.run([sys.executable, os.path.abspath(tool), *args], capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options bench_generate and bench_prefill share: checkpoints, threads, rounds, output, and
+    the hidden ones a worker process is started with."""
     parser.add_argument("--work", default=os.path.join(os.getcwd(), "build", "bench-generate"),
-                        help="where checkpoints are made and kept between runs")
+                        help="where checkpoints are made and kept between runs (shared by the benchmarks)")
     parser.add_argument("--preset", default="350M", help="checkpoint shape: 350M (default), 2B, ... or tiny")
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8, help="batch size of the throughput run (0 skips it)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rounds", type=int, default=3, help="runs per system, taking turns (median reported)")
-    parser.add_argument("--quick", action="store_true", help="16 new tokens, no batch run, one round")
     parser.add_argument("--skip", nargs="*", default=[], help="systems to leave out, e.g. 'transformers fp32'")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--prompt", help=argparse.SUPPRESS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_options(parser)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8, help="batch size of the throughput run (0 skips it)")
+    parser.add_argument("--quick", action="store_true", help="16 new tokens, no batch run, one round")
     parser.add_argument("--new", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

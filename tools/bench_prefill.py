@@ -22,11 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from bench_generate import add_run_options, run_tool_worker  # noqa: E402  (a sibling tool)
 # system -> (worker, checkpoint key, codegen-q prefill_dtype)
 SYSTEMS = {
     "codegen-q int8": ("codegen-q", "int8", "float32"),
@@ -131,13 +132,9 @@ def worker_main(args: argparse.Namespace) -> None:
 
 def run_worker(system: str, path: str, prompt: list[int], batch: int, threads: int) -> float:
     worker, _, prefill_dtype = SYSTEMS[system]
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--path", path, "--prompt", json.dumps(prompt),
-           "--batch", str(batch), "--threads", str(threads), "--prefill-dtype", str(prefill_dtype)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{system} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])["seconds"]
+    return run_tool_worker(__file__, system, ["--worker", worker, "--path", path, "--prompt", json.dumps(prompt),
+                                              "--batch", str(batch), "--threads", str(threads),
+                                              "--prefill-dtype", str(prefill_dtype)])["seconds"]
 
 
 # ---------------------------------------------------------------------------------------- driver
@@ -152,17 +149,8 @@ def linear_weights(hub: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default=os.path.join(os.getcwd(), "build", "bench-generate"),
-                   help="where checkpoints are made and kept between runs (shared with bench_generate.py)")
-    p.add_argument("--preset", default="350M", help="checkpoint shape: 350M (default), 2B, ... or tiny")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--rounds", type=int, default=3, help="runs per system, taking turns (median reported)")
+    add_run_options(p)
     p.add_argument("--quick", action="store_true", help="one round, prompts of 64 tokens and 2 x 64")
-    p.add_argument("--skip", nargs="*", default=[], help="systems to leave out, e.g. 'transformers fp32'")
-    p.add_argument("--json", metavar="PATH")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--path", help=argparse.SUPPRESS)
-    p.add_argument("--prompt", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--prefill-dtype", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -179,7 +167,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from codegen_q.tokenizer import CodeGenTokenizer  # before torch, as in the workers
 
-    sys.path.insert(0, HERE)
     from bench_generate import prepare
 
     paths = prepare(args.work, args.preset, args.threads)
