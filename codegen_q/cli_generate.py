@@ -28,8 +28,7 @@ def add_parser(sub) -> None:
                    help="stop at the next top-level def/class/if __name__/print")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: the GPU if usable)")
-    p.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="KV cache dtype (default auto: float16 for a quantized model on the CPU, else float32)")
+    add_kv_dtype_argument(p)
     p.add_argument("--prefill-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="GEMM dtype of a quantized model's prompt pass: bfloat16 is ~1.6x faster on CPUs with "
                         "native bf16, with logits ~1%% off (default: float32)")
@@ -37,6 +36,15 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, finish reason, speed)")
     p.add_argument("--no-verify", action="store_true", help="skip the manifest checksums when loading")
     p.set_defaults(func=run)
+
+
+def add_kv_dtype_argument(p: argparse.ArgumentParser) -> None:
+    """--kv-dtype, as generate, serve, eval and inspect take it (load()'s kv_dtype)."""
+    from codegen_q.runtime import KV_DTYPES
+
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", *KV_DTYPES],
+                   help="KV cache dtype (default auto: float16 for a quantized model on the CPU, else float32; "
+                        "int8: half of float16's memory, CPU only)")
 
 
 def positive_int(text: str) -> int:
