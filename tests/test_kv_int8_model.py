@@ -160,3 +160,24 @@ def continuation_logits(lm, prompt: str, continuation: list[int], vocab: int) ->
     tokens = lm.tokenizer.encode(prompt) + continuation
     logits = model.forward([torch.tensor(tokens)], cache, [cache.add_sequence()], last_only=False)[0][:, :vocab]
     return logits[len(tokens) - len(continuation) - 1:-1]
+
+
+def test_inspect_generate_serve_and_eval_take_kv_dtype(capsys):
+    import json
+
+    from codegen_q.cli import build_parser, main as cli_main
+
+    path = default_model.QUANTIZED_DIR
+    assert cli_main(["inspect", path, "--context", "100", "--kv-dtype", "int8", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["memory"]["as stored"]
+    cfg = codegen_q.load(path).config
+    assert plan["kv_dtype_cpu"] == "int8" and plan["kv_cache_cpu"] == kv_cache_bytes(cfg, 100, torch.int8)
+    assert plan["kv_dtype_gpu"] == "float32"  # int8 KV is CPU-only for now: the GPU column keeps its default
+    assert cli_main(["inspect", path, "--context", "100"]) == 0
+    assert "float16" in capsys.readouterr().out  # the default, named
+    parser = build_parser()
+    for argv in (["generate", "x"], ["serve"], ["eval", path, "f.py"]):
+        assert parser.parse_args([*argv, "--kv-dtype", "int8"]).kv_dtype == "int8"
+        assert parser.parse_args(argv).kv_dtype == "auto"
+    with pytest.raises(ValueError, match="CPU with float32 activations"):
+        codegen_q.load(path, kv_dtype="int8", dtype="bfloat16")
