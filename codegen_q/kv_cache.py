@@ -32,6 +32,8 @@ from typing import Sequence
 
 import torch
 
+from codegen_q.block_tables import DeviceBlockTables
+
 DEFAULT_BLOCK_SIZE = 16
 
 
@@ -78,6 +80,16 @@ class PagedKVCache:
         self._tables: dict[int, list[int]] = {}
         self._lengths: dict[int, int] = {}
         self._next_id = 0
+        self.device_tables: DeviceBlockTables | None = None  # see keep_device_tables
+
+    def keep_device_tables(self, width: int, device: torch.device | str | None = None) -> DeviceBlockTables:
+        """From now on, mirror every sequence's block table on ``device`` (default: the pool's),
+        ``width`` blocks wide to start with, updated as blocks are added and sequences freed
+        (block_tables.py)."""
+        self.device_tables = DeviceBlockTables(width, self.k.device if device is None else device)
+        for seq_id, table in self._tables.items():
+            self.device_tables.add(seq_id, table)
+        return self.device_tables
 
     @classmethod
     def for_tokens(cls, config, max_tokens: int, **kwargs) -> "PagedKVCache":
@@ -125,6 +137,8 @@ class PagedKVCache:
         self._next_id += 1
         self._tables[seq_id] = blocks
         self._lengths[seq_id] = len(blocks) * self.block_size
+        if self.device_tables is not None:
+            self.device_tables.add(seq_id, blocks)
         return seq_id
 
     def cached_prefix(self, hashes: Sequence[bytes]) -> list[int]:
@@ -181,8 +195,10 @@ class PagedKVCache:
                                 f"{self.num_free_blocks} of {self.num_blocks} are free; use a larger cache or "
                                 f"fewer tokens")
         for s, w in wanted.items():
-            for _ in range(w):
-                self._tables[s].append(self._take())
+            new = [self._take() for _ in range(w)]
+            self._tables[s] += new
+            if self.device_tables is not None and new:
+                self.device_tables.extend(s, new)
 
     def slots(self, seq_id: int, n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(block ids, offsets) of the next n_new token positions of a sequence (already reserved)."""
@@ -248,6 +264,8 @@ class PagedKVCache:
         holds becomes empty, or, if cached, evictable."""
         blocks = self._tables.pop(seq_id, [])
         self._lengths.pop(seq_id, None)
+        if self.device_tables is not None:
+            self.device_tables.remove(seq_id)
         empty = []
         # Last block first: a prefix's tail then comes before its head in the LRU order, so eviction
         # takes the tail first (a block past an evicted one could never be reached again).
