@@ -98,7 +98,8 @@ def compile_one(nvcc: str, source: str, arch: int, flags: list[str], out_dir: st
 
 
 def demangle(names: list[str]) -> dict[str, str]:
-    tool = shutil.which("cu++filt") or shutil.which("c++filt")
+    # c++filt first: tools/cuda_known_spills.txt was written with its spelling of the names.
+    tool = shutil.which("c++filt") or shutil.which("cu++filt")
     if not tool or not names:
         return {n: n for n in names}
     out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
