@@ -2,7 +2,9 @@
 
 Like ops.py, these check every tensor before handing raw pointers to `_C_cpu`, so a bad call is
 a TypeError/ValueError naming the argument, never a crash. CPU; activations float32, the KV
-cache float32 or float16 (written rounded to nearest, read back exactly).
+cache float32, float16 (written rounded to nearest, read back exactly) or int8 (symmetric, one
+fp16 scale per token and head in k_scales / v_scales [num_blocks, block_size, H]: x = code *
+scale; csrc/cpu/kv_int8.h has the rule).
 """
 
 from __future__ import annotations
@@ -26,14 +28,17 @@ def _check_int32(name: str, t: torch.Tensor, shape: tuple[int, ...] | None = Non
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
 
 
-NATIVE_KV_DTYPES = (torch.float32, torch.float16)  # what the native kernels read and write
+# What the native kernels read and write, with the type code they take (common/qformat.h, KVType).
+NATIVE_KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.int8: 2}
 
 
-def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """Validates a layer's K and V caches; True when they hold float16."""
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scales: torch.Tensor | None,
+                 v_scales: torch.Tensor | None) -> tuple[int, int, int]:
+    """Validates a layer's K and V caches (and an int8 cache's scales); returns (kv_type code,
+    k_scales address, v_scales address)."""
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dtype not in NATIVE_KV_DTYPES or t.device.type != "cpu":
-            raise TypeError(f"{name} must be a float32 or float16 CPU tensor")
+            raise TypeError(f"{name} must be a float32, float16 or int8 CPU tensor")
         if t.dim() != 4:
             raise ValueError(f"{name} must have 4 dimensions, got shape {list(t.shape)}")
         if not t.is_contiguous():
@@ -42,11 +47,24 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
         raise ValueError(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ")
     if k_cache.dtype != v_cache.dtype:
         raise TypeError(f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}; they must match")
-    return k_cache.dtype == torch.float16
+    if k_cache.dtype != torch.int8:
+        if k_scales is not None or v_scales is not None:
+            raise ValueError(f"k_scales / v_scales belong to an int8 cache; this one is {k_cache.dtype}")
+        return NATIVE_KV_DTYPES[k_cache.dtype], 0, 0
+    for name, t in (("k_scales", k_scales), ("v_scales", v_scales)):
+        if t is None:
+            raise ValueError(f"an int8 KV cache needs {name} (float16 [num_blocks, block_size, heads])")
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float16 or t.device.type != "cpu" or not t.is_contiguous():
+            raise TypeError(f"{name} must be a contiguous float16 CPU tensor")
+        if tuple(t.shape) != tuple(k_cache.shape[:3]):
+            raise ValueError(f"{name} must have shape {list(k_cache.shape[:3])} (the cache's [num_blocks, "
+                             f"block_size, heads]), got {list(t.shape)}")
+    return NATIVE_KV_DTYPES[torch.int8], k_scales.data_ptr(), v_scales.data_ptr()
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    lengths: torch.Tensor, scale: float, query_rows: torch.Tensor | None = None) -> torch.Tensor:
+                    lengths: torch.Tensor, scale: float, query_rows: torch.Tensor | None = None,
+                    k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of query rows over cached keys and values, softmax in fp32.
 
     q [T, H, D] float32 (rows may be strided, e.g. the q part of a fused qkv; each row's H x D
@@ -54,10 +72,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     PagedKVCache); block_tables int32 [S, max_blocks]; lengths int32 [T]: query i attends to the
     first lengths[i] positions of sequence query_rows[i] (int32 [T]; default: sequence i).
     Decode: one query per sequence, lengths = new length. Causal prefill: one query per new token,
-    lengths = its position + 1. Returns [T, H, D] float32.
+    lengths = its position + 1. An int8 cache comes with k_scales, v_scales (float16 [num_blocks,
+    block_size, H]). Returns [T, H, D] float32.
     """
     _check_float("q", q, 3)
-    kv_half = _check_cache(k_cache, v_cache)
+    kv_type, k_scales_ptr, v_scales_ptr = _check_cache(k_cache, v_cache, k_scales, v_scales)
     t, h, d = q.shape
     if q.stride(2) != 1 or q.stride(1) != d or (t > 1 and q.stride(0) < h * d):
         raise ValueError("q must have contiguous [H, D] rows (row stride at least H * D)")
@@ -80,23 +99,25 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                       block_tables.data_ptr(), block_tables.shape[0],
                                       0 if query_rows is None else query_rows.data_ptr(), lengths.data_ptr(),
                                       out.data_ptr(), t, h, d, block_size, block_tables.shape[1], num_blocks,
-                                      float(scale), kv_half)
+                                      float(scale), kv_type, k_scales_ptr, v_scales_ptr)
     return out
 
 
 def rotary_kv_append(qkv: torch.Tensor, positions: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
                      slot_blocks: torch.Tensor, slot_offsets: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, rotary_dim: int) -> None:
+                     v_cache: torch.Tensor, rotary_dim: int, k_scales: torch.Tensor | None = None,
+                     v_scales: torch.Tensor | None = None) -> None:
     """In one pass: rotary on q and k of qkv [T, 3, H, D] (in place), k and v into the cache.
 
     positions int32 [T] index the sin/cos tables [n_positions, rotary_dim / 2] (float32); token t
     goes to cache slot (slot_blocks[t], slot_offsets[t]) of k_cache / v_cache [num_blocks,
     block_size, H, D]. Rotary is GPT-J's interleaved pairs on the first rotary_dim dims of each head.
+    An int8 cache is written with one scale per token and head into k_scales / v_scales.
     """
     _check_float("qkv", qkv, 4)
     if not qkv.is_contiguous() or qkv.shape[1] != 3:
         raise ValueError(f"qkv must be a contiguous [T, 3, H, D] tensor, got shape {list(qkv.shape)}")
-    kv_half = _check_cache(k_cache, v_cache)
+    kv_type, k_scales_ptr, v_scales_ptr = _check_cache(k_cache, v_cache, k_scales, v_scales)
     t, _, h, d = qkv.shape
     if tuple(k_cache.shape[2:]) != (h, d):
         raise ValueError(f"cache heads/head_dim {list(k_cache.shape[2:])} do not match qkv's {[h, d]}")
@@ -112,4 +133,4 @@ def rotary_kv_append(qkv: torch.Tensor, positions: torch.Tensor, sin: torch.Tens
         _native.cpu().rotary_kv_append(qkv.data_ptr(), t, h, d, int(rotary_dim), positions.data_ptr(), sin.data_ptr(),
                                        cos.data_ptr(), sin.shape[0], slot_blocks.data_ptr(), slot_offsets.data_ptr(),
                                        k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], k_cache.shape[0],
-                                       kv_half)
+                                       kv_type, k_scales_ptr, v_scales_ptr)

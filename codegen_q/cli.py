@@ -44,7 +44,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         from codegen_q.qformat import verify_manifest
 
         verify_manifest(args.model)
-    d = describe(args.model, context=args.context, batch=args.batch)
+    d = describe(args.model, context=args.context, batch=args.batch, kv_dtype=args.kv_dtype)
     print(json.dumps(d, indent=2) if args.json else format_report(d))
     return 0
 
@@ -76,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="sequences at once (default 1)")
     p.add_argument("--verify", action="store_true", help="check a quantized directory against its manifest")
     p.add_argument("--json", action="store_true", help="print as JSON")
-    p.set_defaults(func=_cmd_inspect)
     from codegen_q import cli_eval, cli_generate, cli_serve
+
+    cli_generate.add_kv_dtype_argument(p)
+    p.set_defaults(func=_cmd_inspect)
 
     cli_generate.add_parser(sub)
     cli_eval.add_parser(sub)

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from codegen_q.cli_generate import add_prefill_dtype_option
+from codegen_q.cli_generate import add_kv_dtype_argument, add_prefill_dtype_option
 
 
 def add_parser(sub) -> None:
@@ -28,6 +28,7 @@ def add_parser(sub) -> None:
                                                                      "(default: *.py)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: the GPU if usable)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    add_kv_dtype_argument(p)
     add_prefill_dtype_option(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=run)
@@ -49,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from codegen_q.runtime import load
 
     find_files(args.sources, args.pattern)  # a missing path fails before any model is loaded
-    model = load(args.model, device=args.device, num_threads=args.threads, prefill_dtype=args.prefill_dtype)
+    model = load(args.model, device=args.device, num_threads=args.threads, kv_dtype=args.kv_dtype,
+                 prefill_dtype=args.prefill_dtype)
     reference = None if args.reference is None else load(args.reference, device=args.device)
     progress = not args.json and sys.stderr is not None and sys.stderr.isatty()
     result = evaluate(model, args.sources, reference=reference, context=args.context, stride=args.stride,

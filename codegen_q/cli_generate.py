@@ -28,13 +28,21 @@ def add_parser(sub) -> None:
                    help="stop at the next top-level def/class/if __name__/print")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: the GPU if usable)")
-    p.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="KV cache dtype (default auto: float16 for a quantized model on the CPU, else float32)")
+    add_kv_dtype_argument(p)
     add_prefill_dtype_option(p)
     p.add_argument("--no-stream", action="store_true", help="print the completion at the end only")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, finish reason, speed)")
     p.add_argument("--no-verify", action="store_true", help="skip the manifest checksums when loading")
     p.set_defaults(func=run)
+
+
+def add_kv_dtype_argument(p: argparse.ArgumentParser) -> None:
+    """--kv-dtype, as generate, serve, eval and inspect take it (load()'s kv_dtype)."""
+    from codegen_q.runtime import KV_DTYPES
+
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", *KV_DTYPES],
+                   help="KV cache dtype (default auto: float16 for a quantized model on the CPU, else float32; "
+                        "int8: half of float16's memory, CPU only)")
 
 
 def add_prefill_dtype_option(p: argparse.ArgumentParser) -> None:

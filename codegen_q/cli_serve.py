@@ -18,7 +18,7 @@ import socket
 import sys
 import warnings
 
-from codegen_q.cli_generate import add_prefill_dtype_option, positive_int
+from codegen_q.cli_generate import add_kv_dtype_argument, add_prefill_dtype_option, positive_int
 
 API_KEY_ENV = "CODEGEN_Q_API_KEY"
 GRACE_SECONDS = 5
@@ -50,6 +50,7 @@ def add_parser(sub) -> None:
                         "contexts, or what the memory available holds)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: the GPU if usable)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
+    add_kv_dtype_argument(p)
     add_prefill_dtype_option(p)
     p.add_argument("--model-name", default=None,
                    help="the model id /v1/models lists and responses carry (default: the directory's name)")
@@ -120,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
 
         model_dir, name = default_model.path(), name or DEFAULT_MODEL_NAME
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    model = load(model_dir, device=args.device, num_threads=args.threads, prefill_dtype=args.prefill_dtype)
+    model = load(model_dir, device=args.device, num_threads=args.threads, kv_dtype=args.kv_dtype,
+                 prefill_dtype=args.prefill_dtype)
     kv_tokens = None if args.kv_memory is None else kv_tokens_for(model, args.kv_memory)
     app = create_app(model, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                      kv_tokens=kv_tokens, model_name=name, prefix_caching=args.prefix_cache)

@@ -2,7 +2,7 @@
 in one call into `_C_cpu` (csrc/cpu/decode_step.h says why and how).
 
 Used by CodeGenModel.forward when all its block Linears are quantized with one scheme, the cache
-is fp32 or fp16 on the CPU, and each sequence brings exactly one token; everything else (prefill, float
+is fp32, fp16 or int8 on the CPU, and each sequence brings exactly one token; everything else (prefill, float
 models, other dtypes) takes the op-by-op path, which computes the same function.
 """
 
@@ -13,6 +13,7 @@ import threading
 import torch
 
 from codegen_q import _native
+from codegen_q.attention_ops import NATIVE_KV_DTYPES
 from codegen_q.kv_cache import PagedKVCache
 from codegen_q.quantize import QuantizedWeight
 
@@ -110,7 +111,7 @@ class FusedDecoder:
         _native.cpu().decode_step(
             self.native, h.data_ptr(), S, cache.k.data_ptr(), cache.v.data_ptr(), cache.num_blocks, cache.block_size,
             positions.data_ptr(), slot_blocks.data_ptr(), slot_offsets.data_ptr(), tables.data_ptr(), width,
-            cache.k.dtype == torch.float16, _address(logits), token_ids=ids.data_ptr() if native_wte else 0,
+            NATIVE_KV_DTYPES[cache.k.dtype], _address(cache.k_scales), _address(cache.v_scales), _address(logits), token_ids=ids.data_ptr() if native_wte else 0,
             wte=self.wte.data_ptr() if native_wte else 0, wte_half=self.wte.dtype == torch.float16,
             wte_rows=self.wte.shape[0], argmax=_address(picks), argmax_rows=min(greedy_rows, self.vocab_rows) if greedy else 0)
         return h, (None if greedy else logits), (picks.tolist() if greedy else None)

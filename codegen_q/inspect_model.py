@@ -15,7 +15,7 @@ from codegen_q.checkpoint import expected_tensors
 from codegen_q.config import CodeGenConfig
 from codegen_q.convert import quantization_config
 from codegen_q.memory_plan import GPU_RUNTIME_OVERHEAD, check_context, kv_cache_bytes, prompt_activation_bytes
-from codegen_q.model import default_kv_dtype
+from codegen_q.model import check_kv_dtype, default_kv_dtype
 from codegen_q.qformat import output_specs
 from codegen_q.safetensors_stream import spec_nbytes
 
@@ -33,7 +33,26 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def describe(path: str, context: int | None = None, batch: int = 1) -> dict[str, Any]:
+def _kv_dtypes(quantized: bool, kv_dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+    """The KV dtype of each device's column: load()'s default, or the one asked for where that
+    device runs it (an int8 cache is CPU-only for now: the GPU column keeps its default)."""
+    out = {}
+    for device in ("cpu", "cuda"):
+        want = kv_dtype or default_kv_dtype(quantized, device)
+        try:
+            check_kv_dtype(want, device, torch.float32)
+        except ValueError:
+            want = default_kv_dtype(quantized, device)
+        out[device] = want
+    return out
+
+
+def describe(path: str, context: int | None = None, batch: int = 1,
+             kv_dtype: torch.dtype | str | None = None) -> dict[str, Any]:
+    """``kv_dtype``: the KV cache's, by name or dtype, as load() takes it (None / "auto": its default)."""
+    from codegen_q.runtime import KV_DTYPES, _dtype_argument
+
+    kv_dtype = None if kv_dtype == "auto" else _dtype_argument("kv_dtype", kv_dtype, KV_DTYPES)
     cfg = CodeGenConfig.from_dir(path)
     context, batch = check_context(cfg, cfg.n_positions if context is None else context, batch)
     disk = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
@@ -51,11 +70,12 @@ def describe(path: str, context: int | None = None, batch: int = 1) -> dict[str,
     memory = {}
     for name, w in plans.items():
         quantized = name != "fp16"
-        # As codegen_q.load allocates it by default (fp32 activations).
-        kv_cpu, kv_gpu = (kv_cache_bytes(cfg, context * batch, default_kv_dtype(quantized, device))
-                          for device in ("cpu", "cuda"))
+        # As codegen_q.load allocates it (fp32 activations).
+        kv = _kv_dtypes(quantized, kv_dtype)
+        kv_cpu, kv_gpu = (kv_cache_bytes(cfg, context * batch, kv[device]) for device in ("cpu", "cuda"))
         memory[name] = {"weights": w, "kv_cache_cpu": kv_cpu, "kv_cache_gpu": kv_gpu, "activations": act,
-                        "cpu_total": w + kv_cpu + act, "gpu_total": w + kv_gpu + act + GPU_RUNTIME_OVERHEAD}
+                        "cpu_total": w + kv_cpu + act, "gpu_total": w + kv_gpu + act + GPU_RUNTIME_OVERHEAD,
+                        "kv_dtype_cpu": _dtype_name(kv["cpu"]), "kv_dtype_gpu": _dtype_name(kv["cuda"])}
     return {
         "path": os.path.abspath(path),
         "kind": "codegen-q quantized" if q is not None else "hub checkpoint",
@@ -64,6 +84,10 @@ def describe(path: str, context: int | None = None, batch: int = 1) -> dict[str,
                    "n_positions": cfg.n_positions, "parameters": params},
         "quantization": q_dict, "disk_bytes": disk, "context": context, "batch": batch, "memory": memory,
     }
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _size(n: int) -> str:
@@ -84,11 +108,13 @@ def format_report(d: dict[str, Any]) -> str:
                      + f" {q['scheme']}, lm_head {q['lm_head']}, {q['method']}, format v{q['format_version']}")
     else:
         lines.append("  quantization: none (fp weights; convert with `codegen-q quantize`)")
-    lines.append(f"  memory plan for context {d['context']} x batch {d['batch']} (KV cache as the runtime allocates it: "
-                 "fp16 for quantized weights on the CPU, else fp32):")
-    lines.append(f"    {'weights as':<12}{'weights':>12}{'KV CPU':>12}{'KV GPU':>12}{'activations':>13}"
+    lines.append(f"  memory plan for context {d['context']} x batch {d['batch']} (KV cache as the runtime allocates it, "
+                 "in the dtype named beside it; --kv-dtype chooses):")
+    lines.append(f"    {'weights as':<12}{'weights':>12}{'KV CPU':>21}{'KV GPU':>21}{'activations':>13}"
                  f"{'CPU total':>12}{'GPU total':>12}")
     for name, m in d["memory"].items():
-        lines.append(f"    {name:<12}{gb(m['weights']):>12}{gb(m['kv_cache_cpu']):>12}{gb(m['kv_cache_gpu']):>12}"
+        kv_cpu = f"{gb(m['kv_cache_cpu'])} {m['kv_dtype_cpu']:<8}"
+        kv_gpu = f"{gb(m['kv_cache_gpu'])} {m['kv_dtype_gpu']:<8}"
+        lines.append(f"    {name:<12}{gb(m['weights']):>12}{kv_cpu:>21}{kv_gpu:>21}"
                      f"{gb(m['activations']):>13}{gb(m['cpu_total']):>12}{gb(m['gpu_total']):>12}")
     return "\n".join(lines)

@@ -15,6 +15,11 @@ sequence holding it (a sequence only ever writes past its prefix, into blocks of
 when no sequence holds it any more it stays cached but evictable. Reservations take empty blocks
 first and then evict cached ones, least recently used first; so "free" counts both kinds, and
 a pool with every block free is whole whatever it still caches.
+
+An int8 pool (dtype=torch.int8) holds symmetric int8 codes and, beside K and V, one fp16 scale
+per token and head (k_scales, v_scales [n_layer, num_blocks, block_size, n_head]); the native
+kernels write and read it (csrc/cpu/kv_int8.h), and read() dequantizes. Scales live with their
+block, so sharing and reusing blocks needs nothing more.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import math
 from typing import Sequence
 
 import torch
+
+from codegen_q.block_tables import DeviceBlockTables
 
 DEFAULT_BLOCK_SIZE = 16
 
@@ -59,6 +66,11 @@ class PagedKVCache:
         shape = (n_layer, num_blocks, block_size, n_head, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)  # never read before written
         self.v = torch.empty(shape, dtype=dtype, device=device)
+        # An int8 pool's scales (None otherwise), written with every token's codes.
+        self.k_scales = self.v_scales = None
+        if dtype == torch.int8:
+            self.k_scales = torch.empty(shape[:4], dtype=torch.float16, device=device)
+            self.v_scales = torch.empty(shape[:4], dtype=torch.float16, device=device)
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # empty blocks, a stack: low ids first
         self._refs = [0] * num_blocks  # sequences holding each block
         # Cached blocks no sequence holds, least recently used first: taken only when _free is empty.
@@ -68,6 +80,16 @@ class PagedKVCache:
         self._tables: dict[int, list[int]] = {}
         self._lengths: dict[int, int] = {}
         self._next_id = 0
+        self.device_tables: DeviceBlockTables | None = None  # see keep_device_tables
+
+    def keep_device_tables(self, width: int, device: torch.device | str | None = None) -> DeviceBlockTables:
+        """From now on, mirror every sequence's block table on ``device`` (default: the pool's),
+        ``width`` blocks wide to start with, updated as blocks are added and sequences freed
+        (block_tables.py)."""
+        self.device_tables = DeviceBlockTables(width, self.k.device if device is None else device)
+        for seq_id, table in self._tables.items():
+            self.device_tables.add(seq_id, table)
+        return self.device_tables
 
     @classmethod
     def for_tokens(cls, config, max_tokens: int, **kwargs) -> "PagedKVCache":
@@ -78,7 +100,14 @@ class PagedKVCache:
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        scales = 0 if self.k_scales is None else 2 * self.k_scales.numel() * self.k_scales.element_size()
+        return 2 * self.k.numel() * self.k.element_size() + scales
+
+    def layer(self, layer: int) -> dict[str, torch.Tensor | None]:
+        """One layer's pool as the native ops take it: k_cache, v_cache, k_scales, v_scales."""
+        scaled = self.k_scales is not None
+        return {"k_cache": self.k[layer], "v_cache": self.v[layer],
+                "k_scales": self.k_scales[layer] if scaled else None, "v_scales": self.v_scales[layer] if scaled else None}
 
     @property
     def num_free_blocks(self) -> int:
@@ -108,6 +137,8 @@ class PagedKVCache:
         self._next_id += 1
         self._tables[seq_id] = blocks
         self._lengths[seq_id] = len(blocks) * self.block_size
+        if self.device_tables is not None:
+            self.device_tables.add(seq_id, blocks)
         return seq_id
 
     def cached_prefix(self, hashes: Sequence[bytes]) -> list[int]:
@@ -164,8 +195,10 @@ class PagedKVCache:
                                 f"{self.num_free_blocks} of {self.num_blocks} are free; use a larger cache or "
                                 f"fewer tokens")
         for s, w in wanted.items():
-            for _ in range(w):
-                self._tables[s].append(self._take())
+            new = [self._take() for _ in range(w)]
+            self._tables[s] += new
+            if self.device_tables is not None and new:
+                self.device_tables.extend(s, new)
 
     def slots(self, seq_id: int, n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(block ids, offsets) of the next n_new token positions of a sequence (already reserved)."""
@@ -191,16 +224,28 @@ class PagedKVCache:
         return torch.tensor(positions + blocks + offsets + list(token_ids) + tables, dtype=torch.int32), width
 
     def write(self, layer: int, slots: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.k_scales is not None:
+            raise ValueError("an int8 KV cache is written by the native kernels only (attention_ops.rotary_kv_append)")
         blocks, offsets = slots
         self.k[layer, blocks, offsets] = k.to(self.k.dtype)
         self.v[layer, blocks, offsets] = v.to(self.v.dtype)
 
     def read(self, layer: int, seq_id: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the first `length` positions of a sequence, each [length, n_head, head_dim]."""
+        """K and V of the first `length` positions of a sequence, each [length, n_head, head_dim]
+        (an int8 cache's dequantized to float32)."""
         table = torch.tensor(self._tables[seq_id][: self._blocks_for(length)], dtype=torch.long, device=self.k.device)
-        k = self.k[layer, table].flatten(0, 1)[:length]
-        v = self.v[layer, table].flatten(0, 1)[:length]
-        return k, v
+        pos = torch.arange(length, device=self.k.device)
+        return self.read_slots(layer, (table[pos // self.block_size], pos % self.block_size))
+
+    def read_slots(self, layer: int, slots: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V at cache slots (block ids, offsets), each [n, n_head, head_dim]: what attention
+        reads there (an int8 cache's codes times their scales, in float32: exact)."""
+        blocks, offsets = (t.long() for t in slots)
+        k, v = self.k[layer, blocks, offsets], self.v[layer, blocks, offsets]
+        if self.k_scales is None:
+            return k, v
+        k_scales, v_scales = self.k_scales[layer, blocks, offsets], self.v_scales[layer, blocks, offsets]
+        return k.float() * k_scales.float()[..., None], v.float() * v_scales.float()[..., None]
 
     def block_tables_tensor(self, seq_ids, lengths) -> tuple[torch.Tensor, torch.Tensor]:
         """int32 block tables [S, max_blocks] (padded with block 0) and lengths [S], for the kernels."""
@@ -219,6 +264,8 @@ class PagedKVCache:
         holds becomes empty, or, if cached, evictable."""
         blocks = self._tables.pop(seq_id, [])
         self._lengths.pop(seq_id, None)
+        if self.device_tables is not None:
+            self.device_tables.remove(seq_id)
         empty = []
         # Last block first: a prefix's tail then comes before its head in the LRU order, so eviction
         # takes the tail first (a block past an evicted one could never be reached again).

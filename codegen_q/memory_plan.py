@@ -34,9 +34,17 @@ def check_context(cfg: CodeGenConfig, context: object, batch: object) -> tuple[i
     return context, batch
 
 
+# An int8 KV cache's scale per token and head (fp16; csrc/cpu/kv_int8.h says why).
+KV_INT8_SCALE_BYTES = 2
+
+
 def kv_cache_bytes(cfg: CodeGenConfig, tokens: int, kv_dtype: torch.dtype) -> int:
-    """K and V of every layer for ``tokens`` cached positions in total."""
-    return 2 * cfg.n_layer * cfg.n_embd * tokens * torch.finfo(kv_dtype).bits // 8
+    """K and V of every layer for ``tokens`` cached positions in total (int8: with their scales)."""
+    if kv_dtype == torch.int8:
+        per_layer_token = cfg.n_embd + cfg.n_head * KV_INT8_SCALE_BYTES
+    else:
+        per_layer_token = cfg.n_embd * torch.finfo(kv_dtype).bits // 8
+    return 2 * cfg.n_layer * per_layer_token * tokens
 
 
 def prompt_activation_bytes(cfg: CodeGenConfig, prompt_lengths: Sequence[int], dtype: torch.dtype) -> int:

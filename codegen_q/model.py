@@ -6,7 +6,7 @@ head's head_dim rows contiguous (checkpoint.qkv_head_major_permutation). Rotary 
 interleaved and partial (first rotary_dim dims of each head).
 
 The flattened batch: all new tokens of all sequences go through the Linear layers together (one
-qlinear per layer with M = total new tokens). With an fp32 or fp16 CPU cache (the CPU runtime),
+qlinear per layer with M = total new tokens). With an fp32, fp16 or int8 CPU cache (the CPU runtime),
 rotary and the KV append are one native pass over the fused qkv output, and attention is the
 native paged kernel for decode and causal prefill alike (each query attends to its own sequence's
 blocks up to its position), except fresh prompts (nothing cached before them) of
@@ -69,7 +69,8 @@ def causal_self_attention(qkv: torch.Tensor, counts: Sequence[int], scale: float
                           kv_dtype: torch.dtype) -> torch.Tensor:
     """Attention of each sequence's new tokens over themselves (nothing cached before them), from
     the fused projection qkv [T, 3, H, D] with q and k already rotated. K and V are rounded to the
-    cache's dtype first, so the result is what the paged kernel would compute from the cache."""
+    cache's dtype first, so the result is what the paged kernel would compute from the cache (an
+    int8 cache's values are read back from it instead: CodeGenModel._fresh_prompt_kv)."""
     out = torch.empty_like(qkv[:, 0])
     offset = 0
     for n in counts:
@@ -96,6 +97,13 @@ def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, rotary_d
     s, c = sin[:, None, :], cos[:, None, :]
     rotated = torch.stack((even * c - odd * s, odd * c + even * s), dim=-1).flatten(-2)
     return torch.cat((rotated.to(x.dtype), x[..., rotary_dim:]), dim=-1)
+
+
+def check_kv_dtype(kv_dtype: torch.dtype, device_type: str, dtype: torch.dtype) -> None:
+    """An int8 KV cache runs on the native CPU kernels only, which take float32 activations."""
+    if kv_dtype == torch.int8 and (device_type != "cpu" or dtype != torch.float32):
+        raise ValueError(f"an int8 KV cache runs on the CPU with float32 activations only, not on {device_type} "
+                         f"with {str(dtype).removeprefix('torch.')}; use kv_dtype float16 or float32 there")
 
 
 def default_kv_dtype(quantized: bool, device_type: str, dtype: torch.dtype = torch.float32) -> torch.dtype:
@@ -146,6 +154,7 @@ class CodeGenModel:
         # One native call per decode step for quantized CPU models (see fused_decode.py).
         self.fused = FusedDecoder(self) if FusedDecoder.supports(self) else None
         self.kv_dtype = kv_dtype or default_kv_dtype(self.layers[0]["qkv"].quantized, self.device.type, dtype)
+        check_kv_dtype(self.kv_dtype, self.device.type, dtype)
 
     @property
     def nbytes(self) -> int:
@@ -197,8 +206,10 @@ class CodeGenModel:
             x = torch.nn.functional.layer_norm(h, (d,), layer["ln_w"], layer["ln_b"], self.eps)
             qkv = layer["qkv"](x, g).view(-1, 3, self.n_head, self.head_dim)
             if native:
+                pool = cache.layer(li)
                 rotary_kv_append(qkv, plan["positions"], self.sin, self.cos, plan["slot_blocks"],
-                                 plan["slot_offsets"], cache.k[li], cache.v[li], self.rotary_dim)
+                                 plan["slot_offsets"], pool["k_cache"], pool["v_cache"], self.rotary_dim,
+                                 pool["k_scales"], pool["v_scales"])
                 attn = self._native_attention(qkv, cache, li, plan, counts, fused, scale)
             else:
                 q = apply_rotary(qkv[:, 0], sin, cos, self.rotary_dim)
@@ -290,18 +301,39 @@ class CodeGenModel:
                           counts: Sequence[int], fused: Sequence[bool], scale: float) -> torch.Tensor:
         """One layer's attention on the native path: fused causal attention for the sequences
         marked in ``fused`` (fresh long prompts), the paged kernel for the others' rows."""
+        pool = cache.layer(li)
+        scales = {"k_scales": pool["k_scales"], "v_scales": pool["v_scales"]}
         if not any(fused):
-            return paged_attention(qkv[:, 0], cache.k[li], cache.v[li], plan["tables"], plan["lengths"],
-                                   scale, plan["query_rows"])
+            return paged_attention(qkv[:, 0], pool["k_cache"], pool["v_cache"], plan["tables"], plan["lengths"],
+                                   scale, plan["query_rows"], **scales)
         if all(fused):
-            return causal_self_attention(qkv, counts, scale, cache.k.dtype)
+            fresh_qkv, kv_dtype = CodeGenModel._fresh_prompt_kv(qkv, cache, li, plan)
+            return causal_self_attention(fresh_qkv, counts, scale, kv_dtype)
         rows = torch.repeat_interleave(torch.tensor(fused), torch.tensor(counts))
         attn = torch.empty_like(qkv[:, 0])
-        attn[rows] = causal_self_attention(qkv[rows], [n for n, f in zip(counts, fused) if f], scale, cache.k.dtype)
+        fresh_qkv, kv_dtype = CodeGenModel._fresh_prompt_kv(qkv, cache, li, plan, rows)
+        attn[rows] = causal_self_attention(fresh_qkv, [n for n, f in zip(counts, fused) if f], scale, kv_dtype)
         rest = ~rows
-        attn[rest] = paged_attention(qkv[rest, 0], cache.k[li], cache.v[li], plan["tables"],
-                                     plan["lengths"][rest].contiguous(), scale, plan["query_rows"][rest].contiguous())
+        attn[rest] = paged_attention(qkv[rest, 0], pool["k_cache"], pool["v_cache"], plan["tables"],
+                                     plan["lengths"][rest].contiguous(), scale, plan["query_rows"][rest].contiguous(),
+                                     **scales)
         return attn
+
+    @staticmethod
+    def _fresh_prompt_kv(qkv: torch.Tensor, cache: PagedKVCache, li: int, plan: dict[str, torch.Tensor],
+                         rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.dtype]:
+        """qkv's rows (all, or those marked in ``rows``) for causal_self_attention, with the dtype
+        to round K and V to. An int8 cache has no torch rounding that is sure to match its kernel's,
+        so K and V are read back from the slots just written: the values the paged kernel sees."""
+        if rows is not None:
+            qkv = qkv[rows]
+        if cache.k_scales is None:
+            return qkv, cache.k.dtype
+        slots = (plan["slot_blocks"], plan["slot_offsets"])
+        if rows is not None:
+            slots = tuple(t[rows] for t in slots)
+        k, v = cache.read_slots(li, slots)
+        return torch.stack((qkv[:, 0], k, v), dim=1), torch.float32
 
     def _ln_f(self, h: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.layer_norm(h, (self.config.n_embd,), self.ln_f_w, self.ln_f_b, self.eps)

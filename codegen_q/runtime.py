@@ -17,7 +17,7 @@ from codegen_q.quantize import QuantizedWeight
 from codegen_q.tokenizer import CodeGenTokenizer
 
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 # A quantized model's GEMM dtype for prompts (ops.qlinear's gemm_dtype): int8 quantizes the
 # activations on the CPU (csrc/cpu/qlinear_i8gemm.h).
 PREFILL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
@@ -91,7 +91,9 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     On the CPU quantized weights stay mmap'd (no copy); with device="cuda" they are copied to the
     GPU once and decode uses the CUDA GEMV (the rest of the step is torch on the GPU). `dtype` is
     the activation / float-weight dtype (float32 by default, bfloat16 to halve a float model).
-    `kv_dtype` is the KV cache's: by default float16 for a quantized model on the CPU, else `dtype`.
+    `kv_dtype` is the KV cache's: by default float16 for a quantized model on the CPU, else `dtype`;
+    "int8" (CPU, float32 activations) halves fp16's bytes again: symmetric, one fp16 scale per
+    token and head, logits within a derived bound of fp16's (docs/cpu-kernels.md, "int8 KV").
     `prefill_dtype="bfloat16"` runs a quantized model's many-row GEMMs (prompts) in bf16: ~1.6x
     faster prefill on a CPU with native bf16 (AVX512-BF16, AMX), logits ~1 % off the fp32 ones;
     `prefill_dtype="int8"` (CPU) quantizes the prompt's activations to int8 per row and 128

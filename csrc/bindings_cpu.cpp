@@ -120,10 +120,12 @@ PYBIND11_MODULE(_C_cpu, m) {
       [](uintptr_t q, int64_t q_stride, uintptr_t k_cache, uintptr_t v_cache, uintptr_t block_tables,
          int64_t n_table_rows, uintptr_t query_rows, uintptr_t lengths, uintptr_t out, int64_t n_query,
          int64_t n_head, int64_t head_dim, int64_t block_size, int64_t max_blocks, int64_t num_blocks, float scale,
-         bool kv_half) {
+         int kv_type, uintptr_t k_scales, uintptr_t v_scales) {
         cgq::AttentionArgs a;
         a.q = ptr<const float>(q), a.q_stride = q_stride;
-        a.k_cache = ptr<const void>(k_cache), a.v_cache = ptr<const void>(v_cache), a.kv_half = kv_half;
+        a.k_cache = ptr<const void>(k_cache), a.v_cache = ptr<const void>(v_cache);
+        a.kv_type = static_cast<cgq::KVType>(kv_type);  // checked by the op
+        a.k_scales = ptr<const uint16_t>(k_scales), a.v_scales = ptr<const uint16_t>(v_scales);
         a.block_tables = ptr<const int32_t>(block_tables), a.n_table_rows = n_table_rows;
         a.query_rows = ptr<const int32_t>(query_rows), a.lengths = ptr<const int32_t>(lengths);
         a.out = ptr<float>(out), a.n_query = n_query, a.n_head = n_head, a.head_dim = head_dim;
@@ -133,24 +135,29 @@ PYBIND11_MODULE(_C_cpu, m) {
       py::arg("q"), py::arg("q_stride"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
       py::arg("n_table_rows"), py::arg("query_rows"), py::arg("lengths"), py::arg("out"), py::arg("n_query"),
       py::arg("n_head"), py::arg("head_dim"), py::arg("block_size"), py::arg("max_blocks"), py::arg("num_blocks"),
-      py::arg("scale"), py::arg("kv_half") = false, py::call_guard<py::gil_scoped_release>());
+      py::arg("scale"), py::arg("kv_type") = 0, py::arg("k_scales") = 0, py::arg("v_scales") = 0,
+      py::call_guard<py::gil_scoped_release>());
   m.def(
       "rotary_kv_append",
       [](uintptr_t qkv, int64_t T, int64_t n_head, int64_t head_dim, int64_t rotary_dim, uintptr_t positions,
          uintptr_t sin, uintptr_t cos, int64_t n_positions, uintptr_t slot_blocks, uintptr_t slot_offsets,
-         uintptr_t k_cache, uintptr_t v_cache, int64_t block_size, int64_t num_blocks, bool kv_half) {
+         uintptr_t k_cache, uintptr_t v_cache, int64_t block_size, int64_t num_blocks, int kv_type,
+         uintptr_t k_scales, uintptr_t v_scales) {
         cgq::RotaryAppendArgs a;
         a.qkv = ptr<float>(qkv), a.T = T, a.n_head = n_head, a.head_dim = head_dim, a.rotary_dim = rotary_dim;
         a.positions = ptr<const int32_t>(positions), a.sin = ptr<const float>(sin), a.cos = ptr<const float>(cos);
         a.n_positions = n_positions, a.slot_blocks = ptr<const int32_t>(slot_blocks);
         a.slot_offsets = ptr<const int32_t>(slot_offsets), a.k_cache = ptr<void>(k_cache);
-        a.v_cache = ptr<void>(v_cache), a.kv_half = kv_half, a.block_size = block_size, a.num_blocks = num_blocks;
+        a.v_cache = ptr<void>(v_cache), a.block_size = block_size, a.num_blocks = num_blocks;
+        a.kv_type = static_cast<cgq::KVType>(kv_type);  // checked by the op
+        a.k_scales = ptr<uint16_t>(k_scales), a.v_scales = ptr<uint16_t>(v_scales);
         cgq::cpu::rotary_kv_append(a);
       },
       py::arg("qkv"), py::arg("T"), py::arg("n_head"), py::arg("head_dim"), py::arg("rotary_dim"),
       py::arg("positions"), py::arg("sin"), py::arg("cos"), py::arg("n_positions"), py::arg("slot_blocks"),
       py::arg("slot_offsets"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_size"),
-      py::arg("num_blocks"), py::arg("kv_half") = false, py::call_guard<py::gil_scoped_release>());
+      py::arg("num_blocks"), py::arg("kv_type") = 0, py::arg("k_scales") = 0, py::arg("v_scales") = 0,
+      py::call_guard<py::gil_scoped_release>());
   py::class_<cgq::cpu::DecodeModel>(m, "DecodeModel")
       .def(py::init([](const std::vector<std::vector<uintptr_t>>& blocks, const std::vector<int64_t>& linear_shapes,
                        int64_t d, int64_t n_head, int64_t head_dim, int64_t rotary_dim, int64_t n_positions, bool int4,
@@ -200,14 +207,16 @@ PYBIND11_MODULE(_C_cpu, m) {
       "decode_step",
       [](const cgq::cpu::DecodeModel& model, uintptr_t h, int64_t S, uintptr_t k_cache, uintptr_t v_cache,
          int64_t num_blocks, int64_t block_size, uintptr_t positions, uintptr_t slot_blocks, uintptr_t slot_offsets,
-         uintptr_t block_tables, int64_t max_blocks, bool kv_half, uintptr_t logits, uintptr_t token_ids,
+         uintptr_t block_tables, int64_t max_blocks, int kv_type, uintptr_t k_scales, uintptr_t v_scales,
+         uintptr_t logits, uintptr_t token_ids,
          uintptr_t wte, bool wte_half, int64_t wte_rows, uintptr_t argmax, int64_t argmax_rows) {
         cgq::cpu::DecodeStepArgs a;
         a.logits = ptr<float>(logits);
         a.token_ids = ptr<const int32_t>(token_ids), a.wte = ptr<const void>(wte), a.wte_half = wte_half;
         a.wte_rows = wte_rows, a.argmax = ptr<int32_t>(argmax), a.argmax_rows = argmax_rows;
         a.h = ptr<float>(h), a.S = S, a.k_cache = ptr<void>(k_cache), a.v_cache = ptr<void>(v_cache);
-        a.kv_half = kv_half;
+        a.kv_type = static_cast<cgq::KVType>(kv_type);  // checked by the step
+        a.k_scales = ptr<uint16_t>(k_scales), a.v_scales = ptr<uint16_t>(v_scales);
         a.num_blocks = num_blocks, a.block_size = block_size, a.positions = ptr<const int32_t>(positions);
         a.slot_blocks = ptr<const int32_t>(slot_blocks), a.slot_offsets = ptr<const int32_t>(slot_offsets);
         a.block_tables = ptr<const int32_t>(block_tables), a.max_blocks = max_blocks;
@@ -215,7 +224,8 @@ PYBIND11_MODULE(_C_cpu, m) {
       },
       py::arg("model"), py::arg("h"), py::arg("S"), py::arg("k_cache"), py::arg("v_cache"), py::arg("num_blocks"),
       py::arg("block_size"), py::arg("positions"), py::arg("slot_blocks"), py::arg("slot_offsets"),
-      py::arg("block_tables"), py::arg("max_blocks"), py::arg("kv_half") = false, py::arg("logits") = 0,
+      py::arg("block_tables"), py::arg("max_blocks"), py::arg("kv_type") = 0, py::arg("k_scales") = 0,
+      py::arg("v_scales") = 0, py::arg("logits") = 0,
       py::arg("token_ids") = 0, py::arg("wte") = 0, py::arg("wte_half") = false, py::arg("wte_rows") = 0,
       py::arg("argmax") = 0, py::arg("argmax_rows") = 0, py::call_guard<py::gil_scoped_release>());
   m.def(

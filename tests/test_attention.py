@@ -167,7 +167,7 @@ def test_rotary_kv_append_bad_inputs_are_errors():
         rotary_kv_append(qkv, torch.tensor([1]), sin, cos, i32(0), i32(0), cache, cache.clone(), 8)
     with pytest.raises(TypeError, match="must match"):
         rotary_kv_append(qkv, i32(1), sin, cos, i32(0), i32(0), cache, cache.half(), 8)
-    with pytest.raises(TypeError, match="float32 or float16"):
+    with pytest.raises(TypeError, match="float32, float16 or int8"):
         rotary_kv_append(qkv, i32(1), sin, cos, i32(0), i32(0), cache.double(), cache.double(), 8)
 
 

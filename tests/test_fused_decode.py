@@ -169,7 +169,7 @@ def test_fused_step_rejects_a_bad_slot():
     logits = torch.empty(1, model.fused.vocab_rows)
     p, word = plan.data_ptr(), 4
     args = (model.fused.native, h.data_ptr(), 1, cache.k.data_ptr(), cache.v.data_ptr(), cache.num_blocks,
-            cache.block_size, p, p + word, p + 2 * word, p + 4 * word, width, cache.k.dtype == torch.float16)
+            cache.block_size, p, p + word, p + 2 * word, p + 4 * word, width, int(cache.k.dtype == torch.float16), 0, 0)
     with pytest.raises(ValueError, match="slot is not its position"):
         _native.cpu().decode_step(*args, logits.data_ptr())
     plan[2] = 3

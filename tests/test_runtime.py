@@ -77,7 +77,7 @@ def test_fp16_kv_cache_is_the_quantized_cpu_default_and_close_to_fp32(dirs, kind
     assert (runs[0] - runs[1]).abs().max() <= 8 * 2.0 ** -11 * runs[1].abs().max()
     assert not torch.equal(runs[0], runs[1])  # the fp16 cache is really in use
     with pytest.raises(ValueError, match="kv_dtype"):
-        load(dirs[kind], kv_dtype="int8")
+        load(dirs[kind], kv_dtype="int4")  # int8 is a KV dtype now; int4 is not
 
 
 def test_generate_accepts_a_loaded_model_at_top_level(dirs):
@@ -186,7 +186,7 @@ def test_cli_generate_reads_stdin_and_fails_cleanly(dirs, capsys, monkeypatch):
     assert cli_main(["generate", dirs["int8"], "x", "--max-new-tokens", "2", "--kv-dtype", "float32", "--no-stream"]) == 0
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:  # argparse rejects a dtype it does not offer
-        cli_main(["generate", dirs["int8"], "x", "--kv-dtype", "int8"])
+        cli_main(["generate", dirs["int8"], "x", "--kv-dtype", "int4"])  # not a KV dtype (int8 is)
     assert exc.value.code != 0 and "kv-dtype" in capsys.readouterr().err
 
 

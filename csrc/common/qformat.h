@@ -48,17 +48,25 @@ struct DequantArgs {
   float* out = nullptr;
 };
 
-// Decode attention over a paged KV cache (one layer): q/out [S, n_head, head_dim]; the caches
-// [num_blocks, block_size, n_head, head_dim]; block_tables int32 [S, max_blocks]; lengths int32 [S].
+// What a paged KV cache holds per element (docs/design.md §4, "KV dtype"). kInt8: symmetric int8
+// codes, and one fp16 scale per (token, head) in a parallel array [num_blocks, block_size, n_head]
+// beside each of K and V: x = code * scale, scale >= max|x| / 127 of that head's row (rounded up
+// to fp16), code = round(x / scale), ties to even (cpu/kv_int8.h is the one place that says so).
+enum class KVType : int32_t { kFloat32 = 0, kFloat16 = 1, kInt8 = 2 };
+
+static inline int64_t kv_element_bytes(KVType t) { return t == KVType::kFloat32 ? 4 : (t == KVType::kFloat16 ? 2 : 1); }
+
 // Attention of query rows over the paged KV cache (one layer's pool [num_blocks, block_size,
-// n_head, head_dim] fp32). Query i uses block table row query_rows[i] (nullptr: row i) and attends
+// n_head, head_dim]). Query i uses block table row query_rows[i] (nullptr: row i) and attends
 // to the first lengths[i] positions of that sequence: decode has one query per sequence; causal
 // prefill has one query per new token, with lengths = its position + 1.
 struct AttentionArgs {
   const float* q = nullptr;           // [n_query, n_head, head_dim], query rows q_stride floats apart
-  const void* k_cache = nullptr;      // [num_blocks, block_size, n_head, head_dim], fp32 or fp16
+  const void* k_cache = nullptr;      // [num_blocks, block_size, n_head, head_dim], of kv_type
   const void* v_cache = nullptr;
-  bool kv_half = false;               // the caches hold fp16 (uint16 bits) instead of fp32
+  KVType kv_type = KVType::kFloat32;
+  const uint16_t* k_scales = nullptr;  // kInt8 only: fp16 bits [num_blocks, block_size, n_head]
+  const uint16_t* v_scales = nullptr;
   const int32_t* block_tables = nullptr;  // [n_table_rows, max_blocks]
   const int32_t* query_rows = nullptr;    // [n_query] or nullptr
   const int32_t* lengths = nullptr;       // [n_query]
@@ -82,7 +90,9 @@ struct RotaryAppendArgs {
   const int32_t* slot_offsets = nullptr;  // [T]
   void* k_cache = nullptr;                // one layer: [num_blocks, block_size, n_head, head_dim]
   void* v_cache = nullptr;
-  bool kv_half = false;                   // fp16 caches (rounded to nearest even) instead of fp32
+  KVType kv_type = KVType::kFloat32;      // fp16 is rounded to nearest even; int8 as KVType says
+  uint16_t* k_scales = nullptr;           // kInt8 only: [num_blocks, block_size, n_head] fp16 bits
+  uint16_t* v_scales = nullptr;
   int64_t T = 0, n_head = 0, head_dim = 0, rotary_dim = 0, n_positions = 0, block_size = 0, num_blocks = 0;
 };
 

@@ -1,6 +1,11 @@
 // Attention over the paged KV cache (decode and causal prefill alike, see AttentionArgs): keys and
-// values read through the sequence's block table (fp32 or fp16), fp32 softmax. Compiled once per
-// ISA like the other CPU kernels, on simd.h's vector vocabulary.
+// values read through the sequence's block table (fp32, fp16 or int8), fp32 softmax. Compiled once
+// per ISA like the other CPU kernels, on simd.h's vector vocabulary.
+//
+// int8 caches (KVType::kInt8): one scale per (token, head), so the scales factor out of the sums:
+// a score is s_k * (q . codes), and the weighted sum of values takes p_t * s_v as each position's
+// weight; the codes are converted to fp32 (exactly) in registers, as fp16 is. The scales of a
+// block, [block_size, n_head] fp16, are read (and prefetched) with it.
 //
 // Memory order. A cache block is [block_size, n_head, head_dim]: one token's row of a head is
 // 128-512 bytes, the next token's row of that head 2-12 KB further on. Walking one head at a time
@@ -38,19 +43,31 @@ constexpr int kMaxAccumulators = 16;
 constexpr int kMaxAccumulators = 8;
 #endif
 
-// A cache element as fp32 (fp16 -> fp32 is exact).
+// A cache element as fp32 (fp16 -> fp32 and int8 -> fp32 are exact; int8 is the code, unscaled).
 inline R load_kv(const float* p) { return Vec::load(p); }
 inline R load_kv(const uint16_t* p) { return Vec::load_half(p); }
+inline R load_kv(const int8_t* p) { return Vec::from_i8(p); }
 inline float kv_value(float v) { return v; }
 inline float kv_value(uint16_t v) { return Vec::half(v); }
+inline float kv_value(int8_t v) { return static_cast<float>(v); }
 
 // One query's heads [h0, h1) in the cache: its L positions, block by block.
 template <typename T>
 struct QueryRows {
+  static constexpr bool kScaled = sizeof(T) == 1;  // int8 codes with per-(token, head) scales
   const T* k;
   const T* v;
+  const uint16_t* k_scales;  // int8 only: [num_blocks * block_size, n_head]
+  const uint16_t* v_scales;
   const int32_t* table;
-  int64_t L, block_size, block_stride, token_stride, h0, h1, head_dim;
+  int64_t L, block_size, block_stride, token_stride, h0, h1, head_dim, n_head;
+
+  // The scale of position o, head h, of the block whose rows start at element `base` (an int8
+  // cache), from scale_base(base): one division per block, not per position.
+  int64_t scale_base(int64_t base) const { return kScaled ? base / head_dim : 0; }
+  float scale_at(const uint16_t* scales, int64_t sbase, int64_t o, int64_t h) const {
+    return Vec::half(scales[sbase + o * n_head + h]);
+  }
 
   // Calls f(t0, n, base, ahead) for each block: positions t0 .. t0 + n - 1, whose rows of head h
   // start at element base + o * token_stride + h * head_dim (o = 0 .. n - 1); `ahead` is the
@@ -62,7 +79,7 @@ struct QueryRows {
     int64_t rows, row_bytes;
   };
   template <typename F>
-  void for_each_block(const T* cache, F f) const {
+  void for_each_block(const T* cache, const uint16_t* scales, F f) const {
     for (int64_t blk = 0, t0 = 0; t0 < L; ++blk, t0 += block_size) {
       Ahead ahead{nullptr, 0, 0};
       const int64_t ahead_t0 = t0 + kAhead * block_size;
@@ -70,6 +87,10 @@ struct QueryRows {
         ahead.first = reinterpret_cast<const char*>(cache + table[blk + kAhead] * block_stride + h0 * head_dim);
         ahead.rows = L - ahead_t0 < block_size ? L - ahead_t0 : block_size;
         ahead.row_bytes = (h1 - h0) * head_dim * static_cast<int64_t>(sizeof(T));
+        if constexpr (kScaled) {  // the block's scales: a few lines, in one go
+          const char* first = reinterpret_cast<const char*>(scales + table[blk + kAhead] * block_size * n_head);
+          for (int64_t b = 0; b < block_size * n_head * 2; b += 64) __builtin_prefetch(first + b, 0, 2);
+        }
       }
       f(t0, L - t0 < block_size ? L - t0 : block_size, table[blk] * block_stride, ahead);
     }
@@ -184,7 +205,8 @@ void attend_heads(const AttentionArgs& a, const QueryRows<T>& rows, const float*
   float* norm = scratch + n_heads * L;
   for (int64_t j = 0; j < n_heads; ++j) norm[j] = -INFINITY;
   // Scores and their maxima, block by block (K).
-  rows.for_each_block(rows.k, [&](int64_t t0, int64_t n, int64_t base, const auto& ahead) {
+  rows.for_each_block(rows.k, rows.k_scales, [&](int64_t t0, int64_t n, int64_t base, const auto& ahead) {
+    [[maybe_unused]] const int64_t sbase = rows.scale_base(base);
     for (int64_t j = 0; j < n_heads; ++j) {
       rows.prefetch_slice(ahead, j, n_heads);
       const int64_t h = rows.h0 + j;
@@ -199,7 +221,12 @@ void attend_heads(const AttentionArgs& a, const QueryRows<T>& rows, const float*
           R part[W];
 #pragma GCC unroll 16
           for (int p = 0; p < W; ++p) part[p] = dot_partial<NV>(qh, k + (o + p) * stride);
-          const R sc = Vec::mul(lane_sums(part), Vec::set1(a.scale));
+          R sc = Vec::mul(lane_sums(part), Vec::set1(a.scale));
+          if constexpr (QueryRows<T>::kScaled) {
+            float ks[W];
+            for (int p = 0; p < W; ++p) ks[p] = rows.scale_at(rows.k_scales, sbase, o + p, h);
+            sc = Vec::mul(sc, Vec::load(ks));
+          }
           Vec::store(s + o, sc);
           mv = Vec::max(sc, mv);
         }
@@ -208,6 +235,7 @@ void attend_heads(const AttentionArgs& a, const QueryRows<T>& rows, const float*
       for (; o < n; ++o) {
         if constexpr (NV > 0) s[o] = dot_fixed<NV>(qh, k + o * stride) * a.scale;
         else s[o] = dot_any(qh, k + o * stride, D) * a.scale;
+        if constexpr (QueryRows<T>::kScaled) s[o] *= rows.scale_at(rows.k_scales, sbase, o, h);
         m = s[o] > m ? s[o] : m;
       }
       norm[j] = m;
@@ -216,12 +244,16 @@ void attend_heads(const AttentionArgs& a, const QueryRows<T>& rows, const float*
   for (int64_t j = 0; j < n_heads; ++j) norm[j] = 1.0f / exponentiate(scratch + j * L, L, norm[j]);
   // The probability-weighted sum of the values, block by block (V), normalised at the end.
   for (int64_t d = 0; d < n_heads * D; ++d) out[rows.h0 * D + d] = 0.0f;
-  rows.for_each_block(rows.v, [&](int64_t t0, int64_t n, int64_t base, const auto& ahead) {
+  rows.for_each_block(rows.v, rows.v_scales, [&](int64_t t0, int64_t n, int64_t base, const auto& ahead) {
+    [[maybe_unused]] const int64_t sbase = rows.scale_base(base);
     for (int64_t j = 0; j < n_heads; ++j) {
       rows.prefetch_slice(ahead, j, n_heads);
       const int64_t h = rows.h0 + j;
-      if constexpr (NV > 0) accumulate_fixed<NV>(rows.v + base + h * D, stride, scratch + j * L + t0, n, out + h * D);
-      else accumulate_any(rows.v + base + h * D, stride, scratch + j * L + t0, n, D, out + h * D);
+      float* p = scratch + j * L + t0;
+      if constexpr (QueryRows<T>::kScaled)  // each position's weight p_t * s_v (p is not needed after)
+        for (int64_t o = 0; o < n; ++o) p[o] *= rows.scale_at(rows.v_scales, sbase, o, h);
+      if constexpr (NV > 0) accumulate_fixed<NV>(rows.v + base + h * D, stride, p, n, out + h * D);
+      else accumulate_any(rows.v + base + h * D, stride, p, n, D, out + h * D);
     }
   });
   for (int64_t j = 0; j < n_heads; ++j)
@@ -238,9 +270,9 @@ void attend(const AttentionArgs& a, float* scratch, int64_t task_begin, int64_t 
     const int64_t i = task / H, h0 = task % H;
     const int64_t h1 = task_end - i * H < H ? task_end - i * H : H;
     const int64_t s = a.query_rows ? a.query_rows[i] : i;
-    const QueryRows<T> rows{static_cast<const T*>(a.k_cache), static_cast<const T*>(a.v_cache),
-                            a.block_tables + s * a.max_blocks, a.lengths[i], a.block_size,
-                            a.block_size * H * D, H * D, h0, h1, D};
+    const QueryRows<T> rows{static_cast<const T*>(a.k_cache), static_cast<const T*>(a.v_cache), a.k_scales,
+                            a.v_scales, a.block_tables + s * a.max_blocks, a.lengths[i], a.block_size,
+                            a.block_size * H * D, H * D, h0, h1, D, H};
     attend_heads<NV>(a, rows, a.q + i * q_stride, a.out + i * H * D, scratch);
     task = i * H + h1;
   }
@@ -269,10 +301,14 @@ void attend_head_dim(const AttentionArgs& a, float* scratch, int64_t task_begin,
 //   out[i, h, :] = softmax(scale * K_s[:L, h, :] @ q[i, h, :]) @ V_s[:L, h, :]
 // position t of sequence s living in block block_tables[s * max_blocks + t / block_size] at offset
 // t % block_size. `scratch` holds attention_scratch_floats(n_head, max(lengths)) floats. fp16
-// caches are converted on load (exactly), so they give the same arithmetic on the same values.
+// caches are converted on load (exactly), so they give the same arithmetic on the same values;
+// int8 caches give it on code * scale, up to the order of fp32 roundings.
 void paged_attention(const AttentionArgs& a, float* scratch, int64_t task_begin, int64_t task_end) {
-  if (a.kv_half) attend_head_dim<uint16_t>(a, scratch, task_begin, task_end);
-  else attend_head_dim<float>(a, scratch, task_begin, task_end);
+  switch (a.kv_type) {
+    case KVType::kInt8: return attend_head_dim<int8_t>(a, scratch, task_begin, task_end);
+    case KVType::kFloat16: return attend_head_dim<uint16_t>(a, scratch, task_begin, task_end);
+    default: return attend_head_dim<float>(a, scratch, task_begin, task_end);
+  }
 }
 
 }  // namespace cgq::cpu::CGQ_ISA

@@ -24,6 +24,7 @@
 #include "cpu/dispatch.h"
 #include "cpu/kernel_table.h"
 #include "cpu/kernels.h"
+#include "cpu/kv_int8.h"
 #include "cpu/rotary.h"
 
 namespace cgq::cpu {
@@ -182,10 +183,12 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
   int32_t* lengths = length_buf.get_as<int32_t>(S);
   for (int64_t s = 0; s < S; ++s) lengths[s] = a.positions[s] + 1;
   // Attention over the first layer's pool; the other layers differ only in the cache pointers.
-  const int64_t layer_bytes = a.num_blocks * a.block_size * d * (a.kv_half ? 2 : 4);
+  const int64_t layer_slots = a.num_blocks * a.block_size;  // (token, head) scales: layer_slots * H
+  const int64_t layer_bytes = layer_slots * d * kv_element_bytes(a.kv_type);
+  const bool int8 = a.kv_type == KVType::kInt8;
   AttentionArgs attention;
   attention.q = qkv, attention.q_stride = 3 * d, attention.k_cache = a.k_cache, attention.v_cache = a.v_cache;
-  attention.kv_half = a.kv_half;
+  attention.kv_type = a.kv_type, attention.k_scales = a.k_scales, attention.v_scales = a.v_scales;
   attention.block_tables = a.block_tables, attention.n_table_rows = S, attention.lengths = lengths;
   attention.out = attn, attention.n_query = S, attention.n_head = H, attention.head_dim = D;
   attention.block_size = a.block_size, attention.max_blocks = a.max_blocks, attention.num_blocks = a.num_blocks;
@@ -230,8 +233,10 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
       // 3. Per (sequence, head): rotary and KV append; then attention over this job's heads.
       void* k_layer = static_cast<char*>(a.k_cache) + static_cast<int64_t>(li) * layer_bytes;
       void* v_layer = static_cast<char*>(a.v_cache) + static_cast<int64_t>(li) * layer_bytes;
+      uint16_t* k_scales = int8 ? a.k_scales + static_cast<int64_t>(li) * layer_slots * H : nullptr;
+      uint16_t* v_scales = int8 ? a.v_scales + static_cast<int64_t>(li) * layer_slots * H : nullptr;
       AttentionArgs at = attention;
-      at.k_cache = k_layer, at.v_cache = v_layer;
+      at.k_cache = k_layer, at.v_cache = v_layer, at.k_scales = k_scales, at.v_scales = v_scales;
       for (int64_t task = heads.begin; task < heads.end; ++task) {
         const int64_t s = task / H, h = task % H;
         float* q_head = qkv + s * 3 * d + h * D;
@@ -241,9 +246,14 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
         const float* cos = m.cos + a.positions[s] * half;
         rotate_head(q_head, sin, cos, half);
         rotate_head(k_head, sin, cos, half);
-        const int64_t slot = ((static_cast<int64_t>(a.slot_blocks[s]) * a.block_size + a.slot_offsets[s]) * H + h) * D;
-        k.store_kv_row(k_layer, a.kv_half, slot, k_head, D);
-        k.store_kv_row(v_layer, a.kv_half, slot, v_head, D);
+        const int64_t slot = (static_cast<int64_t>(a.slot_blocks[s]) * a.block_size + a.slot_offsets[s]) * H + h;
+        if (int8) {
+          quantize_kv_head(k_head, D, static_cast<int8_t*>(k_layer) + slot * D, k_scales + slot);
+          quantize_kv_head(v_head, D, static_cast<int8_t*>(v_layer) + slot * D, v_scales + slot);
+        } else {
+          k.store_kv_row(k_layer, a.kv_type == KVType::kFloat16, slot * D, k_head, D);
+          k.store_kv_row(v_layer, a.kv_type == KVType::kFloat16, slot * D, v_head, D);
+        }
       }
       k.paged_attention(at, scores, heads.begin, heads.end);
       barrier.wait();

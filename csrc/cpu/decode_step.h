@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/qformat.h"
+
 namespace cgq::cpu {
 
 // A quantized Linear as the qlinear kernels take it (QLinearArgs without x / y / M).
@@ -57,9 +59,11 @@ struct DecodeModel {
 struct DecodeStepArgs {
   float* h = nullptr;  // [S, d] fp32: the embeddings in, the last block's output out
   int64_t S = 0;
-  void* k_cache = nullptr;  // [n_layer, num_blocks, block_size, n_head, head_dim] fp32, or fp16
-  void* v_cache = nullptr;  // bits with kv_half
-  bool kv_half = false;
+  void* k_cache = nullptr;  // [n_layer, num_blocks, block_size, n_head, head_dim] of kv_type
+  void* v_cache = nullptr;
+  KVType kv_type = KVType::kFloat32;
+  uint16_t* k_scales = nullptr;  // kInt8 only: fp16 bits [n_layer, num_blocks, block_size, n_head]
+  uint16_t* v_scales = nullptr;
   int64_t num_blocks = 0, block_size = 0;
   const int32_t* positions = nullptr;     // [S]: the new token's position (= cached length)
   const int32_t* slot_blocks = nullptr;   // [S]: cache slot of the new token

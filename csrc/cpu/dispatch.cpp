@@ -159,7 +159,16 @@ int quantize(const WeightRows& w, int64_t N, const QuantizeOut& o) {
   return status.load();
 }
 
+// The cache's element type is one of KVType's, and an int8 cache comes with its scales.
+static void check_kv_type(KVType t, const void* k_scales, const void* v_scales, const char* op) {
+  if (t != KVType::kFloat32 && t != KVType::kFloat16 && t != KVType::kInt8)
+    throw std::invalid_argument(std::string(op) + ": kv_type must be 0 (float32), 1 (float16) or 2 (int8)");
+  if (t == KVType::kInt8 && (!k_scales || !v_scales))
+    throw std::invalid_argument(std::string(op) + ": an int8 KV cache needs its k and v scales");
+}
+
 int64_t check_attention_tables(const AttentionArgs& a) {
+  check_kv_type(a.kv_type, a.k_scales, a.v_scales, "attention");
   if (a.n_query < 0 || a.n_head <= 0 || a.head_dim <= 0 || a.block_size <= 0 || a.max_blocks <= 0 ||
       a.n_table_rows <= 0)
     throw std::invalid_argument("attention: sizes must be positive");
@@ -189,8 +198,8 @@ void paged_attention(const AttentionArgs& a) {
   const int64_t longest = check_attention_tables(a);
   const auto fn = kernels().paged_attention;
   const int64_t tasks = a.n_query * a.n_head;
-  // A (query, head) task reads longest * head_dim * 8 (fp16: 4) bytes of K and V at most.
-  const int jobs = max_jobs(1, tasks, longest * a.head_dim * (a.kv_half ? 4 : 8));
+  // A (query, head) task reads longest * head_dim * 2 elements of K and V at most.
+  const int jobs = max_jobs(1, tasks, longest * a.head_dim * 2 * kv_element_bytes(a.kv_type));
   parallel_for(tasks, 1, [&](int64_t b, int64_t e) {
     thread_local std::vector<float> scratch;
     const auto floats = static_cast<size_t>(attention_scratch_floats(a.n_head, longest));
@@ -206,6 +215,7 @@ void rotary_kv_append(const RotaryAppendArgs& a) {
     throw std::invalid_argument("rotary_kv_append: rotary_dim must be even and at most head_dim");
   if (!a.qkv || !a.positions || !a.sin || !a.cos || !a.slot_blocks || !a.slot_offsets || !a.k_cache || !a.v_cache)
     throw std::invalid_argument("rotary_kv_append: null pointer");
+  check_kv_type(a.kv_type, a.k_scales, a.v_scales, "rotary_kv_append");
   for (int64_t t = 0; t < a.T; ++t) {
     if (a.positions[t] < 0 || a.positions[t] >= a.n_positions)
       throw std::invalid_argument("rotary_kv_append: position " + std::to_string(a.positions[t]) +

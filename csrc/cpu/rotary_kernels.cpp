@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "cpu/kernels.h"
+#include "cpu/kv_int8.h"
 #include "cpu/rotary.h"
 #include "cpu/simd.h"
 
@@ -33,9 +34,16 @@ void rotary_kv_append(const RotaryAppendArgs& a, int64_t t_begin, int64_t t_end)
       rotate_head(q + h * D, sin, cos, half);
       rotate_head(k + h * D, sin, cos, half);
     }
-    const int64_t slot = (static_cast<int64_t>(a.slot_blocks[t]) * a.block_size + a.slot_offsets[t]) * row;
-    store_kv_row(a.k_cache, a.kv_half, slot, k, row);
-    store_kv_row(a.v_cache, a.kv_half, slot, v, row);
+    const int64_t token = static_cast<int64_t>(a.slot_blocks[t]) * a.block_size + a.slot_offsets[t];
+    if (a.kv_type == KVType::kInt8) {  // one scale per head
+      for (int64_t h = 0; h < H; ++h) {
+        quantize_kv_head(k + h * D, D, static_cast<int8_t*>(a.k_cache) + token * row + h * D, a.k_scales + token * H + h);
+        quantize_kv_head(v + h * D, D, static_cast<int8_t*>(a.v_cache) + token * row + h * D, a.v_scales + token * H + h);
+      }
+    } else {
+      store_kv_row(a.k_cache, a.kv_type == KVType::kFloat16, token * row, k, row);
+      store_kv_row(a.v_cache, a.kv_type == KVType::kFloat16, token * row, v, row);
+    }
   }
 }
 
