@@ -12,6 +12,7 @@ import transformers
 
 from codegen_q.checkpoint import qkv_head_major_permutation
 from codegen_q.config import CodeGenConfig
+from codegen_q.kv_cache import PagedKVCache
 from codegen_q.model import CodeGenModel
 from codegen_q.quantize import quantize_weight
 from codegen_q.testing.tokenizer_files import write_tokenizer_files
@@ -86,3 +87,28 @@ def fp32_tolerance(ref: torch.Tensor) -> float:
     # products and softmaxes accumulate a few hundred ulps at most: 1e-5 relative to the largest
     # logit is ~ 100 ulps of it and 10x above what we observe (~1e-6).
     return 1e-5 * float(ref.abs().max())
+
+
+def run_prompt_then_steps(model, prompts, steps, fused: bool, min_bytes: int | None = None, kv_dtype=torch.float32,
+         cache_tokens: int = 256):
+    """Prompts, then `steps` greedy single-token steps; (stacked last logits per step, tokens fed).
+    fused=False takes the op-by-op path; min_bytes sets the fused step's work per thread."""
+    saved = model.fused
+    if not fused:
+        model.fused = None
+    elif min_bytes is not None:
+        model.fused.native.min_block_bytes_per_job = min_bytes
+    try:
+        cache = PagedKVCache.for_tokens(model.config, cache_tokens, block_size=16, dtype=kv_dtype)
+        seqs = [cache.add_sequence() for _ in prompts]
+        logits = model.forward([torch.tensor(p) for p in prompts], cache, seqs)
+        history, tokens = [torch.stack([l[-1] for l in logits])], [int(l[-1].argmax()) for l in logits]
+        fed = []
+        for _ in range(steps):
+            fed.append(tokens)
+            logits = model.forward([torch.tensor([t]) for t in tokens], cache, seqs)
+            history.append(torch.stack([l[-1] for l in logits]))
+            tokens = [int(l[-1].argmax()) for l in logits]
+        return torch.stack(history), fed
+    finally:
+        model.fused = saved

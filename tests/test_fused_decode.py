@@ -18,33 +18,11 @@ import codegen_q
 from codegen_q import _native
 from codegen_q.kv_cache import PagedKVCache
 from codegen_q.testing import reference
-from model_support import converted_weights, our_model, reference_model, reference_with_tokenizer
+from model_support import (converted_weights, our_model, reference_model, reference_with_tokenizer,
+                           run_prompt_then_steps)
 
 SCHEMES = {"int8": 8, "int4": 4}
 OTHER = {8: 4, 4: 8}  # the lm_head's scheme beside the blocks': int4 blocks get the format's int8 default
-
-
-def _run(model, prompts, steps, fused: bool, min_bytes: int | None = None, kv_dtype=torch.float32,
-         cache_tokens: int = 256):
-    saved = model.fused
-    if not fused:
-        model.fused = None
-    elif min_bytes is not None:
-        model.fused.native.min_block_bytes_per_job = min_bytes
-    try:
-        cache = PagedKVCache.for_tokens(model.config, cache_tokens, block_size=16, dtype=kv_dtype)
-        seqs = [cache.add_sequence() for _ in prompts]
-        logits = model.forward([torch.tensor(p) for p in prompts], cache, seqs)
-        history, tokens = [torch.stack([l[-1] for l in logits])], [int(l[-1].argmax()) for l in logits]
-        fed = []
-        for _ in range(steps):
-            fed.append(tokens)
-            logits = model.forward([torch.tensor([t]) for t in tokens], cache, seqs)
-            history.append(torch.stack([l[-1] for l in logits]))
-            tokens = [int(l[-1].argmax()) for l in logits]
-        return torch.stack(history), fed
-    finally:
-        model.fused = saved
 
 
 # Jobs of a step: one; two, which split the 4 heads evenly; three, which do not.
@@ -64,8 +42,8 @@ def test_fused_step_matches_op_by_op(cpu_isa, shape, scheme, jobs, kv_dtype):
         codegen_q.set_num_threads(max(2, JOBS[jobs]))
     prompts = [[5, 9, 2, 7, 1, 3, 3, 8, 4, 4, 6, 1, 0, 2, 9], [11], list(range(20, 37))]  # 15, 1, 17 tokens
     min_bytes = 1 if JOBS[jobs] > 1 else 1 << 40
-    got, fed_got = _run(model, prompts, 20, fused=True, min_bytes=min_bytes, kv_dtype=kv_dtype)  # crosses blocks
-    want, fed_want = _run(model, prompts, 20, fused=False, kv_dtype=kv_dtype)
+    got, fed_got = run_prompt_then_steps(model, prompts, 20, fused=True, min_bytes=min_bytes, kv_dtype=kv_dtype)  # crosses blocks
+    want, fed_want = run_prompt_then_steps(model, prompts, 20, fused=False, kv_dtype=kv_dtype)
     assert fed_got == fed_want  # greedy tokens identical
     # fp32 rounding over 3 blocks of O(d)-term dot products: 1e-5 of the logits' scale. With an
     # fp16 cache, a K/V value whose two fp32 versions straddle an fp16 rounding boundary is stored
@@ -85,7 +63,7 @@ def test_fused_steps_match_the_float64_reference(cpu_isa, scheme):
     model = our_model(hf, bits, lm_head_bits=OTHER[bits])
     weights = converted_weights(hf, bits, lm_head_bits=OTHER[bits])
     prompts = [[5, 9, 2, 7, 1, 3, 3, 8], [11], list(range(20, 37))]
-    got, fed = _run(model, prompts, 12, fused=True)
+    got, fed = run_prompt_then_steps(model, prompts, 12, fused=True)
     for s, prompt in enumerate(prompts):
         ids = prompt + [step[s] for step in fed]
         want = reference.logits(weights, hf.config, ids)[len(prompt) - 1:]
@@ -94,8 +72,8 @@ def test_fused_steps_match_the_float64_reference(cpu_isa, scheme):
 
 def _assert_fused_matches_op_by_op(model, prompts, steps, min_bytes: int | None = None, cache_tokens: int = 256):
     """Same greedy tokens and logits to fp32 rounding (see the module docstring)."""
-    got, fed_got = _run(model, prompts, steps, fused=True, min_bytes=min_bytes, cache_tokens=cache_tokens)
-    want, fed_want = _run(model, prompts, steps, fused=False, cache_tokens=cache_tokens)
+    got, fed_got = run_prompt_then_steps(model, prompts, steps, fused=True, min_bytes=min_bytes, cache_tokens=cache_tokens)
+    want, fed_want = run_prompt_then_steps(model, prompts, steps, fused=False, cache_tokens=cache_tokens)
     assert fed_got == fed_want
     assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
 
@@ -181,7 +159,7 @@ def test_fused_step_rejects_a_bad_slot():
                                   wte_half=wte.dtype == torch.float16, wte_rows=7)  # id 7 of 7 rows
 
 
-def _greedy_run(model, prompts, steps, vocab_limit, min_bytes):
+def _greedyrun_prompt_then_steps(model, prompts, steps, vocab_limit, min_bytes):
     model.fused.native.min_block_bytes_per_job = min_bytes
     cache = PagedKVCache.for_tokens(model.config, 256, block_size=16)
     seqs = [cache.add_sequence() for _ in prompts]
@@ -207,7 +185,7 @@ def test_greedy_step_picks_what_argmax_of_the_logits_picks(cpu_isa, scheme, jobs
     codegen_q.set_num_threads(2)
     prompts = [[5, 9, 2, 7, 1, 3], [11], list(range(20, 37))]
     min_bytes = 1 if jobs == "all" else 1 << 40
-    got = _greedy_run(model, prompts, 19, vocab - 3, min_bytes)
+    got = _greedyrun_prompt_then_steps(model, prompts, 19, vocab - 3, min_bytes)
     cache = PagedKVCache.for_tokens(model.config, 256, block_size=16)
     seqs = [cache.add_sequence() for _ in prompts]
     want, feed = [], [torch.tensor(p) for p in prompts]

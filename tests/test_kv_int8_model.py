@@ -18,8 +18,8 @@ from codegen_q.engine import Engine
 from codegen_q.memory_plan import kv_cache_bytes
 from codegen_q.model import CodeGenModel
 from engine_support import drive, ids, reference, solo_greedy, tok  # noqa: F401 (fixtures)
-from test_fused_decode import _run
-from test_model import VOCAB, converted_weights, fp32_tolerance, our_model, reference_model
+from model_support import (VOCAB, converted_weights, fp32_tolerance, our_model, reference_model,
+                           run_prompt_then_steps)
 
 # Stated bound on the shipped model's logits, int8 against fp32 KV, teacher-forced on held-out
 # code: 1 % of the largest logit's magnitude. Not derived through the network: each stored
@@ -59,8 +59,8 @@ def test_the_fused_decode_step_computes_the_op_by_op_function_on_int8_kv(cpu_isa
         warnings.simplefilter("ignore", RuntimeWarning)
         codegen_q.set_num_threads(2)
     prompts = [[5, 9, 2, 7, 1, 3, 3, 8, 4, 4, 6, 1, 0, 2, 9], [11], list(range(20, 37))]
-    got, fed_got = _run(model, prompts, 20, fused=True, min_bytes=1, kv_dtype=torch.int8)
-    want, fed_want = _run(model, prompts, 20, fused=False, kv_dtype=torch.int8)
+    got, fed_got = run_prompt_then_steps(model, prompts, 20, fused=True, min_bytes=1, kv_dtype=torch.int8)
+    want, fed_want = run_prompt_then_steps(model, prompts, 20, fused=False, kv_dtype=torch.int8)
     assert fed_got == fed_want  # greedy tokens identical
     # Same arithmetic up to fp32 summation order, except that a K/V element whose two fp32 versions
     # straddle a rounding boundary of the int8 grid is stored one step (<= 1/127 of its head row's
