@@ -106,9 +106,9 @@ def running_replicas() -> int:
     return status.deployments["codegen-q"].replica_states.get("RUNNING", 0)
 
 
-def replica_pids() -> set[int]:
-    """This test's replica processes: descendants of this process (the local Ray instance's
-    raylet starts them) whose title Ray set to ray::ServeReplica:..."""
+def replica_pids(app: str = APP) -> set[int]:
+    """``app``'s replica processes: descendants of this process (the local Ray instance's raylet
+    starts them) whose title Ray set to ray::ServeReplica:APP:..."""
     children = collections.defaultdict(list)
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -122,7 +122,7 @@ def replica_pids() -> set[int]:
             todo.append(pid)
             with contextlib.suppress(OSError):
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if f.read().startswith(b"ray::ServeReplica:"):
+                    if f.read().startswith(f"ray::ServeReplica:{app}:".encode()):
                         found.add(pid)
     return found
 
@@ -193,6 +193,39 @@ def test_sixteen_concurrent_clients_all_complete(model, ray_client):
         got = list(pool.map(lambda p: stream_text(ray_client, p, 10)[:2], prompts))
     assert [text for text, _ in got] == [greedy(model, p, 10) for p in prompts]
     assert all(reason in ("length", "stop") for _, reason in got)
+
+
+def test_past_max_queue_waiting_requests_get_429_with_retry_after(model, model_dir, ray_port):
+    """--max-queue caps what waits in Ray's router, as it caps the single server's queue: past it,
+    429 with Retry-After. A second application (one replica decoding one request at a time,
+    two may wait) under /queue, deleted at the end."""
+    app = "codegen-q-queue"
+    options = RayServeOptions(model=model_dir, model_name="tiny", max_batch=1, max_queue=2, threads_per_replica=1)
+    serve.run(application(options), name=app, route_prefix="/queue")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{ray_port}/queue/v1", api_key="unused", max_retries=0,
+                               timeout=TIMEOUT)
+        prompts = [f"{PROMPTS[i % len(PROMPTS)]}{i}" for i in range(12)]
+
+        def one(prompt: str):
+            try:
+                return client.completions.create(model="tiny", prompt=prompt, max_tokens=100, temperature=0)
+            except openai.RateLimitError as exc:
+                return exc
+
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            results = list(pool.map(one, prompts))
+        refused = [r for r in results if isinstance(r, openai.RateLimitError)]
+        # 12 at once, each of 100 tokens, where one decodes and two may wait: some are turned away
+        # (how many depends on when each arrives), each with a 429 and Retry-After, none otherwise.
+        assert refused
+        assert all(r.response.status_code == 429 and r.response.headers["retry-after"] == "1" for r in refused)
+        for prompt, r in zip(prompts, results):
+            if r not in refused:
+                assert r.choices[0].text == greedy(model, prompt, 100)
+    finally:
+        serve.delete(app)
+    wait_until(lambda: not replica_pids(app), "the second application's replica to stop")
 
 
 def test_a_killed_replica_loses_only_requests_running_on_it_and_is_replaced(model, ray_port, ray_client):

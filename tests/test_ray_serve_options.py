@@ -24,8 +24,9 @@ def serve_error(capsys, *argv: str) -> str:
 
 
 def test_fixed_replicas_on_cpu_threads():
-    o = RayServeOptions(replicas=3, threads_per_replica=2, max_batch=4).deployment_options()
-    assert o == {"ray_actor_options": {"num_cpus": 2}, "max_ongoing_requests": 4, "num_replicas": 3}
+    o = RayServeOptions(replicas=3, threads_per_replica=2, max_batch=4, max_queue=32).deployment_options()
+    assert o == {"ray_actor_options": {"num_cpus": 2}, "max_ongoing_requests": 4, "num_replicas": 3,
+                 "max_queued_requests": 32, "backpressure_config": {"status_code": 429, "retry_after_s": 1}}
     assert RayServeOptions().deployment_options()["ray_actor_options"] == {"num_cpus": 1}
 
 

@@ -10,6 +10,8 @@ import dataclasses
 import os
 from typing import Any
 
+from codegen_q.server.api import RETRY_AFTER_SECONDS
+
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -99,6 +101,10 @@ class RayServeOptions:
             # a replica: the rest wait in Ray's router, and a replica that dies takes down only the
             # requests that were running on it (the router sends the waiting ones elsewhere).
             "max_ongoing_requests": self.max_batch,
+            # What waits is capped per proxy (per node) at --max-queue, answered past it as the
+            # single server answers a full queue: 429 with Retry-After (Ray's body, not OpenAI's).
+            "max_queued_requests": self.max_queue,
+            "backpressure_config": {"status_code": 429, "retry_after_s": RETRY_AFTER_SECONDS},
         }
         if self.autoscaling:
             low, high = self.replica_bounds
