@@ -51,13 +51,15 @@ def test_bench_serve_ray_smoke_run(tmp_path):
     quantize_checkpoint(str(tmp_path / "hub"), str(tmp_path / "q4"), bits=4, group_size=32, progress=False)
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, TOOL, "--ray", "--replicas", "1", "--model", str(tmp_path / "q4"),
-                           "--requests", "4", "--max-tokens", "4", "--routing-requests", "2", "--json", str(out)],
+                           "--requests", "4", "--max-tokens", "4", "--routing-requests", "2", "--rounds", "1",
+                           "--json", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for row in ("codegen-q serve --threads 1", "--ray, 1 replica(s) x 1 thread", "one request"):
         assert row in proc.stdout
     data = json.loads(out.read_text())
     assert set(data["servers"]) == {"direct", "ray-1"} and data["servers"]["ray-1"]["vs_ray_1"] == 1.0
+    assert all(level["rounds_tokens_per_s"] == [level["tokens_per_s"]] for level in data["servers"].values())
     for level in data["servers"].values():
         assert level["requests"] == 4 and len(level["per_request"]) == 4
         assert 4 <= level["tokens"] <= 16 and level["tokens_per_s"] > 0

@@ -370,11 +370,13 @@ def main(argv=None) -> int:
     ray.add_argument("--routing-requests", type=int, default=20,
                      help="times the one request is sent to measure Ray's routing (default 20)")
     ray.add_argument("--routing-tokens", type=int, default=16, help="its new tokens (default 16)")
+    ray.add_argument("--rounds", type=int, default=3, help="rounds, servers taking turns (default 3)")
     args = p.parse_args(argv)
     if args.quick:
         args.requests, args.max_tokens, args.editor_requests = min(args.requests, 4), min(args.max_tokens, 8), 3
-        args.routing_requests = min(args.routing_requests, 4)
-    for name in ("requests", "max_tokens", "editor_requests", "prefix_tokens", "routing_requests", "routing_tokens"):
+        args.routing_requests, args.rounds = min(args.routing_requests, 4), 1
+    for name in ("requests", "max_tokens", "editor_requests", "prefix_tokens", "routing_requests", "routing_tokens",
+                 "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.ray:
