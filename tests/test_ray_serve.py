@@ -148,6 +148,23 @@ def stream_text(client, prompt: str, n: int) -> tuple[str, str | None, int]:
 # --------------------------------------------------------------------------------------------
 
 
+def test_ray_accepts_the_deployment_options():
+    """Ray Serve's own validation of what RayServeOptions makes (no cluster needed)."""
+    from codegen_q.server.ray_app import CompletionServer
+
+    options = RayServeOptions(replicas=2, min_replicas=1, max_replicas=4, max_batch=3, max_queue=7,
+                              threads_per_replica=2)
+    d = CompletionServer.options(**options.deployment_options())
+    assert (d.name, d.max_ongoing_requests, d.max_queued_requests, d.ray_actor_options) == ("codegen-q", 3, 7,
+                                                                                          {"num_cpus": 2})
+    assert (d.backpressure_config.status_code, d.backpressure_config.retry_after_s) == (429, 1)
+    scaling = d._deployment_config.autoscaling_config  # no public accessor in Ray 2.60
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.initial_replicas,
+            scaling.target_ongoing_requests) == (1, 4, 2, 3)
+    gpu = CompletionServer.options(**RayServeOptions(gpus_per_replica=1).deployment_options())
+    assert gpu.ray_actor_options == {"num_cpus": 1, "num_gpus": 1} and gpu.num_replicas == 1
+
+
 def test_two_replicas_run(ray_port):
     assert running_replicas() == 2
     assert len(replica_pids()) == 2

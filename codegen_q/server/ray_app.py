@@ -13,7 +13,7 @@ What happens to requests when a replica dies (ray/serve/_private/router.py): a r
 the proxy's router until a replica accepts it (each replica takes at most max_batch, so every
 accepted request is decoding); one sent to a replica that dies before accepting it, or still
 waiting, is routed to another replica. Requests already running on the dead replica fail (HTTP
-500, or an error ending a stream); their clients may resend them.
+500, or a stream cut short); their clients may resend them.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from ray.serve import Application
 
 from codegen_q.server.ray_options import RayServeOptions
 
-API_KEY_ENV = "CODEGEN_Q_API_KEY"
 DEPLOYMENT_NAME = "codegen-q"
 
 
@@ -53,7 +52,7 @@ class CompletionServer:
                           num_threads=None if options.gpus_per_replica else options.threads)
 
     def __serve_build_asgi_app__(self):
-        from codegen_q.cli_serve import DEFAULT_MODEL_NAME, kv_tokens_for
+        from codegen_q.cli_serve import API_KEY_ENV, DEFAULT_MODEL_NAME, kv_tokens_for
         from codegen_q.server.api import create_app
 
         o = self.options
