@@ -3,7 +3,8 @@
 The app is codegen_q/server (create_app); this module loads the model, sizes the KV pool from
 --kv-memory, and runs it under uvicorn, bound to loopback unless told otherwise. Ctrl-C or
 SIGTERM stops accepting connections, gives in-flight requests GRACE_SECONDS to finish, aborts
-what is left and exits 0.
+what is left and exits 0. With --ray the same app runs as replicas on Ray Serve instead
+(cli_serve_ray.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import socket
 import sys
 import warnings
 
+from codegen_q import cli_serve_ray
 from codegen_q.cli_generate import add_kv_dtype_argument, add_prefill_dtype_option, positive_int
 
 API_KEY_ENV = "CODEGEN_Q_API_KEY"
@@ -57,6 +59,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="do not reuse the KV cache of prompt prefixes seen before (by default a request "
                         "computes only what follows its longest cached prefix, e.g. an editor's file)")
+    cli_serve_ray.add_arguments(p, positive_int, _non_negative_int)
     p.set_defaults(func=run)
 
 
@@ -70,6 +73,16 @@ def parse_size(text: str) -> int:
     if m is None or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
         raise argparse.ArgumentTypeError(f"expected a size such as 2GB, 512MB or 1.5GiB, got {text!r}")
     return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+    return n
 
 
 def _port(text: str) -> int:
@@ -106,6 +119,13 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    cli_serve_ray.check_flags(args)
+    if args.ray:
+        api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+        name = args.model_name or (DEFAULT_MODEL_NAME if args.model is None else None)
+        _log_to_stderr()
+        _warn_if_open(args.host, args.port, api_key)
+        return cli_serve_ray.run(args, api_key, name)
     try:
         import uvicorn
 
@@ -135,9 +155,7 @@ def run(args: argparse.Namespace) -> int:
         f"[{host}]" if ":" in host else host, port, cache.num_blocks * cache.block_size,
         "on" if args.prefix_cache else "off", args.max_batch, args.max_queue,
         "API key required" if api_key else "no API key")
-    if not _is_loopback(args.host) and api_key is None:
-        warnings.warn(f"serving on {args.host} without an API key: anyone who can reach port {args.port} can use "
-                      f"it (set --api-key or ${API_KEY_ENV})", RuntimeWarning, stacklevel=2)
+    _warn_if_open(args.host, args.port, api_key)
     config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=GRACE_SECONDS, log_level="info")
     # uvicorn turns SIGINT / SIGTERM into a graceful shutdown, then raises the signal again; with
@@ -150,6 +168,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         sock.close()
     return 0
+
+
+def _warn_if_open(host: str, port: int, api_key: str | None) -> None:
+    if not _is_loopback(host) and api_key is None:
+        warnings.warn(f"serving on {host} without an API key: anyone who can reach port {port} can use "
+                      f"it (set --api-key or ${API_KEY_ENV})", RuntimeWarning, stacklevel=3)
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -26,6 +26,7 @@ warm TTFT >= 5x faster than cold.
     python tools/bench_serve.py                      # makes the model under build/bench-serve
     python tools/bench_serve.py --quick              # a short smoke run
     python tools/bench_serve.py --model DIR --requests 4 --json out.json
+    python tools/bench_serve.py --ray --replicas 1 2 # on Ray Serve instead (tools/bench_serve_ray.py)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import http.client
 import json
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -158,15 +160,21 @@ def editor_prompts(tokenizer, count: int, prefix_tokens: int) -> tuple[str, list
 # ---------------------------------------------------------------------------------------- server
 
 @contextlib.contextmanager
-def server(model: str, prefix_cache: bool, max_batch: int, threads: int | None):
-    """`codegen-q serve` in a process of its own on 127.0.0.1 (the OS picks the port); yields the port."""
-    cmd = [sys.executable, "-m", "codegen_q.cli", "serve", model, "--host", "127.0.0.1", "--port", "0",
+def server(model: str, prefix_cache: bool, max_batch: int, threads: int | None, ray_replicas: int | None = None):
+    """`codegen-q serve` in a process of its own on 127.0.0.1 (the OS picks the port); yields the port.
+    With ``ray_replicas``: `codegen-q serve --ray` (a Ray instance of its own, ``threads`` per
+    replica) on a free port picked here, since Ray Serve's proxy needs a fixed one."""
+    port = free_port() if ray_replicas else 0
+    cmd = [sys.executable, "-m", "codegen_q.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
            "--max-batch", str(max_batch), "--max-queue", str(max(64, 4 * max_batch))]
-    if threads:
+    if ray_replicas:
+        cmd += ["--ray", "--replicas", str(ray_replicas)] + (["--threads-per-replica", str(threads)] if threads else [])
+    elif threads:
         cmd += ["--threads", str(threads)]
     if not prefix_cache:
         cmd.append("--no-prefix-cache")
     env = {k: v for k, v in os.environ.items() if k != "CODEGEN_Q_API_KEY"}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"  # nothing but 127.0.0.1 is contacted
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
@@ -181,10 +189,16 @@ def server(model: str, prefix_cache: bool, max_batch: int, threads: int | None):
     finally:
         proc.terminate()
         try:
-            proc.wait(30)
+            proc.wait(90 if ray_replicas else 30)  # --ray deletes the application and stops its Ray instance
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(30)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def health(port: int) -> dict:
@@ -254,14 +268,19 @@ def percentile(values: list[float], p: float) -> float:
 
 # ---------------------------------------------------------------------------------------- runs
 
-def bench(args: argparse.Namespace) -> dict:
+def context_of(model: str) -> int:
     from codegen_q.config import CodeGenConfig
+
+    with open(os.path.join(model, "config.json")) as f:
+        return CodeGenConfig.from_dict(json.load(f)).n_positions
+
+
+def bench(args: argparse.Namespace) -> dict:
     from codegen_q.tokenizer import CodeGenTokenizer
 
     model = args.model or prepare_model(args.work)
     tokenizer = CodeGenTokenizer.from_dir(model)
-    with open(os.path.join(model, "config.json")) as f:
-        context = CodeGenConfig.from_dict(json.load(f)).n_positions
+    context = context_of(model)
     # The editor's file, its last line and 32 new tokens must fit the context.
     prefix_tokens = min(args.prefix_tokens, context - EDITOR_MAX_TOKENS - len(tokenizer.encode(TYPED_LINE)) - 4)
     prompt_tokens = min(128, context - args.max_tokens - 16)
@@ -343,12 +362,27 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="the server's CPU threads (default: all cores)")
     p.add_argument("--quick", action="store_true", help="a short smoke run: 4 requests of 8 tokens, 3 keystrokes")
     p.add_argument("--json", default=None, metavar="OUT", help="write the raw numbers here")
+    ray = p.add_argument_group("--ray: the server on Ray Serve (tools/bench_serve_ray.py)")
+    ray.add_argument("--ray", action="store_true", help="instead: concurrency 16 on `codegen-q serve --ray` with "
+                                                       "--replicas replicas of one thread each, against one "
+                                                       "single-machine server with one thread, and Ray's routing cost")
+    ray.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="replica counts to run (default 1 2)")
+    ray.add_argument("--routing-requests", type=int, default=20,
+                     help="times the one request is sent to measure Ray's routing (default 20)")
+    ray.add_argument("--routing-tokens", type=int, default=16, help="its new tokens (default 16)")
+    ray.add_argument("--rounds", type=int, default=3, help="rounds, servers taking turns (default 3)")
     args = p.parse_args(argv)
     if args.quick:
         args.requests, args.max_tokens, args.editor_requests = min(args.requests, 4), min(args.max_tokens, 8), 3
-    for name in ("requests", "max_tokens", "editor_requests", "prefix_tokens"):
+        args.routing_requests, args.rounds = min(args.routing_requests, 4), 1
+    for name in ("requests", "max_tokens", "editor_requests", "prefix_tokens", "routing_requests", "routing_tokens",
+                 "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.ray:
+        import bench_serve_ray
+
+        return bench_serve_ray.main(args)
     out = bench(args)
     print(table(out))
     if args.json:
