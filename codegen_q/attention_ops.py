@@ -134,3 +134,20 @@ def rotary_kv_append(qkv: torch.Tensor, positions: torch.Tensor, sin: torch.Tens
                                        cos.data_ptr(), sin.shape[0], slot_blocks.data_ptr(), slot_offsets.data_ptr(),
                                        k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], k_cache.shape[0],
                                        kv_type, k_scales_ptr, v_scales_ptr)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal self-attention of one fresh prompt: q, k, v [n, n_head, head_dim] float32 on the CPU
+    (rows may be strided, each row's heads contiguous); query i attends to keys 0..i. Returns a
+    new contiguous [n, n_head, head_dim]. Tiled flash-style in C++ (csrc/cpu/causal_attention.h)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_float(name, t, 3)
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {list(q.shape)}, got {list(t.shape)}")
+        if t.stride(2) != 1 or t.stride(1) != t.shape[2]:
+            raise ValueError(f"{name}: each row's heads must be contiguous, got strides {t.stride()}")
+    n, n_head, head_dim = q.shape
+    out = torch.empty((n, n_head, head_dim), dtype=torch.float32)
+    _native.cpu().causal_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), n, n_head, head_dim,
+                                   q.stride(0), k.stride(0), v.stride(0), out.stride(0), float(scale))
+    return out

@@ -22,7 +22,8 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from codegen_q.attention_ops import NATIVE_KV_DTYPES, paged_attention, rotary_kv_append
+from codegen_q import _native
+from codegen_q.attention_ops import NATIVE_KV_DTYPES, causal_attention, paged_attention, rotary_kv_append
 from codegen_q.fused_decode import FusedDecoder
 from codegen_q.kv_cache import PagedKVCache
 from codegen_q.ops import qlinear
@@ -72,15 +73,26 @@ def causal_self_attention(qkv: torch.Tensor, counts: Sequence[int], scale: float
     cache's dtype first, so the result is what the paged kernel would compute from the cache (an
     int8 cache's values are read back from it instead: CodeGenModel._fresh_prompt_kv)."""
     out = torch.empty_like(qkv[:, 0])
+    native = qkv.device.type == "cpu" and qkv.dtype == torch.float32 and native_causal_attention_pays()
     offset = 0
     for n in counts:
-        q, k, v = (qkv[offset:offset + n, i].transpose(0, 1)[None] for i in range(3))  # [1, H, n, D]
+        q, k, v = (qkv[offset:offset + n, i] for i in range(3))  # [n, H, D]
         if kv_dtype != torch.float32:
             k, v = k.to(kv_dtype).float(), v.to(kv_dtype).float()
-        out[offset:offset + n] = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=scale)[0].transpose(0, 1)
+        if native:
+            out[offset:offset + n] = causal_attention(q, k, v, scale)
+        else:
+            out[offset:offset + n] = torch.nn.functional.scaled_dot_product_attention(
+                *(t.transpose(0, 1)[None] for t in (q, k, v)), is_causal=True, scale=scale)[0].transpose(0, 1)
         offset += n
     return out
+
+
+def native_causal_attention_pays() -> bool:
+    """Whether the fresh-prompt attention runs on our tiled kernel rather than torch's SDPA: on the
+    AVX-512 build it is the faster of the two at every prompt length measured; on AVX2 it is not
+    (figures: docs/cpu-kernels.md, "Prompts with int8 activations")."""
+    return _native.cpu().active_isa() == "avx512"
 
 
 def rotary_tables(n_positions: int, rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

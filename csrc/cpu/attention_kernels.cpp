@@ -27,6 +27,7 @@
 #include <cstdint>
 
 #include "cpu/fast_exp.h"
+#include "cpu/causal_attention.h"
 #include "cpu/kernels.h"
 #include "cpu/simd.h"
 
@@ -309,6 +310,21 @@ void paged_attention(const AttentionArgs& a, float* scratch, int64_t task_begin,
     case KVType::kFloat16: return attend_head_dim<uint16_t>(a, scratch, task_begin, task_end);
     default: return attend_head_dim<float>(a, scratch, task_begin, task_end);
   }
+}
+
+int64_t causal_attention_tasks(const CausalAttentionArgs& a) { return causal::tasks(a); }
+
+int64_t causal_attention_scratch(int64_t head_dim) { return causal::scratch_floats(head_dim); }
+
+int64_t causal_attention_keys_floats(const CausalAttentionArgs& a) { return causal::kt_floats(a); }
+
+void causal_attention_keys(const CausalAttentionArgs& a, float* kt, int64_t h_begin, int64_t h_end) {
+  causal::transpose_keys(a, kt, h_begin, h_end);
+}
+
+void causal_attention(const CausalAttentionArgs& a, const float* kt, float* scratch, int64_t task_begin,
+                      int64_t task_end) {
+  causal::run(a, kt, scratch, task_begin, task_end);
 }
 
 }  // namespace cgq::cpu::CGQ_ISA

@@ -22,6 +22,8 @@ void paged_attention(const AttentionArgs& a);
 // The checks paged_attention makes (sizes, pointers, every table row and block id a query will
 // read; std::invalid_argument otherwise). Returns the longest length, the kernel's scratch size.
 int64_t check_attention_tables(const AttentionArgs& a);
+// Causal self-attention of one fresh prompt, threaded over (head, block of query rows); validated.
+void causal_attention(const CausalAttentionArgs& a);
 // Rotary on q and k of a fused qkv projection + append of k and v to the cache; validated.
 void rotary_kv_append(const RotaryAppendArgs& a);
 // Reads `bytes` with every pool thread (one contiguous slice each) and returns a checksum.

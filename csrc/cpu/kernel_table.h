@@ -23,6 +23,11 @@ struct KernelTable {
   uint64_t (*read_checksum)(const uint8_t*, int64_t);
   int (*quantize_rows)(const WeightRows&, const QuantizeOut&, int64_t, int64_t);
   void (*paged_attention)(const AttentionArgs&, float*, int64_t, int64_t);
+  int64_t (*causal_attention_tasks)(const CausalAttentionArgs&);
+  int64_t (*causal_attention_scratch)(int64_t);
+  int64_t (*causal_attention_keys_floats)(const CausalAttentionArgs&);
+  void (*causal_attention_keys)(const CausalAttentionArgs&, float*, int64_t, int64_t);
+  void (*causal_attention)(const CausalAttentionArgs&, const float*, float*, int64_t, int64_t);
   void (*rotary_kv_append)(const RotaryAppendArgs&, int64_t, int64_t);
   void (*store_kv_row)(void*, bool, int64_t, const float*, int64_t);
   void (*gelu_new)(float*, int64_t);

@@ -40,6 +40,18 @@ constexpr int kQuantizeScaleOverflow = 2;
 // Floats of scratch paged_attention takes, for queries of at most `longest` positions: a row of
 // scores and one float per head.
 inline int64_t attention_scratch_floats(int64_t n_head, int64_t longest) { return n_head * (longest + 1); }
+// Causal self-attention of one fresh prompt of n tokens (cpu/causal_attention.h): q, k, v and out
+// are [n, n_head, head_dim] float32 with rows *_stride floats apart; query i attends to keys
+// [0, i].
+struct CausalAttentionArgs {
+  const float* q = nullptr;
+  const float* k = nullptr;
+  const float* v = nullptr;
+  float* out = nullptr;
+  int64_t n = 0, n_head = 0, head_dim = 0;
+  int64_t q_stride = 0, k_stride = 0, v_stride = 0, out_stride = 0;
+  float scale = 1.0f;
+};
 }  // namespace cgq::cpu
 
 #define CGQ_DECLARE_ISA_KERNELS(isa)                                                   \
@@ -61,6 +73,14 @@ inline int64_t attention_scratch_floats(int64_t n_head, int64_t longest) { retur
                     int64_t n_end);                                                    \
   void paged_attention(const AttentionArgs& a, float* scores, int64_t task_begin,       \
                        int64_t task_end);                                              \
+  /* K transposed per head first (keys_floats, keys over heads), then the tasks */      \
+  int64_t causal_attention_tasks(const CausalAttentionArgs& a);                        \
+  int64_t causal_attention_scratch(int64_t head_dim);                                  \
+  int64_t causal_attention_keys_floats(const CausalAttentionArgs& a);                  \
+  void causal_attention_keys(const CausalAttentionArgs& a, float* kt, int64_t h_begin,  \
+                             int64_t h_end);                                           \
+  void causal_attention(const CausalAttentionArgs& a, const float* kt, float* scratch,  \
+                        int64_t task_begin, int64_t task_end);                         \
   void rotary_kv_append(const RotaryAppendArgs& a, int64_t t_begin, int64_t t_end);     \
   /* src[0, n) into a KV cache at element `slot`, as fp16 (half) or fp32 */              \
   void store_kv_row(void* cache, bool half, int64_t slot, const float* src, int64_t n);  \

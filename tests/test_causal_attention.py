@@ -1,0 +1,59 @@
+"""The fresh-prompt causal attention kernel (csrc/cpu/causal_attention.h) against the float64
+reference on every ISA: lengths around its query (32) and key (64) blocks, CodeGen's head dims
+(64, 80, 256) and an odd one, strided rows as the model passes them, outliers in the scores.
+
+Bound: each output is a convex combination of V rows; with fp32 scores, exp and sums, the error is
+a small multiple of fp32 rounding of max |v| (the online softmax rescales at most once per key
+block), stated here as 64 u (max |v| + |out|) plus the score rounding's effect, D u |q||k| x
+max |v|."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codegen_q.attention_ops import causal_attention
+from codegen_q.testing import reference
+from codegen_q.testing.reference import FP32_UNIT_ROUNDOFF
+
+
+@pytest.mark.parametrize("n", [1, 2, 31, 32, 33, 63, 64, 65, 129, 300])
+@pytest.mark.parametrize("head_dim", [64, 80, 256, 40])
+def test_matches_float64(cpu_isa, n, head_dim):
+    g = torch.Generator().manual_seed(n * 1000 + head_dim)
+    n_head = 3
+    qkv = torch.randn(n, 3, n_head, head_dim, generator=g)  # q, k, v as strided views, as the model has them
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    scale = head_dim ** -0.5
+    out = causal_attention(q, k, v, scale)
+    ref = reference.causal_attention(q, k, v, scale)
+    u = FP32_UNIT_ROUNDOFF
+    vmax = float(v.abs().max())
+    score_err = head_dim * u * float((q.abs().sum(-1).max() * k.abs().max())) * scale
+    tol = 64 * u * (vmax + ref.abs()) + 4 * score_err * vmax
+    err = (out.double() - ref).abs()
+    assert (err <= tol).all(), f"{cpu_isa} n={n} D={head_dim}: max error {float(err.max()):.3e}"
+
+
+def test_large_scores_do_not_overflow(cpu_isa):
+    """Scores of +-1000 (exp would overflow without the running maximum) and a query whose early
+    keys dominate: the online softmax must rescale correctly across key blocks."""
+    g = torch.Generator().manual_seed(7)
+    n, h, d = 200, 2, 64
+    q, k, v = (torch.randn(n, h, d, generator=g) for _ in range(3))
+    k[0] *= 300.0
+    q *= 30.0
+    out = causal_attention(q, k, v, d ** -0.5)
+    ref = reference.causal_attention(q, k, v, d ** -0.5)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.double(), ref, atol=1e-4 * float(v.abs().max()), rtol=0)
+
+
+def test_bad_shapes_are_refused():
+    q = torch.randn(5, 2, 8)
+    with pytest.raises(ValueError, match="shape"):
+        causal_attention(q, torch.randn(4, 2, 8), q, 1.0)
+    with pytest.raises(TypeError, match="float32"):
+        causal_attention(q.double(), q, q, 1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        causal_attention(q.transpose(1, 2).contiguous().transpose(1, 2), q, q, 1.0)
