@@ -11,7 +11,9 @@ of torch's fp32 GEMM and torch's int8 GEMM on 2048^3, measured in the same run; 
 2 x (Linear weights) x tokens, attention left out, so the fraction slightly understates).
 
     python tools/bench_prefill.py                              # 350M-shaped, all cores
-    CODEGEN_Q_CPU_ISA=avx2 CT2_FORCE_CPU_ISA=AVX2 python tools/bench_prefill.py   # AVX2 forced
+    CODEGEN_Q_CPU_ISA=avx2 CT2_FORCE_CPU_ISA=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        ATEN_CPU_CAPABILITY=avx2 python tools/bench_prefill.py             # AVX2 forced, every system
+        (CTranslate2's GEMMs run in oneDNN / MKL, which CT2_FORCE_CPU_ISA alone does not restrict)
     python tools/bench_prefill.py --preset tiny --quick        # a smoke run
 
 Checkpoints (and the CTranslate2 conversion) are shared with tools/bench_generate.py under --work.
@@ -209,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"preset": args.preset, "threads": args.threads, "codegen_q_isa": isa,
-                       "ct2_isa": os.environ.get("CT2_FORCE_CPU_ISA", "auto"), "rounds": rounds,
+                       "ct2_isa": os.environ.get("CT2_FORCE_CPU_ISA", "auto"),
+                       "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "auto"),
+                       "mkl_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "auto"), "rounds": rounds,
                        "compute_peak_gops": peak, "rows": rows}, f, indent=2)
     return 0
 
