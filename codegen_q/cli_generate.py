@@ -47,7 +47,9 @@ def add_kv_dtype_argument(p: argparse.ArgumentParser) -> None:
 
 def add_prefill_dtype_option(p: argparse.ArgumentParser) -> None:
     """--prefill-dtype, as generate, serve and eval take it (runtime.load's prefill_dtype)."""
-    p.add_argument("--prefill-dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
+    from codegen_q.runtime import PREFILL_DTYPES
+
+    p.add_argument("--prefill-dtype", default="auto", choices=["auto", *PREFILL_DTYPES],
                    help="a quantized model's GEMM dtype for prompts: int8 quantizes the activations (CPU; several "
                         "times faster, +0.01%% perplexity on the default model), bfloat16 runs torch's bf16 GEMM "
                         "(CPUs with native bf16), float32 is exact (default auto: int8 on the CPU, else float32)")

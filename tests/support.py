@@ -6,6 +6,8 @@ Kept out of conftest.py so test modules can import plain names for parametrize l
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 import codegen_q
@@ -75,3 +77,12 @@ def assert_sums_exact_in_fp32(x64: torch.Tensor, w64: torch.Tensor, bias64: torc
     the kernels sum x*q before scaling: those integers are below 2**24 under the same check.)"""
     worst = float((x64.abs() @ w64.abs().T + bias64.abs()).max()) if x64.numel() and w64.numel() else 0.0
     assert worst / MIN_EXACT_SCALE < 2 ** 24, f"test setup: partial sums up to {worst} are not exact in fp32"
+
+
+def wait_until(condition, what: str, timeout: float, poll: float) -> None:
+    """Call condition() every `poll` seconds until it is true; AssertionError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(poll)

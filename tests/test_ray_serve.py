@@ -12,12 +12,10 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import json
 import os
 import signal
 import socket
 import threading
-import time
 
 import pytest
 
@@ -36,6 +34,7 @@ from codegen_q.server import create_app  # noqa: E402
 from codegen_q.server.ray_app import application  # noqa: E402
 from codegen_q.server.ray_options import RayServeOptions  # noqa: E402
 from codegen_q.testing.checkpoints import make_checkpoint, tiny_config  # noqa: E402
+import support  # noqa: E402
 from test_server import serving  # noqa: E402
 
 APP = "codegen-q-test"
@@ -128,11 +127,7 @@ def replica_pids(app: str = APP) -> set[int]:
 
 
 def wait_until(condition, what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+    support.wait_until(condition, what, timeout, poll=0.1)
 
 
 def greedy(model, prompt: str, n: int) -> str:

@@ -36,6 +36,7 @@ from codegen_q.runtime import load  # noqa: E402
 from codegen_q.server import create_app  # noqa: E402
 from codegen_q.server.openai_schema import token_text  # noqa: E402
 from codegen_q.testing.checkpoints import make_checkpoint, tiny_config  # noqa: E402
+import support  # noqa: E402
 
 KEY = "test-key-123"
 PROMPTS = ["def add(a, b):\n    return", "class Stack:\n", "import os\n\n\ndef main():\n", "x = [1, 2"]
@@ -95,11 +96,7 @@ def make_client(port: int, key: str = KEY):
 
 
 def wait_until(condition, what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
+    support.wait_until(condition, what, timeout, poll=0.005)
 
 
 def on_engine(app, fn):

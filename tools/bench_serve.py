@@ -382,9 +382,11 @@ def main(argv=None) -> int:
     if args.ray:
         import bench_serve_ray
 
-        return bench_serve_ray.main(args)
-    out = bench(args)
-    print(table(out))
+        out, text = bench_serve_ray.measure(args)
+    else:
+        out = bench(args)
+        text = table(out)
+    print(text)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

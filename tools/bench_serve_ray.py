@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import importlib.util
-import json
 import os
 import platform
 
@@ -133,15 +132,12 @@ def table(out: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args: argparse.Namespace) -> int:
+def measure(args: argparse.Namespace) -> tuple[dict, str]:
+    """bench_serve.py --ray: the figures and their table (bench_serve.py prints and saves them)."""
     if not all(r >= 1 for r in args.replicas):
         raise SystemExit("bench_serve: error: --replicas must be at least 1")
     if importlib.util.find_spec("ray") is None:
         raise SystemExit("bench_serve: error: --ray needs Ray Serve: pip install 'codegen-q[ray]'")
     out = bench(args)
-    print(table(out))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-    return 0
+    return out, table(out)
 
