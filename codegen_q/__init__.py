@@ -1,32 +1,24 @@
 """codegen-q: a quantized (int8 / int4 weight-only) inference runtime for Salesforce CodeGen."""
 
 import os as _os
-import sys as _sys
 
-# torch's CPU wheel runs its ops on libgomp threads that spin-wait after every parallel region by
-# default; beside our own kernel threads that starves one pool or the other (figures in
-# docs/cpu-kernels.md, "Threads"). libgomp reads this once, when torch loads, so it is set here,
-# before importing torch, unless the user chose a policy. See codegen_q/runtime.py for the warning
-# given when torch was imported first.
-# Whether that came too late: torch was imported first and the user set no policy (the
-# environment alone cannot tell afterwards, since the line below fills it in).
-_OMP_POLICY_SET_AFTER_TORCH = "torch" in _sys.modules and "OMP_WAIT_POLICY" not in _os.environ
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from codegen_q.kernels import openmp_policy as _openmp_policy  # noqa: F401  (first: before torch loads)
 
-from codegen_q.config import CodeGenConfig
-from codegen_q.convert import quantize_checkpoint
-from codegen_q.qformat import QuantizedCheckpoint, load_quantized
-from codegen_q.backends import (backends, get_activation_limbs, get_cpu_isa, get_num_threads, set_activation_limbs,
-                                set_cpu_isa, set_num_threads)
-from codegen_q.ops import dequantize, qlinear
-from codegen_q.quantize import QuantizedWeight, quantize_weight
+from codegen_q.format.config import CodeGenConfig
+from codegen_q.format.reader import QuantizedCheckpoint, load_quantized
+from codegen_q.format.weight import QuantizedWeight
+from codegen_q.kernels.backends import (backends, get_activation_limbs, get_cpu_isa, get_num_threads,
+                                        set_activation_limbs, set_cpu_isa, set_num_threads)
+from codegen_q.kernels.ops import dequantize, qlinear
+from codegen_q.quantization.convert import quantize_checkpoint
+from codegen_q.quantization.rtn import quantize_weight
 
 
 def load(path=None, device="cpu", dtype=None, num_threads=None, verify=True, kv_dtype=None, prefill_dtype=None):
     """Load a quantized (or hub) CodeGen directory, or with no path the small default model that
-    ships with codegen-q; see codegen_q.runtime.load."""
+    ships with codegen-q; see codegen_q.generation.load.load."""
     from codegen_q import default_model
-    from codegen_q.runtime import load as _load
+    from codegen_q.generation.load import load as _load
 
     return _load(default_model.path() if path is None else path, device=device, dtype=dtype, num_threads=num_threads, verify=verify, kv_dtype=kv_dtype,
                  prefill_dtype=prefill_dtype)
@@ -38,9 +30,9 @@ _default = None
 def generate(*model_and_prompt, **kwargs):
     """generate([model,] prompt, **options): complete prompt(s) with a model from codegen_q.load, a
     model directory path, or with no model the default one (loaded once, then kept); see
-    codegen_q.generation.generate for the options."""
+    codegen_q.generation.generate.generate for the options."""
     global _default
-    from codegen_q.generation import generate as _generate
+    from codegen_q.generation.generate import generate as _generate
 
     if len(model_and_prompt) == 1:
         if _default is None:
@@ -57,8 +49,8 @@ def generate(*model_and_prompt, **kwargs):
 
 def evaluate(model, sources, **kwargs):
     """Perplexity of a model (a LoadedModel or a directory) on files / directories of code, and with
-    reference= its top-1 agreement and KL against another; see codegen_q.evaluation.evaluate."""
-    from codegen_q.evaluation import evaluate as _evaluate
+    reference= its top-1 agreement and KL against another; see codegen_q.generation.evaluation.evaluate."""
+    from codegen_q.generation.evaluation import evaluate as _evaluate
 
     return _evaluate(model, sources, **kwargs)
 

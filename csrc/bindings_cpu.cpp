@@ -1,5 +1,5 @@
 // codegen_q._C_cpu: one binding per op, no logic. Tensors arrive as raw addresses (ints) so the
-// module never links libtorch; codegen_q/ops.py is the only caller and validates everything first.
+// module never links libtorch; codegen_q/kernels/ops.py is the only caller and validates everything first.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -61,7 +61,7 @@ DequantArgs dequant_args(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, i
 }  // namespace
 
 PYBIND11_MODULE(_C_cpu, m) {
-  m.doc() = "codegen-q CPU kernels (raw-pointer interface; use codegen_q.ops)";
+  m.doc() = "codegen-q CPU kernels (raw-pointer interface; use codegen_q.kernels.ops)";
 
   m.def(
       "qlinear_int8",

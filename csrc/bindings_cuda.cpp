@@ -21,7 +21,7 @@ T* ptr(uintptr_t address) {
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
-  m.doc() = "codegen-q CUDA kernels (raw-pointer interface; use codegen_q.ops)";
+  m.doc() = "codegen-q CUDA kernels (raw-pointer interface; use codegen_q.kernels.ops)";
   m.attr("architectures") = CGQ_CUDA_ARCHS;
   m.attr("compiler_version") = CGQ_CUDA_VERSION;
 

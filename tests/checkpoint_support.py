@@ -30,7 +30,7 @@ def assert_float_path_matches_transformers(path, text: str, rel: float) -> None:
     CodeGenForCausalLM on the same hub directory, within ``rel`` of the logits' largest magnitude."""
     import transformers
 
-    from codegen_q.runtime import load
+    from codegen_q.generation.load import load
 
     ours = load(path)
     hf = transformers.CodeGenForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codegen_q.config import CodeGenConfig
-from codegen_q.engine import Engine
-from codegen_q.kv_cache import PagedKVCache
-from codegen_q.model import CodeGenModel
+from codegen_q.format.config import CodeGenConfig
+from codegen_q.generation.engine import Engine
+from codegen_q.model.kv_cache import PagedKVCache
+from codegen_q.model.codegen import CodeGenModel
 from model_support import PROMPTS, converted_weights, reference_with_tokenizer
 
 

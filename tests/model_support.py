@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 import transformers
 
-from codegen_q.checkpoint import qkv_head_major_permutation
-from codegen_q.config import CodeGenConfig
-from codegen_q.kv_cache import PagedKVCache
-from codegen_q.model import CodeGenModel
-from codegen_q.quantize import quantize_weight
+from codegen_q.format.schema import qkv_head_major_permutation
+from codegen_q.format.config import CodeGenConfig
+from codegen_q.model.kv_cache import PagedKVCache
+from codegen_q.model.codegen import CodeGenModel
+from codegen_q.quantization.rtn import quantize_weight
 from codegen_q.testing.tokenizer_files import write_tokenizer_files
-from codegen_q.tokenizer import CodeGenTokenizer
+from codegen_q.generation.tokenizer import CodeGenTokenizer
 
 transformers.logging.set_verbosity_error()
 

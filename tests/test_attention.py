@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codegen_q.attention_ops import paged_attention, rotary_kv_append
+from codegen_q.kernels.attention import paged_attention, rotary_kv_append
 from codegen_q.testing import reference
 
 
@@ -91,7 +91,7 @@ def test_causal_prefill_with_strided_q_matches_reference(cpu_isa, head_dim):
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("head_dim,rotary_dim", [(64, 32), (80, 64), (256, 64), (16, 16)])
 def test_rotary_kv_append_matches_reference(cpu_isa, head_dim, rotary_dim, kv_dtype):
-    from codegen_q.model import rotary_tables
+    from codegen_q.model.codegen import rotary_tables
 
     g = torch.Generator().manual_seed(head_dim * 3 + rotary_dim)
     n_head, block, num_blocks, n_positions = 3, 16, 6, 300
@@ -125,7 +125,7 @@ def test_rotary_kv_append_matches_reference(cpu_isa, head_dim, rotary_dim, kv_dt
 def test_fp16_cache_rounding_matches_torch_on_awkward_values(cpu_isa):
     # Round-to-nearest-even at ties, subnormals, overflow to inf, NaN, signed zero: the scalar ISA
     # converts in software, the others with F16C; all must store what torch's .half() gives.
-    from codegen_q.model import rotary_tables
+    from codegen_q.model.codegen import rotary_tables
 
     specials = [0.0, -0.0, 1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, 65504.0, 65520.0, 1e6, -1e6, 2.0 ** -24,
                 2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -15 + 2.0 ** -25, 6.0e-5, float("inf"), float("-inf")]
@@ -147,7 +147,7 @@ def test_fp16_cache_rounding_matches_torch_on_awkward_values(cpu_isa):
 
 
 def test_rotary_kv_append_bad_inputs_are_errors():
-    from codegen_q.model import rotary_tables
+    from codegen_q.model.codegen import rotary_tables
 
     sin, cos = rotary_tables(10, 8)
     qkv = torch.zeros(1, 3, 2, 16)

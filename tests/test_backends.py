@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import codegen_q
-from codegen_q import _native
+from codegen_q.kernels import native as _native
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -81,7 +81,7 @@ def test_env_bad_isa_is_a_clear_error_at_first_use():
 
 
 def test_cli_bad_subcommand_exits_non_zero():
-    from codegen_q.cli import main
+    from codegen_q.cli.main import main
 
     with pytest.raises(SystemExit) as exc:
         main(["no-such-command"])

@@ -11,11 +11,11 @@ import sys
 import pytest
 
 import codegen_q
-from codegen_q import generation
-from codegen_q.cli import main as cli_main
-from codegen_q.convert import quantize_checkpoint
-from codegen_q.memory_plan import USABLE_FRACTION, available_bytes, kv_cache_bytes
-from codegen_q.runtime import load
+from codegen_q.generation import generate as generation
+from codegen_q.cli.main import main as cli_main
+from codegen_q.quantization.convert import quantize_checkpoint
+from codegen_q.model.memory_plan import USABLE_FRACTION, available_bytes, kv_cache_bytes
+from codegen_q.generation.load import load
 from codegen_q.testing.checkpoints import make_checkpoint, tiny_config
 
 CONTEXT = 128
@@ -182,7 +182,7 @@ def test_a_prompt_too_large_for_memory_is_refused_with_figures_before_allocating
     msg = str(e.value)
     need = kv_bytes_of(model, PROMPTS[:1], CONTEXT - len(model.tokenizer.encode(PROMPTS[0])))
     assert f"KV cache {need / 1e3:.0f} kB" in msg and "10 kB is available" in msg and "lower max_new_tokens" in msg
-    monkeypatch.setattr("codegen_q.runtime.load", lambda *a, **k: model)
+    monkeypatch.setattr("codegen_q.generation.load.load", lambda *a, **k: model)
     assert cli_main(["generate", model_dir, PROMPTS[0], "--max-new-tokens", "auto"]) == 1
     assert "is available" in one_line_error(capsys)
 
@@ -192,7 +192,7 @@ def test_a_prompt_too_large_for_memory_is_refused_with_figures_before_allocating
 
 
 def run(argv, stdin=b"", env=None):
-    return subprocess.run([sys.executable, "-m", "codegen_q.cli", *argv], input=stdin, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "codegen_q.cli.main", *argv], input=stdin, capture_output=True,
                           env={**os.environ, **(env or {})}, timeout=300)
 
 
@@ -201,7 +201,7 @@ def test_cli_input_errors(model_dir):
     assert bad_stdin.returncode == 1
     assert bad_stdin.stderr.decode().strip() == ("codegen-q: error: the prompt on standard input is not UTF-8 text "
                                                  "(byte 0xff at offset 4)")
-    bad_arg = subprocess.run([sys.executable.encode(), b"-m", b"codegen_q.cli", b"generate", model_dir.encode(),
+    bad_arg = subprocess.run([sys.executable.encode(), b"-m", b"codegen_q.cli.main", b"generate", model_dir.encode(),
                               b"def \xff"], capture_output=True, timeout=300)
     assert bad_arg.returncode == 1 and b"lone surrogate U+DCFF" in bad_arg.stderr and bad_arg.stdout == b""
     nan = run(["generate", model_dir, "x", "--temperature", "nan"])
@@ -209,7 +209,7 @@ def test_cli_input_errors(model_dir):
 
 
 def test_cli_with_stdout_closed(model_dir):
-    closed = subprocess.run([sys.executable, "-m", "codegen_q.cli", "generate", model_dir, "x", "--max-new-tokens",
+    closed = subprocess.run([sys.executable, "-m", "codegen_q.cli.main", "generate", model_dir, "x", "--max-new-tokens",
                              "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300,
                             preexec_fn=lambda: os.close(1))
     assert closed.returncode == 1
@@ -218,7 +218,7 @@ def test_cli_with_stdout_closed(model_dir):
 
 
 def test_cli_into_a_closed_pipe_stops_quietly(model_dir):
-    p = subprocess.Popen([sys.executable, "-m", "codegen_q.cli", "generate", model_dir, "x", "--max-new-tokens",
+    p = subprocess.Popen([sys.executable, "-m", "codegen_q.cli.main", "generate", model_dir, "x", "--max-new-tokens",
                           "40"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.stdout.close()  # like `| head -c 0`: the reader is gone before the first token
     _, err = p.communicate(timeout=300)
@@ -230,14 +230,14 @@ def test_ctrl_c_while_generating_does_not_claim_nothing_was_written(model_dir, m
         yield "def"
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("codegen_q.runtime.LoadedModel.generate", interrupted)
+    monkeypatch.setattr("codegen_q.generation.load.LoadedModel.generate", interrupted)
     assert cli_main(["generate", model_dir, "x"]) == 130
     captured = capsys.readouterr()
     assert captured.out == "def" and captured.err == "codegen-q: error: interrupted\n"
 
 
 def test_threads_past_the_cores_warn_once_with_the_cost(model_dir):
-    from codegen_q.usable_cpus import usable_cpus
+    from codegen_q.kernels.usable_cpus import usable_cpus
 
     too_many = usable_cpus() + 2
     r = run(["generate", model_dir, "x", "--max-new-tokens", "2", "--threads", str(too_many)])

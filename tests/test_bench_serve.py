@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
-from codegen_q.convert import quantize_checkpoint  # noqa: E402
+from codegen_q.quantization.convert import quantize_checkpoint  # noqa: E402
 from codegen_q.testing.checkpoints import make_checkpoint, tiny_config  # noqa: E402
 
 TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "bench_serve.py")

@@ -1,4 +1,4 @@
-"""Block tables mirrored on the device (codegen_q/block_tables.py), on the CPU: after any sequence of
+"""Block tables mirrored on the device (codegen_q/model/block_tables.py), on the CPU: after any sequence of
 cache operations the mirror holds every live sequence's table, it is updated by the entries that
 changed only, and the attention kernel reads the same blocks through it as through tables built
 afresh. (No CUDA kernel consumes it yet; the device is a parameter.)"""
@@ -9,8 +9,8 @@ import random
 
 import torch
 
-from codegen_q.attention_ops import paged_attention
-from codegen_q.kv_cache import OutOfKVBlocks, PagedKVCache, block_hashes
+from codegen_q.kernels.attention import paged_attention
+from codegen_q.model.kv_cache import OutOfKVBlocks, PagedKVCache, block_hashes
 
 BS = 4
 

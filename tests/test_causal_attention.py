@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codegen_q.attention_ops import causal_attention
+from codegen_q.kernels.attention import causal_attention
 from codegen_q.testing import reference
 from codegen_q.testing.reference import FP32_UNIT_ROUNDOFF
 

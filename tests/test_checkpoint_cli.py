@@ -8,8 +8,8 @@ import os
 import pytest
 
 from checkpoint_support import leftovers, make_tiny
-from codegen_q.cli import main
-from codegen_q.qformat import load_quantized
+from codegen_q.cli.main import main
+from codegen_q.format.reader import load_quantized
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,8 @@ def test_quantize_json(tmp_path, src, capsys):
 
 @pytest.mark.parametrize("argv_tail,match", [
     (["--bits", "4", "--group-size", "48"], "group size"),
-    (["--bits", "8", "--group-size", "64"], "--bits 4 only"),
-    (["--bits", "8", "--lm-head", "int4"], "--bits 4"),
+    (["--bits", "8", "--group-size", "64"], "applies to 4-bit weights only"),
+    (["--bits", "8", "--lm-head", "int4"], "needs 4-bit weights"),
 ])
 def test_quantize_bad_options(tmp_path, src, capsys, argv_tail, match):
     assert main(["quantize", src, str(tmp_path / "q"), *argv_tail]) == 1
@@ -72,7 +72,7 @@ def test_quantize_truncated_input(tmp_path, capsys):
 
 
 def test_quantize_keyboard_interrupt(tmp_path, src, capsys, monkeypatch):
-    import codegen_q.convert as convert
+    import codegen_q.quantization.convert as convert
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
@@ -98,7 +98,7 @@ def test_inspect_hub_and_quantized(tmp_path, src, capsys):
     # A quantized model's cache is fp16 on the CPU, fp32 on the GPU (as load() allocates it).
     assert m["kv_cache_cpu"] == 2 * cfg["n_layer"] * cfg["n_embd"] * cfg["n_positions"] * 1 * 2
     assert m["kv_cache_gpu"] == 2 * m["kv_cache_cpu"]
-    from codegen_q.runtime import load  # the plan must match what the runtime reports for itself
+    from codegen_q.generation.load import load  # the plan must match what the runtime reports for itself
 
     loaded = load(out)
     assert loaded.memory(context=cfg["n_positions"], batch=1)["kv_cache_bytes"] == m["kv_cache_cpu"]

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from checkpoint_support import make_tiny
-from codegen_q.checkpoint import HubCheckpoint, qkv_head_major_permutation
-from codegen_q.config import CodeGenConfig
+from codegen_q.format.hub import HubCheckpoint
+from codegen_q.format.schema import qkv_head_major_permutation
+from codegen_q.format.config import CodeGenConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -40,7 +41,7 @@ def test_streaming_prefetch_sizes_and_byte_ranges_are_the_tensors(tmp_path, fmt,
     # tensors() hints the next tensors to the OS by byte range (safetensors) or address (.bin);
     # the sizes it counts and, for safetensors, the ranges it parses from the header must be
     # exactly the tensors' bytes, or the hints would read the wrong part of the file.
-    from codegen_q.checkpoint import _safetensors_byte_ranges
+    from codegen_q.format.hub import _byte_ranges
 
     src = make_tiny(tmp_path / "m", fmt=fmt, dtype="float16", shards=shards)
     with HubCheckpoint(src) as ckpt:
@@ -51,7 +52,7 @@ def test_streaming_prefetch_sizes_and_byte_ranges_are_the_tensors(tmp_path, fmt,
         if fmt == "safetensors":
             for f in ckpt.files:
                 raw = open(f, "rb").read()
-                for name, (start, end) in _safetensors_byte_ranges(f).items():
+                for name, (start, end) in _byte_ranges(f).items():
                     want = streamed[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
                     assert raw[start:end] == want, name
 

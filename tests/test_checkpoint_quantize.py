@@ -9,12 +9,15 @@ import os
 import pytest
 import torch
 
-import codegen_q.convert as convert
+import codegen_q
+from codegen_q.format import safetensors as safetensors_format
 from checkpoint_support import dequant_reference, leftovers, make_tiny
-from codegen_q.checkpoint import HubCheckpoint, qkv_head_major_permutation
-from codegen_q.convert import quantize_checkpoint
-from codegen_q.qformat import MANIFEST, load_quantized
-from codegen_q.quantize import QuantizedWeight
+from codegen_q.format.hub import HubCheckpoint
+from codegen_q.format.schema import qkv_head_major_permutation
+from codegen_q.quantization.convert import quantize_checkpoint
+from codegen_q.format.reader import load_quantized
+from codegen_q.format.schema import MANIFEST
+from codegen_q.format.weight import QuantizedWeight
 
 SCHEMES = [dict(bits=8), dict(bits=4, group_size=32), dict(bits=4, group_size=64, symmetric=True),
            dict(bits=4, group_size=128, lm_head="int4"), dict(bits=8, lm_head="fp16")]
@@ -43,7 +46,7 @@ def test_round_trip_within_half_step(tmp_path, src, opts):
                 w_hat, scale = dequant_reference(got)
                 err = (w.double() - w_hat).abs()
                 assert (err <= scale / 2 * (1 + 1e-6) + 1e-12).all(), name
-                assert torch.allclose(got.dequantize().double(), w_hat, rtol=1e-6, atol=1e-7), name
+                assert torch.allclose(codegen_q.dequantize(got).double(), w_hat, rtol=1e-6, atol=1e-7), name
             else:
                 assert got.dtype == torch.float16 and torch.equal(got, w.to(torch.float16)), name
     lm = ckpt.tensors["lm_head.weight"]
@@ -88,7 +91,7 @@ def test_interrupted_write_leaves_nothing_that_loads(tmp_path, src, monkeypatch,
     if existing:
         quantize_checkpoint(src, out, bits=8, progress=False)
     calls = {"n": 0}
-    real_write = convert.SafetensorsStreamWriter.write
+    real_write = safetensors_format.SafetensorsStreamWriter.write
 
     def flaky_write(self, name, tensor):
         calls["n"] += 1
@@ -96,7 +99,7 @@ def test_interrupted_write_leaves_nothing_that_loads(tmp_path, src, monkeypatch,
             raise KeyboardInterrupt
         real_write(self, name, tensor)
 
-    monkeypatch.setattr(convert.SafetensorsStreamWriter, "write", flaky_write)
+    monkeypatch.setattr(safetensors_format.SafetensorsStreamWriter, "write", flaky_write)
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(src, out, bits=4, progress=False, force=True, max_shard_bytes=100_000)
     assert not leftovers(tmp_path)
@@ -113,7 +116,7 @@ def test_disk_full_during_background_write_is_an_error_and_leaves_nothing(tmp_pa
     # 5th write) must surface in the caller as an OSError naming the file, and the partial output go.
     import errno
 
-    from codegen_q import direct_file
+    from codegen_q.io import direct_file
 
     calls = {"n": 0}
     real_write_all = direct_file.DirectFile._write_all
@@ -158,7 +161,7 @@ def test_existing_out_refused_without_force(tmp_path, src):
 @pytest.mark.parametrize("opts,match", [
     (dict(bits=3), "bits must be 8 or 4"),
     (dict(bits=4, group_size=48), "group size must be one of"),
-    (dict(bits=8, lm_head="int4"), "needs --bits 4"),
+    (dict(bits=8, lm_head="int4"), "needs 4-bit weights"),
     (dict(bits=8, lm_head="int2"), "lm_head must be one of"),
 ])
 def test_bad_options_write_nothing(tmp_path, src, opts, match):
@@ -231,6 +234,6 @@ def test_a_quantized_directory_as_the_source_says_so(tmp_path, src, bits, group_
 
 
 def test_a_group_size_with_int8_is_refused_not_dropped(tmp_path, src):
-    with pytest.raises(ValueError, match="applies to --bits 4 only"):
+    with pytest.raises(ValueError, match="applies to 4-bit weights only"):
         quantize_checkpoint(src, tmp_path / "q", bits=8, group_size=64, progress=False)
     assert os.listdir(tmp_path) == []

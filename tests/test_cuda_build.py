@@ -10,7 +10,7 @@ import re
 import pytest
 
 import codegen_q
-from codegen_q import _native
+from codegen_q.kernels import native as _native
 
 CUDA_INFO = codegen_q.backends()["cuda"]
 pytestmark = pytest.mark.skipif(not CUDA_INFO["compiled"], reason="this build has no CUDA module")
@@ -27,7 +27,7 @@ def parameters(fn) -> list[str]:
 def test_cuda_module_imports_without_a_gpu():
     module = importlib.import_module("codegen_q._C_cuda")
     cpu = _native.cpu()
-    # codegen_q/ops.py calls each CUDA op with the CPU op's arguments, in the same order, plus the
+    # codegen_q/kernels/ops.py calls each CUDA op with the CPU op's arguments, in the same order, plus the
     # stream: a parameter renamed, dropped or moved in either binding shows here, GPU or not. The
     # CPU ops' trailing int8_activations option (the CPU's prompt GEMM) is theirs alone.
     for op in ("qlinear_int8", "qlinear_int4", "dequantize_int8", "dequantize_int4"):

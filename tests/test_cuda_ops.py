@@ -9,7 +9,7 @@ import torch
 
 import codegen_q
 from codegen_q import qlinear, quantize_weight
-from codegen_q.ops import NATIVE_MAX_M_CUDA
+from codegen_q.kernels.ops import NATIVE_MAX_M_CUDA
 from codegen_q.testing.reference import assert_within, fp32_bound
 from codegen_q.testing.reference import dequantize as dequantize_ref
 from support import CUDA_USABLE, QLINEAR_SCHEMES, assert_sums_exact_in_fp32, exact_qweight, small_int_tensor
@@ -65,11 +65,11 @@ def test_cuda_dequantize_matches_cpu_exactly(scheme):
     # K not a multiple of the next larger group size where possible (1120 = 35 * 32, 1088 = 17 * 64).
     k = {"int8": 1120, "int4-g32-sym": 1120, "int4-g64-asym": 1088, "int4-g128-asym": 1152}[scheme]
     _, qw, _ = _problem(scheme, 1, k, 67, seed=5)
-    out = qw.to("cuda").dequantize()
+    out = codegen_q.dequantize(qw.to("cuda"))
     assert out.device.type == "cuda" and out.dtype == torch.float32
-    assert torch.equal(out.cpu(), qw.dequantize())
+    assert torch.equal(out.cpu(), codegen_q.dequantize(qw))
     assert torch.equal(out.cpu().double(), dequantize_ref(qw))
-    assert torch.equal(qw.to("cuda").dequantize(torch.bfloat16).cpu(), qw.dequantize(torch.bfloat16))
+    assert torch.equal(codegen_q.dequantize(qw.to("cuda"), torch.bfloat16).cpu(), codegen_q.dequantize(qw, torch.bfloat16))
 
 
 @pytest.mark.parametrize("dtype,eps", [(torch.bfloat16, 2.0 ** -8), (torch.float16, 2.0 ** -11)])
@@ -186,7 +186,7 @@ def test_quantize_weight_on_cuda_equals_the_native_cpu_pass(scheme, dtype):
     # A weight on the GPU is quantized by the torch specification (_quantize_rows_reference), the
     # CPU by the native one-pass kernel: codes, scales and zero points must be the same bytes, and
     # quantize_weight_with_error's error must agree.
-    from codegen_q.quantize import quantize_weight_with_error
+    from codegen_q.quantization.rtn import quantize_weight_with_error
 
     w = (torch.randn(203, 1152, generator=torch.Generator().manual_seed(7)) * 0.05).to(dtype)
     w[5] = 0.0

@@ -15,8 +15,8 @@ import transformers
 
 import codegen_q
 from codegen_q import default_model
-from codegen_q.convert import quantize_checkpoint
-from codegen_q.evaluation import evaluate
+from codegen_q.quantization.convert import quantize_checkpoint
+from codegen_q.generation.evaluation import evaluate
 from checkpoint_support import assert_float_path_matches_transformers
 
 # Float sums run in another order on another CPU (AVX2 instead of AVX-512, other thread counts):
@@ -82,14 +82,14 @@ def test_no_model_named_works_offline_from_the_api_and_the_cli():
     assert out.finish_reason in ("length", "eos", "stop") and out.token_ids
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NO_PROXY": "*",
            "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
-    r = subprocess.run([sys.executable, "-m", "codegen_q.cli", "generate", "def fibonacci(n):\n", "--max-new-tokens",
+    r = subprocess.run([sys.executable, "-m", "codegen_q.cli.main", "generate", "def fibonacci(n):\n", "--max-new-tokens",
                         "12", "--json"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["token_ids"] == out.token_ids  # the same default model, greedy
 
 
 def test_a_lone_model_directory_is_not_taken_for_a_prompt(capsys):
-    from codegen_q.cli import main
+    from codegen_q.cli.main import main
 
     assert main(["generate", default_model.HUB_DIR]) == 1
     assert "no prompt was given" in capsys.readouterr().err
@@ -101,7 +101,7 @@ def test_codegen_q_serve_with_no_model_serves_the_default_one():
     import signal
     import threading
 
-    proc = subprocess.Popen([sys.executable, "-m", "codegen_q.cli", "serve", "--port", "0", "--threads", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "codegen_q.cli.main", "serve", "--port", "0", "--threads", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()

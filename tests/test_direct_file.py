@@ -10,9 +10,9 @@ import os
 import numpy as np
 import pytest
 
-from codegen_q import direct_file
-from codegen_q._posix import preallocate
-from codegen_q.direct_file import STAGING_BYTES, DirectFile
+from codegen_q.io import direct_file
+from codegen_q.io.posix import preallocate
+from codegen_q.io.direct_file import STAGING_BYTES, DirectFile
 
 
 def random_pieces(seed: int, sizes: list[int]) -> list[np.ndarray]:
@@ -128,7 +128,7 @@ def test_preallocate_sets_the_size_and_reports_a_full_disk(tmp_path, monkeypatch
         if preallocate(fd, 12_345):
             assert os.fstat(fd).st_size == 12_345
         assert preallocate(fd, 0) is False
-        from codegen_q import _posix
+        from codegen_q.io import posix as _posix
 
         class FullDisk:
             @staticmethod

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from checkpoint_support import make_tiny
-from codegen_q import direct_read
-from codegen_q.checkpoint import HubCheckpoint
-from codegen_q.direct_read import ByteRange, RangeReader, TruncatedFile
+from codegen_q.io import direct_read
+from codegen_q.format.hub import HubCheckpoint
+from codegen_q.io.direct_read import ByteRange, RangeReader, TruncatedFile
 
 
 def random_file(path, nbytes: int, seed: int) -> bytes:
@@ -235,7 +235,7 @@ def _filesystem_type(path) -> str | None:
 
 
 def test_in_memory_filesystem_agrees_with_the_mount_table(tmp_path):
-    from codegen_q._posix import in_memory_filesystem
+    from codegen_q.io.posix import in_memory_filesystem
 
     places = [tmp_path] + [p for p in ("/dev/shm", "/run") if os.path.isdir(p)]
     types = {str(p): _filesystem_type(p) for p in places}

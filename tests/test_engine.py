@@ -1,4 +1,4 @@
-"""The engine (codegen_q/engine.py): continuous batching over one KV pool, against references
+"""The engine (codegen_q/generation/engine.py): continuous batching over one KV pool, against references
 computed here from the model alone (a fresh cache, forward, argmax / log_softmax)."""
 
 from __future__ import annotations
@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codegen_q import engine as engine_module
-from codegen_q.config import CodeGenConfig
-from codegen_q.engine import Engine, InsufficientMemory, QueueFull
-from codegen_q.kv_cache import PagedKVCache
-from codegen_q.model import CodeGenModel
-from codegen_q.sampling import SamplingParams
+from codegen_q.generation import engine as engine_module
+from codegen_q.format.config import CodeGenConfig
+from codegen_q.generation.engine import Engine, InsufficientMemory, QueueFull
+from codegen_q.model.kv_cache import PagedKVCache
+from codegen_q.model.codegen import CodeGenModel
+from codegen_q.generation.sampling import SamplingParams
 from engine_support import drive, float_model, ids, int4_model, limit, reference, solo_greedy, tok  # noqa: F401 (fixtures)
 from model_support import PROMPTS, converted_weights
 
@@ -250,7 +250,7 @@ def test_the_default_pool_is_planned_from_memory(float_model, tok, monkeypatch):
 
 
 def test_generate_reports_logprobs_when_asked(float_model, tok):
-    from codegen_q.generation import generate
+    from codegen_q.generation.generate import generate
 
     plain = generate(float_model, PROMPTS, max_new_tokens=6, tokenizer=tok)
     asked = generate(float_model, PROMPTS, max_new_tokens=6, tokenizer=tok, logprobs=2)

@@ -12,10 +12,10 @@ import pytest
 import torch
 import transformers
 
-from codegen_q.cli import main
-from codegen_q.convert import quantize_checkpoint
-from codegen_q.evaluation import EvalResult, evaluate, find_files, windows
-from codegen_q.runtime import load
+from codegen_q.cli.main import main
+from codegen_q.quantization.convert import quantize_checkpoint
+from codegen_q.generation.evaluation import EvalResult, evaluate, find_files, windows
+from codegen_q.generation.load import load
 from codegen_q.testing.checkpoints import make_checkpoint, tiny_config
 
 transformers.logging.set_verbosity_error()

@@ -1,4 +1,4 @@
-"""The fused native decode step (codegen_q/fused_decode.py) against the op-by-op path.
+"""The fused native decode step (codegen_q/model/fused_decode.py) against the op-by-op path.
 
 Both compute the same function in fp32 with different operation orders (layer norm in double,
 gelu by torch or by exp_vec, one call per block); so per step, with the same tokens fed to both, logits
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import codegen_q
-from codegen_q import _native
-from codegen_q.kv_cache import PagedKVCache
+from codegen_q.kernels import native as _native
+from codegen_q.model.kv_cache import PagedKVCache
 from codegen_q.testing import reference
 from model_support import (converted_weights, our_model, reference_model, reference_with_tokenizer,
                            run_prompt_then_steps)
@@ -237,7 +237,7 @@ def _model_and_tokenizer(tmp_path, bits: int, seed: int):
 def test_generate_greedy_on_a_quantized_model_takes_the_native_picks(tmp_path, monkeypatch):
     """generate()'s plain greedy decoding goes through greedy_step (the picks made in the fused
     step) and gives the tokens forward + argmax give; sampling does not take that path."""
-    from codegen_q.generation import generate
+    from codegen_q.generation.generate import generate
 
     model, tok = _model_and_tokenizer(tmp_path, 4, seed=13)
     calls = []
@@ -265,7 +265,7 @@ def test_two_threads_share_a_quantized_model(tmp_path):
     get what each gets alone."""
     import threading
 
-    from codegen_q.generation import generate
+    from codegen_q.generation.generate import generate
 
     model, tok = _model_and_tokenizer(tmp_path, 8, seed=17)
     prompts = ["def add(a, b):\n    return", "import os\n\n\ndef main():\n"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codegen_q.config import CodeGenConfig
-from codegen_q.generation import generate
-from codegen_q.model import CodeGenModel
-from codegen_q.tokenizer import IncrementalDecoder
+from codegen_q.format.config import CodeGenConfig
+from codegen_q.generation.generate import generate
+from codegen_q.model.codegen import CodeGenModel
+from codegen_q.generation.tokenizer import IncrementalDecoder
 from model_support import MODEL_VOCAB, PROMPTS, converted_weights, reference_with_tokenizer
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ def test_progress_reports_each_block_of_the_prompt_pass(setup, stream):
 def test_cli_draws_a_prompt_bar_only_for_long_prompts_on_a_terminal(setup, monkeypatch, capsys):
     import types
 
-    from codegen_q import cli_generate
+    from codegen_q.cli import generate as cli_generate
 
     _, model, tok = setup
     loaded = types.SimpleNamespace(tokenizer=tok, config=model.config)

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from codegen_q.cli import main as cli_main
-from codegen_q.convert import quantize_checkpoint
-from codegen_q.model import CodeGenModel
-from codegen_q.runtime import load
+from codegen_q.cli.main import main as cli_main
+from codegen_q.quantization.convert import quantize_checkpoint
+from codegen_q.model.codegen import CodeGenModel
+from codegen_q.generation.load import load
 from codegen_q.testing.checkpoints import make_checkpoint, tiny_config
 
 # Text with every kind of character, lone surrogates (what undecodable argv bytes become) included.

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codegen_q.attention_ops import paged_attention, rotary_kv_append
-from codegen_q.kv_cache import PagedKVCache
-from codegen_q.model import rotary_tables
+from codegen_q.kernels.attention import paged_attention, rotary_kv_append
+from codegen_q.model.kv_cache import PagedKVCache
+from codegen_q.model.codegen import rotary_tables
 from kv_int8_support import (attention, fp16_error, perturbation_bound, quantize_rows, rounding_bound,
                              store_error)
 

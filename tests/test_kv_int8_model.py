@@ -12,11 +12,11 @@ import torch
 
 import codegen_q
 from codegen_q import default_model
-from codegen_q import model as model_module
-from codegen_q.config import CodeGenConfig
-from codegen_q.engine import Engine
-from codegen_q.memory_plan import kv_cache_bytes
-from codegen_q.model import CodeGenModel
+from codegen_q.model import codegen as model_module
+from codegen_q.format.config import CodeGenConfig
+from codegen_q.generation.engine import Engine
+from codegen_q.model.memory_plan import kv_cache_bytes
+from codegen_q.model.codegen import CodeGenModel
 from engine_support import drive, ids, reference, solo_greedy, tok  # noqa: F401 (fixtures)
 from model_support import (VOCAB, converted_weights, fp32_tolerance, our_model, reference_model,
                            run_prompt_then_steps)
@@ -165,7 +165,7 @@ def continuation_logits(lm, prompt: str, continuation: list[int], vocab: int) ->
 def test_inspect_generate_serve_and_eval_take_kv_dtype(capsys):
     import json
 
-    from codegen_q.cli import build_parser, main as cli_main
+    from codegen_q.cli.main import build_parser, main as cli_main
 
     path = default_model.QUANTIZED_DIR
     assert cli_main(["inspect", path, "--context", "100", "--kv-dtype", "int8", "--json"]) == 0

@@ -8,12 +8,12 @@ import torch
 import transformers
 
 import codegen_q
-from codegen_q import _native
-from codegen_q.config import CodeGenConfig
-from codegen_q.kv_cache import OutOfKVBlocks, PagedKVCache
-import codegen_q.model as model_module
-from codegen_q.model import CodeGenModel
-from codegen_q.quantize import quantize_weight
+from codegen_q.kernels import native as _native
+from codegen_q.format.config import CodeGenConfig
+from codegen_q.model.kv_cache import OutOfKVBlocks, PagedKVCache
+import codegen_q.model.codegen as model_module
+from codegen_q.model.codegen import CodeGenModel
+from codegen_q.quantization.rtn import quantize_weight
 from codegen_q.testing import reference
 from model_support import LINEARS, SHAPES, VOCAB, converted_weights, fp32_tolerance, our_model, reference_model
 

@@ -1,5 +1,5 @@
 """Writing model directories: inputs are never destroyed, no debris survives, and file-system
-refusals are reported with their real reason (codegen_q/output_dir.py, through quantize)."""
+refusals are reported with their real reason (codegen_q/io/output_dir.py, through quantize)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import textwrap
 import pytest
 
 from checkpoint_support import make_tiny
-from codegen_q.cli import main
-from codegen_q.convert import quantize_checkpoint
-from codegen_q.output_dir import OutputBusy, lock_path, writing_output_dir
-from codegen_q.qformat import load_quantized
+from codegen_q.cli.main import main
+from codegen_q.quantization.convert import quantize_checkpoint
+from codegen_q.io.output_dir import OutputBusy, lock_path, writing_output_dir
+from codegen_q.format.reader import load_quantized
 
 
 @pytest.fixture()
@@ -156,8 +156,8 @@ def test_force_over_a_file_leaves_nothing_behind(src, tmp_path):
 
 KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
-    from codegen_q import safetensors_stream
-    from codegen_q.convert import quantize_checkpoint
+    from codegen_q.format import safetensors as safetensors_stream
+    from codegen_q.quantization.convert import quantize_checkpoint
 
     close = safetensors_stream.SafetensorsStreamWriter.close
     def close_then_die(self):
@@ -177,7 +177,7 @@ def test_a_run_killed_mid_write_leaves_debris_the_next_run_removes(src, tmp_path
     assert len(debris) == 1 and os.listdir(tmp_path / debris[0])  # one shard was written, then the kill
     assert os.path.exists(lock_path(str(out))) and not out.exists()
 
-    rerun = subprocess.run([sys.executable, "-m", "codegen_q.cli", "quantize", src, str(out), "--bits", "4",
+    rerun = subprocess.run([sys.executable, "-m", "codegen_q.cli.main", "quantize", src, str(out), "--bits", "4",
                             "--no-progress"], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert f"removed {tmp_path / debris[0]}" in rerun.stderr and "a run that died" in rerun.stderr

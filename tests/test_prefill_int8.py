@@ -16,8 +16,8 @@ import torch
 
 import codegen_q
 from codegen_q import default_model
-from codegen_q.convert import quantize_checkpoint
-from codegen_q.runtime import load
+from codegen_q.quantization.convert import quantize_checkpoint
+from codegen_q.generation.load import load
 
 BOUND = 0.03
 PROMPT_TOKENS = 300  # a few tiles of rows on every ISA

@@ -1,4 +1,4 @@
-"""Prefix caching (codegen_q/kv_cache.py, codegen_q/engine.py): a request that starts on cached
+"""Prefix caching (codegen_q/model/kv_cache.py, codegen_q/generation/engine.py): a request that starts on cached
 blocks gets exactly what it gets cold, blocks are shared and reference-counted, evicted least
 recently used, and never shared between prompts that differ anywhere before them.
 
@@ -12,10 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codegen_q.engine import Engine
-from codegen_q.generation import generate
-from codegen_q.kv_cache import PagedKVCache, block_hashes
-from codegen_q.model import CodeGenModel
+from codegen_q.generation.engine import Engine
+from codegen_q.generation.generate import generate
+from codegen_q.model.kv_cache import PagedKVCache, block_hashes
 from engine_support import drive, float_model, int4_model, limit, reference, solo_greedy, tok  # noqa: F401 (fixtures)
 from model_support import PROMPTS
 
@@ -213,7 +212,7 @@ def test_a_long_fresh_prompt_beside_a_cached_one_keeps_fused_attention(float_mod
     """In one prompt pass, a fresh prompt long enough for torch's fused causal attention takes it
     even beside a prompt that continues a cached prefix (which takes the paged kernel); each gets
     its solo tokens."""
-    from codegen_q import model as model_module
+    from codegen_q.model import codegen as model_module
 
     monkeypatch.setattr(model_module, "FUSED_PREFILL_MIN_TOKENS", 24)
     calls = []

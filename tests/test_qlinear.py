@@ -8,7 +8,7 @@ import torch
 
 import codegen_q
 from codegen_q import QuantizedWeight, qlinear, quantize_weight
-from codegen_q.ops import NATIVE_MAX_M_CPU_DEFAULT, native_max_m_cpu
+from codegen_q.kernels.ops import NATIVE_MAX_M_CPU_DEFAULT, native_max_m_cpu
 from codegen_q.testing.reference import assert_within, fp32_bound
 from codegen_q.testing.reference import qlinear as ref_qlinear
 from codegen_q.testing.reference import weight as ref_weight
@@ -197,7 +197,7 @@ def test_qlinear_exact_on_representable_problems(cpu_isa, scheme, m, n):
     assert_sums_exact_in_fp32(x64, w64, b64)
     ref = x64 @ w64.T + b64
 
-    assert torch.equal(qw.dequantize().double(), w64), "dequantize disagrees with the documented layout"
+    assert torch.equal(codegen_q.dequantize(qw).double(), w64), "dequantize disagrees with the documented layout"
     y = qlinear(x, qw, bias)
     if not torch.equal(y.double(), ref):
         bad = (y.double() != ref).nonzero().tolist()
@@ -379,7 +379,7 @@ def test_qlinear_rejects_weight_on_unsupported_device():
     with pytest.raises(ValueError, match="not supported"):
         qlinear(torch.randn(2, 256, device="meta"), qw)
     with pytest.raises(ValueError, match="not supported"):
-        qw.dequantize()
+        codegen_q.dequantize(qw)
 
 
 # ---------------------------------------------------------------------------------------------- QuantizedWeight
@@ -409,7 +409,7 @@ def _int4_parts(n=4, k=128, g=64):
     (lambda: QuantizedWeight(8, (4, 64), _int8_parts()[0].numpy(), _int8_parts()[1]), TypeError,
      "qweight must be a torch.Tensor"),
     (lambda: QuantizedWeight(5, (4, 64), *_int8_parts()), ValueError, "bits must be 8 or 4"),
-    (lambda: QuantizedWeight(4, (4, 128), *_int4_parts(), group_size=48), ValueError, "group_size must be one of"),
+    (lambda: QuantizedWeight(4, (4, 128), *_int4_parts(), group_size=48), ValueError, "group size must be one of"),
     (lambda: QuantizedWeight(4, (4, 96), *_int4_parts(k=96, g=32), group_size=64), ValueError,
      "not a multiple of group_size"),
     (lambda: QuantizedWeight(4, (4, 128), torch.zeros(4, 128, dtype=torch.uint8), *_int4_parts()[1:], group_size=64),
@@ -447,7 +447,7 @@ class _Buffers:
 
 
 def _native():
-    from codegen_q import _native
+    from codegen_q.kernels import native as _native
     return _native.cpu()
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from codegen_q import QuantizedWeight, qlinear, quantize_weight
-from codegen_q.ops import int8_activation_min_rows
+from codegen_q.kernels.ops import int8_activation_min_rows
 from codegen_q.testing.reference import (FP32_UNIT_ROUNDOFF, INT8_ACTIVATION_CHUNK, fp32_bound, int8_activations,
                                          qlinear_int8_activations, weight_codes)
 from support import QLINEAR_SCHEMES

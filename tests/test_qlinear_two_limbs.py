@@ -26,7 +26,8 @@ import pytest
 import torch
 
 import codegen_q
-from codegen_q import QuantizedWeight, _native, qlinear
+from codegen_q import QuantizedWeight, qlinear
+from codegen_q.kernels import native as _native
 from codegen_q.testing.reference import (assert_within, dequantize, fp32_bound, pack_int4, two_limb_chunks,
                                          two_limb_value)
 

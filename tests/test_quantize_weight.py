@@ -11,7 +11,7 @@ import torch
 
 import codegen_q
 from codegen_q import quantize_weight
-from codegen_q.quantize import pack_int4, unpack_int4
+from codegen_q.format.weight import pack_int4, unpack_int4
 from codegen_q.testing.reference import dequantize as dequantize_ref
 from codegen_q.testing.reference import pack_int4 as pack_int4_ref
 from codegen_q.testing.reference import per_element
@@ -189,7 +189,6 @@ def test_dequantize_matches_float64_reference_exactly(cpu_isa, scheme, seed):
     assert out.dtype == torch.float32 and out.shape == (37, k)
     ref = dequantize_ref(qw)
     assert torch.equal(out.double(), ref)
-    assert torch.equal(qw.dequantize().double(), ref)  # the method is the same op
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -215,12 +214,12 @@ def test_zero_rows_give_zeros(kw):
     w = torch.randn(9, 256, generator=torch.Generator().manual_seed(0))
     w[4] = 0.0
     qw = quantize_weight(w, **kw)
-    out = qw.dequantize()
+    out = codegen_q.dequantize(qw)
     assert torch.isfinite(out).all() and torch.isfinite(qw.scales.float()).all()
     assert torch.equal(out[4], torch.zeros(256))
     # An entirely zero weight too (every scale 0, no division by zero).
     qz = quantize_weight(torch.zeros(3, 128), **kw)
-    assert torch.equal(qz.dequantize(), torch.zeros(3, 128))
+    assert torch.equal(codegen_q.dequantize(qz), torch.zeros(3, 128))
 
 
 @pytest.mark.parametrize("kw", list(DEQ_SCHEMES.values()), ids=list(DEQ_SCHEMES))
@@ -270,7 +269,7 @@ def test_scale_just_above_fp16_max_raises(kw, qmax):
         assert "too large" in str(exc)
         return
     raise AssertionError(f"no error, scales {qw.scales[0].tolist()} -> dequantized row 0 starts "
-                         f"{qw.dequantize()[0, :3].tolist()}")
+                         f"{codegen_q.dequantize(qw)[0, :3].tolist()}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -301,9 +300,9 @@ def test_non_contiguous_weight(kw):
 def test_large_weight_quantized_in_row_chunks_matches_rows_alone(kw):
     # Big weights are quantized a chunk of rows at a time (to bound memory); rows are independent,
     # so the rows on both sides of a chunk boundary must come out exactly as when quantized alone.
-    from codegen_q import quantize
+    from codegen_q.quantization import rtn
     k = 1 << 20
-    rows_per_chunk = max(1, getattr(quantize, "_ROW_CHUNK_ELEMENTS", 1 << 25) // k)
+    rows_per_chunk = max(1, rtn._ROW_CHUNK_ELEMENTS // k)
     n = rows_per_chunk + 1
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(8))
     qw = quantize_weight(w, **kw)
@@ -327,7 +326,7 @@ def test_to_cpu_keeps_values():
     qw = quantize_weight(torch.randn(8, 128), bits=4, group_size=32)
     moved = qw.to("cpu")
     assert moved.device == torch.device("cpu")
-    assert torch.equal(moved.dequantize(), qw.dequantize())
+    assert torch.equal(codegen_q.dequantize(moved), codegen_q.dequantize(qw))
 
 
 # ---------------------------------------------------------------------------------------------- bad arguments
@@ -335,10 +334,10 @@ def test_to_cpu_keeps_values():
 @pytest.mark.parametrize("weight,kwargs,exc,match", [
     (torch.randn(4, 128), dict(bits=3), ValueError, "bits must be 8 or 4"),
     (torch.randn(4, 128), dict(bits=True), ValueError, "bits must be 8 or 4"),
-    (torch.randn(4, 192), dict(bits=4, group_size=48), ValueError, "group_size must be one of"),
+    (torch.randn(4, 192), dict(bits=4, group_size=48), ValueError, "group size must be one of"),
     (torch.randn(4, 96), dict(bits=4, group_size=64), ValueError, "not a multiple of group_size"),
     (torch.randn(4, 96), dict(bits=4), ValueError, "not a multiple of group_size 128"),
-    (torch.randn(4, 128), dict(bits=8, group_size=32), ValueError, "group_size applies to bits=4"),
+    (torch.randn(4, 128), dict(bits=8, group_size=32), ValueError, "group size applies to 4-bit weights only"),
     (torch.randn(4, 128), dict(bits=8, symmetric=False), ValueError, "symmetric only"),
     (torch.randn(128), dict(bits=8), ValueError, "2-D"),
     (torch.randn(2, 4, 128), dict(bits=8), ValueError, "2-D"),
@@ -362,7 +361,7 @@ def test_native_pass_is_bit_identical_to_the_torch_reference(cpu_isa, bits, grou
     # The CPU quantizer is one native pass per row (min/max, fp16 scale, zero point, codes),
     # reading fp16/bf16 weights as they are; _quantize_rows_reference, the same steps in torch on
     # the float32 values, is its specification: codes, scales and zero points must be identical.
-    from codegen_q.quantize import _quantize_rows, _quantize_rows_reference
+    from codegen_q.quantization.rtn import _quantize_rows, _quantize_rows_reference
 
     g = torch.Generator().manual_seed(int(magnitude * 1e6) % 1000 + bits)
     w = torch.randn(45, 640, generator=g) * magnitude
@@ -401,7 +400,7 @@ def test_relative_error_summed_by_the_native_pass_matches_float64(cpu_isa, kw, k
     # fp32 lanes while quantizing; float64 over the dequantized tensor is the reference. fp32 sums
     # of ~1000 positive terms are good to ~1e-5 relative, so 1e-4 leaves room and still catches
     # a wrong scale, zero point, lane or tail.
-    from codegen_q.quantize import quantize_weight_with_error
+    from codegen_q.quantization.rtn import quantize_weight_with_error
 
     g = torch.Generator().manual_seed(k + kw["bits"])
     w = (torch.randn(37, k, generator=g) * 0.02).to(dtype)

@@ -28,9 +28,9 @@ import codegen_q  # noqa: E402  (before ray and torch: it sets OMP_WAIT_POLICY f
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-from codegen_q.convert import quantize_checkpoint  # noqa: E402
-from codegen_q.runtime import load  # noqa: E402
-from codegen_q.server import create_app  # noqa: E402
+from codegen_q.quantization.convert import quantize_checkpoint  # noqa: E402
+from codegen_q.generation.load import load  # noqa: E402
+from codegen_q.server.api import create_app  # noqa: E402
 from codegen_q.server.ray_app import application  # noqa: E402
 from codegen_q.server.ray_options import RayServeOptions  # noqa: E402
 from codegen_q.testing.checkpoints import make_checkpoint, tiny_config  # noqa: E402

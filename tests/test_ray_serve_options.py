@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("starlette")  # codegen_q.server's package imports the app
 
-from codegen_q import cli  # noqa: E402
+from codegen_q.cli import main as cli  # noqa: E402
 from codegen_q.server.ray_options import RayServeOptions  # noqa: E402
 
 
@@ -97,8 +97,8 @@ def test_ray_not_installed_is_one_sentence_and_exit_1(capsys, monkeypatch):
 def test_the_core_package_does_not_import_ray():
     import subprocess
 
-    code = ("import sys, codegen_q, codegen_q.cli, codegen_q.server, codegen_q.server.ray_options; "
-            "codegen_q.cli.build_parser(); print(any(m == 'ray' or m.startswith('ray.') for m in sys.modules))")
+    code = ("import sys, codegen_q, codegen_q.cli.main, codegen_q.server, codegen_q.server.ray_options; "
+            "codegen_q.cli.main.build_parser(); print(any(m == 'ray' or m.startswith('ray.') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"

@@ -12,9 +12,9 @@ import torch
 import transformers
 
 import codegen_q
-from codegen_q.cli import main as cli_main
-from codegen_q.convert import quantize_checkpoint
-from codegen_q.runtime import load
+from codegen_q.cli.main import main as cli_main
+from codegen_q.quantization.convert import quantize_checkpoint
+from codegen_q.generation.load import load
 from codegen_q.testing.checkpoints import make_checkpoint, tiny_config
 from checkpoint_support import assert_float_path_matches_transformers
 from engine_support import solo_greedy
@@ -144,7 +144,7 @@ def test_bf16_prefill_option_moves_prompt_logits_a_little_and_decode_not_at_all(
 def test_bf16_prefill_warns_where_the_cpu_would_emulate_bf16(dirs, monkeypatch):
     import warnings
 
-    from codegen_q import _native
+    from codegen_q.kernels import native as _native
 
     native = _native.cpu()
     with warnings.catch_warnings():

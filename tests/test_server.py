@@ -8,7 +8,6 @@ reached only through the scheduler's thread (scheduler.call), never from the tes
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import contextlib
 import http.client
@@ -31,9 +30,9 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
 import codegen_q  # noqa: E402
-from codegen_q.convert import quantize_checkpoint  # noqa: E402
-from codegen_q.runtime import load  # noqa: E402
-from codegen_q.server import create_app  # noqa: E402
+from codegen_q.quantization.convert import quantize_checkpoint  # noqa: E402
+from codegen_q.generation.load import load  # noqa: E402
+from codegen_q.server.api import create_app  # noqa: E402
 from codegen_q.server.openai_schema import token_text  # noqa: E402
 from codegen_q.testing.checkpoints import make_checkpoint, tiny_config  # noqa: E402
 import support  # noqa: E402
@@ -489,8 +488,8 @@ def test_a_dead_scheduler_fails_what_waits_and_health_says_so(model, monkeypatch
 
 
 def test_the_serve_command_line():
-    from codegen_q.cli import build_parser
-    from codegen_q.cli_serve import parse_size
+    from codegen_q.cli.main import build_parser
+    from codegen_q.server.settings import parse_size
 
     args = build_parser().parse_args(["serve", "m", "--kv-memory", "512MB", "--port", "0", "--max-batch", "2"])
     assert (args.model, args.kv_memory, args.port, args.max_batch, args.host) == ("m", 512 * 10**6, 0, 2, "127.0.0.1")
@@ -499,14 +498,16 @@ def test_the_serve_command_line():
     assert not build_parser().parse_args(["serve", "--no-prefix-cache"]).prefix_cache
     assert [parse_size(s) for s in ("2GB", "1.5GiB", "64k", "1000")] == [2 * 10**9, 3 * 2**29, 64_000, 1000]
     for bad in ("", "lots", "-1GB", "2XB", "0.1"):
-        with pytest.raises(argparse.ArgumentTypeError):
+        with pytest.raises(ValueError, match="expected a size"):
             parse_size(bad)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--kv-memory", "lots"])
 
 
 def test_codegen_q_serve_answers_and_stops_cleanly_on_sigterm(model):
     """The command line end to end: the key from the environment, a port of its choosing (0), one
     request, then SIGTERM: exit status 0 and the request's log line on stderr."""
-    proc = subprocess.Popen([sys.executable, "-m", "codegen_q.cli", "serve", model.path, "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "codegen_q.cli.main", "serve", model.path, "--port", "0",
                              "--threads", "1", "--max-batch", "2"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "CODEGEN_Q_API_KEY": KEY})
     lines: queue.Queue = queue.Queue()
@@ -533,8 +534,8 @@ def test_codegen_q_serve_answers_and_stops_cleanly_on_sigterm(model):
 
 
 def test_kv_memory_sizes_the_pool(model):
-    from codegen_q.cli_serve import kv_tokens_for
-    from codegen_q.memory_plan import kv_cache_bytes
+    from codegen_q.server.settings import kv_tokens_for
+    from codegen_q.model.memory_plan import kv_cache_bytes
 
     per_token = kv_cache_bytes(model.config, 1, model.model.kv_dtype)
     assert kv_tokens_for(model, 1000 * per_token + 5) == 1000

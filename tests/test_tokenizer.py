@@ -8,7 +8,7 @@ import pytest
 import transformers
 
 from codegen_q.testing.tokenizer_files import WHITESPACE_TOKENS, write_tokenizer_files
-from codegen_q.tokenizer import CodeGenTokenizer
+from codegen_q.generation.tokenizer import CodeGenTokenizer
 
 transformers.logging.set_verbosity_error()
 

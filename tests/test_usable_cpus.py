@@ -12,7 +12,7 @@ import warnings
 import pytest
 
 import codegen_q
-from codegen_q import _native, usable_cpus as uc
+from codegen_q.kernels import native as _native, usable_cpus as uc
 
 
 def cgroup_tree(root, files: dict[str, str], proc_self_cgroup: str):

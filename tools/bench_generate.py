@@ -39,7 +39,7 @@ SYSTEMS = ["codegen-q fp32", "codegen-q int8", "codegen-q int4", "transformers f
 def _codegen_q(path: str, prompt: list[int], new: int, batch: int, threads: int) -> dict:
     import torch
 
-    from codegen_q.runtime import load
+    from codegen_q.generation.load import load
 
     loaded = load(path, num_threads=threads)
     model = loaded.model
@@ -138,7 +138,7 @@ def prepare(work: str, preset: str, threads: int) -> dict[str, str]:
         os.makedirs(work, exist_ok=True)
         preset_args = ["--tiny", "--n-embd", "256", "--n-head", "4"] if preset == "tiny" else ["--preset", preset]
         subprocess.run([sys.executable, os.path.join(HERE, "make_checkpoint.py"), hub, *preset_args], check=True)
-    from codegen_q.convert import quantize_checkpoint
+    from codegen_q.quantization.convert import quantize_checkpoint
 
     for bits in (8, 4):
         out = paths[f"int{bits}"]
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = prepare(args.work, args.preset, args.threads)
     from bench_prefill import prompt_ids
-    from codegen_q.tokenizer import CodeGenTokenizer
+    from codegen_q.generation.tokenizer import CodeGenTokenizer
 
     # ids the tokenizer can spell (CTranslate2 takes token strings): a long prompt of consecutive ids
     # ran past a small tokenizer's vocabulary

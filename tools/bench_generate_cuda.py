@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench_generate_cuda: torch sees no CUDA device", file=sys.stderr)
         return 1
-    from codegen_q.tokenizer import CodeGenTokenizer
+    from codegen_q.generation.tokenizer import CodeGenTokenizer
 
     ids = CodeGenTokenizer.from_dir(args.hub).encode("def fibonacci(n):\n    " * 8)[:32]
     rows = [("transformers fp16", *bench_transformers(args.hub, ids, args.new_tokens))]

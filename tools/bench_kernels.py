@@ -26,7 +26,7 @@ import sys
 import time
 
 import codegen_q  # before torch: it makes torch's OpenMP threads passive, which only works before torch loads
-from codegen_q import _native
+from codegen_q.kernels import native as _native
 from codegen_q.testing.reference import assert_qlinear_within_bound
 import torch
 

@@ -21,7 +21,7 @@ import sys
 import torch
 
 import codegen_q
-from codegen_q.attention_ops import paged_attention
+from codegen_q.kernels.attention import paged_attention
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import ROTATE_BYTES, measure_read_bandwidth, median_seconds  # noqa: E402

@@ -51,7 +51,7 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
 # Each returns the seconds of one timed prompt pass of `batch` copies of `prompt`.
 
 def _codegen_q(path: str, prompt: list[int], batch: int, threads: int, prefill_dtype: str) -> float:
-    from codegen_q.runtime import load  # before torch: codegen_q makes torch's OpenMP threads passive
+    from codegen_q.generation.load import load  # before torch: codegen_q makes torch's OpenMP threads passive
 
     import torch
 
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [(64, 1), (64, 2)] if args.quick else [(512, 1), (2000, 1), (512, 8)]
     rounds = 1 if args.quick else args.rounds
 
-    from codegen_q.tokenizer import CodeGenTokenizer  # before torch, as in the workers
+    from codegen_q.generation.tokenizer import CodeGenTokenizer  # before torch, as in the workers
 
     from bench_generate import prepare
 

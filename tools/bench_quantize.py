@@ -87,7 +87,7 @@ def measure_disk_write(work: str, nbytes: int = 2 << 30) -> float:
     preallocated, O_DIRECT where allowed) and fsyncing it; page-cache-only figures would flatter it."""
     import numpy as np
 
-    from codegen_q.direct_file import DirectFile
+    from codegen_q.io.direct_file import DirectFile
 
     block = np.frombuffer(os.urandom(64 << 20), dtype=np.uint8)
     path = os.path.join(work, ".disk-write-test")
@@ -137,8 +137,8 @@ def measure_disk_read(src: str, limit: int = 4 << 30) -> float:
     ahead) with no computation: the fastest the quantizer's input can arrive."""
     import torch
 
-    from codegen_q.checkpoint import PREFETCH_BYTES
-    from codegen_q.direct_read import ByteRange, RangeReader
+    from codegen_q.format.hub import PREFETCH_BYTES
+    from codegen_q.io.direct_read import ByteRange, RangeReader
 
     files = weight_files(src)
     evict_from_page_cache(files)
@@ -183,7 +183,7 @@ def bench_model(preset: str, src: str | None, work: str, keep: bool) -> list[dic
             read_gbps = measure_disk_read(src)  # just before the run: this VM's disk speed drifts by minutes
             evict_from_page_cache(weight_files(src))
             busy_before = disk_busy_ms([src, work])
-            r = run_measured([sys.executable, "-m", "codegen_q.cli", "quantize", src, out, *flags,
+            r = run_measured([sys.executable, "-m", "codegen_q.cli.main", "quantize", src, out, *flags,
                               "--json", "--no-progress", "--force"])
             busy_after = disk_busy_ms([src, work])
             summary = json.loads(r["stdout"])

@@ -2,7 +2,7 @@
 """Serving benchmark: `codegen-q serve` under concurrent HTTP clients, and editor traffic with the
 prefix cache on and off.
 
-The server runs as `python -m codegen_q.cli serve` in a process of its own (so the clients' Python
+The server runs as `python -m codegen_q.cli.main serve` in a process of its own (so the clients' Python
 threads never hold its GIL) on a port the OS picks on 127.0.0.1, with a random 350M-shaped int4
 model made by tools/make_checkpoint.py and cached under --work (reused when present). Clients are
 threads with http.client, streaming (so the time to the first token is seen), greedy, each
@@ -117,7 +117,7 @@ def prepare_model(work: str) -> str:
     os.makedirs(work, exist_ok=True)
     if not os.path.exists(os.path.join(hub, "config.json")):
         subprocess.run([sys.executable, os.path.join(HERE, "make_checkpoint.py"), hub, "--preset", "350M"], check=True)
-    from codegen_q.convert import quantize_checkpoint
+    from codegen_q.quantization.convert import quantize_checkpoint
 
     quantize_checkpoint(hub, out, bits=4, group_size=128, progress=False)
     return out
@@ -165,7 +165,7 @@ def server(model: str, prefix_cache: bool, max_batch: int, threads: int | None, 
     With ``ray_replicas``: `codegen-q serve --ray` (a Ray instance of its own, ``threads`` per
     replica) on a free port picked here, since Ray Serve's proxy needs a fixed one."""
     port = free_port() if ray_replicas else 0
-    cmd = [sys.executable, "-m", "codegen_q.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "codegen_q.cli.main", "serve", model, "--host", "127.0.0.1", "--port", str(port),
            "--max-batch", str(max_batch), "--max-queue", str(max(64, 4 * max_batch))]
     if ray_replicas:
         cmd += ["--ray", "--replicas", str(ray_replicas)] + (["--threads-per-replica", str(threads)] if threads else [])
@@ -269,14 +269,14 @@ def percentile(values: list[float], p: float) -> float:
 # ---------------------------------------------------------------------------------------- runs
 
 def context_of(model: str) -> int:
-    from codegen_q.config import CodeGenConfig
+    from codegen_q.format.config import CodeGenConfig
 
     with open(os.path.join(model, "config.json")) as f:
         return CodeGenConfig.from_dict(json.load(f)).n_positions
 
 
 def bench(args: argparse.Namespace) -> dict:
-    from codegen_q.tokenizer import CodeGenTokenizer
+    from codegen_q.generation.tokenizer import CodeGenTokenizer
 
     model = args.model or prepare_model(args.work)
     tokenizer = CodeGenTokenizer.from_dir(model)

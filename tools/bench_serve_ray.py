@@ -33,7 +33,7 @@ CONCURRENCY = 16
 
 
 def bench(args: argparse.Namespace) -> dict:
-    from codegen_q.tokenizer import CodeGenTokenizer
+    from codegen_q.generation.tokenizer import CodeGenTokenizer
 
     model = args.model or bs.prepare_model(args.work)
     tokenizer = CodeGenTokenizer.from_dir(model)

@@ -26,10 +26,11 @@ import sysconfig
 import tempfile
 import time
 
-from codegen_q import default_model  # before torch: codegen_q sets torch's OpenMP threads passive
-from codegen_q.convert import quantize_checkpoint
-from codegen_q.evaluation import evaluate
-from codegen_q.runtime import LoadedModel, load
+import codegen_q  # before torch: codegen_q sets torch's OpenMP threads passive
+from codegen_q import default_model
+from codegen_q.quantization.convert import quantize_checkpoint
+from codegen_q.generation.evaluation import evaluate
+from codegen_q.generation.load import LoadedModel, load
 
 import torch  # noqa: E402  (after codegen_q, see above)
 
@@ -95,10 +96,10 @@ def greedy_completions(model: LoadedModel) -> list[list[int]]:
 
 def blame(model_dir: str, files: list[str], scheme: dict) -> list[tuple[str, float]]:
     """Each quantized tensor alone quantized (everything else float): the KL it causes, largest first."""
-    from codegen_q.checkpoint import QUANTIZED_LINEARS
-    from codegen_q.model import CodeGenModel
-    from codegen_q.quantize import quantize_weight
-    from codegen_q.runtime import _load_hub_weights
+    from codegen_q.format.schema import QUANTIZED_LINEARS
+    from codegen_q.model.codegen import CodeGenModel
+    from codegen_q.quantization.rtn import quantize_weight
+    from codegen_q.generation.load import _load_hub_weights
 
     base = load(model_dir)
     weights = _load_hub_weights(model_dir, base.config)
@@ -109,7 +110,7 @@ def blame(model_dir: str, files: list[str], scheme: dict) -> list[tuple[str, flo
         swapped = dict(weights)
         q = quantize_weight(weights[name], bits=scheme["bits"], group_size=scheme.get("group_size"),
                             symmetric=scheme.get("symmetric", False))
-        swapped[name] = q.dequantize().float()
+        swapped[name] = codegen_q.dequantize(q).float()
         one = LoadedModel(model_dir, base.config, CodeGenModel(base.config, swapped), base.tokenizer)
         out.append((name, evaluate(one, files, reference=base).mean_kl))
     return sorted(out, key=lambda kv: -kv[1])

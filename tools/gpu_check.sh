@@ -34,7 +34,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 start=$(date +%s)
 "$py" -m pip install --quiet "${build_args[@]}" -e . 2>&1 | tee "$out/build.log"
 echo "build: $(( $(date +%s) - start )) s"
-"$py" -m codegen_q.cli backends
+"$py" -m codegen_q.cli.main backends
 
 status=0
 "$py" -m pytest -q tests/test_cuda_ops.py tests/test_cuda_build.py -rs 2>&1 | tee "$out/pytest-cuda.log" || status=1

@@ -34,7 +34,7 @@ if ! "$py" -m pip install --quiet "${build_args[@]}" -e . >"$out/build.log" 2>&1
   tail -n 40 "$out/build.log"
   exit 1
 fi
-"$py" -m codegen_q.cli backends | tee "$out/backends.json"
+"$py" -m codegen_q.cli.main backends | tee "$out/backends.json"
 
 status=0
 log "CUDA tests"

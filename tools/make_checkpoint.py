@@ -15,9 +15,9 @@ import argparse
 import sys
 import time
 
-from codegen_q.checkpoint import expected_tensors, is_legacy_buffer
-from codegen_q.config import CodeGenConfig
-from codegen_q.output_dir import check_free_space, writing_output_dir
+from codegen_q.format.schema import expected_tensors, is_legacy_buffer
+from codegen_q.format.config import CodeGenConfig
+from codegen_q.io.output_dir import check_free_space, writing_output_dir
 from codegen_q.testing.checkpoints import PRESETS, hub_config, make_checkpoint, tiny_config
 
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}

@@ -21,9 +21,9 @@ import sys
 import sysconfig
 
 from codegen_q import default_model
-from codegen_q.convert import quantize_checkpoint
-from codegen_q.evaluation import evaluate
-from codegen_q.output_dir import write_file_atomically, writing_output_dir
+from codegen_q.quantization.convert import quantize_checkpoint
+from codegen_q.generation.evaluation import evaluate
+from codegen_q.io.output_dir import write_file_atomically, writing_output_dir
 
 HUB_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json",
              "special_tokens_map.json", "tokenizer_config.json", "training_log.json")

@@ -32,9 +32,9 @@ import time
 
 import torch
 
-from codegen_q.output_dir import writing_output_dir
+from codegen_q.io.output_dir import writing_output_dir
 from codegen_q.testing.tokenizer_files import write_tokenizer_files
-from codegen_q.tokenizer import CodeGenTokenizer
+from codegen_q.generation.tokenizer import CodeGenTokenizer
 
 # Packages of the standard library that are its own tests, not code people write.
 _EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}

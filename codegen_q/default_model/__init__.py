@@ -8,6 +8,8 @@ library, shipped with the package so that generation works with no model named, 
     quality.json          the sample's perplexity under each shipped form, measured when shipped
 
 tools/ship_default_model.py writes all of it from a training run's output.
+
+May import nothing else of codegen_q.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from codegen_q.engine import Engine, QueueFull, StepOutput
+from codegen_q.generation.engine import Engine, QueueFull, StepOutput
 from codegen_q.server.openai_schema import (ApiError, CompletionRequest, LogprobsWriter, ResponseHead,
                                             completion_response, error_body, longest_token_bytes,
                                             parse_completion_request, sse, stream_choice, usage)
@@ -59,16 +59,16 @@ def create_app(model, *, api_key: str | None = None, max_batch: int = 8, max_que
                max_body_bytes: int = 1_000_000, prefix_caching: bool = True) -> Starlette:
     """The server's ASGI app for ``model`` (a model from codegen_q.load, or a directory to load).
 
-    One Engine (``max_batch``, ``max_queue``, ``kv_tokens`` as for codegen_q.engine.Engine) on a
+    One Engine (``max_batch``, ``max_queue``, ``kv_tokens`` as for codegen_q.generation.engine.Engine) on a
     scheduler thread that starts with the app's lifespan (or the first request); ``api_key``:
     when set, every /v1 route needs ``Authorization: Bearer <api_key>``; ``model_name``: the id
     /v1/models lists and responses carry (default: the model directory's name); ``prefix_caching``:
     reuse the KV cache of prompt prefixes seen before (an editor resends the same file on every
-    keystroke; see codegen_q/engine.py). The engine and the scheduler are app.state.engine and
+    keystroke; see codegen_q/generation/engine.py). The engine and the scheduler are app.state.engine and
     app.state.scheduler.
     """
     if isinstance(model, (str, os.PathLike)):
-        from codegen_q.runtime import load
+        from codegen_q.generation.load import load
 
         model = load(model)
     if api_key is not None and (not isinstance(api_key, str) or not api_key):

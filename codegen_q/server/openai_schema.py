@@ -28,11 +28,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from codegen_q.engine import Completion, StepOutput, TokenLogprob
-from codegen_q.generation import check_text
-from codegen_q.sampling import MAX_PENALTY, MAX_SEED, SamplingParams
+from codegen_q.generation.engine import Completion, StepOutput, TokenLogprob
+from codegen_q.generation.generate import check_text
+from codegen_q.generation.sampling import MAX_PENALTY, MAX_SEED, SamplingParams
 from codegen_q.server.scheduler import EngineRequest
-from codegen_q.tokenizer import CodeGenTokenizer
+from codegen_q.generation.tokenizer import CodeGenTokenizer
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's; 0 is greedy

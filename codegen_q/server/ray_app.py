@@ -25,6 +25,7 @@ from ray import serve
 from ray.serve import Application
 
 from codegen_q.server.ray_options import RayServeOptions
+from codegen_q.server.settings import API_KEY_ENV, DEFAULT_MODEL_NAME, kv_tokens_for, log_to_stderr
 
 DEPLOYMENT_NAME = "codegen-q"
 
@@ -37,10 +38,9 @@ class CompletionServer:
     starts and stops the engine's scheduler thread)."""
 
     def __init__(self, options: RayServeOptions) -> None:
-        from codegen_q.cli_serve import _log_to_stderr
-        from codegen_q.runtime import load  # codegen_q came first, with this module: before torch
+        from codegen_q.generation.load import load  # codegen_q came first, with this module: before torch
 
-        _log_to_stderr()  # the server's line per request, in the replica's log (Ray forwards it)
+        log_to_stderr()  # the server's line per request, in the replica's log (Ray forwards it)
 
         self.options = options
         path = options.model
@@ -53,7 +53,6 @@ class CompletionServer:
                           kv_dtype=options.kv_dtype, prefill_dtype=options.prefill_dtype)
 
     def __serve_build_asgi_app__(self):
-        from codegen_q.cli_serve import API_KEY_ENV, DEFAULT_MODEL_NAME, kv_tokens_for
         from codegen_q.server.api import create_app
 
         o = self.options

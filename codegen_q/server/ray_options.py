@@ -1,5 +1,5 @@
 """What a Ray Serve deployment of the completion server is made of (RayServeOptions), checked once
-for both ways in: `codegen-q serve --ray` (cli_serve_ray.py) and `serve run` / a Ray Serve config
+for both ways in: `codegen-q serve --ray` (codegen_q/cli/serve_ray.py) and `serve run` / a Ray Serve config
 file (ray_app.build_app, whose args arrive as strings). This module does not import Ray, so bad
 options are refused, in one sentence, before Ray is imported or a cluster is contacted.
 """
@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from codegen_q.server.api import RETRY_AFTER_SECONDS
+from codegen_q.server.settings import parse_size
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -138,8 +139,6 @@ class RayServeOptions:
             elif name == "prefix_caching":
                 values[name] = _parse_bool(name, value)
             elif name == "kv_memory":
-                from codegen_q.cli_serve import parse_size
-
                 values[name] = parse_size(value)
             elif name == "health_check_period_s":
                 values[name] = _parse_number(name, value, float)

@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from codegen_q.engine import Engine, StepOutput
+from codegen_q.generation.engine import Engine, StepOutput
 
 logger = logging.getLogger("codegen_q.server")
 

@@ -15,9 +15,9 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from codegen_q.checkpoint import expected_tensors
-from codegen_q.config import CodeGenConfig
-from codegen_q.safetensors_stream import SafetensorsStreamWriter, spec_nbytes
+from codegen_q.format.schema import expected_tensors
+from codegen_q.format.config import CodeGenConfig
+from codegen_q.format.safetensors import SafetensorsStreamWriter, spec_nbytes
 from codegen_q.testing.tokenizer_files import write_tokenizer_files
 from codegen_q.testing.torch_zip import write_state_dict
 

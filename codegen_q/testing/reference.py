@@ -1,6 +1,6 @@
 """Slow, obvious float64 references for every kernel and for a whole CodeGen decode step.
 
-Written from the documented definitions (the layouts in codegen_q/quantize.py's docstring and
+Written from the documented definitions (the layouts in codegen_q/format/weight.py's docstring and
 csrc/common/qformat.h; the model as docs/design.md §1 states transformers' CodeGen), never from
 the library's own code: nothing here imports a kernel, an unpacker or the model. The tests and the
 benchmarks' correctness checks compare against these; a reference that reused the code under test

@@ -1,4 +1,4 @@
-// The quantized weight layouts shared by every kernel (CPU and CUDA) and by codegen_q/quantize.py.
+// The quantized weight layouts shared by every kernel (CPU and CUDA) and by codegen_q/format/weight.py.
 //
 // int8: weight [N, K] int8, symmetric, one fp16 scale per output row:  w = q * scale[n].
 // int4: weight [N, K/2] uint8; K is cut into blocks of 32 and each block is 16 bytes where

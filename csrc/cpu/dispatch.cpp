@@ -66,7 +66,7 @@ int max_jobs(int64_t M, int64_t N, int64_t row_bytes) {
   return jobs < 1 ? 1 : (jobs > 4096 ? 4096 : static_cast<int>(jobs));
 }
 
-// Last line of defence: codegen_q/ops.py validates tensors before calling, but a raw call into the
+// Last line of defence: codegen_q/kernels/ops.py validates tensors before calling, but a raw call into the
 // module with bad sizes must raise, not read out of bounds.
 void check_shapes(int64_t N, int64_t K, const void* qweight, const void* scales, const void* out, bool int4,
                   int64_t group_size) {

@@ -4,7 +4,7 @@
 // vpmaddubsw + vpmaddwd: 32), where the fp32 GEMM (qlinear_gemm.h) pays one FMA per 16 (8)
 // products. Prompts are compute-bound, so this is the lever the prompt pass has; the price is the
 // activations' rounding, ~2^-8 of each 128-element chunk's largest magnitude per element, which
-// the fp32 path does not pay. It is opt-in per call (codegen_q.ops.qlinear's gemm_dtype=int8).
+// the fp32 path does not pay. It is opt-in per call (codegen_q.kernels.ops.qlinear's gemm_dtype=int8).
 //
 // The contract, which the tests check with exact integer sums:
 //   for each row m of x and chunk c of kChunk elements of K:

@@ -2,7 +2,7 @@
 // vector vocabulary of simd.h and compiled once per ISA. Activations are float32 and accumulation
 // is float32 FMA: no activation quantization, so results match a float64 reference to fp32
 // rounding. From a few dozen rows of x the AVX2/AVX-512 builds switch to a blocked GEMM
-// (qlinear_gemm.h); the scalar build leaves larger M to dequantize_* + torch (codegen_q/ops.py).
+// (qlinear_gemm.h); the scalar build leaves larger M to dequantize_* + torch (codegen_q/kernels/ops.py).
 //
 // Register tiling: MR activation rows x NR weight rows of vector accumulators. At M = 1 the NR
 // independent FMA chains hide FMA latency; at M > 1 each weight vector, once converted, feeds

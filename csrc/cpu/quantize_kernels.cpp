@@ -1,7 +1,7 @@
 // Round-to-nearest quantization of a weight's rows in one pass per row: min/max per row (int8) or
 // group (int4), the fp16 scale (and zero point), the codes q = clamp(round(w / scale) + zero, lo,
 // hi) packed as in common/qformat.h, and optionally the error sums the quantizer reports. The
-// operations and their order are those of the torch specification in codegen_q/quantize.py
+// operations and their order are those of the torch specification in codegen_q/format/weight.py
 // (_quantize_rows_reference), so both give bit-identical bytes (tested on every ISA). The file is
 // compiled once per ISA like qlinear_kernels.cpp.
 //
@@ -140,7 +140,7 @@ inline void group_minmax(const float* src, int64_t group, float* lo, float* hi, 
   *hi = hmax;
 }
 
-// The fp16 bits of the smallest fp16 >= v: quantize.py's _fp16_scale_at_least, so the grid covers
+// The fp16 bits of the smallest fp16 >= v: codegen_q/quantization/rtn.py's _fp16_scale_at_least, so the grid covers
 // every value (round to nearest even, then one step up if that fell below v).
 inline uint16_t half_at_least(float v) {
   uint16_t h = float_to_half_bits(v);
@@ -151,7 +151,7 @@ inline uint16_t half_at_least(float v) {
 inline bool half_is_finite(uint16_t h) { return (h & 0x7C00) != 0x7C00; }
 
 // One pass per row: widen it into cache, then per group its min/max, the fp16 scale (and zero
-// point), the codes and the error sums, with quantize.py's reference operations in its order
+// point), the codes and the error sums, with codegen_q/quantization/rtn.py's reference operations in its order
 // (_quantize_rows_reference): the same bytes, tested on every ISA.
 int quantize_rows(const WeightRows& w, const QuantizeOut& o, int64_t n_begin, int64_t n_end) {
   const int64_t K = w.K;

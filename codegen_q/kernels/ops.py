@@ -1,0 +1,210 @@
+"""The safe public face of the native Linear kernels: qlinear and dequantize.
+
+It checks every tensor (type, dtype, device, shape, contiguity) and raises TypeError/ValueError with a sentence that names the argument,
+so a mistake never reaches C++ as a bad pointer. Then it picks the kernel:
+
+* small M (decode, small batches): the native weight-only GEMV/GEMM, which reads each weight once;
+* large M (prefill): on the CPU's AVX2/AVX-512 builds, the native blocked GEMM too, which
+  dequantizes small panels in cache (csrc/cpu/qlinear_gemm.h); elsewhere, and for
+  gemm_dtype=torch.bfloat16, dequantize a tile of weight rows with the native kernel and let
+  torch's GEMM (oneDNN / cuBLAS) multiply.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from codegen_q.kernels import native as _native
+from codegen_q.format.weight import QuantizedWeight
+
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Up to this many rows of x qlinear runs the native kernels; above, dequantize + torch's GEMM. The
+# AVX2 and AVX-512 builds switch to their own blocked GEMM from one tile of rows (16 / 32), which
+# beats torch's fp32 GEMM on dequantized weights at every M measured, without the float copy of
+# the weight (docs/cpu-kernels.md, "Which kernel takes a call"). So they have no limit; the
+# scalar build's FMA kernels are compute-bound sooner.
+NATIVE_MAX_M_CPU = {"avx512": sys.maxsize, "avx2": sys.maxsize}
+NATIVE_MAX_M_CPU_DEFAULT = 16
+# With gemm_dtype=torch.bfloat16 the native kernels take at most this many rows; more go to torch's
+# bf16 GEMM, faster there than the native fp32 kernels where the CPU multiplies bf16 natively
+# (AVX-512 BF16), dequantizing included (docs/cpu-kernels.md, "Which kernel takes a call").
+NATIVE_MAX_M_BF16 = 64
+NATIVE_MAX_M_CUDA = 8
+# Size of the float32 weight tile used by the large-M path.
+_DEQUANT_TILE_ELEMENTS = 1 << 21
+
+
+GEMM_DTYPES = (None, torch.float32, torch.bfloat16, torch.int8)
+
+
+def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None, *,
+            gemm_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for a quantized W, with x of shape [..., in_features].
+
+    x may be float32, bfloat16 or float16, on the CPU or a CUDA device (the weight's). Accumulation
+    is float32; the result has x's dtype and shape [..., out_features].
+
+    ``gemm_dtype=torch.bfloat16`` trades accuracy for speed where many rows of x come at once
+    (prefill): x and each dequantized weight tile are rounded to bf16 and multiplied by torch's
+    bf16 GEMM (fp32 accumulation, outputs rounded to bf16), about 2^-8 of each output's scale
+    instead of fp32 rounding. Rows that take the native kernels (decode, small batches: on the CPU
+    up to NATIVE_MAX_M_BF16, on a GPU up to NATIVE_MAX_M_CUDA) are unaffected.
+
+    ``gemm_dtype=torch.int8`` (CPU only) quantizes x to int8 on the fly, one scale per row and 128
+    elements of K, and multiplies with integer dot products, for K a multiple of 128 (other K run
+    in fp32). Each activation is rounded to within half a step of its chunk's largest magnitude /
+    127; the weights' integer products are exact (csrc/cpu/qlinear_i8gemm.h states the contract).
+    Each row's result is the same whatever rows come with it. None / float32 (the default): fp32
+    throughout.
+    """
+    _check_qweight(qweight)
+    if gemm_dtype not in GEMM_DTYPES:
+        raise ValueError(f"gemm_dtype must be None, torch.float32, torch.bfloat16 or torch.int8, got {gemm_dtype!r}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    n, k = qweight.shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x must have shape [..., {k}] to match the weight's in_features, got {list(x.shape)}")
+    if x.device != qweight.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {qweight.device}; move one of them")
+    if gemm_dtype == torch.int8 and x.device.type != "cpu":
+        raise ValueError("gemm_dtype=torch.int8 (int8 activations) is a CPU path; use None or torch.bfloat16 on "
+                         f"{x.device.type}")
+    bias32 = None
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if not bias.is_floating_point():
+            raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must have shape [{n}] (out_features), got {list(bias.shape)}")
+        if bias.device != qweight.device:
+            raise ValueError(f"bias is on {bias.device} but the weight is on {qweight.device}")
+        bias32 = bias.to(torch.float32).contiguous()
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=torch.float32, device=x.device)
+    if m > 0 and n > 0:
+        native_max_m = NATIVE_MAX_M_CUDA if x.is_cuda else native_max_m_cpu()
+        bf16_gemm = gemm_dtype == torch.bfloat16 and m > NATIVE_MAX_M_BF16
+        int8_gemm = gemm_dtype == torch.int8
+        if (m <= native_max_m and not bf16_gemm) or int8_gemm:
+            _native_qlinear(x2, qweight, bias32, y, int8_activations=int8_gemm)
+        else:
+            _dequantize_gemm(x2, qweight, bias32, y, None if gemm_dtype == torch.float32 else gemm_dtype)
+    return y.to(x.dtype).reshape(*lead, n)
+
+
+def int8_activation_min_rows() -> int:
+    """Rows of x per tile of the active ISA's int8-activation GEMM (fewer are padded to one)."""
+    return _native.cpu().int8_activation_min_rows()
+
+
+def native_max_m_cpu() -> int:
+    """Largest M that qlinear sends to the native CPU kernel with the ISA active now."""
+    return NATIVE_MAX_M_CPU.get(_native.cpu().active_isa(), NATIVE_MAX_M_CPU_DEFAULT)
+
+
+def dequantize(qweight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float [out_features, in_features] tensor a QuantizedWeight stands for."""
+    _check_qweight(qweight)
+    if dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    out = torch.empty(qweight.shape, dtype=torch.float32, device=qweight.device)
+    _dequantize_rows(qweight, 0, qweight.out_features, out)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def _check_qweight(qweight: QuantizedWeight) -> None:
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError(f"qweight must be a QuantizedWeight (from codegen_q.quantize_weight), "
+                        f"got {type(qweight).__name__}")
+    dev = qweight.device
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"weights on {dev} are not supported; use the CPU or a CUDA device")
+
+
+def _addr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _cuda_stream(device: torch.device) -> int:
+    module = _native.cuda()
+    if module is None:
+        raise RuntimeError(f"this build of codegen-q has no CUDA support ({_native.cuda_import_error()}); "
+                           "rebuild it on a machine with nvcc, or use device='cpu'")
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _native_qlinear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None, y: torch.Tensor,
+                    int8_activations: bool = False) -> None:
+    m, k = x.shape
+    n = w.out_features
+    if w.device.type == "cuda":
+        stream = _cuda_stream(w.device)
+        module = _native.cuda()
+        with torch.cuda.device(w.device):
+            for start in range(0, m, 65535):  # grid.y limit of the CUDA kernel
+                rows = min(65535, m - start)
+                xs, ys = x[start:start + rows], y[start:start + rows]
+                if w.bits == 8:
+                    module.qlinear_int8(xs.data_ptr(), rows, k, w.qweight.data_ptr(), w.scales.data_ptr(),
+                                        _addr(bias), ys.data_ptr(), n, stream)
+                else:
+                    module.qlinear_int4(xs.data_ptr(), rows, k, w.qweight.data_ptr(), w.scales.data_ptr(),
+                                        _addr(w.zeros), w.group_size, _addr(bias), ys.data_ptr(), n, stream)
+        return
+    cpu = _native.cpu()
+    if w.bits == 8:
+        cpu.qlinear_int8(x.data_ptr(), m, k, w.qweight.data_ptr(), w.scales.data_ptr(), _addr(bias),
+                         y.data_ptr(), n, int8_activations)
+    else:
+        cpu.qlinear_int4(x.data_ptr(), m, k, w.qweight.data_ptr(), w.scales.data_ptr(), _addr(w.zeros),
+                         w.group_size, _addr(bias), y.data_ptr(), n, int8_activations)
+
+
+def _dequantize_rows(w: QuantizedWeight, start: int, stop: int, out: torch.Tensor) -> None:
+    """Dequantize weight rows [start, stop) into the contiguous float32 tensor `out`."""
+    rows = stop - start
+    if rows <= 0:
+        return
+    k = w.in_features
+    q = w.qweight[start:stop]
+    s = w.scales[start:stop]
+    z = None if w.zeros is None else w.zeros[start:stop]
+    if w.device.type == "cuda":
+        stream = _cuda_stream(w.device)
+        module = _native.cuda()
+        with torch.cuda.device(w.device):
+            if w.bits == 8:
+                module.dequantize_int8(q.data_ptr(), s.data_ptr(), rows, k, out.data_ptr(), stream)
+            else:
+                module.dequantize_int4(q.data_ptr(), s.data_ptr(), _addr(z), w.group_size, rows, k,
+                                       out.data_ptr(), stream)
+        return
+    cpu = _native.cpu()
+    if w.bits == 8:
+        cpu.dequantize_int8(q.data_ptr(), s.data_ptr(), rows, k, out.data_ptr())
+    else:
+        cpu.dequantize_int4(q.data_ptr(), s.data_ptr(), _addr(z), w.group_size, rows, k, out.data_ptr())
+
+
+def _dequantize_gemm(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None, y: torch.Tensor,
+                     gemm_dtype: torch.dtype | None = None) -> None:
+    n, k = w.shape
+    tile_rows = max(8, min(n, _DEQUANT_TILE_ELEMENTS // k))
+    tile = torch.empty((tile_rows, k), dtype=torch.float32, device=x.device)
+    xg = x if gemm_dtype is None else x.to(gemm_dtype)
+    for start in range(0, n, tile_rows):
+        stop = min(n, start + tile_rows)
+        wt = tile[: stop - start]
+        _dequantize_rows(w, start, stop, wt)
+        y[:, start:stop] = xg @ (wt.t() if gemm_dtype is None else wt.to(gemm_dtype).t())
+    if bias is not None:
+        y.add_(bias)
