@@ -166,45 +166,42 @@ def test_each_subpackage_imports_only_what_its_docstring_allows(package):
 # ---------------------------------------------------------------------------------------------- the checker
 
 
-def _write_package(root, modules: dict[str, str]) -> str:
+# Two layers, "low" and "high" (which may import low), and the package's __init__.
+LAYER_RULES = {"low/__init__.py": '"""May import nothing else of pkg."""\n',
+               "high/__init__.py": '"""May import pkg.low."""\n'}
+
+
+def checked_package(root, modules: dict[str, str]):
+    """(import graph, one cycle or None, layering breaches) of a package "pkg" written under root."""
     pkg = root / "pkg"
-    for rel, text in modules.items():
+    for rel, text in {**LAYER_RULES, **modules}.items():
         path = pkg / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(textwrap.dedent(text))
-    return str(pkg)
+    files = module_files(str(pkg), "pkg")
+    graph = import_graph(files, "pkg")
+    return graph, find_cycle(graph), layering_violations(graph, allowed_imports(files, "pkg"), "pkg")
 
 
 def test_the_checker_finds_a_lazy_cycle_and_a_layering_breach(tmp_path):
-    root = _write_package(tmp_path, {
+    graph, cycle, breaches = checked_package(tmp_path, {
         "__init__.py": "from pkg.low.a import f\n",
-        "low/__init__.py": '"""May import nothing else of pkg."""\n',
         "low/a.py": "def f():\n    from pkg.high import b\n    return b\n",
-        "high/__init__.py": '"""May import pkg.low."""\n',
         "high/b.py": "from pkg.low import a\nimport pkg\n",
     })
-    files = module_files(root, "pkg")
-    graph = import_graph(files, "pkg")
     assert graph["pkg.low.a"] == {"pkg.high.b"} and graph["pkg.high.b"] == {"pkg.low.a", "pkg"}
-    cycle = find_cycle(graph)
     assert cycle is not None and cycle[0] == cycle[-1] and {"pkg.low.a", "pkg.high.b"} <= set(cycle)
-    breaches = layering_violations(graph, allowed_imports(files, "pkg"), "pkg")
     assert any(b.startswith("pkg.low.a imports pkg.high.b") for b in breaches)
     assert any(b.startswith("pkg.high.b imports pkg:") for b in breaches)
     assert not any(b.startswith("pkg.high.b imports pkg.low") for b in breaches)
 
 
 def test_the_checker_passes_a_layered_package(tmp_path):
-    root = _write_package(tmp_path, {
+    graph, cycle, breaches = checked_package(tmp_path, {
         "__init__.py": "from pkg.high.b import g\n",
-        "low/__init__.py": '"""May import nothing else of pkg."""\n',
         "low/a.py": "def f():\n    return 1\n",
-        "high/__init__.py": '"""May import pkg.low."""\n',
         "high/b.py": "from pkg.low.a import f\nfrom . import c\n\ndef g():\n    return f()\n",
         "high/c.py": "",
     })
-    files = module_files(root, "pkg")
-    graph = import_graph(files, "pkg")
     assert graph["pkg.high.b"] == {"pkg.low.a", "pkg.high.c"}
-    assert find_cycle(graph) is None
-    assert layering_violations(graph, allowed_imports(files, "pkg"), "pkg") == []
+    assert cycle is None and breaches == []
