@@ -29,9 +29,11 @@ cgq::cpu::WeightRows weight_rows(uintptr_t w, int64_t K, int w_type) {
 }
 
 QLinearArgs qlinear_args(uintptr_t x, int64_t M, int64_t K, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
-                         int64_t group_size, uintptr_t bias, uintptr_t y, int64_t N, bool int8_activations) {
+                         int64_t group_size, uintptr_t bias, uintptr_t y, int64_t N, bool int8_activations,
+                         bool gelu) {
   QLinearArgs a;
   a.int8_activations = int8_activations;
+  a.gelu = gelu;
   a.x = ptr<const float>(x);
   a.M = M;
   a.K = K;
@@ -66,21 +68,22 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def(
       "qlinear_int8",
       [](uintptr_t x, int64_t M, int64_t K, uintptr_t qweight, uintptr_t scales, uintptr_t bias, uintptr_t y,
-         int64_t N, bool int8_activations) {
-        cgq::cpu::qlinear_int8(qlinear_args(x, M, K, qweight, scales, 0, 0, bias, y, N, int8_activations));
+         int64_t N, bool int8_activations, bool gelu) {
+        cgq::cpu::qlinear_int8(qlinear_args(x, M, K, qweight, scales, 0, 0, bias, y, N, int8_activations, gelu));
       },
       py::arg("x"), py::arg("M"), py::arg("K"), py::arg("qweight"), py::arg("scales"), py::arg("bias"), py::arg("y"),
-      py::arg("N"), py::arg("int8_activations") = false, py::call_guard<py::gil_scoped_release>());
+      py::arg("N"), py::arg("int8_activations") = false, py::arg("gelu") = false,
+      py::call_guard<py::gil_scoped_release>());
   m.def(
       "qlinear_int4",
       [](uintptr_t x, int64_t M, int64_t K, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
-         int64_t group_size, uintptr_t bias, uintptr_t y, int64_t N, bool int8_activations) {
+         int64_t group_size, uintptr_t bias, uintptr_t y, int64_t N, bool int8_activations, bool gelu) {
         cgq::cpu::qlinear_int4(
-            qlinear_args(x, M, K, qweight, scales, zeros, group_size, bias, y, N, int8_activations));
+            qlinear_args(x, M, K, qweight, scales, zeros, group_size, bias, y, N, int8_activations, gelu));
       },
       py::arg("x"), py::arg("M"), py::arg("K"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
       py::arg("group_size"), py::arg("bias"), py::arg("y"), py::arg("N"), py::arg("int8_activations") = false,
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("gelu") = false, py::call_guard<py::gil_scoped_release>());
   m.def(
       "dequantize_int8",
       [](uintptr_t qweight, uintptr_t scales, int64_t N, int64_t K, uintptr_t out) {
@@ -118,16 +121,16 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def(
       "causal_attention",
       [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t n, int64_t n_head, int64_t head_dim,
-         int64_t q_stride, int64_t k_stride, int64_t v_stride, int64_t out_stride, float scale) {
+         int64_t q_stride, int64_t k_stride, int64_t v_stride, int64_t out_stride, float scale, bool kv_fp16) {
         cgq::cpu::CausalAttentionArgs a;
         a.q = ptr<const float>(q), a.k = ptr<const float>(k), a.v = ptr<const float>(v), a.out = ptr<float>(out);
-        a.n = n, a.n_head = n_head, a.head_dim = head_dim, a.scale = scale;
+        a.n = n, a.n_head = n_head, a.head_dim = head_dim, a.scale = scale, a.kv_fp16 = kv_fp16;
         a.q_stride = q_stride, a.k_stride = k_stride, a.v_stride = v_stride, a.out_stride = out_stride;
         cgq::cpu::causal_attention(a);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("n"), py::arg("n_head"), py::arg("head_dim"),
       py::arg("q_stride"), py::arg("k_stride"), py::arg("v_stride"), py::arg("out_stride"), py::arg("scale"),
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("kv_fp16") = false, py::call_guard<py::gil_scoped_release>());
   m.def(
       "paged_attention",
       [](uintptr_t q, int64_t q_stride, uintptr_t k_cache, uintptr_t v_cache, uintptr_t block_tables,

@@ -57,3 +57,16 @@ def test_bad_shapes_are_refused():
         causal_attention(q.double(), q, q, 1.0)
     with pytest.raises(ValueError, match="contiguous"):
         causal_attention(q.transpose(1, 2).contiguous().transpose(1, 2), q, q, 1.0)
+
+
+@pytest.mark.parametrize("n,head_dim", [(1, 64), (33, 80), (300, 256)])
+def test_fp16_kv_is_attention_over_the_rounded_values(cpu_isa, n, head_dim):
+    """kv_fp16: K and V used as an fp16 cache holds them, which is what rounding them first gives,
+    bit for bit (the kernel rounds to nearest even, as torch's conversion does)."""
+    g = torch.Generator().manual_seed(n + head_dim)
+    qkv = torch.randn(n, 3, 2, head_dim, generator=g) * 3.0
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    got = causal_attention(q, k, v, head_dim ** -0.5, kv_fp16=True)
+    want = causal_attention(q, k.half().float(), v.half().float(), head_dim ** -0.5)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, causal_attention(q, k, v, head_dim ** -0.5)), "test setup: rounding must matter"

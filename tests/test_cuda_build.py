@@ -16,7 +16,9 @@ CUDA_INFO = codegen_q.backends()["cuda"]
 pytestmark = pytest.mark.skipif(not CUDA_INFO["compiled"], reason="this build has no CUDA module")
 
 
-CPU_ONLY_PARAMETER = "int8_activations"
+# The CPU qlinear ops' trailing options: int8 prompt activations and the fused gelu epilogue (on a
+# GPU, codegen_q/kernels/ops.py applies gelu after the product).
+CPU_ONLY_PARAMETERS = ("int8_activations", "gelu")
 
 
 def parameters(fn) -> list[str]:
@@ -28,10 +30,9 @@ def test_cuda_module_imports_without_a_gpu():
     module = importlib.import_module("codegen_q._C_cuda")
     cpu = _native.cpu()
     # codegen_q/kernels/ops.py calls each CUDA op with the CPU op's arguments, in the same order, plus the
-    # stream: a parameter renamed, dropped or moved in either binding shows here, GPU or not. The
-    # CPU ops' trailing int8_activations option (the CPU's prompt GEMM) is theirs alone.
+    # stream: a parameter renamed, dropped or moved in either binding shows here, GPU or not.
     for op in ("qlinear_int8", "qlinear_int4", "dequantize_int8", "dequantize_int4"):
-        cpu_params = [p for p in parameters(getattr(cpu, op)) if p != CPU_ONLY_PARAMETER]
+        cpu_params = [p for p in parameters(getattr(cpu, op)) if p not in CPU_ONLY_PARAMETERS]
         assert parameters(getattr(module, op)) == cpu_params + ["stream"], op
     assert re.fullmatch(r"\d+\.\d+(\.\d+)?", module.compiler_version), module.compiler_version
     devices, reason = module.devices()

@@ -136,10 +136,12 @@ def rotary_kv_append(qkv: torch.Tensor, positions: torch.Tensor, sin: torch.Tens
                                        kv_type, k_scales_ptr, v_scales_ptr)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     kv_fp16: bool = False) -> torch.Tensor:
     """Causal self-attention of one fresh prompt: q, k, v [n, n_head, head_dim] float32 on the CPU
     (rows may be strided, each row's heads contiguous); query i attends to keys 0..i. Returns a
-    new contiguous [n, n_head, head_dim]. Tiled flash-style in C++ (csrc/cpu/causal_attention.h)."""
+    new contiguous [n, n_head, head_dim]. Tiled flash-style in C++ (csrc/cpu/causal_attention.h).
+    ``kv_fp16``: k and v are used rounded to fp16 (nearest even), as an fp16 KV cache holds them."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float(name, t, 3)
         if t.shape != q.shape:
@@ -149,5 +151,5 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     n, n_head, head_dim = q.shape
     out = torch.empty((n, n_head, head_dim), dtype=torch.float32)
     _native.cpu().causal_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), n, n_head, head_dim,
-                                   q.stride(0), k.stride(0), v.stride(0), out.stride(0), float(scale))
+                                   q.stride(0), k.stride(0), v.stride(0), out.stride(0), float(scale), bool(kv_fp16))
     return out

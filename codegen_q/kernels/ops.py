@@ -37,11 +37,23 @@ _DEQUANT_TILE_ELEMENTS = 1 << 21
 
 
 GEMM_DTYPES = (None, torch.float32, torch.bfloat16, torch.int8)
+# What qlinear may apply to its outputs: "gelu_new" is transformers' NewGELUActivation (CodeGen's
+# MLP), tanh-approximate gelu.
+ACTIVATIONS = (None, "gelu_new")
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """transformers' NewGELUActivation, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))): torch's
+    tanh-approximate gelu is that formula in one pass (transformers' version is six ops, an order of
+    magnitude slower on a prefill activation: docs/cpu-kernels.md, "Torch-side choices"); the two
+    differ by fp32 rounding (<= 2.4e-7)."""
+    return torch.nn.functional.gelu(x, approximate="tanh")
 
 
 def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None, *,
-            gemm_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``x @ W.T + bias`` for a quantized W, with x of shape [..., in_features].
+            gemm_dtype: torch.dtype | None = None, activation: str | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for a quantized W, with x of shape [..., in_features], and with
+    ``activation="gelu_new"``, ``gelu_new(x @ W.T + bias)``.
 
     x may be float32, bfloat16 or float16, on the CPU or a CUDA device (the weight's). Accumulation
     is float32; the result has x's dtype and shape [..., out_features].
@@ -58,10 +70,16 @@ def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None
     127; the weights' integer products are exact (csrc/cpu/qlinear_i8gemm.h states the contract).
     Each row's result is the same whatever rows come with it. None / float32 (the default): fp32
     throughout.
+
+    The activation is applied by the native CPU kernels themselves (the int8-activation GEMM in its
+    epilogue, while the outputs are in cache; csrc/cpu/gelu.h, within ~1e-7 relative of torch's);
+    elsewhere by torch after the product.
     """
     _check_qweight(qweight)
     if gemm_dtype not in GEMM_DTYPES:
         raise ValueError(f"gemm_dtype must be None, torch.float32, torch.bfloat16 or torch.int8, got {gemm_dtype!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or 'gelu_new', got {activation!r}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in ACTIVATION_DTYPES:
@@ -94,10 +112,15 @@ def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None
         native_max_m = NATIVE_MAX_M_CUDA if x.is_cuda else native_max_m_cpu()
         bf16_gemm = gemm_dtype == torch.bfloat16 and m > NATIVE_MAX_M_BF16
         int8_gemm = gemm_dtype == torch.int8
+        gelu = activation == "gelu_new"
         if (m <= native_max_m and not bf16_gemm) or int8_gemm:
-            _native_qlinear(x2, qweight, bias32, y, int8_activations=int8_gemm)
+            native_gelu = gelu and not x.is_cuda
+            _native_qlinear(x2, qweight, bias32, y, int8_activations=int8_gemm, gelu=native_gelu)
+            gelu = gelu and not native_gelu
         else:
             _dequantize_gemm(x2, qweight, bias32, y, None if gemm_dtype == torch.float32 else gemm_dtype)
+        if gelu:
+            y = gelu_new(y)
     return y.to(x.dtype).reshape(*lead, n)
 
 
@@ -143,7 +166,7 @@ def _cuda_stream(device: torch.device) -> int:
 
 
 def _native_qlinear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None, y: torch.Tensor,
-                    int8_activations: bool = False) -> None:
+                    int8_activations: bool = False, gelu: bool = False) -> None:
     m, k = x.shape
     n = w.out_features
     if w.device.type == "cuda":
@@ -163,10 +186,10 @@ def _native_qlinear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | No
     cpu = _native.cpu()
     if w.bits == 8:
         cpu.qlinear_int8(x.data_ptr(), m, k, w.qweight.data_ptr(), w.scales.data_ptr(), _addr(bias),
-                         y.data_ptr(), n, int8_activations)
+                         y.data_ptr(), n, int8_activations, gelu)
     else:
         cpu.qlinear_int4(x.data_ptr(), m, k, w.qweight.data_ptr(), w.scales.data_ptr(), _addr(w.zeros),
-                         w.group_size, _addr(bias), y.data_ptr(), n, int8_activations)
+                         w.group_size, _addr(bias), y.data_ptr(), n, int8_activations, gelu)
 
 
 def _dequantize_rows(w: QuantizedWeight, start: int, stop: int, out: torch.Tensor) -> None:

@@ -26,7 +26,7 @@ from codegen_q.kernels import native as _native
 from codegen_q.kernels.attention import NATIVE_KV_DTYPES, causal_attention, paged_attention, rotary_kv_append
 from codegen_q.model.fused_decode import FusedDecoder
 from codegen_q.model.kv_cache import PagedKVCache
-from codegen_q.kernels.ops import qlinear
+from codegen_q.kernels.ops import gelu_new, qlinear
 from codegen_q.format.weight import QuantizedWeight
 
 WeightLike = torch.Tensor | QuantizedWeight
@@ -40,23 +40,17 @@ class Linear:
         self.weight = weight if self.quantized else weight.to(dtype)
         self.bias = None if bias is None else bias.to(torch.float32 if self.quantized else dtype)
 
-    def __call__(self, x: torch.Tensor, gemm_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, gemm_dtype: torch.dtype | None = None,
+                 activation: str | None = None) -> torch.Tensor:
         if self.quantized:
-            return qlinear(x, self.weight, self.bias, gemm_dtype=gemm_dtype)
-        return torch.nn.functional.linear(x, self.weight, self.bias)
+            return qlinear(x, self.weight, self.bias, gemm_dtype=gemm_dtype, activation=activation)
+        y = torch.nn.functional.linear(x, self.weight, self.bias)
+        return y if activation is None else gelu_new(y)
 
     @property
     def nbytes(self) -> int:
         w = self.weight.nbytes if self.quantized else self.weight.numel() * self.weight.element_size()
         return w + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
-
-
-def gelu_new(x: torch.Tensor) -> torch.Tensor:
-    """transformers' NewGELUActivation, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))): torch's
-    tanh-approximate gelu is that formula in one pass (transformers' version is six ops, an order of
-    magnitude slower on a prefill activation: docs/cpu-kernels.md, "Torch-side choices"); the two
-    differ by fp32 rounding (<= 2.4e-7)."""
-    return torch.nn.functional.gelu(x, approximate="tanh")
 
 
 # A prompt at least this long, with nothing cached before it, takes torch's fused causal attention
@@ -77,10 +71,11 @@ def causal_self_attention(qkv: torch.Tensor, counts: Sequence[int], scale: float
     offset = 0
     for n in counts:
         q, k, v = (qkv[offset:offset + n, i] for i in range(3))  # [n, H, D]
-        if kv_dtype != torch.float32:
+        fp16_in_kernel = native and kv_dtype == torch.float16  # the kernel rounds K and V itself
+        if kv_dtype != torch.float32 and not fp16_in_kernel:
             k, v = k.to(kv_dtype).float(), v.to(kv_dtype).float()
         if native:
-            out[offset:offset + n] = causal_attention(q, k, v, scale)
+            out[offset:offset + n] = causal_attention(q, k, v, scale, kv_fp16=fp16_in_kernel)
         else:
             out[offset:offset + n] = torch.nn.functional.scaled_dot_product_attention(
                 *(t.transpose(0, 1)[None] for t in (q, k, v)), is_causal=True, scale=scale)[0].transpose(0, 1)
@@ -234,7 +229,7 @@ class CodeGenModel:
                     keys, values = cache.read(li, s, start + n)
                     attn[offset:offset + n] = self._attend(q[offset:offset + n], keys, values, start)
                     offset += n
-            h = h + layer["out"](attn.reshape(-1, d), g) + layer["fc_out"](gelu_new(layer["fc_in"](x, g)), g)
+            h = h + layer["out"](attn.reshape(-1, d), g) + layer["fc_out"](layer["fc_in"](x, g, "gelu_new"), g)
             if on_layer is not None:
                 on_layer(li + 1, len(self.layers))
         for s, n in zip(seq_ids, counts):

@@ -35,6 +35,10 @@ struct QLinearArgs {
   // CPU, prompts: quantize x to int8 (per row and 128 elements of K) and multiply with integer
   // dot products where enough rows come at once (cpu/qlinear_i8gemm.h); otherwise ignored.
   bool int8_activations = false;
+  // CPU: y = gelu_new(x W^T + bias) (cpu/gelu.h) instead of x W^T + bias. The int8-activation GEMM
+  // applies it in its epilogue, while the outputs are in cache; the other kernels in a pass over
+  // their columns of y.
+  bool gelu = false;
 };
 
 // out[N, K] float32 = dequant(W) for the rows [0, N) of the same layout.

@@ -316,15 +316,15 @@ int64_t causal_attention_tasks(const CausalAttentionArgs& a) { return causal::ta
 
 int64_t causal_attention_scratch(int64_t head_dim) { return causal::scratch_floats(head_dim); }
 
-int64_t causal_attention_keys_floats(const CausalAttentionArgs& a) { return causal::kt_floats(a); }
+int64_t causal_attention_kv_floats(const CausalAttentionArgs& a) { return causal::kv_floats(a); }
 
-void causal_attention_keys(const CausalAttentionArgs& a, float* kt, int64_t h_begin, int64_t h_end) {
-  causal::transpose_keys(a, kt, h_begin, h_end);
+void causal_attention_kv(const CausalAttentionArgs& a, float* kv, int64_t h_begin, int64_t h_end) {
+  causal::gather_kv(a, kv, h_begin, h_end);
 }
 
-void causal_attention(const CausalAttentionArgs& a, const float* kt, float* scratch, int64_t task_begin,
+void causal_attention(const CausalAttentionArgs& a, const float* kv, float* scratch, int64_t task_begin,
                       int64_t task_end) {
-  causal::run(a, kt, scratch, task_begin, task_end);
+  causal::run(a, kv, scratch, task_begin, task_end);
 }
 
 }  // namespace cgq::cpu::CGQ_ISA

@@ -3,16 +3,18 @@
 // with an online softmax, so no [n, n] score matrix exists. Included by attention_kernels.cpp in
 // every ISA's translation unit.
 //
-// Per key block: K is transposed into [D][kBK] once, so a score row is kBK / W vector
-// accumulators fed by broadcasts of q (four query rows at a time share each K load); then the
-// row maxima, exp (exp_vec) and sums; then O += P V with four rows sharing each V load, D in
-// slabs of kDS so the accumulators stay in registers for any head dim. fp32 throughout.
+// First, once per call, each head's K is transposed to [D][n] and its V gathered to contiguous
+// [n][D] rows (rounded to fp16's values on the way when kv_fp16). Per key block: a score row is
+// kBK / W vector accumulators fed by broadcasts of q (four query rows at a time share each K
+// load); then the row maxima, exp (exp_vec) and sums; then O += P V with four rows sharing each V
+// load, D in slabs of kDS so the accumulators stay in registers for any head dim. fp32 throughout.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <limits>
 
+#include "common/half.h"
 #include "cpu/kernels.h"
 #include "cpu/simd.h"
 
@@ -37,20 +39,40 @@ inline int64_t scratch_floats(int64_t D) { return kBQ * kBK + kBQ * D + 2 * kBQ;
 // Keys per head row of the transposed K: n rounded up to whole vectors (the tail is zeros).
 inline int64_t padded_keys(int64_t n) { return (n + Vec::W - 1) / Vec::W * Vec::W; }
 
-inline int64_t kt_floats(const CausalAttentionArgs& a) { return a.n_head * a.head_dim * padded_keys(a.n); }
+// Floats of the gathered K and V: per head, K^T [D][padded_keys(n)] then V [n][D].
+inline int64_t head_kv_floats(const CausalAttentionArgs& a) { return a.head_dim * (padded_keys(a.n) + a.n); }
+inline int64_t kv_floats(const CausalAttentionArgs& a) { return a.n_head * head_kv_floats(a); }
 
-// K of heads [h_begin, h_end) transposed to kt [head][D][padded_keys(n)], once per call: every
-// block of query rows of a head reads it.
-inline void transpose_keys(const CausalAttentionArgs& a, float* kt, int64_t h_begin, int64_t h_end) {
+// x, or the float nearest-even fp16 rounding gives (the value an fp16 cache holds).
+inline float kv_scalar(float x, bool fp16) { return fp16 ? half_bits_to_float(float_to_half_bits(x)) : x; }
+inline Vec::R kv_vector(Vec::R x, bool fp16) {
+#if defined(CGQ_ISA_AVX512)
+  return fp16 ? _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)) : x;
+#elif defined(CGQ_ISA_AVX2)
+  return fp16 ? _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)) : x;
+#else
+  return kv_scalar(x, fp16);
+#endif
+}
+
+// K and V of heads [h_begin, h_end) into kv (layout: head_kv_floats), once per call: every block
+// of query rows of a head reads them.
+inline void gather_kv(const CausalAttentionArgs& a, float* kv, int64_t h_begin, int64_t h_end) {
   const int64_t D = a.head_dim, np = padded_keys(a.n);
   for (int64_t h = h_begin; h < h_end; ++h) {
-    float* dst = kt + h * D * np;
+    float* kt = kv + h * head_kv_floats(a);
+    float* vh = kt + D * np;
     for (int64_t j = 0; j < a.n; ++j) {
       const float* src = a.k + j * a.k_stride + h * D;
-      for (int64_t d = 0; d < D; ++d) dst[d * np + j] = src[d];
+      for (int64_t d = 0; d < D; ++d) kt[d * np + j] = kv_scalar(src[d], a.kv_fp16);
+      const float* vs = a.v + j * a.v_stride + h * D;
+      float* vd = vh + j * D;
+      int64_t d = 0;
+      for (; d + Vec::W <= D; d += Vec::W) Vec::store(vd + d, kv_vector(Vec::load(vs + d), a.kv_fp16));
+      for (; d < D; ++d) vd[d] = kv_scalar(vs[d], a.kv_fp16);
     }
     for (int64_t d = 0; d < D; ++d)
-      for (int64_t j = a.n; j < np; ++j) dst[d * np + j] = 0.0f;
+      for (int64_t j = a.n; j < np; ++j) kt[d * np + j] = 0.0f;
   }
 }
 
@@ -117,7 +139,7 @@ inline void accumulate_pv(const float* p_rows, const float* v, int64_t v_stride,
 }
 
 // Tasks [task_begin, task_end): (head, block of query rows) pairs, head-major.
-inline void run(const CausalAttentionArgs& a, const float* kt_all, float* scratch, int64_t task_begin,
+inline void run(const CausalAttentionArgs& a, const float* kv, float* scratch, int64_t task_begin,
                 int64_t task_end) {
   constexpr int W = Vec::W;
   const int64_t D = a.head_dim, blocks = (a.n + kBQ - 1) / kBQ, ld = padded_keys(a.n);
@@ -139,7 +161,7 @@ inline void run(const CausalAttentionArgs& a, const float* kt_all, float* scratc
     for (int64_t j0 = 0; j0 < keys; j0 += kBK) {
       const int64_t kc = keys - j0 < kBK ? keys - j0 : kBK;
       const int64_t kc_pad = (kc + W - 1) / W * W;
-      const float* kt = kt_all + h * D * ld + j0;
+      const float* kt = kv + h * head_kv_floats(a) + j0;
       int64_t r = 0;
       for (; r + kRows <= nq; r += kRows) scores<kRows>(q_rows + r, D, kt, ld, kc_pad, a.scale, s + r * kBK);
       for (; r < nq; ++r) scores<1>(q_rows + r, D, kt, ld, kc_pad, a.scale, s + r * kBK);
@@ -147,17 +169,17 @@ inline void run(const CausalAttentionArgs& a, const float* kt_all, float* scratc
       for (r = 0; r < nq; ++r) {
         float* sr = s + r * kBK;
         const int64_t visible = i0 + r + 1 - j0;  // keys j0 .. i0 + r
-        const int64_t kv = visible < kc ? (visible > 0 ? visible : 0) : kc;
-        for (int64_t j = kv; j < kc_pad; ++j) sr[j] = -std::numeric_limits<float>::infinity();
+        const int64_t seen = visible < kc ? (visible > 0 ? visible : 0) : kc;
+        for (int64_t j = seen; j < kc_pad; ++j) sr[j] = -std::numeric_limits<float>::infinity();
         float bmax = -std::numeric_limits<float>::infinity();
         {
           int64_t j = 0;
           Vec::R vmax = Vec::set1(bmax);
-          for (; j + W <= kv; j += W) vmax = Vec::max(Vec::load(sr + j), vmax);
+          for (; j + W <= seen; j += W) vmax = Vec::max(Vec::load(sr + j), vmax);
           bmax = Vec::reduce_max(vmax);
-          for (; j < kv; ++j) bmax = sr[j] > bmax ? sr[j] : bmax;
+          for (; j < seen; ++j) bmax = sr[j] > bmax ? sr[j] : bmax;
         }
-        if (kv == 0) {  // this row sees none of this block
+        if (seen == 0) {  // this row sees none of this block
           for (int64_t j = 0; j < kc_pad; ++j) sr[j] = 0.0f;
           continue;
         }
@@ -170,10 +192,10 @@ inline void run(const CausalAttentionArgs& a, const float* kt_all, float* scratc
           Vec::store(sr + j, p);
         }
         for (; j < kc_pad; ++j) sr[j] = exp_approx(sr[j] - m_new);
-        for (j = kv; j < kc_pad; ++j) sr[j] = 0.0f;  // exp of -inf, made exact
+        for (j = seen; j < kc_pad; ++j) sr[j] = 0.0f;  // exp of -inf, made exact
         {
           Vec::R vsum = Vec::zero();
-          for (j = 0; j + W <= kc_pad; j += W) vsum = Vec::add(vsum, Vec::load(sr + j));  // zeros past kv
+          for (j = 0; j + W <= kc_pad; j += W) vsum = Vec::add(vsum, Vec::load(sr + j));  // zeros past seen
           sum = Vec::sum(vsum);
         }
         l[r] = l[r] * correction + sum;
@@ -184,12 +206,12 @@ inline void run(const CausalAttentionArgs& a, const float* kt_all, float* scratc
           for (; d < D; ++d) o[r * D + d] *= correction;
         }
       }
-      const float* v = a.v + j0 * a.v_stride + h * D;
+      const float* v = kv + h * head_kv_floats(a) + D * ld + j0 * D;
       for (int64_t d0 = 0; d0 < D; d0 += kDS) {
         const int64_t ds = D - d0 < kDS ? D - d0 : kDS;
         for (r = 0; r + kRows <= nq; r += kRows)
-          accumulate_pv<kRows>(s + r * kBK, v, a.v_stride, kc, d0, ds, o + r * D, D);
-        for (; r < nq; ++r) accumulate_pv<1>(s + r * kBK, v, a.v_stride, kc, d0, ds, o + r * D, D);
+          accumulate_pv<kRows>(s + r * kBK, v, D, kc, d0, ds, o + r * D, D);
+        for (; r < nq; ++r) accumulate_pv<1>(s + r * kBK, v, D, kc, d0, ds, o + r * D, D);
       }
     }
     for (int64_t r = 0; r < nq; ++r) {

@@ -16,7 +16,7 @@ namespace cgq::cpu {
 #define CGQ_TABLE(isa) \
   KernelTable { isa::qlinear_workspace_bytes, isa::qlinear_prepare, isa::qlinear_prepare_parts, isa::qlinear_prepare_part, isa::qlinear_int8, isa::qlinear_int4, isa::int8_activation_min_rows, isa::dequantize_int8, isa::dequantize_int4, isa::read_checksum, \
                 isa::quantize_rows, \
-                isa::paged_attention, isa::causal_attention_tasks, isa::causal_attention_scratch, isa::causal_attention_keys_floats, isa::causal_attention_keys, isa::causal_attention, isa::rotary_kv_append, isa::store_kv_row, isa::gelu_new }
+                isa::paged_attention, isa::causal_attention_tasks, isa::causal_attention_scratch, isa::causal_attention_kv_floats, isa::causal_attention_kv, isa::causal_attention, isa::rotary_kv_append, isa::store_kv_row, isa::gelu_new }
 
 const KernelTable& kernels() {
   static const KernelTable scalar_table = CGQ_TABLE(scalar);
@@ -216,10 +216,10 @@ void causal_attention(const CausalAttentionArgs& a) {
   if (a.q_stride < row || a.k_stride < row || a.v_stride < row || a.out_stride < row)
     throw std::invalid_argument("causal_attention: rows overlap (a stride below n_head * head_dim)");
   const KernelTable& k = kernels();
-  thread_local AlignedScratch keys;  // K transposed per head, read by every task of its head
-  float* kt = keys.get_as<float>(k.causal_attention_keys_floats(a));
-  parallel_for(a.n_head, 1, [&](int64_t b, int64_t e) { k.causal_attention_keys(a, kt, b, e); },
-               max_jobs(1, a.n_head, a.n * a.head_dim * 4));
+  thread_local AlignedScratch gathered;  // K transposed and V per head, read by every task of its head
+  float* kv = gathered.get_as<float>(k.causal_attention_kv_floats(a));
+  parallel_for(a.n_head, 1, [&](int64_t b, int64_t e) { k.causal_attention_kv(a, kv, b, e); },
+               max_jobs(1, a.n_head, a.n * a.head_dim * 8));
   const int64_t tasks = k.causal_attention_tasks(a);
   const auto floats = static_cast<size_t>(k.causal_attention_scratch(a.head_dim));
   // a task reads up to n rows of K and V of one head
@@ -227,7 +227,7 @@ void causal_attention(const CausalAttentionArgs& a) {
   parallel_for(tasks, 1, [&](int64_t b, int64_t e) {
     thread_local std::vector<float> scratch;
     if (scratch.size() < floats) scratch.resize(floats);
-    k.causal_attention(a, kt, scratch.data(), b, e);
+    k.causal_attention(a, kv, scratch.data(), b, e);
   }, jobs);
 }
 

@@ -25,8 +25,8 @@ struct KernelTable {
   void (*paged_attention)(const AttentionArgs&, float*, int64_t, int64_t);
   int64_t (*causal_attention_tasks)(const CausalAttentionArgs&);
   int64_t (*causal_attention_scratch)(int64_t);
-  int64_t (*causal_attention_keys_floats)(const CausalAttentionArgs&);
-  void (*causal_attention_keys)(const CausalAttentionArgs&, float*, int64_t, int64_t);
+  int64_t (*causal_attention_kv_floats)(const CausalAttentionArgs&);
+  void (*causal_attention_kv)(const CausalAttentionArgs&, float*, int64_t, int64_t);
   void (*causal_attention)(const CausalAttentionArgs&, const float*, float*, int64_t, int64_t);
   void (*rotary_kv_append)(const RotaryAppendArgs&, int64_t, int64_t);
   void (*store_kv_row)(void*, bool, int64_t, const float*, int64_t);

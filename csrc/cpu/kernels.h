@@ -42,7 +42,8 @@ constexpr int kQuantizeScaleOverflow = 2;
 inline int64_t attention_scratch_floats(int64_t n_head, int64_t longest) { return n_head * (longest + 1); }
 // Causal self-attention of one fresh prompt of n tokens (cpu/causal_attention.h): q, k, v and out
 // are [n, n_head, head_dim] float32 with rows *_stride floats apart; query i attends to keys
-// [0, i].
+// [0, i]. kv_fp16: K and V are used rounded to fp16 (nearest even), the values an fp16 KV cache
+// holds, so the result is what attention over that cache computes.
 struct CausalAttentionArgs {
   const float* q = nullptr;
   const float* k = nullptr;
@@ -51,6 +52,7 @@ struct CausalAttentionArgs {
   int64_t n = 0, n_head = 0, head_dim = 0;
   int64_t q_stride = 0, k_stride = 0, v_stride = 0, out_stride = 0;
   float scale = 1.0f;
+  bool kv_fp16 = false;
 };
 }  // namespace cgq::cpu
 
@@ -73,13 +75,13 @@ struct CausalAttentionArgs {
                     int64_t n_end);                                                    \
   void paged_attention(const AttentionArgs& a, float* scores, int64_t task_begin,       \
                        int64_t task_end);                                              \
-  /* K transposed per head first (keys_floats, keys over heads), then the tasks */      \
+  /* K and V gathered per head first (kv_floats, kv over heads), then the tasks */       \
   int64_t causal_attention_tasks(const CausalAttentionArgs& a);                        \
   int64_t causal_attention_scratch(int64_t head_dim);                                  \
-  int64_t causal_attention_keys_floats(const CausalAttentionArgs& a);                  \
-  void causal_attention_keys(const CausalAttentionArgs& a, float* kt, int64_t h_begin,  \
-                             int64_t h_end);                                           \
-  void causal_attention(const CausalAttentionArgs& a, const float* kt, float* scratch,  \
+  int64_t causal_attention_kv_floats(const CausalAttentionArgs& a);                    \
+  void causal_attention_kv(const CausalAttentionArgs& a, float* kv, int64_t h_begin,   \
+                           int64_t h_end);                                             \
+  void causal_attention(const CausalAttentionArgs& a, const float* kv, float* scratch,  \
                         int64_t task_begin, int64_t task_end);                         \
   void rotary_kv_append(const RotaryAppendArgs& a, int64_t t_begin, int64_t t_end);     \
   /* src[0, n) into a KV cache at element `slot`, as fp16 (half) or fp32 */              \

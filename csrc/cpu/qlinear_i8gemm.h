@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "common/qformat.h"
+#include "cpu/gelu.h"
 #include "cpu/simd.h"
 
 namespace cgq::cpu::CGQ_ISA::i8gemm {
@@ -389,15 +390,27 @@ void columns(const QLinearArgs& a, const uint8_t* ws, int64_t n0, float* totals)
         group<kInt4, NR, G>(p, j * G, j, xq + j * G * kMT, sx, qsum + j * kMT, total);
     }
   }
-  float scale[NR], bias[NR];
-  for (int r = 0; r < NR; ++r) {
-    scale[r] = kInt4 ? 1.0f : Vec::half(a.scales[n0 + r]);
-    bias[r] = a.bias ? a.bias[n0 + r] : 0.0f;
+  // Epilogue on the totals while they are in cache: the int8 weights' row scale, the bias and
+  // gelu, kMT rows of one column at a time; then the copy into y's rows.
+  for (int64_t t = 0; t < L.tiles; ++t) {
+    for (int r = 0; r < NR; ++r) {
+      float* tv = totals + (t * NR + r) * kMT;
+      const float scale = kInt4 ? 1.0f : Vec::half(a.scales[n0 + r]), bias = a.bias ? a.bias[n0 + r] : 0.0f;
+#if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
+      for (int64_t i = 0; i < kMT; i += kLanes) {
+        const Vec::R v = Vec::fma(Vec::load(tv + i), Vec::set1(scale), Vec::set1(bias));
+        Vec::store(tv + i, a.gelu ? gelu_vec(v) : v);
+      }
+#else
+      for (int64_t i = 0; i < kMT; ++i) tv[i] = tv[i] * scale + bias;
+      if (a.gelu) gelu_inplace(tv, kMT);
+#endif
+    }
   }
   for (int64_t m = 0; m < a.M; ++m) {
     const float* total = totals + (m / kMT) * NR * kMT + m % kMT;
     float* y = a.y + m * a.N + n0;
-    for (int r = 0; r < NR; ++r) y[r] = total[r * kMT] * scale[r] + bias[r];
+    for (int r = 0; r < NR; ++r) y[r] = total[r * kMT];
   }
 }
 

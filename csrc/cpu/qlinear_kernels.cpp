@@ -22,6 +22,7 @@
 #if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
 #include "cpu/qlinear_gemm.h"
 #endif
+#include "cpu/gelu.h"
 #include "cpu/qlinear_i8gemm.h"
 
 namespace cgq::cpu::CGQ_ISA {
@@ -301,8 +302,7 @@ void qlinear_prepare(const QLinearArgs& a, bool int4, void* workspace) {
 #endif
 }
 
-void qlinear_int8(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
-  if (i8gemm::applies(a)) return i8gemm::run<false>(a, n_begin, n_end);
+static void qlinear_int8_columns(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
 #if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
   if (uses_gemm(a)) return run_gemm<Int8TileImpl>(a, n_begin, n_end);
 #endif
@@ -324,8 +324,7 @@ void qlinear_prepare_part(const QLinearArgs& a, bool int4, void* workspace, int6
   i8gemm::prepare(a, int4, static_cast<uint8_t*>(workspace), begin, end);
 }
 
-void qlinear_int4(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
-  if (i8gemm::applies(a)) return i8gemm::run<true>(a, n_begin, n_end);
+static void qlinear_int4_columns(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
 #if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
   if (uses_gemm(a)) return run_gemm<Int4TileImpl>(a, n_begin, n_end);
 #endif
@@ -342,6 +341,24 @@ void qlinear_int4(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
 #else
   run_rows<Int4TileImpl>(a, n_begin, n_end);
 #endif
+}
+
+// gelu over the columns [n_begin, n_end) of every row of y, for the kernels with no epilogue of
+// their own (the int8-activation GEMM applies it there).
+static void gelu_columns(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
+  for (int64_t m = 0; m < a.M; ++m) gelu_inplace(a.y + m * a.N + n_begin, n_end - n_begin);
+}
+
+void qlinear_int8(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
+  if (i8gemm::applies(a)) return i8gemm::run<false>(a, n_begin, n_end);
+  qlinear_int8_columns(a, n_begin, n_end);
+  if (a.gelu) gelu_columns(a, n_begin, n_end);
+}
+
+void qlinear_int4(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
+  if (i8gemm::applies(a)) return i8gemm::run<true>(a, n_begin, n_end);
+  qlinear_int4_columns(a, n_begin, n_end);
+  if (a.gelu) gelu_columns(a, n_begin, n_end);
 }
 
 void dequantize_int8(const DequantArgs& a, int64_t n_begin, int64_t n_end) {
