@@ -64,10 +64,18 @@ inline void gather_kv(const CausalAttentionArgs& a, float* kv, int64_t h_begin, 
     float* vh = kt + D * np;
     for (int64_t j = 0; j < a.n; ++j) {
       const float* src = a.k + j * a.k_stride + h * D;
-      for (int64_t d = 0; d < D; ++d) kt[d * np + j] = kv_scalar(src[d], a.kv_fp16);
+      int64_t d = 0;
+#if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
+      alignas(64) float row[Vec::W];  // rounded a vector at a time, then spread down the column
+      for (; d + Vec::W <= D; d += Vec::W) {
+        Vec::store(row, kv_vector(Vec::load(src + d), a.kv_fp16));
+        for (int l = 0; l < Vec::W; ++l) kt[(d + l) * np + j] = row[l];
+      }
+#endif
+      for (; d < D; ++d) kt[d * np + j] = kv_scalar(src[d], a.kv_fp16);
       const float* vs = a.v + j * a.v_stride + h * D;
       float* vd = vh + j * D;
-      int64_t d = 0;
+      d = 0;
       for (; d + Vec::W <= D; d += Vec::W) Vec::store(vd + d, kv_vector(Vec::load(vs + d), a.kv_fp16));
       for (; d < D; ++d) vd[d] = kv_scalar(vs[d], a.kv_fp16);
     }

@@ -160,6 +160,29 @@ inline void chunk_quantize(const float* x, float inv, int8_t* q) {
 #endif
 }
 
+// The sum of n int8 values (n a multiple of 16; exact in int32).
+inline int32_t byte_sum(const int8_t* q, int64_t n) {
+#if defined(CGQ_ISA_AVX512)
+  __m512i acc = _mm512_setzero_si512();
+  for (int64_t k = 0; k < n; k += 16)
+    acc = _mm512_add_epi32(acc, _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k))));
+  return _mm512_reduce_add_epi32(acc);
+#elif defined(CGQ_ISA_AVX2)
+  __m256i acc = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t k = 0; k < n; k += 16)
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(
+        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k))), ones));
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
+  return lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7];
+#else
+  int32_t sum = 0;
+  for (int64_t k = 0; k < n; ++k) sum += q[k];
+  return sum;
+#endif
+}
+
 // Quantizes the tiles [t_begin, t_end) of x into the workspace; tiles are independent, so the
 // dispatcher spreads them over threads. Every |x * inv| <= 127 up to rounding, so the values fit
 // int8 without clamping.
@@ -184,11 +207,8 @@ inline void prepare(const QLinearArgs& a, bool int4, uint8_t* ws, int64_t t_begi
           std::memset(row, 0, kChunk);
           sx[c * kMT + i] = amax == amax ? 0.0f : std::numeric_limits<float>::quiet_NaN();
         }
-        for (int64_t g = 0; g < kChunk / L.G; ++g) {
-          int32_t sum = 0;
-          for (int64_t k = g * L.G; k < (g + 1) * L.G; ++k) sum += row[k];
-          qsum[(c * kChunk / L.G + g) * kMT + i] = static_cast<float>(sum);
-        }
+        for (int64_t g = 0; g < kChunk / L.G; ++g)
+          qsum[(c * kChunk / L.G + g) * kMT + i] = static_cast<float>(byte_sum(row + g * L.G, L.G));
         int8_t* dst = q + (c * kChunk / 4 * kMT + i) * 4;
         for (int64_t k = 0; k < kChunk; k += 4) std::memcpy(dst + k / 4 * kMT * 4, row + k, 4);
       }
