@@ -11,12 +11,11 @@ from typing import Any
 
 import torch
 
-from codegen_q.format.schema import expected_tensors
 from codegen_q.format.config import CodeGenConfig
 from codegen_q.quantization.convert import quantization_config
 from codegen_q.model.memory_plan import GPU_RUNTIME_OVERHEAD, check_context, kv_cache_bytes, prompt_activation_bytes
 from codegen_q.model.codegen import check_kv_dtype, default_kv_dtype
-from codegen_q.format.schema import output_specs
+from codegen_q.format.schema import expected_tensors, output_specs
 from codegen_q.format.safetensors import spec_nbytes
 
 def _weights_bytes(cfg: CodeGenConfig, bits: int | None, group_size: int | None = None) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +44,7 @@ def mmap_safetensors(path: str) -> dict[str, torch.Tensor]:
             if (data_start + begin) % torch.empty((), dtype=dtype).element_size():
                 raw = raw.clone()  # the format does not promise alignment; ours are aligned, others may not be
             out[name] = raw.view(dtype).view(info["shape"]) if info["shape"] else raw.view(dtype).reshape(())
-    except (ValueError, KeyError, struct.error, RuntimeError, json.JSONDecodeError) as exc:
+    except (ValueError, KeyError, RuntimeError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read {path}: it is truncated or corrupt ({exc})") from None
     return out
 

@@ -62,8 +62,6 @@ def qkv_head_major_permutation(n_embd: int, n_head: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-
-
 def to_stored_layout(name: str, tensor: torch.Tensor, qkv_permutation: torch.Tensor) -> torch.Tensor:
     """A hub tensor in the row order codegen-q stores and computes with: qkv_proj rows reordered by
     ``qkv_permutation`` (qkv_head_major_permutation of the model), every other tensor as it is."""

@@ -1,7 +1,8 @@
 """The safe public face of the native Linear kernels: qlinear and dequantize.
 
-It checks every tensor (type, dtype, device, shape, contiguity) and raises TypeError/ValueError with a sentence that names the argument,
-so a mistake never reaches C++ as a bad pointer. Then it picks the kernel:
+It checks every tensor (type, dtype, device, shape, contiguity) and raises TypeError/ValueError
+with a sentence that names the argument, so a mistake never reaches C++ as a bad pointer. Then it
+picks the kernel:
 
 * small M (decode, small batches): the native weight-only GEMV/GEMM, which reads each weight once;
 * large M (prefill): on the CPU's AVX2/AVX-512 builds, the native blocked GEMM too, which
@@ -112,14 +113,13 @@ def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None
         native_max_m = NATIVE_MAX_M_CUDA if x.is_cuda else native_max_m_cpu()
         bf16_gemm = gemm_dtype == torch.bfloat16 and m > NATIVE_MAX_M_BF16
         int8_gemm = gemm_dtype == torch.int8
-        gelu = activation == "gelu_new"
-        if (m <= native_max_m and not bf16_gemm) or int8_gemm:
-            native_gelu = gelu and not x.is_cuda
+        native = (m <= native_max_m and not bf16_gemm) or int8_gemm
+        native_gelu = activation == "gelu_new" and native and not x.is_cuda  # the CPU kernels apply it
+        if native:
             _native_qlinear(x2, qweight, bias32, y, int8_activations=int8_gemm, gelu=native_gelu)
-            gelu = gelu and not native_gelu
         else:
             _dequantize_gemm(x2, qweight, bias32, y, None if gemm_dtype == torch.float32 else gemm_dtype)
-        if gelu:
+        if activation == "gelu_new" and not native_gelu:
             y = gelu_new(y)
     return y.to(x.dtype).reshape(*lead, n)
 

@@ -2,9 +2,9 @@
 
 Scales are rounded *up* to fp16, so every element of the row or group stays inside the
 representable range and the round-to-nearest error is at most half a step everywhere. On the CPU
-one native pass per row does it (csrc/cpu/quantize_kernels.cpp); _quantize_rows_reference is the same steps
-in torch: the specification the native pass must equal bit for bit, and the path for weights on
-other devices.
+one native pass per row does it (csrc/cpu/quantize_kernels.cpp); _quantize_rows_reference is the
+same steps in torch: the specification the native pass must equal bit for bit, and the path for
+weights on other devices.
 """
 
 from __future__ import annotations

@@ -157,6 +157,8 @@ inline void run(const CausalAttentionArgs& a, const float* kv, float* scratch, i
   float* l = m + kBQ;             // [kBQ] running sums
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t h = task / blocks, i0 = task % blocks * kBQ;
+    const float* head_kt = kv + h * head_kv_floats(a);  // K^T [D][ld], then V [n][D]
+    const float* head_v = head_kt + D * ld;
     const int64_t nq = a.n - i0 < kBQ ? a.n - i0 : kBQ;
     const float* q_rows[kBQ];
     for (int64_t r = 0; r < nq; ++r) q_rows[r] = a.q + (i0 + r) * a.q_stride + h * D;
@@ -169,7 +171,7 @@ inline void run(const CausalAttentionArgs& a, const float* kv, float* scratch, i
     for (int64_t j0 = 0; j0 < keys; j0 += kBK) {
       const int64_t kc = keys - j0 < kBK ? keys - j0 : kBK;
       const int64_t kc_pad = (kc + W - 1) / W * W;
-      const float* kt = kv + h * head_kv_floats(a) + j0;
+      const float* kt = head_kt + j0;
       int64_t r = 0;
       for (; r + kRows <= nq; r += kRows) scores<kRows>(q_rows + r, D, kt, ld, kc_pad, a.scale, s + r * kBK);
       for (; r < nq; ++r) scores<1>(q_rows + r, D, kt, ld, kc_pad, a.scale, s + r * kBK);
@@ -214,7 +216,7 @@ inline void run(const CausalAttentionArgs& a, const float* kv, float* scratch, i
           for (; d < D; ++d) o[r * D + d] *= correction;
         }
       }
-      const float* v = kv + h * head_kv_floats(a) + D * ld + j0 * D;
+      const float* v = head_v + j0 * D;
       for (int64_t d0 = 0; d0 < D; d0 += kDS) {
         const int64_t ds = D - d0 < kDS ? D - d0 : kDS;
         for (r = 0; r + kRows <= nq; r += kRows)

@@ -24,7 +24,7 @@ struct RowErrors {
   double* sq = nullptr;
 };
 // Where quantize_rows puts rows [0, N) of a weight: codes, fp16 scales (and zero points), computed
-// in one pass per row (min/max, scale, codes, error) as codegen_q/format/weight.py specifies them.
+// in one pass per row (min/max, scale, codes, error) as codegen_q/quantization/rtn.py specifies them.
 struct QuantizeOut {
   int bits = 8;                  // 8: symmetric int8, one scale per row; 4: int4 per group
   int64_t group_size = 0;        // int4 only

@@ -412,17 +412,21 @@ void columns(const QLinearArgs& a, const uint8_t* ws, int64_t n0, float* totals)
   }
   // Epilogue on the totals while they are in cache: the int8 weights' row scale, the bias and
   // gelu, kMT rows of one column at a time; then the copy into y's rows.
+  float scale[NR], bias[NR];
+  for (int r = 0; r < NR; ++r) {
+    scale[r] = kInt4 ? 1.0f : Vec::half(a.scales[n0 + r]);
+    bias[r] = a.bias ? a.bias[n0 + r] : 0.0f;
+  }
   for (int64_t t = 0; t < L.tiles; ++t) {
     for (int r = 0; r < NR; ++r) {
       float* tv = totals + (t * NR + r) * kMT;
-      const float scale = kInt4 ? 1.0f : Vec::half(a.scales[n0 + r]), bias = a.bias ? a.bias[n0 + r] : 0.0f;
 #if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
       for (int64_t i = 0; i < kMT; i += kLanes) {
-        const Vec::R v = Vec::fma(Vec::load(tv + i), Vec::set1(scale), Vec::set1(bias));
+        const Vec::R v = Vec::fma(Vec::load(tv + i), Vec::set1(scale[r]), Vec::set1(bias[r]));
         Vec::store(tv + i, a.gelu ? gelu_vec(v) : v);
       }
 #else
-      for (int64_t i = 0; i < kMT; ++i) tv[i] = tv[i] * scale + bias;
+      for (int64_t i = 0; i < kMT; ++i) tv[i] = tv[i] * scale[r] + bias[r];
       if (a.gelu) gelu_inplace(tv, kMT);
 #endif
     }

@@ -1,7 +1,7 @@
 // Round-to-nearest quantization of a weight's rows in one pass per row: min/max per row (int8) or
 // group (int4), the fp16 scale (and zero point), the codes q = clamp(round(w / scale) + zero, lo,
 // hi) packed as in common/qformat.h, and optionally the error sums the quantizer reports. The
-// operations and their order are those of the torch specification in codegen_q/format/weight.py
+// operations and their order are those of the torch specification in codegen_q/quantization/rtn.py
 // (_quantize_rows_reference), so both give bit-identical bytes (tested on every ISA). The file is
 // compiled once per ISA like qlinear_kernels.cpp.
 //
