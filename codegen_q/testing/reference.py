@@ -102,9 +102,10 @@ def assert_within(y: torch.Tensor, ref: torch.Tensor, tol: torch.Tensor, what: s
 
 def assert_qlinear_within_bound(y: torch.Tensor, x: torch.Tensor, qw, bias: torch.Tensor | None = None,
                                 rows: int | None = None, what: str = "") -> None:
-    """y = qlinear(x, qw, bias), on any device, within the fp32-accumulation bound of the float64
-    reference; only its first `rows` output features are checked when given, so a benchmark's
-    large weight need not be widened whole to float64."""
+    """y = qlinear(x, qw, bias), on any device, within the float64 reference's bound for x's dtype
+    (fp32_bound for float32 x, half_bound for float16 / bfloat16); only its first `rows` output
+    features are checked when given, so a benchmark's large weight need not be widened whole to
+    float64."""
     n, k = qw.shape
     rows = n if rows is None else min(rows, n)
     if rows < n:
@@ -112,7 +113,99 @@ def assert_qlinear_within_bound(y: torch.Tensor, x: torch.Tensor, qw, bias: torc
                       None if qw.zeros is None else qw.zeros[:rows], qw.group_size)
     x64, w64 = x.detach().cpu().double(), dequantize(qw)
     b64 = None if bias is None else bias.detach().cpu().double()[:rows]
-    assert_within(y[..., :rows], qlinear(x64, w64, b64), fp32_bound(x64, w64, b64), what)
+    bound = fp32_bound(x64, w64, b64) if x.dtype == torch.float32 else half_bound(x64, w64, b64, x.dtype)
+    assert_within(y[..., :rows], qlinear(x64, w64, b64), bound, what)
+
+
+# --------------------------------------------------------------------------------------------
+# qlinear with fp16 / bf16 activations on a GPU (codegen_q/kernels/ops.py's qlinear docstring;
+# csrc/cuda/qlinear_gemv.cuh states the GEMV's arithmetic).
+
+UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+# Smallest positive subnormal of each 16-bit type: a rounding near zero errs by half of it at most.
+SUBNORMAL_STEP = {torch.float16: 2.0 ** -24, torch.bfloat16: 2.0 ** -133}
+# Roundings of size u on the path of one product into the sum, at most, in any of the three ways a
+# 16-bit activation is multiplied (the largest count is taken for all):
+#   fp16 GEMV: the weight rounded to fp16 (int8; int4 weights are exact), then a half2 chain of
+#     HALF_CHAIN_PRODUCTS = 4 products per half (one HMUL2 and three HFMA2: 4 roundings of the
+#     partial sum, each at most u times the sum of the chain's |products|): 5;
+#   bf16 GEMV: every product and sum in fp32 (fp32_bound covers it): 0;
+#   many rows: the weight tile rounded to x's dtype (1), torch's GEMM with fp32 accumulation, whose
+#     reduced-precision split-K reduction (torch's default for fp16 and bf16) may round partial
+#     results to the 16-bit type a few times (counted as 3): 4.
+HALF_PATH_ROUNDINGS = 5
+# The result rounded to x's dtype; the many-rows path adds the fp32 bias after its GEMM's output
+# was rounded, so twice.
+HALF_OUTPUT_ROUNDINGS = 2
+
+
+def half_bound(x64: torch.Tensor, w64: torch.Tensor, bias64: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Worst-case error of a GPU qlinear with x of `dtype` (float16 or bfloat16) against the float64
+    reference ref = x @ W.T + bias of the same x:
+
+        fp32_bound + R u sum_k |x_k||w_k| + O u |ref| + (K + O) s/2 max|w|-scale terms near zero
+
+    with R = HALF_PATH_ROUNDINGS, O = HALF_OUTPUT_ROUNDINGS, u the dtype's unit roundoff. Each
+    rounding of a partial sum p errs by at most u |p| <= u sum |x||w| over its terms, or by half a
+    subnormal step when p is below the normal range; the output roundings err by u |y|, and
+    |y| <= |ref| + (the rest of the bound), which the first-order form folds into |ref|.
+    """
+    u = UNIT_ROUNDOFF[dtype]
+    k = x64.shape[-1]
+    mag = x64.abs() @ w64.abs().T
+    ref = x64 @ w64.T + (0.0 if bias64 is None else bias64)
+    # Near zero: each of the at most K roundings of a product chain and the output's err by half a
+    # subnormal step (in the GEMV the int4 chains are in units of the group scale, <= max |w|).
+    underflow = (k + HALF_OUTPUT_ROUNDINGS) * SUBNORMAL_STEP[dtype] / 2 * max(1.0, float(w64.abs().max()))
+    return fp32_bound(x64, w64, bias64) + HALF_PATH_ROUNDINGS * u * mag + HALF_OUTPUT_ROUNDINGS * u * ref.abs() + underflow
+
+
+def half_gemv_chains(bits: int, k: int) -> torch.Tensor:
+    """The element order [K] in which the fp16 GEMV chains products: every 4 consecutive entries
+    are one half of one half2 chain, in the order they are added. int4, per 32-element block and
+    word i = 0..3 (bytes 4i..4i+3): the masks give pairs (4i, 4i+2), (4i+1, 4i+3), (4i+16, 4i+18),
+    (4i+17, 4i+19), so the low halves chain 4i, 4i+1, 4i+16, 4i+17 and the high halves
+    4i+2, 4i+3, 4i+18, 4i+19. int8, per 16-element chunk and word pair j = 0, 1: pairs
+    (8j, 8j+2), (8j+1, 8j+3), (8j+4, 8j+6), (8j+5, 8j+7)."""
+    if bits == 4:
+        block = [e for i in range(4) for e in (4 * i, 4 * i + 1, 4 * i + 16, 4 * i + 17,
+                                               4 * i + 2, 4 * i + 3, 4 * i + 18, 4 * i + 19)]
+    else:
+        block = [e for j in range(2) for e in (8 * j, 8 * j + 1, 8 * j + 4, 8 * j + 5,
+                                               8 * j + 2, 8 * j + 3, 8 * j + 6, 8 * j + 7)]
+    size = len(block)
+    return torch.tensor([b * size + e for b in range(k // size) for e in block])
+
+
+def half_gemv_model(x: torch.Tensor, qw, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A float64 model of the fp16-activation GEMV's arithmetic (csrc/cuda/qlinear_gemv.cuh): int8
+    weights rounded to fp16, int4 weights exact (q - zero) with the group scale applied to each
+    chain; products summed in fp16 chains of 4 in the kernel's order (half_gemv_chains; the first
+    product rounded, each further one fused: exact product plus the partial, rounded once); the
+    chains summed exactly (the kernel's fp32 sums err by at most fp32_bound); the result rounded
+    to fp16. x is float16 [M, K]. The kernel must agree with it to fp32 rounding and one fp16
+    rounding of the output."""
+    chain = 4
+    x64 = x.detach().cpu().double()
+    n, k = qw.shape
+    if qw.bits == 8:
+        w = (qw.qweight.cpu().double() * qw.scales.cpu().double()[:, None]).to(torch.float16).double()
+        scale = torch.ones(n, k, dtype=torch.float64)
+    else:
+        q = unpack_int4(qw.qweight).double()
+        zero = SYMMETRIC_ZERO if qw.zeros is None else per_element(qw.zeros.cpu().double(), qw.group_size)
+        w = q - zero
+        scale = per_element(qw.scales.cpu().double(), qw.group_size)
+    order = half_gemv_chains(qw.bits, k)
+    terms = (x64[:, None, :] * w[None, :, :])[..., order]         # [M, N, K], exact
+    terms = terms.reshape(x64.shape[0], n, k // chain, chain)
+    partial = terms[..., 0].to(torch.float16).double()            # HMUL2: one rounding
+    for j in range(1, chain):
+        partial = (partial + terms[..., j]).to(torch.float16).double()  # HFMA2: one rounding
+    y = (partial * scale[:, order][:, ::chain][None]).sum(-1)     # a chain lies inside one group
+    if bias is not None:
+        y = y + bias.detach().cpu().double()
+    return y.to(torch.float16).double()
 
 
 # --------------------------------------------------------------------------------------------
