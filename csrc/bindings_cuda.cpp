@@ -8,8 +8,6 @@
 #include "cuda/cuda_ops.h"
 
 namespace py = pybind11;
-using cgq::DequantArgs;
-using cgq::QLinearArgs;
 
 namespace {
 
@@ -25,51 +23,50 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.attr("architectures") = CGQ_CUDA_ARCHS;
   m.attr("compiler_version") = CGQ_CUDA_VERSION;
 
+  py::enum_<cgq::cuda::QLinearKernel>(m, "QLinearKernel")
+      .value("GEMV", cgq::cuda::QLinearKernel::kGemv)
+      .value("PLAIN", cgq::cuda::QLinearKernel::kPlain)
+      .value("DEQUANT_GEMM", cgq::cuda::QLinearKernel::kDequantGemm);
+  // Activation dtype codes (ActType): what qlinear's `act` and dequantize's `out_type` take.
+  m.attr("ACT_FLOAT32") = static_cast<int>(cgq::cuda::ActType::kFloat32);
+  m.attr("ACT_FLOAT16") = static_cast<int>(cgq::cuda::ActType::kFloat16);
+  m.attr("ACT_BFLOAT16") = static_cast<int>(cgq::cuda::ActType::kBFloat16);
+  m.attr("MAX_GEMV_M") = cgq::cuda::kMaxGemvM;
+  m.attr("HALF_CHAIN_PRODUCTS") = cgq::cuda::kHalfChainProducts;
+
   m.def(
-      "qlinear_int8",
-      [](uintptr_t x, int64_t M, int64_t K, uintptr_t qweight, uintptr_t scales, uintptr_t bias, uintptr_t y,
-         int64_t N, uintptr_t stream) {
-        QLinearArgs a;
-        a.x = ptr<const float>(x), a.M = M, a.K = K, a.N = N, a.qweight = ptr<const void>(qweight);
-        a.scales = ptr<const uint16_t>(scales), a.bias = ptr<const float>(bias), a.y = ptr<float>(y);
-        cgq::cuda::qlinear_int8(a, stream);
+      "qlinear_kernel",
+      [](int64_t M, int64_t K, int bits, uintptr_t x, uintptr_t qweight) {
+        return cgq::cuda::choose_qlinear_kernel(M, K, bits, ptr<const void>(x), ptr<const void>(qweight));
       },
-      py::arg("x"), py::arg("M"), py::arg("K"), py::arg("qweight"), py::arg("scales"), py::arg("bias"), py::arg("y"),
-      py::arg("N"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      py::arg("M"), py::arg("K"), py::arg("bits"), py::arg("x"), py::arg("qweight"),
+      "The kernel qlinear runs for these arguments; DEQUANT_GEMM is the caller's dequantize + GEMM.");
   m.def(
-      "qlinear_int4",
-      [](uintptr_t x, int64_t M, int64_t K, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
+      "qlinear",
+      [](uintptr_t x, int act, int64_t M, int64_t K, int bits, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
          int64_t group_size, uintptr_t bias, uintptr_t y, int64_t N, uintptr_t stream) {
-        QLinearArgs a;
-        a.x = ptr<const float>(x), a.M = M, a.K = K, a.N = N, a.qweight = ptr<const void>(qweight);
+        cgq::cuda::LinearArgs a;
+        a.x = ptr<const void>(x), a.y = ptr<void>(y), a.act = static_cast<cgq::cuda::ActType>(act);
+        a.M = M, a.K = K, a.N = N, a.bits = bits, a.qweight = ptr<const void>(qweight);
         a.scales = ptr<const uint16_t>(scales), a.zeros = ptr<const uint8_t>(zeros), a.group_size = group_size;
-        a.bias = ptr<const float>(bias), a.y = ptr<float>(y);
-        cgq::cuda::qlinear_int4(a, stream);
+        a.bias = ptr<const float>(bias);
+        cgq::cuda::qlinear(a, stream);
       },
-      py::arg("x"), py::arg("M"), py::arg("K"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
-      py::arg("group_size"), py::arg("bias"), py::arg("y"), py::arg("N"), py::arg("stream"),
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("x"), py::arg("act"), py::arg("M"), py::arg("K"), py::arg("bits"), py::arg("qweight"),
+      py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("bias"), py::arg("y"), py::arg("N"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
-      "dequantize_int8",
-      [](uintptr_t qweight, uintptr_t scales, int64_t N, int64_t K, uintptr_t out, uintptr_t stream) {
-        DequantArgs a;
-        a.N = N, a.K = K, a.qweight = ptr<const void>(qweight), a.scales = ptr<const uint16_t>(scales);
-        a.out = ptr<float>(out);
-        cgq::cuda::dequantize_int8(a, stream);
+      "dequantize",
+      [](int bits, uintptr_t qweight, uintptr_t scales, uintptr_t zeros, int64_t group_size, int64_t N, int64_t K,
+         uintptr_t out, int out_type, uintptr_t stream) {
+        cgq::cuda::DequantizeArgs a;
+        a.bits = bits, a.N = N, a.K = K, a.qweight = ptr<const void>(qweight);
+        a.scales = ptr<const uint16_t>(scales), a.zeros = ptr<const uint8_t>(zeros), a.group_size = group_size;
+        a.out = ptr<void>(out), a.out_type = static_cast<cgq::cuda::ActType>(out_type);
+        cgq::cuda::dequantize(a, stream);
       },
-      py::arg("qweight"), py::arg("scales"), py::arg("N"), py::arg("K"), py::arg("out"), py::arg("stream"),
-      py::call_guard<py::gil_scoped_release>());
-  m.def(
-      "dequantize_int4",
-      [](uintptr_t qweight, uintptr_t scales, uintptr_t zeros, int64_t group_size, int64_t N, int64_t K,
-         uintptr_t out, uintptr_t stream) {
-        DequantArgs a;
-        a.N = N, a.K = K, a.qweight = ptr<const void>(qweight), a.scales = ptr<const uint16_t>(scales);
-        a.zeros = ptr<const uint8_t>(zeros), a.group_size = group_size, a.out = ptr<float>(out);
-        cgq::cuda::dequantize_int4(a, stream);
-      },
-      py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("N"), py::arg("K"),
-      py::arg("out"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      py::arg("bits"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("N"),
+      py::arg("K"), py::arg("out"), py::arg("out_type"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 
   m.def("devices", [] {
     std::string error;

@@ -10,15 +10,9 @@ import re
 import pytest
 
 import codegen_q
-from codegen_q.kernels import native as _native
 
 CUDA_INFO = codegen_q.backends()["cuda"]
 pytestmark = pytest.mark.skipif(not CUDA_INFO["compiled"], reason="this build has no CUDA module")
-
-
-# The CPU qlinear ops' trailing options: int8 prompt activations and the fused gelu epilogue (on a
-# GPU, codegen_q/kernels/ops.py applies gelu after the product).
-CPU_ONLY_PARAMETERS = ("int8_activations", "gelu")
 
 
 def parameters(fn) -> list[str]:
@@ -26,18 +20,58 @@ def parameters(fn) -> list[str]:
     return re.findall(r"(\w+): ", fn.__doc__.strip().splitlines()[0])
 
 
+def cuda_module():
+    return importlib.import_module("codegen_q._C_cuda")
+
+
 def test_cuda_module_imports_without_a_gpu():
-    module = importlib.import_module("codegen_q._C_cuda")
-    cpu = _native.cpu()
-    # codegen_q/kernels/ops.py calls each CUDA op with the CPU op's arguments, in the same order, plus the
-    # stream: a parameter renamed, dropped or moved in either binding shows here, GPU or not.
-    for op in ("qlinear_int8", "qlinear_int4", "dequantize_int8", "dequantize_int4"):
-        cpu_params = [p for p in parameters(getattr(cpu, op)) if p not in CPU_ONLY_PARAMETERS]
-        assert parameters(getattr(module, op)) == cpu_params + ["stream"], op
+    module = cuda_module()
+    # codegen_q/kernels/ops.py calls these positionally: a parameter renamed, dropped or moved in
+    # the binding shows here, GPU or not.
+    assert parameters(module.qlinear) == ["x", "act", "M", "K", "bits", "qweight", "scales", "zeros", "group_size",
+                                          "bias", "y", "N", "stream"]
+    assert parameters(module.dequantize) == ["bits", "qweight", "scales", "zeros", "group_size", "N", "K", "out",
+                                             "out_type", "stream"]
+    assert parameters(module.qlinear_kernel) == ["M", "K", "bits", "x", "qweight"]
     assert re.fullmatch(r"\d+\.\d+(\.\d+)?", module.compiler_version), module.compiler_version
     devices, reason = module.devices()
     assert [d["index"] for d in devices] == list(range(len(devices)))
     assert devices or reason  # no device: the reason why, for backends() to show
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_qlinear_kernel_choice(bits):
+    # The C++ plan (csrc/cuda/qlinear_plan.h), asked with addresses only: no GPU needed. The GEMV
+    # takes up to MAX_GEMV_M rows when its 16-byte loads can read x and the weight rows (int8
+    # rows are K bytes, so K must be a multiple of 16); the plain kernel the other small calls;
+    # the dequantize + GEMM path every larger M, whatever the alignment.
+    module = cuda_module()
+    kernel = module.QLinearKernel
+    limit = module.MAX_GEMV_M
+    assert 1 <= limit < 64
+    aligned, off = 1 << 20, (1 << 20) + 4
+    for m in range(1, 2 * limit + 2):
+        for k in (16, 32, 100, 4096, 4100):
+            if bits == 4 and k % 32:
+                continue
+            gemv_shape = bits == 4 or k % 16 == 0
+            for x in (aligned, off):
+                for w in (aligned, off):
+                    got = module.qlinear_kernel(m, k, bits, x, w)
+                    if m > limit:
+                        want = kernel.DEQUANT_GEMM
+                    elif gemv_shape and x == aligned and w == aligned:
+                        want = kernel.GEMV
+                    else:
+                        want = kernel.PLAIN
+                    assert got == want, (m, k, bits, x % 16, w % 16)
+
+
+def test_half_chain_length_is_what_the_bound_assumes():
+    # reference.half_bound counts the fp16 GEMV's roundings from its chain length.
+    from codegen_q.testing.reference import HALF_PATH_ROUNDINGS
+
+    assert cuda_module().HALF_CHAIN_PRODUCTS + 1 == HALF_PATH_ROUNDINGS
 
 
 def test_cuda_module_built_for_turing_through_hopper():
@@ -47,8 +81,7 @@ def test_cuda_module_built_for_turing_through_hopper():
     archs = CUDA_INFO["architectures"]
     for arch in ("75-real", "80-real", "86-real", "89-real", "90-real"):
         assert arch in archs, archs
-    module = importlib.import_module("codegen_q._C_cuda")
-    assert [a for a in module.architectures.split(",") if a] == archs
+    assert [a for a in cuda_module().architectures.split(",") if a] == archs
 
 
 def test_backends_cuda_entry_is_consistent():

@@ -2,13 +2,15 @@
 
 It checks every tensor (type, dtype, device, shape, contiguity) and raises TypeError/ValueError
 with a sentence that names the argument, so a mistake never reaches C++ as a bad pointer. Then it
-picks the kernel:
+makes one call to the device's kernels:
 
-* small M (decode, small batches): the native weight-only GEMV/GEMM, which reads each weight once;
-* large M (prefill): on the CPU's AVX2/AVX-512 builds, the native blocked GEMM too, which
-  dequantizes small panels in cache (csrc/cpu/qlinear_gemm.h); elsewhere, and for
-  gemm_dtype=torch.bfloat16, dequantize a tile of weight rows with the native kernel and let
-  torch's GEMM (oneDNN / cuBLAS) multiply.
+* CPU: the native kernel for every M on the AVX2/AVX-512 builds (a weight-only GEMV/GEMM for few
+  rows, a blocked GEMM that dequantizes small panels in cache for many: csrc/cpu/qlinear_gemm.h);
+  on the scalar build and for gemm_dtype=torch.bfloat16 with many rows, dequantize a tile of
+  weight rows with the native kernel and let torch's GEMM (oneDNN) multiply.
+* CUDA: the kernel csrc/cuda/qlinear_plan.h chooses (the one place that decides, asked through
+  `qlinear_kernel`); its GEMM answer means: dequantize tiles to the activation's dtype and
+  multiply with torch's GEMM (cuBLAS), the only part that runs here because it is torch's.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ NATIVE_MAX_M_CPU_DEFAULT = 16
 # bf16 GEMM, faster there than the native fp32 kernels where the CPU multiplies bf16 natively
 # (AVX-512 BF16), dequantizing included (docs/cpu-kernels.md, "Which kernel takes a call").
 NATIVE_MAX_M_BF16 = 64
-NATIVE_MAX_M_CUDA = 8
-# Size of the float32 weight tile used by the large-M path.
-_DEQUANT_TILE_ELEMENTS = 1 << 21
+# Elements of the dequantized weight tile of the dequantize + GEMM path: a few MB stays in the
+# CPU's cache; on a GPU larger tiles keep cuBLAS's GEMMs large (16 MB in fp16).
+_DEQUANT_TILE_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 23}
 
 
 GEMM_DTYPES = (None, torch.float32, torch.bfloat16, torch.int8)
@@ -56,21 +58,29 @@ def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None
     """``x @ W.T + bias`` for a quantized W, with x of shape [..., in_features], and with
     ``activation="gelu_new"``, ``gelu_new(x @ W.T + bias)``.
 
-    x may be float32, bfloat16 or float16, on the CPU or a CUDA device (the weight's). Accumulation
-    is float32; the result has x's dtype and shape [..., out_features].
+    x may be float32, bfloat16 or float16, on the CPU or a CUDA device (the weight's). The result
+    has x's dtype and shape [..., out_features]; accumulation is float32.
+
+    On the CPU every product is formed in fp32 (fp16/bf16 x is widened), unless ``gemm_dtype``
+    says otherwise. On a GPU x keeps its dtype: float32 and bfloat16 x take fp32 products in the
+    GEMV (bf16 is exact in fp32); float16 x is multiplied in half2, the weights exact (int4, the
+    group scale applied in fp32) or rounded to fp16 (int8), products summed in fp16 chains of a
+    few terms and those in fp32; many rows dequantize to x's dtype and run torch's GEMM (cuBLAS,
+    fp32 accumulation). Both fp16 paths are within a few units of fp16 rounding of
+    sum |x||w| (codegen_q/testing/reference.py, half_bound, derives it).
 
     ``gemm_dtype=torch.bfloat16`` trades accuracy for speed where many rows of x come at once
     (prefill): x and each dequantized weight tile are rounded to bf16 and multiplied by torch's
     bf16 GEMM (fp32 accumulation, outputs rounded to bf16), about 2^-8 of each output's scale
     instead of fp32 rounding. Rows that take the native kernels (decode, small batches: on the CPU
-    up to NATIVE_MAX_M_BF16, on a GPU up to NATIVE_MAX_M_CUDA) are unaffected.
+    up to NATIVE_MAX_M_BF16, on a GPU the GEMV's) are unaffected.
 
     ``gemm_dtype=torch.int8`` (CPU only) quantizes x to int8 on the fly, one scale per row and 128
     elements of K, and multiplies with integer dot products, for K a multiple of 128 (other K run
     in fp32). Each activation is rounded to within half a step of its chunk's largest magnitude /
     127; the weights' integer products are exact (csrc/cpu/qlinear_i8gemm.h states the contract).
-    Each row's result is the same whatever rows come with it. None / float32 (the default): fp32
-    throughout.
+    Each row's result is the same whatever rows come with it. None / float32 (the default): x's
+    own arithmetic as above.
 
     The activation is applied by the native CPU kernels themselves (the int8-activation GEMM in its
     epilogue, while the outputs are in cache; csrc/cpu/gelu.h, within ~1e-7 relative of torch's);
@@ -106,21 +116,26 @@ def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None
         bias32 = bias.to(torch.float32).contiguous()
 
     lead = x.shape[:-1]
+    if x.is_cuda:
+        y = _cuda_qlinear(x.reshape(-1, k).contiguous(), qweight, bias32, gemm_dtype)
+        if activation == "gelu_new":
+            y = gelu_new(y)
+        return y.reshape(*lead, n)
     x2 = x.reshape(-1, k).to(torch.float32).contiguous()
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=torch.float32, device=x.device)
+    native_gelu = False
     if m > 0 and n > 0:
-        native_max_m = NATIVE_MAX_M_CUDA if x.is_cuda else native_max_m_cpu()
         bf16_gemm = gemm_dtype == torch.bfloat16 and m > NATIVE_MAX_M_BF16
         int8_gemm = gemm_dtype == torch.int8
-        native = (m <= native_max_m and not bf16_gemm) or int8_gemm
-        native_gelu = activation == "gelu_new" and native and not x.is_cuda  # the CPU kernels apply it
+        native = (m <= native_max_m_cpu() and not bf16_gemm) or int8_gemm
+        native_gelu = activation == "gelu_new" and native  # the CPU kernels apply it
         if native:
             _native_qlinear(x2, qweight, bias32, y, int8_activations=int8_gemm, gelu=native_gelu)
         else:
-            _dequantize_gemm(x2, qweight, bias32, y, None if gemm_dtype == torch.float32 else gemm_dtype)
-        if activation == "gelu_new" and not native_gelu:
-            y = gelu_new(y)
+            _dequantize_gemm(x2, qweight, bias32, y, torch.float32 if gemm_dtype is None else gemm_dtype)
+    if activation == "gelu_new" and not native_gelu:
+        y = gelu_new(y)
     return y.to(x.dtype).reshape(*lead, n)
 
 
@@ -139,9 +154,10 @@ def dequantize(qweight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> 
     _check_qweight(qweight)
     if dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    out = torch.empty(qweight.shape, dtype=torch.float32, device=qweight.device)
+    native_dtype = dtype if qweight.device.type == "cuda" else torch.float32
+    out = torch.empty(qweight.shape, dtype=native_dtype, device=qweight.device)
     _dequantize_rows(qweight, 0, qweight.out_features, out)
-    return out if dtype == torch.float32 else out.to(dtype)
+    return out.to(dtype)
 
 
 def _check_qweight(qweight: QuantizedWeight) -> None:
@@ -157,32 +173,43 @@ def _addr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _cuda_stream(device: torch.device) -> int:
+def _cuda_module():
     module = _native.cuda()
     if module is None:
         raise RuntimeError(f"this build of codegen-q has no CUDA support ({_native.cuda_import_error()}); "
                            "rebuild it on a machine with nvcc, or use device='cpu'")
-    return torch.cuda.current_stream(device).cuda_stream
+    return module
+
+
+def _cuda_act(module, dtype: torch.dtype) -> int:
+    return {torch.float32: module.ACT_FLOAT32, torch.float16: module.ACT_FLOAT16,
+            torch.bfloat16: module.ACT_BFLOAT16}[dtype]
+
+
+def _cuda_qlinear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None,
+                  gemm_dtype: torch.dtype | None) -> torch.Tensor:
+    """y [M, N] of x's dtype for a contiguous x [M, K] on w's GPU, by the kernel the C++ plan names."""
+    module = _cuda_module()
+    m, k = x.shape
+    n = w.out_features
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    kernel = module.qlinear_kernel(m, k, w.bits, x.data_ptr(), w.qweight.data_ptr())
+    if kernel == module.QLinearKernel.DEQUANT_GEMM:
+        _dequantize_gemm(x, w, bias, y, x.dtype if gemm_dtype in (None, torch.float32) else gemm_dtype)
+        return y
+    with torch.cuda.device(w.device):
+        module.qlinear(x.data_ptr(), _cuda_act(module, x.dtype), m, k, w.bits, w.qweight.data_ptr(),
+                       w.scales.data_ptr(), _addr(w.zeros), w.group_size or 0, _addr(bias), y.data_ptr(), n,
+                       torch.cuda.current_stream(w.device).cuda_stream)
+    return y
 
 
 def _native_qlinear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None, y: torch.Tensor,
                     int8_activations: bool = False, gelu: bool = False) -> None:
     m, k = x.shape
     n = w.out_features
-    if w.device.type == "cuda":
-        stream = _cuda_stream(w.device)
-        module = _native.cuda()
-        with torch.cuda.device(w.device):
-            for start in range(0, m, 65535):  # grid.y limit of the CUDA kernel
-                rows = min(65535, m - start)
-                xs, ys = x[start:start + rows], y[start:start + rows]
-                if w.bits == 8:
-                    module.qlinear_int8(xs.data_ptr(), rows, k, w.qweight.data_ptr(), w.scales.data_ptr(),
-                                        _addr(bias), ys.data_ptr(), n, stream)
-                else:
-                    module.qlinear_int4(xs.data_ptr(), rows, k, w.qweight.data_ptr(), w.scales.data_ptr(),
-                                        _addr(w.zeros), w.group_size, _addr(bias), ys.data_ptr(), n, stream)
-        return
     cpu = _native.cpu()
     if w.bits == 8:
         cpu.qlinear_int8(x.data_ptr(), m, k, w.qweight.data_ptr(), w.scales.data_ptr(), _addr(bias),
@@ -193,7 +220,8 @@ def _native_qlinear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | No
 
 
 def _dequantize_rows(w: QuantizedWeight, start: int, stop: int, out: torch.Tensor) -> None:
-    """Dequantize weight rows [start, stop) into the contiguous float32 tensor `out`."""
+    """Dequantize weight rows [start, stop) into the contiguous tensor `out` (float32; on a GPU
+    also float16 or bfloat16, each element rounded once from its exact fp32 value)."""
     rows = stop - start
     if rows <= 0:
         return
@@ -202,14 +230,11 @@ def _dequantize_rows(w: QuantizedWeight, start: int, stop: int, out: torch.Tenso
     s = w.scales[start:stop]
     z = None if w.zeros is None else w.zeros[start:stop]
     if w.device.type == "cuda":
-        stream = _cuda_stream(w.device)
-        module = _native.cuda()
+        module = _cuda_module()
         with torch.cuda.device(w.device):
-            if w.bits == 8:
-                module.dequantize_int8(q.data_ptr(), s.data_ptr(), rows, k, out.data_ptr(), stream)
-            else:
-                module.dequantize_int4(q.data_ptr(), s.data_ptr(), _addr(z), w.group_size, rows, k,
-                                       out.data_ptr(), stream)
+            module.dequantize(w.bits, q.data_ptr(), s.data_ptr(), _addr(z), w.group_size or 0, rows, k,
+                              out.data_ptr(), _cuda_act(module, out.dtype),
+                              torch.cuda.current_stream(w.device).cuda_stream)
         return
     cpu = _native.cpu()
     if w.bits == 8:
@@ -219,15 +244,18 @@ def _dequantize_rows(w: QuantizedWeight, start: int, stop: int, out: torch.Tenso
 
 
 def _dequantize_gemm(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None, y: torch.Tensor,
-                     gemm_dtype: torch.dtype | None = None) -> None:
+                     gemm_dtype: torch.dtype) -> None:
+    """y = x @ W.T + bias by tiles of W's rows dequantized to gemm_dtype and torch's GEMM in it
+    (on the CPU the tile is dequantized in fp32 first: its kernel writes fp32 only)."""
     n, k = w.shape
-    tile_rows = max(8, min(n, _DEQUANT_TILE_ELEMENTS // k))
-    tile = torch.empty((tile_rows, k), dtype=torch.float32, device=x.device)
-    xg = x if gemm_dtype is None else x.to(gemm_dtype)
+    tile_rows = max(8, min(n, _DEQUANT_TILE_ELEMENTS[x.device.type] // k))
+    tile_dtype = gemm_dtype if x.is_cuda else torch.float32
+    tile = torch.empty((tile_rows, k), dtype=tile_dtype, device=x.device)
+    xg = x.to(gemm_dtype)
     for start in range(0, n, tile_rows):
         stop = min(n, start + tile_rows)
         wt = tile[: stop - start]
         _dequantize_rows(w, start, stop, wt)
-        y[:, start:stop] = xg @ (wt.t() if gemm_dtype is None else wt.to(gemm_dtype).t())
+        y[:, start:stop] = xg @ wt.to(gemm_dtype).t()
     if bias is not None:
         y.add_(bias)

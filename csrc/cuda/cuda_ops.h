@@ -1,6 +1,7 @@
-// Host-side entry points of the CUDA kernels. Same layouts and meaning as the CPU twins in
-// csrc/cpu/dispatch.h, plus the stream to launch on (torch's current stream, passed as an integer).
-// Errors (bad sizes, launch failures) are thrown as std::invalid_argument / std::runtime_error.
+// Host-side entry points of the CUDA kernels. Same weight layouts and meaning as the CPU twins in
+// csrc/cpu/dispatch.h, plus the activation dtype and the stream to launch on (torch's current
+// stream, passed as an integer). Errors (bad sizes, launch failures) are thrown as
+// std::invalid_argument / std::runtime_error.
 #pragma once
 
 #include <cstdint>
@@ -8,13 +9,41 @@
 #include <vector>
 
 #include "common/qformat.h"
+#include "cuda/qlinear_plan.h"
 
 namespace cgq::cuda {
 
-void qlinear_int8(const QLinearArgs& a, uintptr_t stream);
-void qlinear_int4(const QLinearArgs& a, uintptr_t stream);
-void dequantize_int8(const DequantArgs& a, uintptr_t stream);
-void dequantize_int4(const DequantArgs& a, uintptr_t stream);
+// y[M, N] = x[M, K] @ dequant(W)^T + bias, x and y both of type `act`, bias float32 (or null),
+// accumulation float32. The kernel is the one choose_qlinear_kernel names; kDequantGemm is not run
+// here (it needs the caller's GEMM) and is refused.
+struct LinearArgs {
+  const void* x = nullptr;
+  void* y = nullptr;
+  ActType act = ActType::kFloat32;
+  int64_t M = 0, K = 0, N = 0;
+  int bits = 0;                      // 8 or 4
+  const void* qweight = nullptr;     // int8 [N, K] or packed uint8 [N, K/2]
+  const uint16_t* scales = nullptr;  // fp16 bits, [N] (int8) or [N, K/group_size] (int4)
+  const uint8_t* zeros = nullptr;    // int4 only; nullptr means symmetric
+  int64_t group_size = 0;            // int4 only
+  const float* bias = nullptr;       // [N] or nullptr
+};
+
+// out[N, K] of type `out_type` = dequant(W), each element (q - zero) * scale formed exactly in
+// float32 and rounded once to out_type (so an fp16 tile equals the CPU's float32 result rounded).
+struct DequantizeArgs {
+  int bits = 0;
+  int64_t N = 0, K = 0;
+  const void* qweight = nullptr;
+  const uint16_t* scales = nullptr;
+  const uint8_t* zeros = nullptr;
+  int64_t group_size = 0;
+  void* out = nullptr;
+  ActType out_type = ActType::kFloat32;
+};
+
+void qlinear(const LinearArgs& a, uintptr_t stream);
+void dequantize(const DequantizeArgs& a, uintptr_t stream);
 
 struct DeviceInfo {
   int index;
