@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Weight-only GEMV/GEMM on an NVIDIA GPU: codegen-q int8/int4 beside torch fp16 on CodeGen shapes.
 
+codegen-q runs on fp16 activations (and, at M = 1, on fp32 ones too: the "(fp32 x)" rows).
 Decode (M = 1..8) is memory-bound: the figure that matters is weight bytes read per second and
 how close that is to what this GPU can move at all. The script measures the GPU's copy bandwidth
 itself (a device-to-device copy much larger than L2, bytes read + written, and a read-only sum;
@@ -85,14 +86,16 @@ def bench_shape(name: str, k: int, n: int, m: int, bandwidth: float) -> list[dic
         rows.append({"shape": name, "K": k, "N": n, "M": m, "impl": impl, "us": seconds * 1e6,
                      "weight_MB": weight_bytes / 1e6, "GB/s": gbs, "%bw": 100.0 * gbs / bandwidth})
 
+    w16, x16, b16 = w.half(), x.half(), bias.half()
     for label, kwargs in (("codegen-q int8", dict(bits=8)), ("codegen-q int4 g128", dict(bits=4, group_size=128))):
         qw = codegen_q.quantize_weight(w.cpu(), **kwargs).to("cuda")
-        # A fast wrong kernel is no result: its output is checked before it is timed.
-        assert_qlinear_within_bound(codegen_q.qlinear(x, qw, bias), x, qw, bias, rows=CHECKED_ROWS,
-                                    what=f"{label} {name} M={m}")
-        add(label, graph_seconds_per_call(lambda: codegen_q.qlinear(x, qw, bias)), qw.nbytes)
+        # fp16 activations, as the fp16 peers take them; and at M = 1 the fp32-activation GEMV too.
+        for xs, suffix in ((x16, ""), (x, FP32_X_SUFFIX)) if m == 1 else ((x16, ""),):
+            # A fast wrong kernel is no result: its output is checked before it is timed.
+            assert_qlinear_within_bound(codegen_q.qlinear(xs, qw, bias), xs, qw, bias, rows=CHECKED_ROWS,
+                                        what=f"{label}{suffix} {name} M={m}")
+            add(label + suffix, graph_seconds_per_call(lambda: codegen_q.qlinear(xs, qw, bias)), qw.nbytes)
         del qw
-    w16, x16, b16 = w.half(), x.half(), bias.half()
     add("torch fp16 linear", graph_seconds_per_call(lambda: F.linear(x16, w16, b16)), w16.numel() * 2)
     int4pack = torch_int4pack(w, x)
     if int4pack is not None:
@@ -101,6 +104,7 @@ def bench_shape(name: str, k: int, n: int, m: int, bandwidth: float) -> list[dic
 
 
 TORCH_INT4PACK = "torch int4pack_mm g128"
+FP32_X_SUFFIX = " (fp32 x)"
 
 
 def torch_int4pack(w: torch.Tensor, x: torch.Tensor):
