@@ -190,6 +190,32 @@ def test_cli_generate_reads_stdin_and_fails_cleanly(dirs, capsys, monkeypatch):
     assert exc.value.code != 0 and "kv-dtype" in capsys.readouterr().err
 
 
+def test_float16_activations_are_refused_on_the_cpu(dirs):
+    with pytest.raises(ValueError, match="float16' is a GPU option"):
+        load(dirs["int8"], device="cpu", dtype="float16")
+
+
+@pytest.mark.skipif(not CUDA_USABLE, reason="no usable CUDA device (needs a GPU, a driver and the CUDA build)")
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_cuda_runtime_with_fp16_activations(dirs, kind):
+    # fp16 activations end to end on the GPU (half2 GEMV, fp16 tiles + cuBLAS for the prompt,
+    # fp16 KV): logits within a stated 1 % of the largest CPU fp32 logit, and greedy text runs.
+    cpu, gpu = load(dirs[kind], device="cpu", kv_dtype="float32"), load(dirs[kind], device="cuda", dtype="float16")
+    assert gpu.model.dtype == torch.float16 and gpu.model.kv_dtype == torch.float16
+    ids = torch.tensor(cpu.tokenizer.encode("def fib(n):\n    if n < 2:\n        return n"))
+    logits = []
+    for m in (cpu, gpu):
+        cache = m.model.new_cache(64)
+        seq = cache.add_sequence()
+        prefill = m.model.forward([ids], cache, [seq], last_only=False)[0]
+        step = m.model.forward([torch.tensor([7])], cache, [seq])[0]
+        logits.append(torch.cat([prefill, step]).float())
+    assert torch.isfinite(logits[1]).all()
+    assert (logits[1] - logits[0]).abs().max() <= 0.01 * logits[0].abs().max()
+    out = gpu.generate(["def add(a, b):"], max_new_tokens=8)
+    assert len(out[0].token_ids) == 8
+
+
 @pytest.mark.skipif(not CUDA_USABLE, reason="no usable CUDA device (needs a GPU, a driver and the CUDA build)")
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_cuda_runtime_matches_cpu(dirs, kind):

@@ -17,7 +17,7 @@ from codegen_q.kernels.backends import set_num_threads
 from codegen_q.model.codegen import CodeGenModel
 from codegen_q.model.memory_plan import check_context, kv_cache_bytes
 
-FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 # A quantized model's GEMM dtype for prompts (ops.qlinear's gemm_dtype): int8 quantizes the
 # activations on the CPU (csrc/cpu/qlinear_i8gemm.h).
@@ -90,7 +90,8 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
 
     On the CPU quantized weights stay mmap'd (no copy); with device="cuda" they are copied to the
     GPU once and decode uses the CUDA GEMV (the rest of the step is torch on the GPU). `dtype` is
-    the activation / float-weight dtype (float32 by default, bfloat16 to halve a float model).
+    the activation / float-weight dtype (float32 by default, bfloat16 to halve a float model;
+    float16 on a GPU, where the quantized Linears multiply fp16 activations in half2 arithmetic).
     `kv_dtype` is the KV cache's: by default float16 for a quantized model on the CPU, else `dtype`;
     "int8" (CPU, float32 activations) halves fp16's bytes again: symmetric, one fp16 scale per
     token and head, logits within a derived bound of fp16's (docs/cpu-kernels.md, "int8 KV").
@@ -108,6 +109,9 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
         raise FileNotFoundError(f"model directory {path} does not exist")
     device = _resolve_device(device)
     dtype = _dtype_argument("dtype", dtype, FLOAT_DTYPES) or torch.float32
+    if dtype == torch.float16 and device == "cpu":
+        raise ValueError("dtype='float16' is a GPU option (the CPU has no fast fp16 arithmetic); on the CPU use "
+                         "float32 or bfloat16")
     kv_dtype = None if kv_dtype == "auto" else _dtype_argument("kv_dtype", kv_dtype, KV_DTYPES)
     prefill_dtype = None if prefill_dtype == "auto" else _dtype_argument("prefill_dtype", prefill_dtype,
                                                                           PREFILL_DTYPES)
