@@ -2,9 +2,11 @@
 """Generation on an NVIDIA GPU: codegen-q (int8 / int4 directories) beside transformers fp16.
 
     python tools/bench_generate_cuda.py HUB_DIR QUANTIZED_DIR [QUANTIZED_DIR ...] [--new-tokens 128]
+                                        [--dtype float16|float32|bfloat16]
 
 Same 32-token prompt, greedy, batch 1. Decode tok/s counts the new tokens after the first over
-the time after the prefill; every system is warmed up once first. codegen-q's GPU path today is
+the time after the prefill; every system is warmed up once first. codegen-q runs with `--dtype`
+activations (default float16, as transformers does here). codegen-q's GPU path today is
 the CUDA GEMV for the Linear layers with torch for the rest of the step, one Python-driven step
 per token: expect it to be bound by launch overhead on small models.
 """
@@ -31,10 +33,10 @@ def _time_generation(step_prefill, step_decode, new_tokens: int) -> tuple[float,
     return t1 - t0, (new_tokens - 1) / (t2 - t1)
 
 
-def bench_codegen_q(path: str, ids: list[int], new_tokens: int) -> tuple[float, float]:
+def bench_codegen_q(path: str, ids: list[int], new_tokens: int, dtype: str) -> tuple[float, float]:
     import codegen_q
 
-    model = codegen_q.load(path, device="cuda").model
+    model = codegen_q.load(path, device="cuda", dtype=dtype).model
 
     def run():
         cache = model.new_cache(len(ids) + new_tokens + 16)
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("hub", help="the hub-layout checkpoint (for transformers and the prompt's tokenizer)")
     parser.add_argument("quantized", nargs="+", help="directories written by `codegen-q quantize`")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"],
+                        help="codegen-q's activation dtype (default float16)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_generate_cuda: torch sees no CUDA device", file=sys.stderr)
@@ -89,11 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     ids = CodeGenTokenizer.from_dir(args.hub).encode("def fibonacci(n):\n    " * 8)[:32]
     rows = [("transformers fp16", *bench_transformers(args.hub, ids, args.new_tokens))]
     for path in args.quantized:
-        rows.append((f"codegen-q {path.rstrip('/').split('/')[-1]}", *bench_codegen_q(path, ids, args.new_tokens)))
+        rows.append((f"codegen-q {path.rstrip('/').split('/')[-1]} {args.dtype}",
+                     *bench_codegen_q(path, ids, args.new_tokens, args.dtype)))
     print(f"\n{torch.cuda.get_device_name()}, prompt {len(ids)} tokens, {args.new_tokens} new, greedy, batch 1\n")
-    print(f"{'system':<24} {'prefill ms':>10} {'decode tok/s':>12}")
+    print(f"{'system':<32} {'prefill ms':>10} {'decode tok/s':>12}")
     for name, prefill_s, tok_s in rows:
-        print(f"{name:<24} {prefill_s * 1e3:>10.1f} {tok_s:>12.1f}")
+        print(f"{name:<32} {prefill_s * 1e3:>10.1f} {tok_s:>12.1f}")
     return 0
 
 
