@@ -26,33 +26,37 @@ PYBIND11_MODULE(_C_cuda, m) {
   py::enum_<cgq::cuda::QLinearKernel>(m, "QLinearKernel")
       .value("GEMV", cgq::cuda::QLinearKernel::kGemv)
       .value("PLAIN", cgq::cuda::QLinearKernel::kPlain)
-      .value("DEQUANT_GEMM", cgq::cuda::QLinearKernel::kDequantGemm);
+      .value("DEQUANT_GEMM", cgq::cuda::QLinearKernel::kDequantGemm)
+      .value("MMA", cgq::cuda::QLinearKernel::kMma);
   // Activation dtype codes (ActType): what qlinear's `act` and dequantize's `out_type` take.
   m.attr("ACT_FLOAT32") = static_cast<int>(cgq::cuda::ActType::kFloat32);
   m.attr("ACT_FLOAT16") = static_cast<int>(cgq::cuda::ActType::kFloat16);
   m.attr("ACT_BFLOAT16") = static_cast<int>(cgq::cuda::ActType::kBFloat16);
   m.attr("MAX_GEMV_M") = cgq::cuda::kMaxGemvM;
+  m.attr("MAX_MMA_M") = cgq::cuda::kMaxMmaM;
+  m.attr("MMA_TILE_K") = cgq::cuda::kMmaTileK;
   m.attr("HALF_CHAIN_PRODUCTS") = cgq::cuda::kHalfChainProducts;
 
   m.def(
       "qlinear_kernel",
-      [](int64_t M, int64_t K, int bits, uintptr_t x, uintptr_t qweight) {
-        return cgq::cuda::choose_qlinear_kernel(M, K, bits, ptr<const void>(x), ptr<const void>(qweight));
+      [](int64_t M, int64_t K, int bits, int act, int arch, uintptr_t x, uintptr_t qweight) {
+        return cgq::cuda::choose_qlinear_kernel(M, K, bits, static_cast<cgq::cuda::ActType>(act), arch,
+                                                ptr<const void>(x), ptr<const void>(qweight));
       },
-      py::arg("M"), py::arg("K"), py::arg("bits"), py::arg("x"), py::arg("qweight"),
+      py::arg("M"), py::arg("K"), py::arg("bits"), py::arg("act"), py::arg("arch"), py::arg("x"), py::arg("qweight"),
       "The kernel qlinear runs for these arguments; DEQUANT_GEMM is the caller's dequantize + GEMM.");
   m.def(
       "qlinear",
-      [](uintptr_t x, int act, int64_t M, int64_t K, int bits, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
-         int64_t group_size, uintptr_t bias, uintptr_t y, int64_t N, uintptr_t stream) {
+      [](uintptr_t x, int act, int arch, int64_t M, int64_t K, int bits, uintptr_t qweight, uintptr_t scales,
+         uintptr_t zeros, int64_t group_size, uintptr_t bias, uintptr_t y, int64_t N, uintptr_t stream) {
         cgq::cuda::LinearArgs a;
-        a.x = ptr<const void>(x), a.y = ptr<void>(y), a.act = static_cast<cgq::cuda::ActType>(act);
+        a.x = ptr<const void>(x), a.y = ptr<void>(y), a.act = static_cast<cgq::cuda::ActType>(act), a.arch = arch;
         a.M = M, a.K = K, a.N = N, a.bits = bits, a.qweight = ptr<const void>(qweight);
         a.scales = ptr<const uint16_t>(scales), a.zeros = ptr<const uint8_t>(zeros), a.group_size = group_size;
         a.bias = ptr<const float>(bias);
         cgq::cuda::qlinear(a, stream);
       },
-      py::arg("x"), py::arg("act"), py::arg("M"), py::arg("K"), py::arg("bits"), py::arg("qweight"),
+      py::arg("x"), py::arg("act"), py::arg("arch"), py::arg("M"), py::arg("K"), py::arg("bits"), py::arg("qweight"),
       py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("bias"), py::arg("y"), py::arg("N"),
       py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(

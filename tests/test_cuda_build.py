@@ -28,11 +28,11 @@ def test_cuda_module_imports_without_a_gpu():
     module = cuda_module()
     # codegen_q/kernels/ops.py calls these positionally: a parameter renamed, dropped or moved in
     # the binding shows here, GPU or not.
-    assert parameters(module.qlinear) == ["x", "act", "M", "K", "bits", "qweight", "scales", "zeros", "group_size",
+    assert parameters(module.qlinear) == ["x", "act", "arch", "M", "K", "bits", "qweight", "scales", "zeros", "group_size",
                                           "bias", "y", "N", "stream"]
     assert parameters(module.dequantize) == ["bits", "qweight", "scales", "zeros", "group_size", "N", "K", "out",
                                              "out_type", "stream"]
-    assert parameters(module.qlinear_kernel) == ["M", "K", "bits", "x", "qweight"]
+    assert parameters(module.qlinear_kernel) == ["M", "K", "bits", "act", "arch", "x", "qweight"]
     assert re.fullmatch(r"\d+\.\d+(\.\d+)?", module.compiler_version), module.compiler_version
     devices, reason = module.devices()
     assert [d["index"] for d in devices] == list(range(len(devices)))
@@ -41,30 +41,35 @@ def test_cuda_module_imports_without_a_gpu():
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_qlinear_kernel_choice(bits):
-    # The C++ plan (csrc/cuda/qlinear_plan.h), asked with addresses only: no GPU needed. The GEMV
-    # takes up to MAX_GEMV_M rows when its 16-byte loads can read x and the weight rows (int8
-    # rows are K bytes, so K must be a multiple of 16); the plain kernel the other small calls;
-    # the dequantize + GEMM path every larger M, whatever the alignment.
+    # The C++ plan (csrc/cuda/qlinear_plan.h), asked with addresses only: no GPU needed.
+    # - up to MAX_GEMV_M rows: the GEMV when its 16-byte loads can read x and the weight rows
+    #   (int8 rows are K bytes, so K a multiple of 16), else the plain kernel;
+    # - up to MAX_MMA_M: the tensor-core GEMM on sm_80+ for fp16/bf16 x, aligned, K a multiple of
+    #   its K step; every other case, and every larger M: dequantize + torch's GEMM.
     module = cuda_module()
     kernel = module.QLinearKernel
-    limit = module.MAX_GEMV_M
-    assert 1 <= limit < 64
+    gemv_limit, mma_limit, mma_k = module.MAX_GEMV_M, module.MAX_MMA_M, module.MMA_TILE_K
+    assert 1 <= gemv_limit < mma_limit
+    acts = (module.ACT_FLOAT32, module.ACT_FLOAT16, module.ACT_BFLOAT16)
     aligned, off = 1 << 20, (1 << 20) + 4
-    for m in range(1, 2 * limit + 2):
-        for k in (16, 32, 100, 4096, 4100):
+    for m in sorted({1, 2, gemv_limit, gemv_limit + 1, mma_limit, mma_limit + 1, 512}):
+        for k in (16, 32, 100, 1120, 4096, 4100):
             if bits == 4 and k % 32:
                 continue
-            gemv_shape = bits == 4 or k % 16 == 0
-            for x in (aligned, off):
-                for w in (aligned, off):
-                    got = module.qlinear_kernel(m, k, bits, x, w)
-                    if m > limit:
-                        want = kernel.DEQUANT_GEMM
-                    elif gemv_shape and x == aligned and w == aligned:
-                        want = kernel.GEMV
-                    else:
-                        want = kernel.PLAIN
-                    assert got == want, (m, k, bits, x % 16, w % 16)
+            for act in acts:
+                for arch in (75, 80, 90, 120):
+                    for x in (aligned, off):
+                        for w in (aligned, off):
+                            both_aligned = x == aligned and w == aligned
+                            if m <= gemv_limit:
+                                gemv = both_aligned and (bits == 4 or k % 16 == 0)
+                                want = kernel.GEMV if gemv else kernel.PLAIN
+                            else:
+                                mma = (m <= mma_limit and arch >= 80 and act != module.ACT_FLOAT32
+                                       and k % mma_k == 0 and both_aligned)
+                                want = kernel.MMA if mma else kernel.DEQUANT_GEMM
+                            got = module.qlinear_kernel(m, k, bits, act, arch, x, w)
+                            assert got == want, (m, k, bits, act, arch, x % 16, w % 16)
 
 
 def test_half_chain_length_is_what_the_bound_assumes():

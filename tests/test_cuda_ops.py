@@ -10,7 +10,7 @@ import torch
 import codegen_q
 from codegen_q import qlinear, quantize_weight
 from codegen_q.kernels import native as _native
-from codegen_q.testing.reference import assert_within, fp32_bound, half_bound, half_gemv_model
+from codegen_q.testing.reference import UNIT_ROUNDOFF, assert_within, fp32_bound, half_bound, half_gemv_model
 from codegen_q.testing.reference import dequantize as dequantize_ref
 from support import CUDA_USABLE, QLINEAR_SCHEMES, assert_sums_exact_in_fp32, exact_qweight, small_int_tensor
 
@@ -22,8 +22,11 @@ SCHEMES = QLINEAR_SCHEMES
 # round more than once for int8 and int4 alike.
 SHAPES = [(256, 101), (1120, 67), (4096, 37), (8320, 29)]
 # Up to MAX_GEMV_M (from the C++ plan): the native CUDA GEMV; above it, dequantize + cuBLAS.
-MAX_GEMV_M = _native.cuda().MAX_GEMV_M if _native.cuda() is not None else 8  # (tests skip without the module)
-MS = [1, 2, 3, 4, MAX_GEMV_M, MAX_GEMV_M + 1, 2 * MAX_GEMV_M + 1, 300]
+# Up to MAX_MMA_M: the tensor-core GEMM on sm_80+ for fp16/bf16 x (K a multiple of its step).
+_MODULE = _native.cuda()
+MAX_GEMV_M = _MODULE.MAX_GEMV_M if _MODULE is not None else 8  # (the tests skip without the module)
+MAX_MMA_M = _MODULE.MAX_MMA_M if _MODULE is not None else 64
+MS = [1, 2, 3, 4, MAX_GEMV_M, MAX_GEMV_M + 1, 2 * MAX_GEMV_M + 1, 33, MAX_MMA_M, MAX_MMA_M + 1, 300]
 CASES = [pytest.param(s, k, n, id=f"{s}-K{k}-N{n}")
          for s, kw in SCHEMES.items() for k, n in SHAPES if k % (kw.get("group_size") or 1) == 0]
 
@@ -99,6 +102,29 @@ def test_cuda_fp16_gemv_matches_its_arithmetic_model(scheme, m):
     model = half_gemv_model(x, qw, bias)
     tol = fp32_bound(x.double(), dequantize_ref(qw), bias.double()) + 2.0 ** -10 * model.abs()
     assert_within(y, model, tol, f"model {scheme} M={m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("m", [MAX_GEMV_M + 1, 17, 63, MAX_MMA_M])
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_cuda_tensor_core_gemm_matches_rounded_weights(scheme, m, dtype):
+    # The tensor-core GEMM's contract: the weights rounded once to x's dtype (dequantize(w, dtype)),
+    # fp32 accumulation, the result rounded once. So it equals x @ dequantize(w, dtype).T + bias
+    # within the fp32 bound of that product plus one rounding of the output; a fragment-layout or
+    # staging slip would be far outside that. N = 100 leaves a partial 64-feature tile.
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the tensor-core GEMM needs sm_80 or later")
+    x, qw, bias = _problem(scheme, m, 1152, 100, seed=m * 5 + 3, dtype=dtype)
+    qw_cuda = qw.to("cuda")
+    assert _MODULE.qlinear_kernel(m, 1152, qw.bits, _MODULE.ACT_FLOAT16 if dtype == torch.float16 else
+                                  _MODULE.ACT_BFLOAT16, 80, x.cuda().data_ptr(), qw_cuda.qweight.data_ptr()) \
+        == _MODULE.QLinearKernel.MMA
+    y = qlinear(x.cuda(), qw_cuda, bias.cuda()).cpu().double()
+    w_rounded = codegen_q.dequantize(qw, dtype).double()
+    model = x.double() @ w_rounded.T + bias.double()
+    err32 = fp32_bound(x.double(), w_rounded, bias.double())
+    u = UNIT_ROUNDOFF[dtype]
+    assert_within(y, model, err32 + u * (model.abs() + err32), f"mma {scheme} M={m} {dtype}")
 
 
 EXACT = {"int8-K100": (8, 100, None, False), "int8-K256": (8, 256, None, False),

@@ -9,12 +9,14 @@ makes one call to the device's kernels:
   on the scalar build and for gemm_dtype=torch.bfloat16 with many rows, dequantize a tile of
   weight rows with the native kernel and let torch's GEMM (oneDNN) multiply.
 * CUDA: the kernel csrc/cuda/qlinear_plan.h chooses (the one place that decides, asked through
-  `qlinear_kernel`); its GEMM answer means: dequantize tiles to the activation's dtype and
-  multiply with torch's GEMM (cuBLAS), the only part that runs here because it is torch's.
+  `qlinear_kernel`): the GEMV, the tensor-core GEMM or the plain kernel run in one call; the
+  DEQUANT_GEMM answer means: dequantize tiles to the activation's dtype and multiply with torch's
+  GEMM (cuBLAS), the only part that runs here because it is torch's.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -186,6 +188,14 @@ def _cuda_act(module, dtype: torch.dtype) -> int:
             torch.bfloat16: module.ACT_BFLOAT16}[dtype]
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(device: torch.device) -> int:
+    """The device's compute capability as 10 * major + minor, asked once per device (never during
+    a graph capture after the first call)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def _cuda_qlinear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None,
                   gemm_dtype: torch.dtype | None) -> torch.Tensor:
     """y [M, N] of x's dtype for a contiguous x [M, K] on w's GPU, by the kernel the C++ plan names."""
@@ -195,12 +205,15 @@ def _cuda_qlinear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    kernel = module.qlinear_kernel(m, k, w.bits, x.data_ptr(), w.qweight.data_ptr())
-    if kernel == module.QLinearKernel.DEQUANT_GEMM:
+    act, arch = _cuda_act(module, x.dtype), _cuda_arch(x.device)
+    kernel = module.qlinear_kernel(m, k, w.bits, act, arch, x.data_ptr(), w.qweight.data_ptr())
+    # The tensor-core GEMM multiplies in x's dtype; another gemm_dtype asked for takes torch's GEMM.
+    if kernel == module.QLinearKernel.DEQUANT_GEMM or (gemm_dtype not in (None, x.dtype, torch.float32)
+                                                       and kernel == module.QLinearKernel.MMA):
         _dequantize_gemm(x, w, bias, y, x.dtype if gemm_dtype in (None, torch.float32) else gemm_dtype)
         return y
     with torch.cuda.device(w.device):
-        module.qlinear(x.data_ptr(), _cuda_act(module, x.dtype), m, k, w.bits, w.qweight.data_ptr(),
+        module.qlinear(x.data_ptr(), act, arch, m, k, w.bits, w.qweight.data_ptr(),
                        w.scales.data_ptr(), _addr(w.zeros), w.group_size or 0, _addr(bias), y.data_ptr(), n,
                        torch.cuda.current_stream(w.device).cuda_stream)
     return y

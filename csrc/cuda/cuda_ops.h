@@ -20,6 +20,7 @@ struct LinearArgs {
   const void* x = nullptr;
   void* y = nullptr;
   ActType act = ActType::kFloat32;
+  int arch = 0;                      // the device's compute capability, 10 * major + minor
   int64_t M = 0, K = 0, N = 0;
   int bits = 0;                      // 8 or 4
   const void* qweight = nullptr;     // int8 [N, K] or packed uint8 [N, K/2]

@@ -1,12 +1,13 @@
 // The CUDA qlinear entry point: checks the arguments, asks choose_qlinear_kernel (qlinear_plan.h)
-// which kernel serves the call, and launches it. The small-M GEMV (qlinear_gemv.cu) serves every
-// aligned call; the plain kernel below (one warp per output element, lanes stride over K, fp32
+// which kernel serves the call, and launches it: the small-M GEMV (qlinear_gemv.cu), the
+// tensor-core GEMM (qlinear_mma.cu), or the plain kernel below (one warp per output element, lanes stride over K, fp32
 // products) serves the rest and stays as the obviously-correct version.
 #include "cuda/activation_types.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/int4_unpack.cuh"
 #include "cuda/qlinear_gemv.cuh"
+#include "cuda/qlinear_mma.cuh"
 
 namespace cgq::cuda {
 namespace {
@@ -81,9 +82,10 @@ void qlinear(const LinearArgs& a, uintptr_t stream) {
   if (!a.x) throw std::invalid_argument("null x pointer");
   if (a.M < 0) throw std::invalid_argument("M must be >= 0");
   if (a.M == 0 || a.N == 0) return;
-  switch (choose_qlinear_kernel(a.M, a.K, a.bits, a.x, a.qweight)) {
+  switch (choose_qlinear_kernel(a.M, a.K, a.bits, a.act, a.arch, a.x, a.qweight)) {
     case QLinearKernel::kGemv: gemv(a, as_stream(stream)); return;
     case QLinearKernel::kPlain: launch_plain(a, as_stream(stream)); return;
+    case QLinearKernel::kMma: mma_gemm(a, as_stream(stream)); return;
     case QLinearKernel::kDequantGemm: break;
   }
   throw std::invalid_argument("more rows of x than the CUDA GEMV takes (qlinear_kernel names the caller's GEMM path)");
