@@ -1,10 +1,13 @@
 """Attention-side native ops on the paged KV cache: rotary + KV append, and paged attention.
 
-Like ops.py, these check every tensor before handing raw pointers to `_C_cpu`, so a bad call is
-a TypeError/ValueError naming the argument, never a crash. CPU; activations float32, the KV
+Like ops.py, these check every tensor before handing raw pointers to the native module, so a bad
+call is a TypeError/ValueError naming the argument, never a crash. Activations float32, the KV
 cache float32, float16 (written rounded to nearest, read back exactly) or int8 (symmetric, one
 fp16 scale per token and head in k_scales / v_scales [num_blocks, block_size, H]: x = code *
-scale; csrc/cpu/kv_int8.h has the rule).
+scale; csrc/cpu/kv_int8.h has the rule). paged_attention and rotary_kv_append run on the CPU or,
+with every tensor on one GPU, on the CUDA twins (csrc/cuda/attention_cuda.cu): same meaning, and
+an out-of-range position, slot or block id in device memory gives NaN instead of an error (it
+cannot be read without a sync).
 """
 
 from __future__ import annotations
@@ -14,18 +17,25 @@ import torch
 from codegen_q.kernels import native as _native
 
 
-def _check_float(name: str, t: torch.Tensor, dim: int) -> None:
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device.type != "cpu":
-        raise TypeError(f"{name} must be a float32 CPU tensor")
+def _check_float(name: str, t: torch.Tensor, dim: int, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device != device:
+        raise TypeError(f"{name} must be a float32 tensor on {device}")
     if t.dim() != dim:
         raise ValueError(f"{name} must have {dim} dimensions, got shape {list(t.shape)}")
 
 
-def _check_int32(name: str, t: torch.Tensor, shape: tuple[int, ...] | None = None) -> None:
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.device.type != "cpu" or not t.is_contiguous():
-        raise TypeError(f"{name} must be a contiguous int32 CPU tensor")
+def _check_int32(name: str, t: torch.Tensor, shape: tuple[int, ...] | None, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.device != device or not t.is_contiguous():
+        raise TypeError(f"{name} must be a contiguous int32 tensor on {device}")
     if shape is not None and tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        _native.cuda_required()
+    elif device.type != "cpu":
+        raise ValueError(f"tensors on {device} are not supported; use the CPU or a CUDA device")
 
 
 # What the native kernels read and write, with the type code they take (common/qformat.h, KVType).
@@ -33,12 +43,12 @@ NATIVE_KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.int8: 2}
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scales: torch.Tensor | None,
-                 v_scales: torch.Tensor | None) -> tuple[int, int, int]:
+                 v_scales: torch.Tensor | None, device: torch.device) -> tuple[int, int, int]:
     """Validates a layer's K and V caches (and an int8 cache's scales); returns (kv_type code,
     k_scales address, v_scales address)."""
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor) or t.dtype not in NATIVE_KV_DTYPES or t.device.type != "cpu":
-            raise TypeError(f"{name} must be a float32, float16 or int8 CPU tensor")
+        if not isinstance(t, torch.Tensor) or t.dtype not in NATIVE_KV_DTYPES or t.device != device:
+            raise TypeError(f"{name} must be a float32, float16 or int8 tensor on {device}")
         if t.dim() != 4:
             raise ValueError(f"{name} must have 4 dimensions, got shape {list(t.shape)}")
         if not t.is_contiguous():
@@ -54,8 +64,8 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scales: torch.T
     for name, t in (("k_scales", k_scales), ("v_scales", v_scales)):
         if t is None:
             raise ValueError(f"an int8 KV cache needs {name} (float16 [num_blocks, block_size, heads])")
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.float16 or t.device.type != "cpu" or not t.is_contiguous():
-            raise TypeError(f"{name} must be a contiguous float16 CPU tensor")
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float16 or t.device != device or not t.is_contiguous():
+            raise TypeError(f"{name} must be a contiguous float16 tensor on {device}")
         if tuple(t.shape) != tuple(k_cache.shape[:3]):
             raise ValueError(f"{name} must have shape {list(k_cache.shape[:3])} (the cache's [num_blocks, "
                              f"block_size, heads]), got {list(t.shape)}")
@@ -75,31 +85,37 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     lengths = its position + 1. An int8 cache comes with k_scales, v_scales (float16 [num_blocks,
     block_size, H]). Returns [T, H, D] float32.
     """
-    _check_float("q", q, 3)
-    kv_type, k_scales_ptr, v_scales_ptr = _check_cache(k_cache, v_cache, k_scales, v_scales)
+    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    _check_device(device)
+    _check_float("q", q, 3, device)
+    kv_type, k_scales_ptr, v_scales_ptr = _check_cache(k_cache, v_cache, k_scales, v_scales, device)
     t, h, d = q.shape
     if q.stride(2) != 1 or q.stride(1) != d or (t > 1 and q.stride(0) < h * d):
         raise ValueError("q must have contiguous [H, D] rows (row stride at least H * D)")
     num_blocks, block_size = k_cache.shape[:2]
     if tuple(k_cache.shape[2:]) != (h, d):
         raise ValueError(f"cache heads/head_dim {list(k_cache.shape[2:])} do not match q's {[h, d]}")
-    _check_int32("block_tables", block_tables)
+    _check_int32("block_tables", block_tables, None, device)
     if block_tables.dim() != 2 or block_tables.shape[0] < 1:
         raise ValueError(f"block_tables must be [sequences, max_blocks], got {list(block_tables.shape)}")
-    _check_int32("lengths", lengths, (t,))
+    _check_int32("lengths", lengths, (t,), device)
     if query_rows is None:
         if block_tables.shape[0] != t:
             raise ValueError(f"without query_rows, block_tables needs one row per query ({t}), "
                              f"got {block_tables.shape[0]}")
     else:
-        _check_int32("query_rows", query_rows, (t,))
-    out = torch.empty((t, h, d), dtype=torch.float32)
+        _check_int32("query_rows", query_rows, (t,), device)
+    out = torch.empty((t, h, d), dtype=torch.float32, device=device)
     if t:
-        _native.cpu().paged_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                                      block_tables.data_ptr(), block_tables.shape[0],
-                                      0 if query_rows is None else query_rows.data_ptr(), lengths.data_ptr(),
-                                      out.data_ptr(), t, h, d, block_size, block_tables.shape[1], num_blocks,
-                                      float(scale), kv_type, k_scales_ptr, v_scales_ptr)
+        args = (q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+                block_tables.shape[0], 0 if query_rows is None else query_rows.data_ptr(), lengths.data_ptr(),
+                out.data_ptr(), t, h, d, block_size, block_tables.shape[1], num_blocks, float(scale), kv_type,
+                k_scales_ptr, v_scales_ptr)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                _native.cuda_required().paged_attention(*args, torch.cuda.current_stream(device).cuda_stream)
+        else:
+            _native.cpu().paged_attention(*args)
     return out
 
 
@@ -114,26 +130,32 @@ def rotary_kv_append(qkv: torch.Tensor, positions: torch.Tensor, sin: torch.Tens
     block_size, H, D]. Rotary is GPT-J's interleaved pairs on the first rotary_dim dims of each head.
     An int8 cache is written with one scale per token and head into k_scales / v_scales.
     """
-    _check_float("qkv", qkv, 4)
+    device = qkv.device if isinstance(qkv, torch.Tensor) else torch.device("cpu")
+    _check_device(device)
+    _check_float("qkv", qkv, 4, device)
     if not qkv.is_contiguous() or qkv.shape[1] != 3:
         raise ValueError(f"qkv must be a contiguous [T, 3, H, D] tensor, got shape {list(qkv.shape)}")
-    kv_type, k_scales_ptr, v_scales_ptr = _check_cache(k_cache, v_cache, k_scales, v_scales)
+    kv_type, k_scales_ptr, v_scales_ptr = _check_cache(k_cache, v_cache, k_scales, v_scales, device)
     t, _, h, d = qkv.shape
     if tuple(k_cache.shape[2:]) != (h, d):
         raise ValueError(f"cache heads/head_dim {list(k_cache.shape[2:])} do not match qkv's {[h, d]}")
     for name, table in (("sin", sin), ("cos", cos)):
-        _check_float(name, table, 2)
+        _check_float(name, table, 2, device)
         if not table.is_contiguous() or table.shape[1] != rotary_dim // 2:
             raise ValueError(f"{name} must be a contiguous [n_positions, {rotary_dim // 2}] table")
     if sin.shape != cos.shape:
         raise ValueError("sin and cos tables differ in shape")
     for name, tensor in (("positions", positions), ("slot_blocks", slot_blocks), ("slot_offsets", slot_offsets)):
-        _check_int32(name, tensor, (t,))
+        _check_int32(name, tensor, (t,), device)
     if t:
-        _native.cpu().rotary_kv_append(qkv.data_ptr(), t, h, d, int(rotary_dim), positions.data_ptr(), sin.data_ptr(),
-                                       cos.data_ptr(), sin.shape[0], slot_blocks.data_ptr(), slot_offsets.data_ptr(),
-                                       k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], k_cache.shape[0],
-                                       kv_type, k_scales_ptr, v_scales_ptr)
+        args = (qkv.data_ptr(), t, h, d, int(rotary_dim), positions.data_ptr(), sin.data_ptr(), cos.data_ptr(),
+                sin.shape[0], slot_blocks.data_ptr(), slot_offsets.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                k_cache.shape[1], k_cache.shape[0], kv_type, k_scales_ptr, v_scales_ptr)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                _native.cuda_required().rotary_kv_append(*args, torch.cuda.current_stream(device).cuda_stream)
+        else:
+            _native.cpu().rotary_kv_append(*args)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -143,7 +165,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     new contiguous [n, n_head, head_dim]. Tiled flash-style in C++ (csrc/cpu/causal_attention.h).
     ``kv_fp16``: k and v are used rounded to fp16 (nearest even), as an fp16 KV cache holds them."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_float(name, t, 3)
+        _check_float(name, t, 3, torch.device("cpu"))
         if t.shape != q.shape:
             raise ValueError(f"{name} must have q's shape {list(q.shape)}, got {list(t.shape)}")
         if t.stride(2) != 1 or t.stride(1) != t.shape[2]:

@@ -57,3 +57,12 @@ def cuda() -> ModuleType | None:
 
 def cuda_import_error() -> str | None:
     return _load("_C_cuda")[1]
+
+
+def cuda_required() -> ModuleType:
+    """The CUDA kernels module; RuntimeError with a way out when this build has none."""
+    module = cuda()
+    if module is None:
+        raise RuntimeError(f"this build of codegen-q has no CUDA support ({cuda_import_error()}); "
+                           "rebuild it on a machine with nvcc, or use device='cpu'")
+    return module

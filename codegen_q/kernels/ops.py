@@ -175,14 +175,6 @@ def _addr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _cuda_module():
-    module = _native.cuda()
-    if module is None:
-        raise RuntimeError(f"this build of codegen-q has no CUDA support ({_native.cuda_import_error()}); "
-                           "rebuild it on a machine with nvcc, or use device='cpu'")
-    return module
-
-
 def _cuda_act(module, dtype: torch.dtype) -> int:
     return {torch.float32: module.ACT_FLOAT32, torch.float16: module.ACT_FLOAT16,
             torch.bfloat16: module.ACT_BFLOAT16}[dtype]
@@ -199,7 +191,7 @@ def _cuda_arch(device: torch.device) -> int:
 def _cuda_qlinear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None,
                   gemm_dtype: torch.dtype | None) -> torch.Tensor:
     """y [M, N] of x's dtype for a contiguous x [M, K] on w's GPU, by the kernel the C++ plan names."""
-    module = _cuda_module()
+    module = _native.cuda_required()
     m, k = x.shape
     n = w.out_features
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -243,7 +235,7 @@ def _dequantize_rows(w: QuantizedWeight, start: int, stop: int, out: torch.Tenso
     s = w.scales[start:stop]
     z = None if w.zeros is None else w.zeros[start:stop]
     if w.device.type == "cuda":
-        module = _cuda_module()
+        module = _native.cuda_required()
         with torch.cuda.device(w.device):
             module.dequantize(w.bits, q.data_ptr(), s.data_ptr(), _addr(z), w.group_size or 0, rows, k,
                               out.data_ptr(), _cuda_act(module, out.dtype),

@@ -46,6 +46,12 @@ struct DequantizeArgs {
 void qlinear(const LinearArgs& a, uintptr_t stream);
 void dequantize(const DequantizeArgs& a, uintptr_t stream);
 
+// The attention-side ops (attention_cuda.cu), the CPU twins' structs and meaning; head_dim up to
+// kMaxAttentionHeadDim (CodeGen's 64, 80 and 256 included).
+constexpr int64_t kMaxAttentionHeadDim = 256;
+void paged_attention(const AttentionArgs& a, uintptr_t stream);
+void rotary_kv_append(const RotaryAppendArgs& a, uintptr_t stream);
+
 struct DeviceInfo {
   int index;
   std::string name;
