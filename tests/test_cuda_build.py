@@ -33,6 +33,11 @@ def test_cuda_module_imports_without_a_gpu():
     assert parameters(module.dequantize) == ["bits", "qweight", "scales", "zeros", "group_size", "N", "K", "out",
                                              "out_type", "stream"]
     assert parameters(module.qlinear_kernel) == ["M", "K", "bits", "act", "arch", "x", "qweight"]
+    # The attention-side ops take the CPU ops' parameters, in the same order, plus the stream.
+    from codegen_q.kernels import native
+
+    for op in ("paged_attention", "rotary_kv_append"):
+        assert parameters(getattr(module, op)) == parameters(getattr(native.cpu(), op)) + ["stream"], op
     assert re.fullmatch(r"\d+\.\d+(\.\d+)?", module.compiler_version), module.compiler_version
     devices, reason = module.devices()
     assert [d["index"] for d in devices] == list(range(len(devices)))

@@ -38,14 +38,15 @@ fi
 
 status=0
 log "CUDA tests"
-"$py" -m pytest -q -rs tests/test_cuda_ops.py tests/test_cuda_build.py tests/test_half_bound.py \
+"$py" -m pytest -q -rs tests/test_cuda_ops.py tests/test_cuda_attention.py tests/test_cuda_build.py tests/test_half_bound.py \
   tests/test_runtime.py::test_cuda_runtime_matches_cpu tests/test_runtime.py::test_cuda_runtime_with_fp16_activations 2>&1 | tee "$out/pytest-cuda.log" | tail -n 15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 log "compute-sanitizer memcheck (exact problems, graph capture, streams)"
 if command -v compute-sanitizer >/dev/null 2>&1; then
   timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 \
-    "$py" -m pytest -q -x tests/test_cuda_ops.py -k "exact or capturable or current_stream" \
+    "$py" -m pytest -q -x tests/test_cuda_ops.py tests/test_cuda_attention.py \
+    -k "exact or capturable or current_stream or int8_cache or bad_block" \
     >"$out/memcheck.log" 2>&1
   rc=$?
   tail -n 5 "$out/memcheck.log"
