@@ -172,12 +172,13 @@ def test_inspect_generate_serve_and_eval_take_kv_dtype(capsys):
     plan = json.loads(capsys.readouterr().out)["memory"]["as stored"]
     cfg = codegen_q.load(path).config
     assert plan["kv_dtype_cpu"] == "int8" and plan["kv_cache_cpu"] == kv_cache_bytes(cfg, 100, torch.int8)
-    assert plan["kv_dtype_gpu"] == "float32"  # int8 KV is CPU-only for now: the GPU column keeps its default
+    # Both devices run an int8 cache with float32 activations (the GPU on the CUDA twins).
+    assert plan["kv_dtype_gpu"] == "int8" and plan["kv_cache_gpu"] == kv_cache_bytes(cfg, 100, torch.int8)
     assert cli_main(["inspect", path, "--context", "100"]) == 0
     assert "float16" in capsys.readouterr().out  # the default, named
     parser = build_parser()
     for argv in (["generate", "x"], ["serve"], ["eval", path, "f.py"]):
         assert parser.parse_args([*argv, "--kv-dtype", "int8"]).kv_dtype == "int8"
         assert parser.parse_args(argv).kv_dtype == "auto"
-    with pytest.raises(ValueError, match="CPU with float32 activations"):
+    with pytest.raises(ValueError, match="int8 KV cache needs float32 activations"):
         codegen_q.load(path, kv_dtype="int8", dtype="bfloat16")

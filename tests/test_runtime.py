@@ -217,6 +217,26 @@ def test_cuda_runtime_with_fp16_activations(dirs, kind):
 
 
 @pytest.mark.skipif(not CUDA_USABLE, reason="no usable CUDA device (needs a GPU, a driver and the CUDA build)")
+def test_cuda_runtime_with_int8_kv(dirs):
+    # An int8 KV cache on the GPU runs rotary/append and attention on the CUDA twins of the CPU
+    # kernels: the same storing rule, so logits match the CPU's int8-KV run to within a stated
+    # 1 % of the largest (the projections' fp32 sums differ in order, and a code may round apart).
+    cpu = load(dirs["int4"], device="cpu", kv_dtype="int8")
+    gpu = load(dirs["int4"], device="cuda", kv_dtype="int8")
+    assert gpu.model.kv_dtype == torch.int8
+    ids = torch.tensor(cpu.tokenizer.encode("def fib(n):\n    if n < 2:\n        return n"))
+    logits = []
+    for m in (cpu, gpu):
+        cache = m.model.new_cache(64)
+        seq = cache.add_sequence()
+        prefill = m.model.forward([ids], cache, [seq], last_only=False)[0]
+        step = m.model.forward([torch.tensor([7])], cache, [seq])[0]
+        logits.append(torch.cat([prefill, step]))
+    assert (logits[1] - logits[0]).abs().max() <= 0.01 * logits[0].abs().max()
+    assert len(gpu.generate(["def add(a, b):"], max_new_tokens=8)[0].token_ids) == 8
+
+
+@pytest.mark.skipif(not CUDA_USABLE, reason="no usable CUDA device (needs a GPU, a driver and the CUDA build)")
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_cuda_runtime_matches_cpu(dirs, kind):
     # Same checkpoint on both devices: fp32 everywhere, different summation orders (CUDA GEMV and

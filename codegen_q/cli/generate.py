@@ -42,7 +42,7 @@ def add_kv_dtype_argument(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--kv-dtype", default="auto", choices=["auto", *KV_DTYPES],
                    help="KV cache dtype (default auto: float16 for a quantized model on the CPU, else float32; "
-                        "int8: half of float16's memory, CPU only)")
+                        "int8: half of float16's memory, with float32 activations)")
 
 
 def add_prefill_dtype_option(p: argparse.ArgumentParser) -> None:

@@ -34,7 +34,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _kv_dtypes(quantized: bool, kv_dtype: torch.dtype | None) -> dict[str, torch.dtype]:
     """The KV dtype of each device's column: load()'s default, or the one asked for where that
-    device runs it (an int8 cache is CPU-only for now: the GPU column keeps its default)."""
+    device runs it (with float32 activations, as inspect's plan assumes, both run an int8 cache)."""
     out = {}
     for device in ("cpu", "cuda"):
         want = kv_dtype or default_kv_dtype(quantized, device)

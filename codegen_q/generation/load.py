@@ -93,7 +93,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     the activation / float-weight dtype (float32 by default, bfloat16 to halve a float model;
     float16 on a GPU, where the quantized Linears multiply fp16 activations in half2 arithmetic).
     `kv_dtype` is the KV cache's: by default float16 for a quantized model on the CPU, else `dtype`;
-    "int8" (CPU, float32 activations) halves fp16's bytes again: symmetric, one fp16 scale per
+    "int8" (float32 activations; CPU, or a GPU's CUDA twins) halves fp16's bytes again: symmetric, one fp16 scale per
     token and head, logits within a derived bound of fp16's (docs/cpu-kernels.md, "int8 KV").
     `prefill_dtype="bfloat16"` runs a quantized model's many-row GEMMs (prompts) in bf16: ~1.6x
     faster prefill on a CPU with native bf16 (AVX512-BF16, AMX), logits ~1 % off the fp32 ones;

@@ -107,10 +107,11 @@ def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, rotary_d
 
 
 def check_kv_dtype(kv_dtype: torch.dtype, device_type: str, dtype: torch.dtype) -> None:
-    """An int8 KV cache runs on the native CPU kernels only, which take float32 activations."""
-    if kv_dtype == torch.int8 and (device_type != "cpu" or dtype != torch.float32):
-        raise ValueError(f"an int8 KV cache runs on the CPU with float32 activations only, not on {device_type} "
-                         f"with {str(dtype).removeprefix('torch.')}; use kv_dtype float16 or float32 there")
+    """An int8 KV cache runs on the native kernels only (CPU, or their CUDA twins), which take
+    float32 activations."""
+    if kv_dtype == torch.int8 and (device_type not in ("cpu", "cuda") or dtype != torch.float32):
+        raise ValueError(f"an int8 KV cache needs float32 activations, not {str(dtype).removeprefix('torch.')} "
+                         f"(on {device_type}); use kv_dtype float16 or float32 there")
 
 
 def default_kv_dtype(quantized: bool, device_type: str, dtype: torch.dtype = torch.float32) -> torch.dtype:
@@ -199,6 +200,8 @@ class CodeGenModel:
 
         if native:
             plan = self._native_plan(cache, seq_ids, counts, starts, slots, positions)
+            if cache.k.device.type != "cpu":  # once per step, not per layer
+                plan = {name: t.to(cache.k.device) for name, t in plan.items()}
         else:
             sin, cos = self.sin[positions.to(self.device)], self.cos[positions.to(self.device)]
         ids = flat.to(self.device)
@@ -207,7 +210,9 @@ class CodeGenModel:
         scale = self.head_dim ** -0.5
         # Per sequence, so that one prompt continuing a cached prefix does not send the others' long
         # fresh prompts through the slower paged kernel.
-        fused = [st == 0 and n >= FUSED_PREFILL_MIN_TOKENS for st, n in zip(starts, counts)]
+        # (The fused causal kernel is the CPU's; on a GPU every row takes the paged kernel.)
+        on_cpu = cache.k.device.type == "cpu"
+        fused = [on_cpu and st == 0 and n >= FUSED_PREFILL_MIN_TOKENS for st, n in zip(starts, counts)]
         g = self.prefill_dtype
         for li, layer in enumerate(self.layers):
             x = torch.nn.functional.layer_norm(h, (d,), layer["ln_w"], layer["ln_b"], self.eps)
@@ -277,7 +282,12 @@ class CodeGenModel:
                                  f"{self.config.n_positions}")
 
     def _native_cache(self, cache: PagedKVCache) -> bool:
-        return cache.k.dtype in NATIVE_KV_DTYPES and cache.k.device.type == "cpu" and self.dtype == torch.float32
+        """Whether rotary/append and attention run on the native kernels (fp32 activations). On a GPU
+        only for an int8 cache, which nothing else reads: fp32 and fp16 caches keep torch's attention
+        there until a GPU run has measured the CUDA kernels against it."""
+        if cache.k.dtype not in NATIVE_KV_DTYPES or self.dtype != torch.float32:
+            return False
+        return cache.k.device.type == "cpu" or (cache.k.device.type == "cuda" and cache.k.dtype == torch.int8)
 
     def _can_fuse(self, cache: PagedKVCache) -> bool:
         """Whether a decode step (one token per sequence) on this cache can be one native call."""
