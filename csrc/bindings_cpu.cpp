@@ -264,6 +264,7 @@ PYBIND11_MODULE(_C_cpu, m) {
     namespace kc = cgq::cpu::kernel_constants;
     auto isa = [](const kc::Isa& c) {
       py::dict d;
+      d["native_max_m"] = c.native_max_m;
       d["limb_max_m_int8"] = c.limb_max_m_int8;
       d["limb_max_m_int4"] = c.limb_max_m_int4;
       d["gemm_tile_m"] = c.gemm_tile_m;
@@ -276,6 +277,8 @@ PYBIND11_MODULE(_C_cpu, m) {
     py::dict d;
     d["two_limb_factor"] = kc::kTwoLimbFactor;
     d["limb_chunk"] = kc::kLimbChunk;
+    d["native_max_m_scalar"] = kc::kNativeMaxMScalar;
+    d["native_max_m_bf16"] = kc::kNativeMaxMBf16;
     d["isa"] = isas;
     return d;
   });

@@ -8,7 +8,11 @@ import torch
 
 import codegen_q
 from codegen_q import QuantizedWeight, qlinear, quantize_weight
-from codegen_q.kernels.ops import NATIVE_MAX_M_CPU_DEFAULT, native_max_m_cpu
+from codegen_q.kernels import native as _native_modules
+from codegen_q.kernels.ops import native_max_m_cpu
+
+# The scalar build's native-kernel row limit, from csrc/cpu/kernel_constants.h.
+NATIVE_MAX_M_SCALAR = _native_modules.cpu().kernel_constants()["native_max_m_scalar"]
 from codegen_q.testing.reference import assert_within, fp32_bound
 from codegen_q.testing.reference import qlinear as ref_qlinear
 from codegen_q.testing.reference import weight as ref_weight
@@ -174,7 +178,7 @@ EXACT_NS = [1, 7, 8, 9, 23, 29]
 
 def test_grids_cross_every_kernel_boundary():
     constants = _native().kernel_constants()
-    assert NATIVE_MAX_M_CPU_DEFAULT in EXACT_MS and NATIVE_MAX_M_CPU_DEFAULT + 1 in EXACT_MS
+    assert NATIVE_MAX_M_SCALAR in EXACT_MS and NATIVE_MAX_M_SCALAR + 1 in EXACT_MS
     for isa, c in constants["isa"].items():
         for limit in (c["limb_max_m_int8"], c["limb_max_m_int4"]):
             assert limit == 0 or {limit, limit + 1} <= set(EXACT_MS), (isa, limit)
@@ -258,7 +262,7 @@ def test_batch_rows_match_single_rows(scheme, m):
         assert_within(y[i:i + 1], yi.double(), 2 * tol[i:i + 1], f"{scheme} M={m} row {i}")
 
 
-@pytest.mark.parametrize("m", [1, 4, 7, NATIVE_MAX_M_CPU_DEFAULT, 64])
+@pytest.mark.parametrize("m", [1, 4, 7, NATIVE_MAX_M_SCALAR, 64])
 @pytest.mark.parametrize("n", [37, 200])
 @pytest.mark.parametrize("scheme", ["int8", "int4-g32-sym", "int4-g128-asym"])
 def test_native_path_independent_of_thread_count(cpu_isa, scheme, n, m):

@@ -17,7 +17,6 @@ makes one call to the device's kernels:
 from __future__ import annotations
 
 import functools
-import sys
 
 import torch
 
@@ -25,17 +24,6 @@ from codegen_q.kernels import native as _native
 from codegen_q.format.weight import QuantizedWeight
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Up to this many rows of x qlinear runs the native kernels; above, dequantize + torch's GEMM. The
-# AVX2 and AVX-512 builds switch to their own blocked GEMM from one tile of rows (16 / 32), which
-# beats torch's fp32 GEMM on dequantized weights at every M measured, without the float copy of
-# the weight (docs/cpu-kernels.md, "Which kernel takes a call"). So they have no limit; the
-# scalar build's FMA kernels are compute-bound sooner.
-NATIVE_MAX_M_CPU = {"avx512": sys.maxsize, "avx2": sys.maxsize}
-NATIVE_MAX_M_CPU_DEFAULT = 16
-# With gemm_dtype=torch.bfloat16 the native kernels take at most this many rows; more go to torch's
-# bf16 GEMM, faster there than the native fp32 kernels where the CPU multiplies bf16 natively
-# (AVX-512 BF16), dequantizing included (docs/cpu-kernels.md, "Which kernel takes a call").
-NATIVE_MAX_M_BF16 = 64
 # Elements of the dequantized weight tile of the dequantize + GEMM path: a few MB stays in the
 # CPU's cache; on a GPU larger tiles keep cuBLAS's GEMMs large (16 MB in fp16).
 _DEQUANT_TILE_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 23}
@@ -75,7 +63,7 @@ def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None
     (prefill): x and each dequantized weight tile are rounded to bf16 and multiplied by torch's
     bf16 GEMM (fp32 accumulation, outputs rounded to bf16), about 2^-8 of each output's scale
     instead of fp32 rounding. Rows that take the native kernels (decode, small batches: on the CPU
-    up to NATIVE_MAX_M_BF16, on a GPU the GEMV's) are unaffected.
+    up to kernel_constants()["native_max_m_bf16"], on a GPU the GEMV's) are unaffected.
 
     ``gemm_dtype=torch.int8`` (CPU only) quantizes x to int8 on the fly, one scale per row and 128
     elements of K, and multiplies with integer dot products, for K a multiple of 128 (other K run
@@ -128,7 +116,7 @@ def qlinear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None
     y = torch.empty((m, n), dtype=torch.float32, device=x.device)
     native_gelu = False
     if m > 0 and n > 0:
-        bf16_gemm = gemm_dtype == torch.bfloat16 and m > NATIVE_MAX_M_BF16
+        bf16_gemm = gemm_dtype == torch.bfloat16 and m > _kernel_constants()["native_max_m_bf16"]
         int8_gemm = gemm_dtype == torch.int8
         native = (m <= native_max_m_cpu() and not bf16_gemm) or int8_gemm
         native_gelu = activation == "gelu_new" and native  # the CPU kernels apply it
@@ -146,9 +134,17 @@ def int8_activation_min_rows() -> int:
     return _native.cpu().int8_activation_min_rows()
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel_constants() -> dict:
+    """The CPU kernels' path limits, from csrc/cpu/kernel_constants.h (the one place they live)."""
+    return _native.cpu().kernel_constants()
+
+
 def native_max_m_cpu() -> int:
     """Largest M that qlinear sends to the native CPU kernel with the ISA active now."""
-    return NATIVE_MAX_M_CPU.get(_native.cpu().active_isa(), NATIVE_MAX_M_CPU_DEFAULT)
+    constants = _kernel_constants()
+    isa = constants["isa"].get(_native.cpu().active_isa())
+    return isa["native_max_m"] if isa else constants["native_max_m_scalar"]
 
 
 def dequantize(qweight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -16,7 +16,19 @@ inline constexpr double kTwoLimbFactor = 544.0;
 // The limb GEMVs' unit of work along K: one 128-element chunk, 64 bytes of int4 weights.
 inline constexpr int64_t kLimbChunk = 128;
 
+// Rows of x up to which qlinear runs the native kernels on the scalar build; more take
+// dequantize + torch's GEMM there (its FMA kernels are compute-bound sooner). The AVX2 and AVX-512
+// builds have no limit (Isa::native_max_m): their blocked GEMM beats torch's fp32 GEMM on
+// dequantized weights at every M measured (docs/cpu-kernels.md, "Which kernel takes a call").
+inline constexpr int64_t kNativeMaxMScalar = 16;
+// With gemm_dtype=bfloat16, rows beyond this take torch's bf16 GEMM, faster there than the native
+// fp32 kernels where the CPU multiplies bf16 natively (AVX-512 BF16).
+inline constexpr int64_t kNativeMaxMBf16 = 64;
+inline constexpr int64_t kNoLimit = INT64_MAX;
+
 struct Isa {
+  // Rows of x up to which qlinear runs the native kernels (kNoLimit: every M).
+  int64_t native_max_m;
   // Rows of x (M) up to which the integer limb GEMVs run instead of the fp32 kernels; 0: never.
   int64_t limb_max_m_int8, limb_max_m_int4;
   // The blocked GEMM's tile (qlinear_gemm.h): rows of x per tile (its lanes) and weight rows.
@@ -25,8 +37,8 @@ struct Isa {
 
 // AVX-512: the VNNI GEMVs pay one vpdpbusd per limb for every 64 products of a row of x, the fp32
 // ones one FMA per 16, so integer wins for few rows only (docs/cpu-kernels.md has the figures).
-inline constexpr Isa kAvx512{1, 3, 32, 12};
+inline constexpr Isa kAvx512{kNoLimit, 1, 3, 32, 12};
 // AVX2: int4 at M = 1 runs on limbs and vpmaddubsw; int8 keeps the fp32 kernels.
-inline constexpr Isa kAvx2{0, 1, 16, 5};
+inline constexpr Isa kAvx2{kNoLimit, 0, 1, 16, 5};
 
 }  // namespace cgq::cpu::kernel_constants
