@@ -17,9 +17,9 @@ def row(shape, m, impl, us, pct_bw=0.0):
     return {"shape": shape, "K": 4096, "N": 16384, "M": m, "impl": impl, "us": us, "%bw": pct_bw}
 
 
-def run_targets(tmp_path, rows):
+def run_targets(tmp_path, rows, wrong=()):
     path = tmp_path / "bench.json"
-    path.write_text(json.dumps({"device": "test GPU", "read_bandwidth_GBs": 4000.0, "rows": rows}))
+    path.write_text(json.dumps({"device": "test GPU", "read_bandwidth_GBs": 4000.0, "rows": rows, "wrong": list(wrong)}))
     out = tmp_path / "targets.json"
     proc = subprocess.run([sys.executable, os.path.join(TOOLS, "gpu_targets.py"), str(path), "--json", str(out)],
                           capture_output=True, text=True)
@@ -53,6 +53,17 @@ def test_targets_judge_each_rule(tmp_path):
         ("speed-up over fp16 at M = 512", 512, "codegen-q int8"): False,       # 0.79
     }
     assert "3 of 8 targets met" in proc.stdout
+
+
+def test_a_wrong_result_is_a_failed_target(tmp_path):
+    # The benchmark does not time a kernel whose output fails its check; the table says so.
+    rows = [row("6B fc_in", 16, "torch fp16 linear", 60.0), row("6B fc_in", 16, "codegen-q int8", 30.0)]
+    wrong = [{"shape": "6B fc_in", "M": 16, "impl": "codegen-q int4 g128"}]
+    proc, targets = run_targets(tmp_path, rows, wrong)
+    assert proc.returncode == 0, proc.stderr
+    assert {"target": "correct result", "shape": "6B fc_in", "M": 16, "impl": "codegen-q int4 g128", "value": 0.0,
+            "limit": 1.0, "passed": False} in targets
+    assert "1 of 2 targets met" in proc.stdout
 
 
 def test_an_empty_benchmark_is_an_error(tmp_path):

@@ -19,14 +19,19 @@ import sys
 INT8, INT4, FP16, INT4PACK = "codegen-q int8", "codegen-q int4 g128", "torch fp16 linear", "torch int4pack_mm g128"
 
 
-def judge(rows: list[dict]) -> list[dict]:
-    """Every target the rows can decide, as dicts (target, shape, M, impl, value, limit, passed)."""
+def judge(rows: list[dict], wrong: list[dict] = ()) -> list[dict]:
+    """Every target the rows can decide, as dicts (target, shape, M, impl, value, limit, passed);
+    each result in `wrong` (shape, M, impl: it failed the benchmark's correctness check and was
+    not timed) is a failed "correct result" target first."""
     by = {(r["shape"], r["M"], r["impl"]): r for r in rows}
     out = []
 
     def add(target, shape, m, impl, value, limit):
         out.append({"target": target, "shape": shape, "M": m, "impl": impl, "value": value, "limit": limit,
                     "passed": value >= limit})
+
+    for w in wrong:
+        add("correct result", w["shape"], w["M"], w["impl"], 0.0, 1.0)
 
     for shape, m in sorted({(r["shape"], r["M"]) for r in rows}, key=lambda t: (t[0], t[1])):
         fp16 = by.get((shape, m, FP16))
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"gpu_targets: {args.bench_json} holds no benchmark rows", file=sys.stderr)
         return 2
-    results = judge(rows)
+    results = judge(rows, bench.get("wrong", []))
     print(f"{bench.get('device', 'unknown device')}: read bandwidth {bench.get('read_bandwidth_GBs', 0):.0f} GB/s")
     print(format_table(results))
     if args.json:
