@@ -72,13 +72,14 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("bits"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("N"),
       py::arg("K"), py::arg("out"), py::arg("out_type"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 
-  // The attention-side ops: the CPU bindings' parameters, in the same order, plus the stream.
+  // The attention-side ops: the CPU bindings' parameters, in the same order, plus (paged_attention)
+  // the workspace, and the stream.
   m.def(
       "paged_attention",
       [](uintptr_t q, int64_t q_stride, uintptr_t k_cache, uintptr_t v_cache, uintptr_t block_tables,
          int64_t n_table_rows, uintptr_t query_rows, uintptr_t lengths, uintptr_t out, int64_t n_query,
          int64_t n_head, int64_t head_dim, int64_t block_size, int64_t max_blocks, int64_t num_blocks, float scale,
-         int kv_type, uintptr_t k_scales, uintptr_t v_scales, uintptr_t stream) {
+         int kv_type, uintptr_t k_scales, uintptr_t v_scales, uintptr_t workspace, uintptr_t stream) {
         cgq::AttentionArgs a;
         a.q = ptr<const float>(q), a.q_stride = q_stride;
         a.k_cache = ptr<const void>(k_cache), a.v_cache = ptr<const void>(v_cache);
@@ -88,13 +89,23 @@ PYBIND11_MODULE(_C_cuda, m) {
         a.query_rows = ptr<const int32_t>(query_rows), a.lengths = ptr<const int32_t>(lengths);
         a.out = ptr<float>(out), a.n_query = n_query, a.n_head = n_head, a.head_dim = head_dim;
         a.block_size = block_size, a.max_blocks = max_blocks, a.num_blocks = num_blocks, a.scale = scale;
-        cgq::cuda::paged_attention(a, stream);
+        cgq::cuda::paged_attention(a, ptr<float>(workspace), stream);
       },
       py::arg("q"), py::arg("q_stride"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
       py::arg("n_table_rows"), py::arg("query_rows"), py::arg("lengths"), py::arg("out"), py::arg("n_query"),
       py::arg("n_head"), py::arg("head_dim"), py::arg("block_size"), py::arg("max_blocks"), py::arg("num_blocks"),
-      py::arg("scale"), py::arg("kv_type"), py::arg("k_scales"), py::arg("v_scales"), py::arg("stream"),
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("scale"), py::arg("kv_type"), py::arg("k_scales"), py::arg("v_scales"), py::arg("workspace"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "attention_workspace_floats",
+      [](int64_t n_query, int64_t n_head, int64_t head_dim, int64_t block_size, int64_t max_blocks) {
+        cgq::AttentionArgs a;
+        a.n_query = n_query, a.n_head = n_head, a.head_dim = head_dim, a.block_size = block_size;
+        a.max_blocks = max_blocks;
+        return cgq::cuda::attention_workspace_floats(a);
+      },
+      py::arg("n_query"), py::arg("n_head"), py::arg("head_dim"), py::arg("block_size"), py::arg("max_blocks"),
+      "Floats of the workspace paged_attention needs for these sizes (0: none).");
   m.def(
       "rotary_kv_append",
       [](uintptr_t qkv, int64_t T, int64_t n_head, int64_t head_dim, int64_t rotary_dim, uintptr_t positions,
@@ -117,6 +128,7 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("num_blocks"), py::arg("kv_type"), py::arg("k_scales"), py::arg("v_scales"), py::arg("stream"),
       py::call_guard<py::gil_scoped_release>());
   m.attr("MAX_ATTENTION_HEAD_DIM") = cgq::cuda::kMaxAttentionHeadDim;
+  m.attr("ATTENTION_PARTITION") = cgq::cuda::kAttentionPartition;
 
   m.def("devices", [] {
     std::string error;

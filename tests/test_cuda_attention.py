@@ -151,17 +151,19 @@ def test_cuda_bad_block_id_gives_nan_not_a_fault():
     assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
 
 
-def test_cuda_paged_attention_is_graph_capturable():
+@pytest.mark.parametrize("longest", [40, 1500], ids=["one-partition", "split"])
+def test_cuda_paged_attention_is_graph_capturable(longest):
     # A decode step replays a CUDA graph: lengths and tables are read from device memory, so new
-    # values in the same tensors give the new result on replay.
-    q, k_cache, v_cache, tables, lengths = _scattered_cache(64, torch.float16, [40, 7], seed=8)
+    # values in the same tensors give the new result on replay (1500: partitions and their merge,
+    # the workspace taken from torch's allocator inside the capture).
+    q, k_cache, v_cache, tables, lengths = _scattered_cache(64, torch.float16, [longest, 7], seed=8)
     q, k_cache, v_cache, tables, lengths = (t.cuda() for t in (q, k_cache, v_cache, tables, lengths))
     paged_attention(q, k_cache, v_cache, tables, lengths, 0.125)  # warm-up outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = paged_attention(q, k_cache, v_cache, tables, lengths, 0.125)
-    lengths.copy_(torch.tensor([41, 9], dtype=torch.int32))
+    lengths.copy_(torch.tensor([longest - 3, 9], dtype=torch.int32))
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, paged_attention(q, k_cache, v_cache, tables, lengths, 0.125))

@@ -33,11 +33,12 @@ def test_cuda_module_imports_without_a_gpu():
     assert parameters(module.dequantize) == ["bits", "qweight", "scales", "zeros", "group_size", "N", "K", "out",
                                              "out_type", "stream"]
     assert parameters(module.qlinear_kernel) == ["M", "K", "bits", "act", "arch", "x", "qweight"]
-    # The attention-side ops take the CPU ops' parameters, in the same order, plus the stream.
+    # The attention-side ops take the CPU ops' parameters, in the same order, plus the stream (and
+    # paged_attention its workspace).
     from codegen_q.kernels import native
 
-    for op in ("paged_attention", "rotary_kv_append"):
-        assert parameters(getattr(module, op)) == parameters(getattr(native.cpu(), op)) + ["stream"], op
+    assert parameters(module.paged_attention) == parameters(native.cpu().paged_attention) + ["workspace", "stream"]
+    assert parameters(module.rotary_kv_append) == parameters(native.cpu().rotary_kv_append) + ["stream"]
     assert re.fullmatch(r"\d+\.\d+(\.\d+)?", module.compiler_version), module.compiler_version
     devices, reason = module.devices()
     assert [d["index"] for d in devices] == list(range(len(devices)))
@@ -75,6 +76,17 @@ def test_qlinear_kernel_choice(bits):
                                 want = kernel.MMA if mma else kernel.DEQUANT_GEMM
                             got = module.qlinear_kernel(m, k, bits, act, arch, x, w)
                             assert got == want, (m, k, bits, act, arch, x % 16, w % 16)
+
+
+def test_attention_workspace_only_for_tables_longer_than_a_partition():
+    # paged_attention splits a table longer than ATTENTION_PARTITION positions over several blocks
+    # whose partials (max, sum, head_dim values) meet in a workspace; shorter tables need none.
+    module = cuda_module()
+    part = module.ATTENTION_PARTITION
+    block = 16
+    assert module.attention_workspace_floats(3, 16, 64, block, part // block) == 0
+    assert module.attention_workspace_floats(3, 16, 64, block, part // block + 1) == 3 * 16 * 2 * (64 + 2)
+    assert module.attention_workspace_floats(5, 32, 80, block, 2048 // block) == 5 * 32 * (2048 // part) * 82
 
 
 def test_half_chain_length_is_what_the_bound_assumes():

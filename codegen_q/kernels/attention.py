@@ -112,8 +112,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                 out.data_ptr(), t, h, d, block_size, block_tables.shape[1], num_blocks, float(scale), kv_type,
                 k_scales_ptr, v_scales_ptr)
         if device.type == "cuda":
+            module = _native.cuda_required()
+            # Long tables are split over several blocks whose partial softmaxes meet in a workspace.
+            floats = module.attention_workspace_floats(t, h, d, block_size, block_tables.shape[1])
+            workspace = torch.empty(floats, dtype=torch.float32, device=device) if floats else None
             with torch.cuda.device(device):
-                _native.cuda_required().paged_attention(*args, torch.cuda.current_stream(device).cuda_stream)
+                module.paged_attention(*args, 0 if workspace is None else workspace.data_ptr(),
+                                       torch.cuda.current_stream(device).cuda_stream)
         else:
             _native.cpu().paged_attention(*args)
     return out

@@ -8,10 +8,13 @@
 //
 // rotary_kv_append: one warp per (token, head): the interleaved rotary pairs of q and k in
 //   place, then k and v into the token's cache slot (int8: a warp-wide max, then the codes).
-// paged_attention: one block of 4 warps per (query, head), each warp walking every 4th position
-//   with an online softmax in fp32 (the score's dot product spread over the lanes, one element
-//   in 32 each), the 4 partial results merged at the end. One pass: no split of long contexts
-//   over several blocks yet.
+// paged_attention: one block of 4 warps per (query, head, partition of kAttentionPartition
+//   positions), each warp walking every 4th position of its partition with an online softmax in
+//   fp32 (the score's dot product spread over the lanes, one element in 32 each), the 4 partial
+//   results merged at the end. Where the table allows one partition only, that is the output;
+//   otherwise (flash-decoding) each block writes its partial (max, sum, weighted values) to a
+//   workspace and a second kernel merges a query's partitions, so a long context keeps many
+//   blocks busy instead of one per head.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -114,8 +117,10 @@ __global__ void rotary_kv_append_kernel(RotaryAppendArgs a) {
   }
 }
 
-__global__ void paged_attention_kernel(AttentionArgs a) {
-  const int64_t i = blockIdx.x, h = blockIdx.y;
+// One (query, head, partition). With workspace == nullptr (one partition) it writes the output;
+// otherwise its partial: workspace row (i * H + h) * parts + part = [max, sum, values[D]].
+__global__ void paged_attention_kernel(AttentionArgs a, float* workspace) {
+  const int64_t i = blockIdx.x, h = blockIdx.y, part = blockIdx.z, parts = gridDim.z;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t H = a.n_head, D = a.head_dim, row = H * D;
   const int64_t q_stride = a.q_stride ? a.q_stride : row;
@@ -125,10 +130,19 @@ __global__ void paged_attention_kernel(AttentionArgs a) {
   __shared__ float part_acc[kAttentionWarps][kMaxAttentionHeadDim];
   __shared__ int bad;
 
+  float* partial = workspace ? workspace + ((i * H + h) * parts + part) * (D + 2) : nullptr;
   const int64_t seq = a.query_rows ? a.query_rows[i] : i;
   const int64_t length = a.lengths[i];
   if (seq < 0 || seq >= a.n_table_rows || length < 1 || length > a.max_blocks * a.block_size) {
-    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) out[d] = NAN;
+    float* dst = partial ? partial + 2 : out;  // a partial of NaN values makes the merged output NaN
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) dst[d] = NAN;
+    if (partial && threadIdx.x == 0) partial[0] = 0.0f, partial[1] = 1.0f;
+    return;
+  }
+  const int64_t first = part * kAttentionPartition;
+  const int64_t last = length < first + kAttentionPartition ? length : first + kAttentionPartition;
+  if (first >= last) {  // past this query's length: an empty partial (weight 0 in the merge)
+    if (partial && threadIdx.x == 0) partial[0] = -INFINITY, partial[1] = 0.0f;
     return;
   }
   if (threadIdx.x == 0) bad = 0;
@@ -137,7 +151,7 @@ __global__ void paged_attention_kernel(AttentionArgs a) {
 
   const int32_t* table = a.block_tables + seq * a.max_blocks;
   float m = -INFINITY, l = 0.0f, acc[kMaxPerLane] = {};
-  for (int64_t p = warp; p < length; p += kAttentionWarps) {
+  for (int64_t p = first + warp; p < last; p += kAttentionWarps) {
     const int32_t block = table[p / a.block_size];
     if (block < 0 || block >= a.num_blocks) {
       bad = 1;  // the same value from any thread: a benign race
@@ -173,7 +187,9 @@ __global__ void paged_attention_kernel(AttentionArgs a) {
   }
   __syncthreads();
   if (bad) {
-    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) out[d] = NAN;
+    float* dst = partial ? partial + 2 : out;
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) dst[d] = NAN;
+    if (partial && threadIdx.x == 0) partial[0] = 0.0f, partial[1] = 1.0f;
     return;
   }
   // Merge the warps' partial softmaxes (a warp with no position has m = -inf and weighs 0).
@@ -187,6 +203,33 @@ __global__ void paged_attention_kernel(AttentionArgs a) {
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     float o = 0.0f;
     for (int w = 0; w < kAttentionWarps; ++w) o += part_acc[w][d] * weights[w];
+    if (partial) {
+      partial[2 + d] = o;  // unnormalised: the merge divides by the summed weights
+    } else {
+      out[d] = o / l_all;
+    }
+  }
+  if (partial && threadIdx.x == 0) partial[0] = m_all, partial[1] = l_all;
+}
+
+// Merges the partitions of one (query, head): out = sum_p e^(m_p - M) o_p / sum_p e^(m_p - M) l_p.
+__global__ void merge_partitions_kernel(AttentionArgs a, const float* __restrict__ workspace, int64_t parts) {
+  const int64_t i = blockIdx.x, h = blockIdx.y, H = a.n_head, D = a.head_dim;
+  const float* partial = workspace + (i * H + h) * parts * (D + 2);
+  float m_all = -INFINITY;
+  for (int64_t p = 0; p < parts; ++p) m_all = fmaxf(m_all, partial[p * (D + 2)]);
+  float l_all = 0.0f;
+  for (int64_t p = 0; p < parts; ++p) {
+    const float l = partial[p * (D + 2) + 1];
+    if (l > 0.0f) l_all += l * expf(partial[p * (D + 2)] - m_all);
+  }
+  float* out = a.out + i * H * D + h * D;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    float o = 0.0f;
+    for (int64_t p = 0; p < parts; ++p) {
+      const float l = partial[p * (D + 2) + 1];
+      if (l > 0.0f) o += partial[p * (D + 2) + 2 + d] * expf(partial[p * (D + 2)] - m_all);
+    }
     out[d] = o / l_all;
   }
 }
@@ -215,7 +258,17 @@ void rotary_kv_append(const RotaryAppendArgs& a, uintptr_t stream) {
   throw_if_error(cudaGetLastError(), "rotary_kv_append launch");
 }
 
-void paged_attention(const AttentionArgs& a, uintptr_t stream) {
+int64_t attention_partitions(const AttentionArgs& a) {
+  const int64_t longest = a.max_blocks * a.block_size;
+  return (longest + kAttentionPartition - 1) / kAttentionPartition;
+}
+
+int64_t attention_workspace_floats(const AttentionArgs& a) {
+  const int64_t parts = attention_partitions(a);
+  return parts > 1 ? a.n_query * a.n_head * parts * (a.head_dim + 2) : 0;
+}
+
+void paged_attention(const AttentionArgs& a, float* workspace, uintptr_t stream) {
   if (a.n_query < 0 || a.n_head <= 0 || a.head_dim <= 0 || a.block_size <= 0 || a.max_blocks <= 0 ||
       a.num_blocks <= 0 || a.n_table_rows <= 0)
     throw std::invalid_argument("paged_attention: sizes must be positive");
@@ -226,12 +279,22 @@ void paged_attention(const AttentionArgs& a, uintptr_t stream) {
     throw std::invalid_argument("paged_attention: null pointer");
   if (a.q_stride && a.q_stride < a.n_head * a.head_dim)
     throw std::invalid_argument("paged_attention: q rows overlap (q_stride below n_head * head_dim)");
-  if (a.n_head > 65535) throw std::invalid_argument("paged_attention: at most 65535 heads");
+  if (a.n_head > 65535 || a.n_query > 2147483647) throw std::invalid_argument("paged_attention: too many heads or queries");
   check_kv(a.kv_type, a.k_scales, a.v_scales);
   if (a.n_query == 0) return;
-  paged_attention_kernel<<<dim3(static_cast<unsigned>(a.n_query), static_cast<unsigned>(a.n_head)),
-                           kAttentionWarps * 32, 0, as_stream(stream)>>>(a);
+  const int64_t parts = attention_partitions(a);
+  if (parts > 1 && !workspace)
+    throw std::invalid_argument("paged_attention: a table longer than one partition needs a workspace of "
+                                "attention_workspace_floats floats");
+  if (parts > 65535) throw std::invalid_argument("paged_attention: block table too long");
+  const dim3 grid(static_cast<unsigned>(a.n_query), static_cast<unsigned>(a.n_head), static_cast<unsigned>(parts));
+  paged_attention_kernel<<<grid, kAttentionWarps * 32, 0, as_stream(stream)>>>(a, parts > 1 ? workspace : nullptr);
   throw_if_error(cudaGetLastError(), "paged_attention launch");
+  if (parts > 1) {
+    merge_partitions_kernel<<<dim3(static_cast<unsigned>(a.n_query), static_cast<unsigned>(a.n_head)), 128, 0,
+                              as_stream(stream)>>>(a, workspace, parts);
+    throw_if_error(cudaGetLastError(), "paged_attention (merge) launch");
+  }
 }
 
 }  // namespace cgq::cuda

@@ -49,7 +49,12 @@ void dequantize(const DequantizeArgs& a, uintptr_t stream);
 // The attention-side ops (attention_cuda.cu), the CPU twins' structs and meaning; head_dim up to
 // kMaxAttentionHeadDim (CodeGen's 64, 80 and 256 included).
 constexpr int64_t kMaxAttentionHeadDim = 256;
-void paged_attention(const AttentionArgs& a, uintptr_t stream);
+// Positions per block of paged_attention: a table longer than this is split over several blocks
+// whose partial softmaxes meet in a workspace of attention_workspace_floats(a) floats (0: none
+// needed), which the caller allocates (torch's allocator, so the call can be graph-captured).
+constexpr int64_t kAttentionPartition = 512;
+int64_t attention_workspace_floats(const AttentionArgs& a);
+void paged_attention(const AttentionArgs& a, float* workspace, uintptr_t stream);
 void rotary_kv_append(const RotaryAppendArgs& a, uintptr_t stream);
 
 struct DeviceInfo {
