@@ -200,7 +200,8 @@ def test_float16_activations_are_refused_on_the_cpu(dirs):
 def test_cuda_runtime_with_fp16_activations(dirs, kind):
     # fp16 activations end to end on the GPU (half2 GEMV, fp16 tiles + cuBLAS for the prompt,
     # fp16 KV): logits within a stated 1 % of the largest CPU fp32 logit, and greedy text runs.
-    cpu, gpu = load(dirs[kind], device="cpu", kv_dtype="float32"), load(dirs[kind], device="cuda", dtype="float16")
+    cpu = load(dirs[kind], device="cpu", kv_dtype="float32", prefill_dtype="float32")
+    gpu = load(dirs[kind], device="cuda", dtype="float16")
     assert gpu.model.dtype == torch.float16 and gpu.model.kv_dtype == torch.float16
     ids = torch.tensor(cpu.tokenizer.encode("def fib(n):\n    if n < 2:\n        return n"))
     logits = []
@@ -221,7 +222,7 @@ def test_cuda_runtime_with_int8_kv(dirs):
     # An int8 KV cache on the GPU runs rotary/append and attention on the CUDA twins of the CPU
     # kernels: the same storing rule, so logits match the CPU's int8-KV run to within a stated
     # 1 % of the largest (the projections' fp32 sums differ in order, and a code may round apart).
-    cpu = load(dirs["int4"], device="cpu", kv_dtype="int8")
+    cpu = load(dirs["int4"], device="cpu", kv_dtype="int8", prefill_dtype="float32")
     gpu = load(dirs["int4"], device="cuda", kv_dtype="int8")
     assert gpu.model.kv_dtype == torch.int8
     ids = torch.tensor(cpu.tokenizer.encode("def fib(n):\n    if n < 2:\n        return n"))
@@ -240,9 +241,11 @@ def test_cuda_runtime_with_int8_kv(dirs):
 @pytest.mark.skipif(not CUDA_USABLE, reason="no usable CUDA device (needs a GPU, a driver and the CUDA build)")
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_cuda_runtime_matches_cpu(dirs, kind):
-    # Same checkpoint on both devices: fp32 everywhere, different summation orders (CUDA GEMV and
-    # torch attention vs the fused CPU step), so logits agree to fp32 rounding and greedy text is equal.
-    cpu, gpu = load(dirs[kind], device="cpu", kv_dtype="float32"), load(dirs[kind], device="cuda")
+    # Same checkpoint on both devices: fp32 everywhere (the CPU's int8 prompt activations, its
+    # default, turned off), different summation orders (CUDA GEMV and torch attention vs the fused
+    # CPU step), so logits agree to fp32 rounding and greedy text is equal.
+    cpu = load(dirs[kind], device="cpu", kv_dtype="float32", prefill_dtype="float32")
+    gpu = load(dirs[kind], device="cuda")
     assert gpu.model.device.type == "cuda"
     assert gpu.model.layers[0]["qkv"].weight.device.type == "cuda"
     ids = torch.tensor(cpu.tokenizer.encode("def fib(n):\n    if n < 2:\n        return n"))
