@@ -177,8 +177,10 @@ class CodeGenModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: Sequence[torch.Tensor], cache: PagedKVCache, seq_ids: Sequence[int],
-                last_only: bool = True, on_layer: Callable[[int, int], None] | None = None) -> list[torch.Tensor]:
-        """Run the new tokens of each sequence; returns fp32 CPU logits per sequence, [1 or n_new, vocab].
+                last_only: bool = True, on_layer: Callable[[int, int], None] | None = None,
+                logits_on_device: bool = False) -> list[torch.Tensor]:
+        """Run the new tokens of each sequence; returns fp32 CPU logits per sequence, [1 or n_new, vocab]
+        (left on the model's device with ``logits_on_device``, for a caller that reduces them there).
 
         Each sequence continues from its length in `cache`; the cache is extended by its tokens.
         On an error (e.g. the cache is full) the cache is left as it was. ``on_layer(done, total)``,
@@ -244,7 +246,8 @@ class CodeGenModel:
         out, offset = [], 0
         for n in counts:
             rows = h[offset + n - 1: offset + n] if last_only else h[offset:offset + n]
-            out.append(self.lm_head(rows).float().cpu())  # sampling runs on the CPU
+            logits = self.lm_head(rows).float()
+            out.append(logits if logits_on_device else logits.cpu())  # sampling runs on the CPU
             offset += n
         return out
 
@@ -266,8 +269,9 @@ class CodeGenModel:
         self._check_context([cache.length(s) for s in seq_ids], [1] * len(seq_ids))
         if self._can_fuse(cache) and self.fused.has_head:
             return self._fused_step(cache, seq_ids, token_ids, greedy_rows=vocab_limit)[2]
-        logits = self.forward([torch.tensor([t]) for t in token_ids], cache, seq_ids)
-        return [int(torch.argmax(lg[-1, :vocab_limit])) for lg in logits]
+        # On a GPU the argmax runs there: one small copy of the picks instead of every vocab row.
+        logits = self.forward([torch.tensor([t]) for t in token_ids], cache, seq_ids, logits_on_device=True)
+        return torch.stack([torch.argmax(lg[-1, :vocab_limit]) for lg in logits]).tolist()
 
     def _check_token_ids(self, token_ids: Sequence[int]) -> None:
         rows = self.wte.shape[0]
