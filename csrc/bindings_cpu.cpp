@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "common/raw_args.h"
 #include "common/thread_pool.h"
 #include "cpu/decode_step.h"
 #include "cpu/dispatch.h"
@@ -137,16 +138,11 @@ PYBIND11_MODULE(_C_cpu, m) {
          int64_t n_table_rows, uintptr_t query_rows, uintptr_t lengths, uintptr_t out, int64_t n_query,
          int64_t n_head, int64_t head_dim, int64_t block_size, int64_t max_blocks, int64_t num_blocks, float scale,
          int kv_type, uintptr_t k_scales, uintptr_t v_scales) {
-        cgq::AttentionArgs a;
-        a.q = ptr<const float>(q), a.q_stride = q_stride;
-        a.k_cache = ptr<const void>(k_cache), a.v_cache = ptr<const void>(v_cache);
-        a.kv_type = static_cast<cgq::KVType>(kv_type);  // checked by the op
-        a.k_scales = ptr<const uint16_t>(k_scales), a.v_scales = ptr<const uint16_t>(v_scales);
-        a.block_tables = ptr<const int32_t>(block_tables), a.n_table_rows = n_table_rows;
-        a.query_rows = ptr<const int32_t>(query_rows), a.lengths = ptr<const int32_t>(lengths);
-        a.out = ptr<float>(out), a.n_query = n_query, a.n_head = n_head, a.head_dim = head_dim;
-        a.block_size = block_size, a.max_blocks = max_blocks, a.num_blocks = num_blocks, a.scale = scale;
-        cgq::cpu::paged_attention(a);
+        const cgq::AttentionArgs a =
+            cgq::attention_args(q, q_stride, k_cache, v_cache, block_tables, n_table_rows, query_rows, lengths, out,
+                                n_query, n_head, head_dim, block_size, max_blocks, num_blocks, scale, kv_type,
+                                k_scales, v_scales);
+cgq::cpu::paged_attention(a);
       },
       py::arg("q"), py::arg("q_stride"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
       py::arg("n_table_rows"), py::arg("query_rows"), py::arg("lengths"), py::arg("out"), py::arg("n_query"),
@@ -159,15 +155,11 @@ PYBIND11_MODULE(_C_cpu, m) {
          uintptr_t sin, uintptr_t cos, int64_t n_positions, uintptr_t slot_blocks, uintptr_t slot_offsets,
          uintptr_t k_cache, uintptr_t v_cache, int64_t block_size, int64_t num_blocks, int kv_type,
          uintptr_t k_scales, uintptr_t v_scales) {
-        cgq::RotaryAppendArgs a;
-        a.qkv = ptr<float>(qkv), a.T = T, a.n_head = n_head, a.head_dim = head_dim, a.rotary_dim = rotary_dim;
-        a.positions = ptr<const int32_t>(positions), a.sin = ptr<const float>(sin), a.cos = ptr<const float>(cos);
-        a.n_positions = n_positions, a.slot_blocks = ptr<const int32_t>(slot_blocks);
-        a.slot_offsets = ptr<const int32_t>(slot_offsets), a.k_cache = ptr<void>(k_cache);
-        a.v_cache = ptr<void>(v_cache), a.block_size = block_size, a.num_blocks = num_blocks;
-        a.kv_type = static_cast<cgq::KVType>(kv_type);  // checked by the op
-        a.k_scales = ptr<uint16_t>(k_scales), a.v_scales = ptr<uint16_t>(v_scales);
-        cgq::cpu::rotary_kv_append(a);
+        const cgq::RotaryAppendArgs a =
+            cgq::rotary_append_args(qkv, T, n_head, head_dim, rotary_dim, positions, sin, cos, n_positions,
+                                    slot_blocks, slot_offsets, k_cache, v_cache, block_size, num_blocks, kv_type,
+                                    k_scales, v_scales);
+cgq::cpu::rotary_kv_append(a);
       },
       py::arg("qkv"), py::arg("T"), py::arg("n_head"), py::arg("head_dim"), py::arg("rotary_dim"),
       py::arg("positions"), py::arg("sin"), py::arg("cos"), py::arg("n_positions"), py::arg("slot_blocks"),

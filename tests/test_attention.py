@@ -8,6 +8,7 @@ import torch
 
 from codegen_q.kernels.attention import paged_attention, rotary_kv_append
 from codegen_q.testing import reference
+from attention_support import causal_prefill_problem, rotary_append_problem
 
 
 # CodeGen's head dims (64, 80, 256) and 128 run code compiled for that size; 40 and 48 the code for
@@ -66,16 +67,7 @@ def test_causal_prefill_with_strided_q_matches_reference(cpu_isa, head_dim):
     # Two sequences take new tokens at once (3 after 14 cached, 20 from scratch): query i attends
     # to its own sequence up to its own position, nothing later. q is the q part of a fused
     # [T, 3, H, D] projection, as the model passes it (rows 3 * H * D floats apart).
-    g = torch.Generator().manual_seed(head_dim + 1)
-    n_head, block, num_blocks = 2, 16, 12
-    starts, counts = [14, 0], [3, 20]
-    tables = torch.tensor([[7, 2, 0], [5, 9, 11]], dtype=torch.int32)
-    k_cache = torch.randn(num_blocks, block, n_head, head_dim, generator=g)
-    v_cache = torch.randn(num_blocks, block, n_head, head_dim, generator=g)
-    qkv = torch.randn(sum(counts), 3, n_head, head_dim, generator=g) * 0.5
-    query_rows = torch.tensor([0] * counts[0] + [1] * counts[1], dtype=torch.int32)
-    positions = torch.cat([torch.arange(st, st + n) for st, n in zip(starts, counts)])
-    lengths = (positions + 1).to(torch.int32)
+    qkv, k_cache, v_cache, tables, query_rows, lengths, counts = causal_prefill_problem(head_dim, head_dim + 1)
     scale = head_dim ** -0.5
     out = paged_attention(qkv[:, 0], k_cache, v_cache, tables, lengths, scale, query_rows)
     ref = reference.paged_attention(qkv[:, 0], k_cache, v_cache, tables[query_rows.long()], lengths, scale)
@@ -91,18 +83,12 @@ def test_causal_prefill_with_strided_q_matches_reference(cpu_isa, head_dim):
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("head_dim,rotary_dim", [(64, 32), (80, 64), (256, 64), (16, 16)])
 def test_rotary_kv_append_matches_reference(cpu_isa, head_dim, rotary_dim, kv_dtype):
-    from codegen_q.model.codegen import rotary_tables
-
-    g = torch.Generator().manual_seed(head_dim * 3 + rotary_dim)
-    n_head, block, num_blocks, n_positions = 3, 16, 6, 300
-    sin, cos = rotary_tables(n_positions, rotary_dim)
-    positions = torch.tensor([0, 1, 17, 255, 299], dtype=torch.int32)
-    slot_blocks = torch.tensor([4, 4, 0, 2, 5], dtype=torch.int32)
-    slot_offsets = torch.tensor([0, 15, 3, 9, 1], dtype=torch.int32)
-    qkv = torch.randn(len(positions), 3, n_head, head_dim, generator=g)
+    qkv, positions, slot_blocks, slot_offsets, sin, cos, shape = rotary_append_problem(
+        head_dim, rotary_dim, head_dim * 3 + rotary_dim)
+    num_blocks, block = shape[:2]
     original = qkv.clone()
-    k_cache = torch.full((num_blocks, block, n_head, head_dim), float("nan"), dtype=kv_dtype)
-    v_cache = torch.full((num_blocks, block, n_head, head_dim), float("nan"), dtype=kv_dtype)
+    k_cache = torch.full(shape, float("nan"), dtype=kv_dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=kv_dtype)
     rotary_kv_append(qkv, positions, sin, cos, slot_blocks, slot_offsets, k_cache, v_cache, rotary_dim)
     q_ref = reference.rotary(original[:, 0], positions, rotary_dim)
     k_ref = reference.rotary(original[:, 1], positions, rotary_dim)

@@ -9,6 +9,7 @@ import torch
 
 from codegen_q.kernels.attention import paged_attention, rotary_kv_append
 from codegen_q.testing import reference
+from attention_support import causal_prefill_problem, rotary_append_problem
 from support import CUDA_USABLE
 
 pytestmark = pytest.mark.skipif(not CUDA_USABLE,
@@ -92,17 +93,11 @@ def test_cuda_int8_cache_bytes_equal_the_cpu_rule_and_attention_agrees():
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("head_dim,rotary_dim", [(64, 32), (80, 64), (256, 64)])
 def test_cuda_rotary_kv_append_matches_reference(head_dim, rotary_dim, kv_dtype):
-    from codegen_q.model.codegen import rotary_tables
-
-    g = torch.Generator().manual_seed(head_dim + rotary_dim)
-    n_head, block, num_blocks, n_positions = 3, 16, 6, 300
-    sin, cos = rotary_tables(n_positions, rotary_dim)
-    positions = torch.tensor([0, 1, 17, 255, 299], dtype=torch.int32)
-    slot_blocks = torch.tensor([4, 4, 0, 2, 5], dtype=torch.int32)
-    slot_offsets = torch.tensor([0, 15, 3, 9, 1], dtype=torch.int32)
-    original = torch.randn(len(positions), 3, n_head, head_dim, generator=g)
+    original, positions, slot_blocks, slot_offsets, sin, cos, shape = rotary_append_problem(
+        head_dim, rotary_dim, head_dim + rotary_dim)
+    num_blocks, block = shape[:2]
     qkv = original.cuda()
-    k_cache = torch.full((num_blocks, block, n_head, head_dim), float("nan"), dtype=kv_dtype, device="cuda")
+    k_cache = torch.full(shape, float("nan"), dtype=kv_dtype, device="cuda")
     v_cache = torch.full_like(k_cache, float("nan"))
     rotary_kv_append(qkv, positions.cuda(), sin.cuda(), cos.cuda(), slot_blocks.cuda(), slot_offsets.cuda(),
                      k_cache, v_cache, rotary_dim)
@@ -124,16 +119,8 @@ def test_cuda_rotary_kv_append_matches_reference(head_dim, rotary_dim, kv_dtype)
 def test_cuda_causal_prefill_with_strided_q():
     # Query rows of two sequences (3 new after 14 cached, 20 from scratch), q the q part of a fused
     # [T, 3, H, D] projection: each query attends to its own sequence up to its own position.
-    g = torch.Generator().manual_seed(11)
-    n_head, head_dim, block, num_blocks = 2, 80, 16, 12
-    starts, counts = [14, 0], [3, 20]
-    tables = torch.tensor([[7, 2, 0], [5, 9, 11]], dtype=torch.int32)
-    k_cache = torch.randn(num_blocks, block, n_head, head_dim, generator=g)
-    v_cache = torch.randn(num_blocks, block, n_head, head_dim, generator=g)
-    qkv = torch.randn(sum(counts), 3, n_head, head_dim, generator=g) * 0.5
-    query_rows = torch.tensor([0] * counts[0] + [1] * counts[1], dtype=torch.int32)
-    positions = torch.cat([torch.arange(st, st + n) for st, n in zip(starts, counts)])
-    lengths = (positions + 1).to(torch.int32)
+    head_dim = 80
+    qkv, k_cache, v_cache, tables, query_rows, lengths, _ = causal_prefill_problem(head_dim, 11)
     scale = head_dim ** -0.5
     qkv_gpu = qkv.cuda()
     out = paged_attention(qkv_gpu[:, 0], k_cache.cuda(), v_cache.cuda(), tables.cuda(), lengths.cuda(), scale,

@@ -195,6 +195,17 @@ def test_float16_activations_are_refused_on_the_cpu(dirs):
         load(dirs["int8"], device="cpu", dtype="float16")
 
 
+def prompt_and_step_logits(model) -> torch.Tensor:
+    """fp32 CPU logits of every position of a fixed prompt and of one decode step after it, on a
+    fresh cache of the loaded model's device."""
+    ids = torch.tensor(model.tokenizer.encode("def fib(n):\n    if n < 2:\n        return n"))
+    cache = model.model.new_cache(64)
+    seq = cache.add_sequence()
+    prefill = model.model.forward([ids], cache, [seq], last_only=False)[0]
+    step = model.model.forward([torch.tensor([7])], cache, [seq])[0]
+    return torch.cat([prefill, step]).float()
+
+
 @pytest.mark.skipif(not CUDA_USABLE, reason="no usable CUDA device (needs a GPU, a driver and the CUDA build)")
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_cuda_runtime_with_fp16_activations(dirs, kind):
@@ -203,14 +214,7 @@ def test_cuda_runtime_with_fp16_activations(dirs, kind):
     cpu = load(dirs[kind], device="cpu", kv_dtype="float32", prefill_dtype="float32")
     gpu = load(dirs[kind], device="cuda", dtype="float16")
     assert gpu.model.dtype == torch.float16 and gpu.model.kv_dtype == torch.float16
-    ids = torch.tensor(cpu.tokenizer.encode("def fib(n):\n    if n < 2:\n        return n"))
-    logits = []
-    for m in (cpu, gpu):
-        cache = m.model.new_cache(64)
-        seq = cache.add_sequence()
-        prefill = m.model.forward([ids], cache, [seq], last_only=False)[0]
-        step = m.model.forward([torch.tensor([7])], cache, [seq])[0]
-        logits.append(torch.cat([prefill, step]).float())
+    logits = [prompt_and_step_logits(m) for m in (cpu, gpu)]
     assert torch.isfinite(logits[1]).all()
     assert (logits[1] - logits[0]).abs().max() <= 0.01 * logits[0].abs().max()
     out = gpu.generate(["def add(a, b):"], max_new_tokens=8)[0]  # and generation runs on it
@@ -225,14 +229,7 @@ def test_cuda_runtime_with_int8_kv(dirs):
     cpu = load(dirs["int4"], device="cpu", kv_dtype="int8", prefill_dtype="float32")
     gpu = load(dirs["int4"], device="cuda", kv_dtype="int8")
     assert gpu.model.kv_dtype == torch.int8
-    ids = torch.tensor(cpu.tokenizer.encode("def fib(n):\n    if n < 2:\n        return n"))
-    logits = []
-    for m in (cpu, gpu):
-        cache = m.model.new_cache(64)
-        seq = cache.add_sequence()
-        prefill = m.model.forward([ids], cache, [seq], last_only=False)[0]
-        step = m.model.forward([torch.tensor([7])], cache, [seq])[0]
-        logits.append(torch.cat([prefill, step]))
+    logits = [prompt_and_step_logits(m) for m in (cpu, gpu)]
     assert (logits[1] - logits[0]).abs().max() <= 0.01 * logits[0].abs().max()
     out = gpu.generate(["def add(a, b):"], max_new_tokens=8)[0]  # and generation runs on it
     assert len(out.token_ids) <= 8 and out.finish_reason in ("length", "eos")
@@ -248,14 +245,7 @@ def test_cuda_runtime_matches_cpu(dirs, kind):
     gpu = load(dirs[kind], device="cuda")
     assert gpu.model.device.type == "cuda"
     assert gpu.model.layers[0]["qkv"].weight.device.type == "cuda"
-    ids = torch.tensor(cpu.tokenizer.encode("def fib(n):\n    if n < 2:\n        return n"))
-    logits = []
-    for m in (cpu, gpu):
-        cache = m.model.new_cache(64)
-        seq = cache.add_sequence()
-        prefill = m.model.forward([ids], cache, [seq], last_only=False)[0]
-        step = m.model.forward([torch.tensor([7])], cache, [seq])[0]
-        logits.append(torch.cat([prefill, step]))
+    logits = [prompt_and_step_logits(m) for m in (cpu, gpu)]
     assert logits[1].device.type == "cpu"
     assert (logits[1] - logits[0]).abs().max() <= 1e-5 * logits[0].abs().max()
     prompts = ["def add(a, b):", "class Stack:\n    def"]
