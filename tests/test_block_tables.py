@@ -110,3 +110,28 @@ def test_attention_through_the_mirror_equals_attention_through_fresh_tables():
     want = paged_attention(q, cache.k[0], cache.v[0], fresh_tables, length_t, 0.25)
     got = paged_attention(q, cache.k[0], cache.v[0], mirror.sync(), length_t, 0.25, mirror.rows(seqs))
     assert torch.equal(got, want)
+
+
+def test_the_model_through_device_tables_equals_the_model_through_fresh_tables():
+    # What a GPU step does (the cache keeps its tables on the device and the kernels read each
+    # sequence's row), run on the CPU's native kernels: the same logits, bit for bit, as the
+    # per-step tables, for prompts and for multi-token continuations that cross block boundaries.
+    from model_support import our_model, reference_model
+
+    model = our_model(reference_model("hd64", seed=3), bits=4)
+    prompts = [torch.randint(0, 500, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 21)]
+    results = []
+    for keep in (False, True):
+        cache = model.new_cache(64, block_size=4)
+        if keep:
+            cache.keep_device_tables(width=2)  # grows as the sequences do
+        seqs = [cache.add_sequence() for _ in prompts][::-1]  # step order differs from row order
+        logits = model.forward(prompts, cache, seqs, last_only=False)
+        for step in range(3):  # two tokens per sequence per step: the step plan, not the fused decode
+            new = [torch.tensor([11 + step, 40 + step]), torch.tensor([7, 9 + step])]
+            logits += model.forward(new, cache, seqs, last_only=False)
+        results.append(logits)
+        if keep:
+            assert cache.device_tables.entries_sent > 0
+    for fresh, mirrored in zip(*results):
+        assert torch.equal(fresh, mirrored)

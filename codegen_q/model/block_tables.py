@@ -1,7 +1,7 @@
 """Block tables kept on the device the kernels run on, updated incrementally (issue #17, item 5).
 
-The GPU path copies every sequence's whole block table from the host in every layer of every step
-today. Here the tables live in one persistent int32 tensor [rows, width] on the device; each
+Copying every sequence's whole block table from the host in every layer of every step costs a
+GPU step dearly. Here the tables live in one persistent int32 tensor [rows, width] on the device; each
 sequence owns a row for its lifetime. A change to the host tables (PagedKVCache adding a
 sequence, reserving blocks, freeing a sequence) is queued as (row, column, block) entries, and
 sync() applies what changed since the last step in one small copy and one scatter, for every
@@ -13,8 +13,9 @@ The tensor grows (twice the rows or columns, one whole copy) when a sequence nee
 adding blocks never fails here after the pool has handed them out. Rows of freed sequences are
 reused without clearing: a kernel reads only the entries below a
 sequence's length, and every one of those was written when its block was added.
-Not thread-safe (the engine's scheduler thread is its one user). Logic only for now: no CUDA
-kernel reads it yet (the GPU attention kernels are still to come); tests run it on the CPU.
+Not thread-safe (the engine's scheduler thread is its one user). The model keeps it for a cache on
+a GPU whose step runs the native kernels (today: an int8 cache); the tests run the same plan on
+the CPU's kernels and check it against per-step tables.
 """
 
 from __future__ import annotations

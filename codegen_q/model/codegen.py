@@ -201,6 +201,9 @@ class CodeGenModel:
         positions = torch.cat([torch.arange(st, st + n) for st, n in zip(starts, counts)])
 
         if native:
+            if cache.k.device.type != "cpu" and cache.device_tables is None:
+                # The tables live on the device, updated as blocks come and go (block_tables.py).
+                cache.keep_device_tables(-(-self.config.n_positions // cache.block_size))
             plan = self._native_plan(cache, seq_ids, counts, starts, slots, positions)
             if cache.k.device.type != "cpu":  # once per step, not per layer
                 plan = {name: t.to(cache.k.device) for name, t in plan.items()}
@@ -361,10 +364,17 @@ class CodeGenModel:
 
     @staticmethod
     def _native_plan(cache: PagedKVCache, seq_ids, counts, starts, slots, positions) -> dict[str, torch.Tensor]:
-        """The int32 index tensors the native rotary/append and attention kernels take, per step."""
-        query_rows = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32),
-                                             torch.tensor(counts, dtype=torch.int64))
-        tables, _ = cache.block_tables_tensor(seq_ids, [st + n for st, n in zip(starts, counts)])
+        """The int32 index tensors the native rotary/append and attention kernels take, per step.
+        With the cache's device tables kept (a GPU), the kernels read that persistent table and each
+        query its sequence's row; otherwise a table of this step's sequences, row i for sequence i."""
+        per_query = torch.tensor(counts, dtype=torch.int64)
+        if cache.device_tables is not None:
+            tables = cache.device_tables.sync()
+            rows = torch.tensor([cache.device_tables.row(s) for s in seq_ids], dtype=torch.int32)
+            query_rows = torch.repeat_interleave(rows, per_query)
+        else:
+            query_rows = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32), per_query)
+            tables, _ = cache.block_tables_tensor(seq_ids, [st + n for st, n in zip(starts, counts)])
         return {
             "positions": positions.to(torch.int32),
             "slot_blocks": torch.cat([sl[0] for sl in slots]).to(torch.int32),
