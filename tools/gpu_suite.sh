@@ -6,7 +6,8 @@
 # On a machine with an NVIDIA GPU and a CUDA build of torch (offline): build for this GPU's own
 # architecture only, run the CUDA tests, compute-sanitizer memcheck on a small exact subset (noted
 # and skipped where the sanitizer is missing or cannot attach), the kernel benchmark on every
-# CodeGen shape at M = 1..512 beside cuBLAS fp16 and torch's int4pack_mm, and one table of every
+# CodeGen shape at M = 1..512 beside cuBLAS fp16 and torch's int4pack_mm, the decode-attention
+# benchmark (fp16 and int8 KV beside torch's SDPA), and one table of every
 # target with pass/fail (tools/gpu_targets.py). Everything measured lands under OUTDIR; the exit
 # status is non-zero when a test fails (a missed speed target is reported, not an error).
 set -uo pipefail
@@ -65,6 +66,10 @@ log "kernel benchmark"
 "$py" tools/bench_kernels_cuda.py --json "$out/bench-kernels-cuda.json" 2>&1 | tee "$out/bench-kernels-cuda.txt" \
   | tail -n 70
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+log "attention benchmark"
+"$py" tools/bench_attention_cuda.py --json "$out/bench-attention-cuda.json" 2>&1 | tee "$out/bench-attention-cuda.txt" \
+  | tail -n 25
 
 log "targets"
 if [ -f "$out/bench-kernels-cuda.json" ]; then
