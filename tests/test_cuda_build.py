@@ -98,7 +98,7 @@ def test_half_chain_length_is_what_the_bound_assumes():
 
 def test_cuda_module_built_for_turing_through_hopper():
     # SASS for sm_75 (T4) .. sm_90 (H100) by default; a build missing one would JIT or fail there.
-    if os.environ.get("CGQ_CUDA_ARCHS"):  # tools/gpu_check.sh was asked for a narrower, faster build
+    if os.environ.get("CGQ_CUDA_ARCHS"):  # gpu_suite.sh / gpu_check.sh built for one arch, by request
         pytest.skip(f"built for CGQ_CUDA_ARCHS={os.environ['CGQ_CUDA_ARCHS']} by request, not the default list")
     archs = CUDA_INFO["architectures"]
     for arch in ("75-real", "80-real", "86-real", "89-real", "90-real"):

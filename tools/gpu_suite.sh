@@ -27,6 +27,9 @@ arch=$("$py" -c "import torch; m, n = torch.cuda.get_device_capability(); print(
 
 log "build for sm_$arch"
 build_args=(-Ccmake.define.CODEGEN_Q_CUDA=ON "-Ccmake.define.CMAKE_CUDA_ARCHITECTURES=$arch")
+# The tests know the build is for this architecture only (test_cuda_build.py checks the default list
+# otherwise).
+export CGQ_CUDA_ARCHS="$arch"
 if "$py" -c "import scikit_build_core, pybind11" 2>/dev/null; then
   build_args+=(--no-build-isolation --no-deps)
 fi
