@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from codegen_q.testing import reference
+
 
 def causal_prefill_problem(head_dim: int, seed: int):
     """Two sequences take new tokens at once (3 after 14 cached, 20 from scratch), q the q part of
@@ -37,3 +39,28 @@ def rotary_append_problem(head_dim: int, rotary_dim: int, seed: int):
     slot_offsets = torch.tensor([0, 15, 3, 9, 1], dtype=torch.int32)
     qkv = torch.randn(len(positions), 3, n_head, head_dim, generator=g)
     return qkv, positions, slot_blocks, slot_offsets, sin, cos, (num_blocks, block, n_head, head_dim)
+
+
+def assert_rotary_append_result(qkv, original, k_cache, v_cache, positions, slot_blocks, slot_offsets,
+                                rotary_dim: int) -> None:
+    """What rotary_kv_append must leave (all tensors on the CPU): q rotated in place within the
+    rotary tolerance and its other dims untouched, v untouched; the slots hold the rotated k and
+    v rounded to the cache's dtype (nearest even, as torch rounds), every other slot as it was
+    (NaN)."""
+    kv_dtype = k_cache.dtype
+    q_ref = reference.rotary(original[:, 0], positions, rotary_dim)
+    k_ref = reference.rotary(original[:, 1], positions, rotary_dim)
+    # fp32 angle tables (as transformers builds them) and two fp32 products per output: the error
+    # is dominated by sin/cos of angles up to ~300 rad rounded in fp32 (~300 * 2^-24 each).
+    tol = 1e-4
+    assert (qkv[:, 0].double() - q_ref).abs().max() < tol
+    assert torch.equal(qkv[:, 0, :, rotary_dim:], original[:, 0, :, rotary_dim:])  # the pass-through dims
+    assert torch.equal(qkv[:, 2], original[:, 2])
+    slots = (slot_blocks.long(), slot_offsets.long())
+    written = k_cache[slots]
+    assert torch.equal(written, qkv[:, 1].to(kv_dtype))
+    assert (written.double() - k_ref).abs().max() < tol + (k_ref.abs().max() * 2.0 ** -11 if kv_dtype == torch.float16 else 0)
+    assert torch.equal(v_cache[slots], original[:, 2].to(kv_dtype))
+    untouched = torch.ones(k_cache.shape[:2], dtype=torch.bool)
+    untouched[slots] = False
+    assert torch.isnan(k_cache[untouched]).all() and torch.isnan(v_cache[untouched]).all()

@@ -8,7 +8,7 @@ import torch
 
 from codegen_q.kernels.attention import paged_attention, rotary_kv_append
 from codegen_q.testing import reference
-from attention_support import causal_prefill_problem, rotary_append_problem
+from attention_support import assert_rotary_append_result, causal_prefill_problem, rotary_append_problem
 
 
 # CodeGen's head dims (64, 80, 256) and 128 run code compiled for that size; 40 and 48 the code for
@@ -85,27 +85,11 @@ def test_causal_prefill_with_strided_q_matches_reference(cpu_isa, head_dim):
 def test_rotary_kv_append_matches_reference(cpu_isa, head_dim, rotary_dim, kv_dtype):
     qkv, positions, slot_blocks, slot_offsets, sin, cos, shape = rotary_append_problem(
         head_dim, rotary_dim, head_dim * 3 + rotary_dim)
-    num_blocks, block = shape[:2]
     original = qkv.clone()
     k_cache = torch.full(shape, float("nan"), dtype=kv_dtype)
     v_cache = torch.full(shape, float("nan"), dtype=kv_dtype)
     rotary_kv_append(qkv, positions, sin, cos, slot_blocks, slot_offsets, k_cache, v_cache, rotary_dim)
-    q_ref = reference.rotary(original[:, 0], positions, rotary_dim)
-    k_ref = reference.rotary(original[:, 1], positions, rotary_dim)
-    # fp32 angle tables (as transformers builds them) and two fp32 products per output: the error
-    # is dominated by sin/cos of angles up to ~300 rad rounded in fp32 (~300 * 2^-24 each).
-    tol = 1e-4
-    assert (qkv[:, 0].double() - q_ref).abs().max() < tol
-    assert torch.equal(qkv[:, 0, :, rotary_dim:], original[:, 0, :, rotary_dim:])  # the pass-through dims
-    assert torch.equal(qkv[:, 2], original[:, 2])
-    written = k_cache[slot_blocks.long(), slot_offsets.long()]
-    # An fp16 cache holds the rotated k rounded to nearest even, exactly as torch rounds it.
-    assert torch.equal(written, qkv[:, 1].to(kv_dtype))
-    assert (written.double() - k_ref).abs().max() < tol + (k_ref.abs().max() * 2.0 ** -11 if kv_dtype == torch.float16 else 0)
-    assert torch.equal(v_cache[slot_blocks.long(), slot_offsets.long()], original[:, 2].to(kv_dtype))
-    untouched = torch.ones(num_blocks, block, dtype=torch.bool)
-    untouched[slot_blocks.long(), slot_offsets.long()] = False
-    assert torch.isnan(k_cache[untouched]).all() and torch.isnan(v_cache[untouched]).all()
+    assert_rotary_append_result(qkv, original, k_cache, v_cache, positions, slot_blocks, slot_offsets, rotary_dim)
 
 
 def test_fp16_cache_rounding_matches_torch_on_awkward_values(cpu_isa):

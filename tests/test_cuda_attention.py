@@ -9,7 +9,7 @@ import torch
 
 from codegen_q.kernels.attention import paged_attention, rotary_kv_append
 from codegen_q.testing import reference
-from attention_support import causal_prefill_problem, rotary_append_problem
+from attention_support import assert_rotary_append_result, causal_prefill_problem, rotary_append_problem
 from support import CUDA_USABLE
 
 pytestmark = pytest.mark.skipif(not CUDA_USABLE,
@@ -95,25 +95,13 @@ def test_cuda_int8_cache_bytes_equal_the_cpu_rule_and_attention_agrees():
 def test_cuda_rotary_kv_append_matches_reference(head_dim, rotary_dim, kv_dtype):
     original, positions, slot_blocks, slot_offsets, sin, cos, shape = rotary_append_problem(
         head_dim, rotary_dim, head_dim + rotary_dim)
-    num_blocks, block = shape[:2]
     qkv = original.cuda()
     k_cache = torch.full(shape, float("nan"), dtype=kv_dtype, device="cuda")
     v_cache = torch.full_like(k_cache, float("nan"))
     rotary_kv_append(qkv, positions.cuda(), sin.cuda(), cos.cuda(), slot_blocks.cuda(), slot_offsets.cuda(),
                      k_cache, v_cache, rotary_dim)
     qkv, k_cache, v_cache = qkv.cpu(), k_cache.cpu(), v_cache.cpu()
-    q_ref = reference.rotary(original[:, 0], positions, rotary_dim)
-    k_ref = reference.rotary(original[:, 1], positions, rotary_dim)
-    tol = 1e-4  # as the CPU test: fp32 sin/cos of angles up to ~300 rad
-    assert (qkv[:, 0].double() - q_ref).abs().max() < tol
-    assert torch.equal(qkv[:, 0, :, rotary_dim:], original[:, 0, :, rotary_dim:])
-    written = k_cache[slot_blocks.long(), slot_offsets.long()]
-    assert torch.equal(written, qkv[:, 1].to(kv_dtype))
-    assert (written.double() - k_ref).abs().max() < tol + (k_ref.abs().max() * 2.0 ** -11 if kv_dtype == torch.float16 else 0)
-    assert torch.equal(v_cache[slot_blocks.long(), slot_offsets.long()], original[:, 2].to(kv_dtype))
-    untouched = torch.ones(num_blocks, block, dtype=torch.bool)
-    untouched[slot_blocks.long(), slot_offsets.long()] = False
-    assert torch.isnan(k_cache[untouched]).all() and torch.isnan(v_cache[untouched]).all()
+    assert_rotary_append_result(qkv, original, k_cache, v_cache, positions, slot_blocks, slot_offsets, rotary_dim)
 
 
 def test_cuda_causal_prefill_with_strided_q():
