@@ -33,7 +33,8 @@ struct QLinearArgs {
   float* y = nullptr;
   const void* workspace = nullptr;   // CPU: per-call activation workspace (see cpu/kernels.h)
   // CPU, prompts: quantize x to int8 (per row and 128 elements of K) and multiply with integer
-  // dot products where enough rows come at once (cpu/qlinear_i8gemm.h); otherwise ignored.
+  // dot products (cpu/qlinear_i8gemm.h) at any M, fewer rows than a tile padded to one, so a row's
+  // result does not depend on the rows that come with it; ignored where K is not a multiple of 128.
   bool int8_activations = false;
   // CPU: y = gelu_new(x W^T + bias) (cpu/gelu.h) instead of x W^T + bias. The int8-activation GEMM
   // applies it in its epilogue, while the outputs are in cache; the other kernels in a pass over

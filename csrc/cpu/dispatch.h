@@ -10,7 +10,7 @@ namespace cgq::cpu {
 
 void qlinear_int8(const QLinearArgs& a);
 void qlinear_int4(const QLinearArgs& a);
-// The fewest rows of x for which QLinearArgs::int8_activations takes effect (the active ISA's tile).
+// Rows of x per tile of the active ISA's int8-activation GEMM (fewer rows are padded to one).
 int64_t int8_activation_min_rows();
 void dequantize_int8(const DequantArgs& a);
 void dequantize_int4(const DequantArgs& a);
