@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "common/arg_checks.h"
 #include "common/thread_pool.h"
 #include "cpu/isa.h"
 #include "cpu/kernel_table.h"
@@ -159,23 +160,8 @@ int quantize(const WeightRows& w, int64_t N, const QuantizeOut& o) {
   return status.load();
 }
 
-// The cache's element type is one of KVType's, and an int8 cache comes with its scales.
-static void check_kv_type(KVType t, const void* k_scales, const void* v_scales, const char* op) {
-  if (t != KVType::kFloat32 && t != KVType::kFloat16 && t != KVType::kInt8)
-    throw std::invalid_argument(std::string(op) + ": kv_type must be 0 (float32), 1 (float16) or 2 (int8)");
-  if (t == KVType::kInt8 && (!k_scales || !v_scales))
-    throw std::invalid_argument(std::string(op) + ": an int8 KV cache needs its k and v scales");
-}
-
 int64_t check_attention_tables(const AttentionArgs& a) {
-  check_kv_type(a.kv_type, a.k_scales, a.v_scales, "attention");
-  if (a.n_query < 0 || a.n_head <= 0 || a.head_dim <= 0 || a.block_size <= 0 || a.max_blocks <= 0 ||
-      a.n_table_rows <= 0)
-    throw std::invalid_argument("attention: sizes must be positive");
-  if (!a.q || !a.k_cache || !a.v_cache || !a.block_tables || !a.lengths || !a.out)
-    throw std::invalid_argument("attention: null pointer");
-  if (a.q_stride != 0 && a.q_stride < a.n_head * a.head_dim)
-    throw std::invalid_argument("attention: q rows overlap (q_stride < n_head * head_dim)");
+  check_attention_args(a, "attention");
   int64_t longest = 0;
   for (int64_t i = 0; i < a.n_query; ++i) {
     const int64_t s = a.query_rows ? a.query_rows[i] : i;
@@ -232,13 +218,7 @@ void causal_attention(const CausalAttentionArgs& a) {
 }
 
 void rotary_kv_append(const RotaryAppendArgs& a) {
-  if (a.T < 0 || a.n_head <= 0 || a.head_dim <= 0 || a.block_size <= 0 || a.num_blocks <= 0 || a.n_positions <= 0)
-    throw std::invalid_argument("rotary_kv_append: sizes must be positive");
-  if (a.rotary_dim < 0 || a.rotary_dim % 2 != 0 || a.rotary_dim > a.head_dim)
-    throw std::invalid_argument("rotary_kv_append: rotary_dim must be even and at most head_dim");
-  if (!a.qkv || !a.positions || !a.sin || !a.cos || !a.slot_blocks || !a.slot_offsets || !a.k_cache || !a.v_cache)
-    throw std::invalid_argument("rotary_kv_append: null pointer");
-  check_kv_type(a.kv_type, a.k_scales, a.v_scales, "rotary_kv_append");
+  check_rotary_append_args(a);
   for (int64_t t = 0; t < a.T; ++t) {
     if (a.positions[t] < 0 || a.positions[t] >= a.n_positions)
       throw std::invalid_argument("rotary_kv_append: position " + std::to_string(a.positions[t]) +

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "common/arg_checks.h"
 #include "common/qformat.h"
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
@@ -44,12 +45,16 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// Element d of one head's row of a cache of type `kv` (int8: code times the row's scale).
-__device__ __forceinline__ float kv_at(const void* cache, KVType kv, int64_t index, float row_scale) {
-  switch (kv) {
-    case KVType::kFloat32: return static_cast<const float*>(cache)[index];
-    case KVType::kFloat16: return __half2float(static_cast<const __half*>(cache)[index]);
-    default: return static_cast<float>(static_cast<const int8_t*>(cache)[index]) * row_scale;
+// Element `index` of a cache of type kKV (int8: code times its row's scale). The type is a template
+// parameter so the attention loop holds no per-element branch on it.
+template <KVType kKV>
+__device__ __forceinline__ float kv_at(const void* cache, int64_t index, float row_scale) {
+  if constexpr (kKV == KVType::kFloat32) {
+    return static_cast<const float*>(cache)[index];
+  } else if constexpr (kKV == KVType::kFloat16) {
+    return __half2float(static_cast<const __half*>(cache)[index]);
+  } else {
+    return static_cast<float>(static_cast<const int8_t*>(cache)[index]) * row_scale;
   }
 }
 
@@ -119,6 +124,7 @@ __global__ void rotary_kv_append_kernel(RotaryAppendArgs a) {
 
 // One (query, head, partition). With workspace == nullptr (one partition) it writes the output;
 // otherwise its partial: workspace row (i * H + h) * parts + part = [max, sum, values[D]].
+template <KVType kKV>
 __global__ void paged_attention_kernel(AttentionArgs a, float* workspace) {
   const int64_t i = blockIdx.x, h = blockIdx.y, part = blockIdx.z, parts = gridDim.z;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -159,14 +165,14 @@ __global__ void paged_attention_kernel(AttentionArgs a, float* workspace) {
     }
     const int64_t token = static_cast<int64_t>(block) * a.block_size + p % a.block_size;
     const int64_t at = token * row + h * D;
-    const bool int8 = a.kv_type == KVType::kInt8;
+    constexpr bool int8 = kKV == KVType::kInt8;
     const float k_scale = int8 ? __half2float(__ushort_as_half(a.k_scales[token * H + h])) : 1.0f;
     const float v_scale = int8 ? __half2float(__ushort_as_half(a.v_scales[token * H + h])) : 1.0f;
     float dot = 0.0f;
 #pragma unroll
     for (int c = 0; c < kMaxPerLane; ++c) {
       const int64_t d = lane + 32 * c;
-      if (d < D) dot = fmaf(qs[d], kv_at(a.k_cache, a.kv_type, at + d, k_scale), dot);
+      if (d < D) dot = fmaf(qs[d], kv_at<kKV>(a.k_cache, at + d, k_scale), dot);
     }
     const float s = warp_sum(dot) * a.scale;
     const float m_new = fmaxf(m, s);
@@ -175,7 +181,7 @@ __global__ void paged_attention_kernel(AttentionArgs a, float* workspace) {
 #pragma unroll
     for (int c = 0; c < kMaxPerLane; ++c) {
       const int64_t d = lane + 32 * c;
-      if (d < D) acc[c] = acc[c] * keep + weight * kv_at(a.v_cache, a.kv_type, at + d, v_scale);
+      if (d < D) acc[c] = acc[c] * keep + weight * kv_at<kKV>(a.v_cache, at + d, v_scale);
     }
     m = m_new;
   }
@@ -234,31 +240,18 @@ __global__ void merge_partitions_kernel(AttentionArgs a, const float* __restrict
   }
 }
 
-void check_kv(KVType kv, const void* k_scales, const void* v_scales) {
-  if (kv != KVType::kFloat32 && kv != KVType::kFloat16 && kv != KVType::kInt8)
-    throw std::invalid_argument("kv_type must be 0 (float32), 1 (float16) or 2 (int8)");
-  if (kv == KVType::kInt8 && (!k_scales || !v_scales))
-    throw std::invalid_argument("an int8 KV cache needs k_scales and v_scales");
-}
-
 }  // namespace
 
 void rotary_kv_append(const RotaryAppendArgs& a, uintptr_t stream) {
-  if (a.T < 0 || a.n_head <= 0 || a.head_dim <= 0 || a.block_size <= 0 || a.num_blocks <= 0 || a.n_positions <= 0)
-    throw std::invalid_argument("rotary_kv_append: sizes must be positive");
-  if (a.rotary_dim < 0 || a.rotary_dim % 2 || a.rotary_dim > a.head_dim)
-    throw std::invalid_argument("rotary_kv_append: rotary_dim must be even and at most head_dim");
-  if (!a.qkv || !a.positions || !a.sin || !a.cos || !a.slot_blocks || !a.slot_offsets || !a.k_cache || !a.v_cache)
-    throw std::invalid_argument("rotary_kv_append: null pointer");
+  check_rotary_append_args(a);
   if (a.n_head > 65535) throw std::invalid_argument("rotary_kv_append: at most 65535 heads");
-  check_kv(a.kv_type, a.k_scales, a.v_scales);
   if (a.T == 0) return;
   rotary_kv_append_kernel<<<dim3(static_cast<unsigned>(a.T), static_cast<unsigned>(a.n_head)), 32, 0,
                             as_stream(stream)>>>(a);
   throw_if_error(cudaGetLastError(), "rotary_kv_append launch");
 }
 
-int64_t attention_partitions(const AttentionArgs& a) {
+static int64_t attention_partitions(const AttentionArgs& a) {
   const int64_t longest = a.max_blocks * a.block_size;
   return (longest + kAttentionPartition - 1) / kAttentionPartition;
 }
@@ -269,18 +262,12 @@ int64_t attention_workspace_floats(const AttentionArgs& a) {
 }
 
 void paged_attention(const AttentionArgs& a, float* workspace, uintptr_t stream) {
-  if (a.n_query < 0 || a.n_head <= 0 || a.head_dim <= 0 || a.block_size <= 0 || a.max_blocks <= 0 ||
-      a.num_blocks <= 0 || a.n_table_rows <= 0)
-    throw std::invalid_argument("paged_attention: sizes must be positive");
+  check_attention_args(a, "paged_attention");
+  if (a.num_blocks <= 0) throw std::invalid_argument("paged_attention: sizes must be positive");
   if (a.head_dim > kMaxAttentionHeadDim)
     throw std::invalid_argument("paged_attention: head_dim above " + std::to_string(kMaxAttentionHeadDim) +
                                 " is not supported on the GPU");
-  if (!a.q || !a.k_cache || !a.v_cache || !a.block_tables || !a.lengths || !a.out)
-    throw std::invalid_argument("paged_attention: null pointer");
-  if (a.q_stride && a.q_stride < a.n_head * a.head_dim)
-    throw std::invalid_argument("paged_attention: q rows overlap (q_stride below n_head * head_dim)");
   if (a.n_head > 65535 || a.n_query > 2147483647) throw std::invalid_argument("paged_attention: too many heads or queries");
-  check_kv(a.kv_type, a.k_scales, a.v_scales);
   if (a.n_query == 0) return;
   const int64_t parts = attention_partitions(a);
   if (parts > 1 && !workspace)
@@ -288,7 +275,18 @@ void paged_attention(const AttentionArgs& a, float* workspace, uintptr_t stream)
                                 "attention_workspace_floats floats");
   if (parts > 65535) throw std::invalid_argument("paged_attention: block table too long");
   const dim3 grid(static_cast<unsigned>(a.n_query), static_cast<unsigned>(a.n_head), static_cast<unsigned>(parts));
-  paged_attention_kernel<<<grid, kAttentionWarps * 32, 0, as_stream(stream)>>>(a, parts > 1 ? workspace : nullptr);
+  float* partials = parts > 1 ? workspace : nullptr;
+  switch (a.kv_type) {  // checked above: one of the three
+    case KVType::kFloat32:
+      paged_attention_kernel<KVType::kFloat32><<<grid, kAttentionWarps * 32, 0, as_stream(stream)>>>(a, partials);
+      break;
+    case KVType::kFloat16:
+      paged_attention_kernel<KVType::kFloat16><<<grid, kAttentionWarps * 32, 0, as_stream(stream)>>>(a, partials);
+      break;
+    case KVType::kInt8:
+      paged_attention_kernel<KVType::kInt8><<<grid, kAttentionWarps * 32, 0, as_stream(stream)>>>(a, partials);
+      break;
+  }
   throw_if_error(cudaGetLastError(), "paged_attention launch");
   if (parts > 1) {
     merge_partitions_kernel<<<dim3(static_cast<unsigned>(a.n_query), static_cast<unsigned>(a.n_head)), 128, 0,
