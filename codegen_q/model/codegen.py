@@ -6,14 +6,15 @@ head's head_dim rows contiguous (checkpoint.qkv_head_major_permutation). Rotary 
 interleaved and partial (first rotary_dim dims of each head).
 
 The flattened batch: all new tokens of all sequences go through the Linear layers together (one
-qlinear per layer with M = total new tokens). With an fp32, fp16 or int8 CPU cache (the CPU runtime),
-rotary and the KV append are one native pass over the fused qkv output, and attention is the
-native paged kernel for decode and causal prefill alike (each query attends to its own sequence's
-blocks up to its position), except fresh prompts (nothing cached before them) of
-FUSED_PREFILL_MIN_TOKENS or more, which take torch's fused causal attention over their own K/V,
-whatever else is in the batch (a prompt continuing a cached prefix, a decode step). A quantized model decoding one token per
-sequence runs every block, ln_f and the lm_head in one native call instead (fused_decode.py).
-Other dtypes take a torch path that gathers each sequence's K/V.
+qlinear per layer with M = total new tokens). With fp32 activations and an fp32, fp16 or int8 CPU
+cache (the CPU runtime), or an int8 cache on a GPU (its CUDA twins), rotary and the KV append are
+one native pass over the fused qkv output, and attention is the native paged kernel for decode
+and causal prefill alike (each query attends to its own sequence's blocks up to its position),
+except, on the CPU, fresh prompts (nothing cached before them) of FUSED_PREFILL_MIN_TOKENS or
+more, which take the fused causal attention over their own K/V (causal_self_attention), whatever
+else is in the batch (a prompt continuing a cached prefix, a decode step). A quantized CPU model
+decoding one token per sequence runs every block, ln_f and the lm_head in one native call instead
+(fused_decode.py). Other caches take a torch path that gathers each sequence's K/V.
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ class Linear:
         return w + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
 
-# A prompt at least this long, with nothing cached before it, takes torch's fused causal attention
-# (scaled_dot_product_attention) over its own K/V instead of the paged kernel, which handles one
-# query at a time. The two are even at 32-64 tokens and torch pulls ahead from about 128 (figures:
+# A prompt at least this long, with nothing cached before it, takes the fused causal attention over
+# its own K/V (causal_self_attention: the tiled kernel, or torch's SDPA on the scalar build)
+# instead of the paged kernel, which handles one query at a time. The two are even at 32-64 tokens and torch pulls ahead from about 128 (figures:
 # docs/cpu-kernels.md, "Torch-side choices").
 FUSED_PREFILL_MIN_TOKENS = 128
 
@@ -200,12 +201,13 @@ class CodeGenModel:
         slots = [cache.slots(s, n) for s, n in zip(seq_ids, counts)]
         positions = torch.cat([torch.arange(st, st + n) for st, n in zip(starts, counts)])
 
+        on_cpu = cache.k.device.type == "cpu"
         if native:
-            if cache.k.device.type != "cpu" and cache.device_tables is None:
+            if not on_cpu and cache.device_tables is None:
                 # The tables live on the device, updated as blocks come and go (block_tables.py).
                 cache.keep_device_tables(-(-self.config.n_positions // cache.block_size))
             plan = self._native_plan(cache, seq_ids, counts, starts, slots, positions)
-            if cache.k.device.type != "cpu":  # once per step, not per layer
+            if not on_cpu:  # once per step, not per layer
                 plan = {name: t.to(cache.k.device) for name, t in plan.items()}
         else:
             sin, cos = self.sin[positions.to(self.device)], self.cos[positions.to(self.device)]
@@ -216,7 +218,6 @@ class CodeGenModel:
         # Per sequence, so that one prompt continuing a cached prefix does not send the others' long
         # fresh prompts through the slower paged kernel.
         # (The fused causal kernel is the CPU's; on a GPU every row takes the paged kernel.)
-        on_cpu = cache.k.device.type == "cpu"
         fused = [on_cpu and st == 0 and n >= FUSED_PREFILL_MIN_TOKENS for st, n in zip(starts, counts)]
         g = self.prefill_dtype
         for li, layer in enumerate(self.layers):
