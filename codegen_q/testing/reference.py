@@ -153,7 +153,7 @@ def half_bound(x64: torch.Tensor, w64: torch.Tensor, bias64: torch.Tensor | None
     u = UNIT_ROUNDOFF[dtype]
     k = x64.shape[-1]
     mag = x64.abs() @ w64.abs().T
-    ref = x64 @ w64.T + (0.0 if bias64 is None else bias64)
+    ref = qlinear(x64, w64, bias64)
     # Near zero: each of the at most K roundings of a product chain and the output's err by half a
     # subnormal step (in the GEMV the int4 chains are in units of the group scale, <= max |w|).
     underflow = (k + HALF_OUTPUT_ROUNDINGS) * SUBNORMAL_STEP[dtype] / 2 * max(1.0, float(w64.abs().max()))
@@ -188,14 +188,10 @@ def half_gemv_model(x: torch.Tensor, qw, bias: torch.Tensor | None = None) -> to
     chain = 4
     x64 = x.detach().cpu().double()
     n, k = qw.shape
-    if qw.bits == 8:
-        w = (qw.qweight.cpu().double() * qw.scales.cpu().double()[:, None]).to(torch.float16).double()
-        scale = torch.ones(n, k, dtype=torch.float64)
-    else:
-        q = unpack_int4(qw.qweight).double()
-        zero = SYMMETRIC_ZERO if qw.zeros is None else per_element(qw.zeros.cpu().double(), qw.group_size)
-        w = q - zero
-        scale = per_element(qw.scales.cpu().double(), qw.group_size)
+    codes, scale, row_scale = weight_codes(qw)
+    # int8: each weight q * row scale rounded to fp16 (the kernel's HMUL2); int4: the exact q - zero,
+    # its group scale (`scale`) applied per chain.
+    w = (codes * row_scale[:, None]).to(torch.float16).double() if qw.bits == 8 else codes
     order = half_gemv_chains(qw.bits, k)
     terms = (x64[:, None, :] * w[None, :, :])[..., order]         # [M, N, K], exact
     terms = terms.reshape(x64.shape[0], n, k // chain, chain)
