@@ -118,7 +118,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             workspace = torch.empty(floats, dtype=torch.float32, device=device) if floats else None
             with torch.cuda.device(device):
                 module.paged_attention(*args, 0 if workspace is None else workspace.data_ptr(),
-                                       torch.cuda.current_stream(device).cuda_stream)
+                                       _native.cuda_stream(device))
         else:
             _native.cpu().paged_attention(*args)
     return out
@@ -158,7 +158,7 @@ def rotary_kv_append(qkv: torch.Tensor, positions: torch.Tensor, sin: torch.Tens
                 k_cache.shape[1], k_cache.shape[0], kv_type, k_scales_ptr, v_scales_ptr)
         if device.type == "cuda":
             with torch.cuda.device(device):
-                _native.cuda_required().rotary_kv_append(*args, torch.cuda.current_stream(device).cuda_stream)
+                _native.cuda_required().rotary_kv_append(*args, _native.cuda_stream(device))
         else:
             _native.cpu().rotary_kv_append(*args)
 

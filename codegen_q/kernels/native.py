@@ -59,6 +59,13 @@ def cuda_import_error() -> str | None:
     return _load("_C_cuda")[1]
 
 
+def cuda_stream(device) -> int:
+    """torch's current CUDA stream on `device`, as the integer the CUDA bindings take."""
+    import torch  # here, not at the top: codegen_q sets torch's OpenMP policy before torch loads
+
+    return torch.cuda.current_stream(device).cuda_stream
+
+
 def cuda_required() -> ModuleType:
     """The CUDA kernels module; RuntimeError with a way out when this build has none."""
     module = cuda()

@@ -195,15 +195,16 @@ def _cuda_qlinear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None
         return y
     act, arch = _cuda_act(module, x.dtype), _cuda_arch(x.device)
     kernel = module.qlinear_kernel(m, k, w.bits, act, arch, x.data_ptr(), w.qweight.data_ptr())
-    # The tensor-core GEMM multiplies in x's dtype; another gemm_dtype asked for takes torch's GEMM.
-    if kernel == module.QLinearKernel.DEQUANT_GEMM or (gemm_dtype not in (None, x.dtype, torch.float32)
-                                                       and kernel == module.QLinearKernel.MMA):
-        _dequantize_gemm(x, w, bias, y, x.dtype if gemm_dtype in (None, torch.float32) else gemm_dtype)
+    # Many rows multiply in x's own dtype unless gemm_dtype asks for bf16; the tensor-core GEMM
+    # only in x's, so another one takes torch's GEMM.
+    gemm = x.dtype if gemm_dtype in (None, torch.float32) else gemm_dtype
+    if kernel == module.QLinearKernel.DEQUANT_GEMM or (kernel == module.QLinearKernel.MMA and gemm != x.dtype):
+        _dequantize_gemm(x, w, bias, y, gemm)
         return y
     with torch.cuda.device(w.device):
         module.qlinear(x.data_ptr(), act, arch, m, k, w.bits, w.qweight.data_ptr(),
                        w.scales.data_ptr(), _addr(w.zeros), w.group_size or 0, _addr(bias), y.data_ptr(), n,
-                       torch.cuda.current_stream(w.device).cuda_stream)
+                       _native.cuda_stream(w.device))
     return y
 
 
@@ -235,7 +236,7 @@ def _dequantize_rows(w: QuantizedWeight, start: int, stop: int, out: torch.Tenso
         with torch.cuda.device(w.device):
             module.dequantize(w.bits, q.data_ptr(), s.data_ptr(), _addr(z), w.group_size or 0, rows, k,
                               out.data_ptr(), _cuda_act(module, out.dtype),
-                              torch.cuda.current_stream(w.device).cuda_stream)
+                              _native.cuda_stream(w.device))
         return
     cpu = _native.cpu()
     if w.bits == 8:
