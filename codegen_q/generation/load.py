@@ -89,12 +89,13 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     """Load a directory written by `codegen-q quantize`, or a hub CodeGen directory (float path).
 
     On the CPU quantized weights stay mmap'd (no copy); with device="cuda" they are copied to the
-    GPU once and decode uses the CUDA GEMV (the rest of the step is torch on the GPU). `dtype` is
-    the activation / float-weight dtype (float32 by default, bfloat16 to halve a float model;
-    float16 on a GPU, where the quantized Linears multiply fp16 activations in half2 arithmetic).
-    `kv_dtype` is the KV cache's: by default float16 for a quantized model on the CPU, else `dtype`;
-    "int8" (float32 activations; CPU, or a GPU's CUDA twins) halves fp16's bytes again: symmetric, one fp16 scale per
-    token and head, logits within a derived bound of fp16's (docs/cpu-kernels.md, "int8 KV").
+    GPU once and the Linear layers run on the CUDA kernels (the rest of the step is torch on the
+    GPU). `dtype` is the activation / float-weight dtype (float32 by default, bfloat16 to halve a
+    float model; float16 on a GPU, where the quantized Linears multiply fp16 activations in half2
+    arithmetic). `kv_dtype` is the KV cache's: by default float16 for a quantized model on the
+    CPU, else `dtype`; "int8" (float32 activations; the CPU, or a GPU's CUDA twins of its kernels)
+    halves fp16's bytes again: symmetric, one fp16 scale per token and head, logits within a
+    derived bound of fp16's (docs/cpu-kernels.md, "int8 KV").
     `prefill_dtype="bfloat16"` runs a quantized model's many-row GEMMs (prompts) in bf16: ~1.6x
     faster prefill on a CPU with native bf16 (AVX512-BF16, AMX), logits ~1 % off the fp32 ones;
     `prefill_dtype="int8"` (CPU) quantizes the prompt's activations to int8 per row and 128
