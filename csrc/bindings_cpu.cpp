@@ -210,7 +210,8 @@ cgq::cpu::rotary_kv_append(a);
           py::arg("ln_w"), py::arg("ln_b"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"),
           py::arg("N"), py::arg("K"), py::arg("int4"), py::arg("group_size"))
       .def_readonly("has_head", &cgq::cpu::DecodeModel::has_head)
-      .def_readwrite("min_block_bytes_per_job", &cgq::cpu::DecodeModel::min_block_bytes_per_job);
+      .def_readwrite("min_block_bytes_per_job", &cgq::cpu::DecodeModel::min_block_bytes_per_job)
+      .def_readwrite("int8_activations", &cgq::cpu::DecodeModel::int8_activations);
   m.def(
       "decode_step",
       [](const cgq::cpu::DecodeModel& model, uintptr_t h, int64_t S, uintptr_t k_cache, uintptr_t v_cache,
@@ -261,6 +262,7 @@ cgq::cpu::rotary_kv_append(a);
       d["limb_max_m_int4"] = c.limb_max_m_int4;
       d["gemm_tile_m"] = c.gemm_tile_m;
       d["gemm_tile_n"] = c.gemm_tile_n;
+      d["int8_gemv_max_m"] = c.int8_gemv_max_m;
       return d;
     };
     py::dict isas;

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from codegen_q import QuantizedWeight, qlinear, quantize_weight
+from codegen_q.kernels import native as _native
 from codegen_q.kernels.ops import int8_activation_min_rows
 from codegen_q.testing.reference import (FP32_UNIT_ROUNDOFF, INT8_ACTIVATION_CHUNK, fp32_bound, int8_activations,
                                          qlinear_int8_activations, weight_codes)
@@ -142,6 +143,29 @@ def test_a_row_is_the_same_whatever_rows_come_with_it(cpu_isa, scheme):
         assert torch.equal(qlinear(x[rows], qw, bias, gemm_dtype=torch.int8), full[rows]), rows
     ref, tol = qlinear_int8_activations(x[:1], qw, bias)
     assert_close(full[:1], ref, tol, f"{cpu_isa} {scheme} one row")
+
+
+GEMV_MAX_M = {isa: c["int8_gemv_max_m"] for isa, c in _native.cpu().kernel_constants()["isa"].items()}
+
+
+@pytest.mark.parametrize("activation", [None, "gelu_new"])
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_few_rows_take_the_gemv_and_give_the_gemms_bits(cpu_isa, scheme, activation):
+    """Up to int8_gemv_max_m rows of x take the GEMV (lanes along K), more take the GEMM (lanes
+    along the rows of x). A row's outputs are the same bits either way, with bias and gelu, for N
+    not a multiple of either kernel's column tile, and within the reference's bound."""
+    limit = GEMV_MAX_M.get(cpu_isa, 0)
+    x, qw, bias = make(scheme, limit + 9, 640, 37, seed=13)
+    x[2, 130:140] *= 400.0  # an outlier chunk, so the chunks' scales differ
+    full = qlinear(x, qw, bias, gemm_dtype=torch.int8, activation=activation)
+    for m in sorted({1, 2, 3, max(limit - 1, 1), max(limit, 1)}):
+        assert torch.equal(qlinear(x[:m], qw, bias, gemm_dtype=torch.int8, activation=activation), full[:m]), m
+    rows = qlinear(x[limit - 2:limit + 1] if limit >= 2 else x[:3], qw, bias, gemm_dtype=torch.int8,
+                   activation=activation)
+    assert torch.equal(rows, full[limit - 2:limit + 1] if limit >= 2 else full[:3])
+    if activation is None:
+        ref, tol = qlinear_int8_activations(x[:3], qw, bias)
+        assert_close(full[:3], ref, tol, f"{cpu_isa} {scheme} GEMV rows")
 
 
 def test_batched_leading_dims_and_dtypes(cpu_isa):

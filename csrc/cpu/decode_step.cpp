@@ -2,7 +2,8 @@
 // parallel_region:
 //   1. every job: x = ln_1(h) and x's activation limbs, privately (a few microseconds);
 //   2. qkv and fc_in rows, split across jobs as one list (same K, same cost per row); each job
-//      applies gelu_new to the fc_in outputs it produced;                          -- barrier
+//      applies gelu_new to the fc_in outputs it produced (with int8 activations, the kernel's
+//      epilogue does);                                                              -- barrier
 //   3. (sequence, head) tasks split across jobs: rotary on that head's q and k, its k and v into
 //      the cache slot; then attention of the job's heads over their sequences' blocks (a job
 //      wrote the only new rows it reads, so no barrier is needed in between);      -- barrier
@@ -43,10 +44,11 @@ Range share(int64_t n, int64_t grain, int job, int n_jobs) {
   return {b < n ? b : n, e < n ? e : n};
 }
 
-QLinearArgs linear_args(const DecodeLinear& l, const float* x, int64_t M, float* y, int64_t group_size) {
+QLinearArgs linear_args(const DecodeLinear& l, const float* x, int64_t M, float* y, int64_t group_size,
+                        bool int8_activations = false) {
   QLinearArgs a;
   a.x = x, a.M = M, a.K = l.K, a.N = l.N, a.qweight = l.qweight, a.scales = l.scales, a.zeros = l.zeros;
-  a.group_size = group_size, a.bias = l.bias, a.y = y;
+  a.group_size = group_size, a.bias = l.bias, a.y = y, a.int8_activations = int8_activations;
   return a;
 }
 
@@ -218,8 +220,9 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
       const DecodeBlock& b = m.blocks[li];
       // 1. x = ln_1(h), privately.
       layer_norm_rows(a.h, S, d, b.ln_w, b.ln_b, m.eps, x);
-      QLinearArgs qa = linear_args(b.qkv, x, S, qkv, m.group_size);
-      QLinearArgs fa = linear_args(b.fc_in, x, S, act, m.group_size);
+      QLinearArgs qa = linear_args(b.qkv, x, S, qkv, m.group_size, m.int8_activations);
+      QLinearArgs fa = linear_args(b.fc_in, x, S, act, m.group_size, m.int8_activations);
+      fa.gelu = m.int8_activations;
       qa.workspace = fa.workspace = ws_x.get(k.qlinear_workspace_bytes(qa, m.int4));
       k.qlinear_prepare(qa, m.int4, const_cast<void*>(qa.workspace));
       // 2. qkv rows, then fc_in rows + gelu.
@@ -227,7 +230,8 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
       if (qkv_fc.end > 3 * d) {
         const int64_t fb = qkv_fc.begin > 3 * d ? qkv_fc.begin - 3 * d : 0, fe = qkv_fc.end - 3 * d;
         qlinear(fa, fb, fe);
-        for (int64_t s = 0; s < S; ++s) k.gelu_new(act + s * inner + fb, fe - fb);
+        if (!fa.gelu)
+          for (int64_t s = 0; s < S; ++s) k.gelu_new(act + s * inner + fb, fe - fb);
       }
       barrier.wait();
       // 3. Per (sequence, head): rotary and KV append; then attention over this job's heads.
@@ -258,8 +262,8 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
       k.paged_attention(at, scores, heads.begin, heads.end);
       barrier.wait();
       // 4. h += out_proj(attn) + fc_out(gelu) for this job's output rows.
-      QLinearArgs oa = linear_args(b.out, attn, S, out, m.group_size);
-      QLinearArgs ca = linear_args(b.fc_out, act, S, fc, m.group_size);
+      QLinearArgs oa = linear_args(b.out, attn, S, out, m.group_size, m.int8_activations);
+      QLinearArgs ca = linear_args(b.fc_out, act, S, fc, m.group_size, m.int8_activations);
       oa.workspace = ws_attn.get(k.qlinear_workspace_bytes(oa, m.int4));
       ca.workspace = ws_act.get(k.qlinear_workspace_bytes(ca, m.int4));
       if (rows.begin < rows.end) {

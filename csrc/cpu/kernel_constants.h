@@ -33,12 +33,18 @@ struct Isa {
   int64_t limb_max_m_int8, limb_max_m_int4;
   // The blocked GEMM's tile (qlinear_gemm.h): rows of x per tile (its lanes) and weight rows.
   int64_t gemm_tile_m, gemm_tile_n;
+  // Rows of x up to which int8 activations take the GEMV (qlinear_i8gemv.h) instead of the GEMM
+  // (qlinear_i8gemm.h). Both give the same bits; this is only about speed. 0: no GEMV (AVX-512,
+  // until its twin of the AVX2 GEMV has run on an AVX-512 machine).
+  int64_t int8_gemv_max_m;
 };
 
 // AVX-512: the VNNI GEMVs pay one vpdpbusd per limb for every 64 products of a row of x, the fp32
 // ones one FMA per 16, so integer wins for few rows only (docs/cpu-kernels.md has the figures).
-inline constexpr Isa kAvx512{kNoLimit, 1, 3, 32, 12};
-// AVX2: int4 at M = 1 runs on limbs and vpmaddubsw; int8 keeps the fp32 kernels.
-inline constexpr Isa kAvx2{kNoLimit, 0, 1, 16, 5};
+inline constexpr Isa kAvx512{kNoLimit, 1, 3, 32, 12, 0};
+// AVX2: int4 at M = 1 runs on limbs and vpmaddubsw; int8 keeps the fp32 kernels. With int8
+// activations, the GEMV costs about a tenth of the GEMM's padded 16-row tile per row, so from 9
+// rows one tile is cheaper (docs/cpu-kernels.md, "int8 activations for few rows").
+inline constexpr Isa kAvx2{kNoLimit, 0, 1, 16, 5, 8};
 
 }  // namespace cgq::cpu::kernel_constants

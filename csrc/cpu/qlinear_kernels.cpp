@@ -24,6 +24,9 @@
 #endif
 #include "cpu/gelu.h"
 #include "cpu/qlinear_i8gemm.h"
+#if defined(CGQ_ISA_AVX2)
+#include "cpu/qlinear_i8gemv.h"
+#endif
 
 namespace cgq::cpu::CGQ_ISA {
 namespace {
@@ -268,9 +271,20 @@ void run_gemm(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
 }
 #endif
 
+#if defined(CGQ_ISA_AVX2)
+// int8 activations for few rows: the GEMV, whose lanes run along K (the GEMM's run along the rows
+// of x and pad them to a tile). AVX2 only for now (kernel_constants.h says why).
+bool uses_i8gemv(const QLinearArgs& a) {
+  return i8gemm::applies(a) && a.M <= kernel_constants::kAvx2.int8_gemv_max_m;
+}
+#endif
+
 }  // namespace
 
 int64_t qlinear_workspace_bytes(const QLinearArgs& a, bool int4) {
+#if defined(CGQ_ISA_AVX2)
+  if (uses_i8gemv(a)) return i8gemv::workspace_bytes(a, int4);
+#endif
   if (i8gemm::applies(a)) return i8gemm::workspace_bytes(a, int4);
 #if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
   if (uses_gemm(a)) return gemm::workspace_bytes(a.M, a.K);
@@ -287,6 +301,9 @@ int64_t qlinear_workspace_bytes(const QLinearArgs& a, bool int4) {
 }
 
 void qlinear_prepare(const QLinearArgs& a, bool int4, void* workspace) {
+#if defined(CGQ_ISA_AVX2)
+  if (uses_i8gemv(a)) return i8gemv::prepare(a, int4, static_cast<uint8_t*>(workspace), 0, a.M);
+#endif
   if (i8gemm::applies(a)) return i8gemm::prepare(a, int4, static_cast<uint8_t*>(workspace), 0, i8gemm::layout(a, int4).tiles);
 #if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
   if (uses_gemm(a)) return gemm::prepare(a.x, a.M, a.K, static_cast<float*>(workspace));
@@ -316,7 +333,12 @@ static void qlinear_int8_columns(const QLinearArgs& a, int64_t n_begin, int64_t 
 
 int64_t int8_activation_min_rows() { return i8gemm::kMT; }
 
+// The GEMM's workspace is prepared a tile of rows per part, on the pool; the GEMV's few rows by
+// the calling thread (qlinear_prepare).
 int64_t qlinear_prepare_parts(const QLinearArgs& a, bool int4) {
+#if defined(CGQ_ISA_AVX2)
+  if (uses_i8gemv(a)) return 0;
+#endif
   return i8gemm::applies(a) ? i8gemm::layout(a, int4).tiles : 0;
 }
 
@@ -350,12 +372,18 @@ static void gelu_columns(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
 }
 
 void qlinear_int8(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
+#if defined(CGQ_ISA_AVX2)
+  if (uses_i8gemv(a)) return i8gemv::run<false>(a, n_begin, n_end);
+#endif
   if (i8gemm::applies(a)) return i8gemm::run<false>(a, n_begin, n_end);
   qlinear_int8_columns(a, n_begin, n_end);
   if (a.gelu) gelu_columns(a, n_begin, n_end);
 }
 
 void qlinear_int4(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
+#if defined(CGQ_ISA_AVX2)
+  if (uses_i8gemv(a)) return i8gemv::run<true>(a, n_begin, n_end);
+#endif
   if (i8gemm::applies(a)) return i8gemm::run<true>(a, n_begin, n_end);
   qlinear_int4_columns(a, n_begin, n_end);
   if (a.gelu) gelu_columns(a, n_begin, n_end);
