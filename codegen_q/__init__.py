@@ -14,14 +14,15 @@ from codegen_q.quantization.convert import quantize_checkpoint
 from codegen_q.quantization.rtn import quantize_weight
 
 
-def load(path=None, device="cpu", dtype=None, num_threads=None, verify=True, kv_dtype=None, prefill_dtype=None):
+def load(path=None, device="cpu", dtype=None, num_threads=None, verify=True, kv_dtype=None, prefill_dtype=None,
+         decode_dtype=None):
     """Load a quantized (or hub) CodeGen directory, or with no path the small default model that
     ships with codegen-q; see codegen_q.generation.load.load."""
     from codegen_q import default_model
     from codegen_q.generation.load import load as _load
 
     return _load(default_model.path() if path is None else path, device=device, dtype=dtype, num_threads=num_threads, verify=verify, kv_dtype=kv_dtype,
-                 prefill_dtype=prefill_dtype)
+                 prefill_dtype=prefill_dtype, decode_dtype=decode_dtype)
 
 
 _default = None

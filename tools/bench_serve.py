@@ -160,7 +160,8 @@ def editor_prompts(tokenizer, count: int, prefix_tokens: int) -> tuple[str, list
 # ---------------------------------------------------------------------------------------- server
 
 @contextlib.contextmanager
-def server(model: str, prefix_cache: bool, max_batch: int, threads: int | None, ray_replicas: int | None = None):
+def server(model: str, prefix_cache: bool, max_batch: int, threads: int | None, ray_replicas: int | None = None,
+           decode_dtype: str = "auto"):
     """`codegen-q serve` in a process of its own on 127.0.0.1 (the OS picks the port); yields the port.
     With ``ray_replicas``: `codegen-q serve --ray` (a Ray instance of its own, ``threads`` per
     replica) on a free port picked here, since Ray Serve's proxy needs a fixed one."""
@@ -173,6 +174,7 @@ def server(model: str, prefix_cache: bool, max_batch: int, threads: int | None, 
         cmd += ["--threads", str(threads)]
     if not prefix_cache:
         cmd.append("--no-prefix-cache")
+    cmd += ["--decode-dtype", decode_dtype]
     env = {k: v for k, v in os.environ.items() if k != "CODEGEN_Q_API_KEY"}
     env["RAY_USAGE_STATS_ENABLED"] = "0"  # nothing but 127.0.0.1 is contacted
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
@@ -292,7 +294,7 @@ def bench(args: argparse.Namespace) -> dict:
            "editor_prompt_tokens": [len(tokenizer.encode(p)) for p in keystrokes],
            "throughput_prompt_tokens": len(tokenizer.encode(throughput_prompts(tokenizer, 1, prompt_tokens, "x")[0])),
            "threads": args.threads, "levels": {}, "editor": {}}
-    with server(model, True, max(LEVELS), args.threads) as port:
+    with server(model, True, max(LEVELS), args.threads, decode_dtype=args.decode_dtype) as port:
         complete(port, throughput_prompts(tokenizer, 1, prompt_tokens, "warm-up")[0], 4)
         for c in LEVELS:
             prompts = throughput_prompts(tokenizer, args.requests, prompt_tokens, f"c{c}")
@@ -301,7 +303,7 @@ def bench(args: argparse.Namespace) -> dict:
         out["editor"]["warm"] = editor_run(port, file, keystrokes)
         out["editor"]["warm"]["prefix_cache"] = health(port)["prefix_cache"]
         _progress(f"editor, prefix cache on: TTFT p50 {out['editor']['warm']['ttft_p50_s'] * 1000:.0f} ms")
-    with server(model, False, max(LEVELS), args.threads) as port:
+    with server(model, False, max(LEVELS), args.threads, decode_dtype=args.decode_dtype) as port:
         out["editor"]["cold"] = editor_run(port, file, keystrokes)
         _progress(f"editor, prefix cache off: TTFT p50 {out['editor']['cold']['ttft_p50_s'] * 1000:.0f} ms")
     base = out["levels"]["1"]["tokens_per_s"]
@@ -360,6 +362,8 @@ def main(argv=None) -> int:
     p.add_argument("--editor-requests", type=int, default=12, help="keystrokes per editor run (default 12)")
     p.add_argument("--prefix-tokens", type=int, default=1500, help="the editor's file, in tokens (default 1500)")
     p.add_argument("--threads", type=int, default=None, help="the server's CPU threads (default: all cores)")
+    p.add_argument("--decode-dtype", default="auto", choices=["auto", "float32", "int8"],
+                   help="the server's --decode-dtype (int8: decode steps on int8 activations)")
     p.add_argument("--quick", action="store_true", help="a short smoke run: 4 requests of 8 tokens, 3 keystrokes")
     p.add_argument("--json", default=None, metavar="OUT", help="write the raw numbers here")
     ray = p.add_argument_group("--ray: the server on Ray Serve (tools/bench_serve_ray.py)")

@@ -30,6 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: the GPU if usable)")
     add_kv_dtype_argument(p)
     add_prefill_dtype_option(p)
+    add_decode_dtype_option(p)
     p.add_argument("--no-stream", action="store_true", help="print the completion at the end only")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, finish reason, speed)")
     p.add_argument("--no-verify", action="store_true", help="skip the manifest checksums when loading")
@@ -53,6 +54,16 @@ def add_prefill_dtype_option(p: argparse.ArgumentParser) -> None:
                    help="a quantized model's GEMM dtype for prompts: int8 quantizes the activations (CPU; several "
                         "times faster, +0.01%% perplexity on the default model), bfloat16 runs torch's bf16 GEMM "
                         "(CPUs with native bf16), float32 is exact (default auto: int8 on the CPU, else float32)")
+
+
+def add_decode_dtype_option(p: argparse.ArgumentParser) -> None:
+    """--decode-dtype, as generate and serve take it (runtime.load's decode_dtype)."""
+    from codegen_q.generation.load import DECODE_DTYPES
+
+    p.add_argument("--decode-dtype", default="auto", choices=["auto", *DECODE_DTYPES],
+                   help="a quantized model's activations in decode steps (CPU): int8 computes each token as the "
+                        "int8 prompt pass does, so batched requests get the bits they get alone, and batched "
+                        "decode is cheaper for int4 on AVX2 (default auto: float32)")
 
 
 def positive_int(text: str) -> int:
@@ -132,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir, prompt_arg = model_and_prompt(args.model_and_prompt)
     prompt = check_text(_read_prompt(prompt_arg), "the prompt")
     model = load(model_dir, device=args.device, num_threads=args.threads, verify=not args.no_verify,
-                 kv_dtype=args.kv_dtype, prefill_dtype=args.prefill_dtype)
+                 kv_dtype=args.kv_dtype, prefill_dtype=args.prefill_dtype, decode_dtype=args.decode_dtype)
     max_new_tokens = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
     options = dict(max_new_tokens=max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,

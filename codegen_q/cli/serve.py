@@ -18,7 +18,8 @@ import socket
 import warnings
 
 from codegen_q.cli import serve_ray as cli_serve_ray
-from codegen_q.cli.generate import add_kv_dtype_argument, add_prefill_dtype_option, positive_int
+from codegen_q.cli.generate import (add_decode_dtype_option, add_kv_dtype_argument, add_prefill_dtype_option,
+                                    positive_int)
 from codegen_q.server.settings import API_KEY_ENV, DEFAULT_MODEL_NAME, kv_tokens_for, log_to_stderr, parse_size
 
 GRACE_SECONDS = 5
@@ -48,6 +49,7 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
     add_kv_dtype_argument(p)
     add_prefill_dtype_option(p)
+    add_decode_dtype_option(p)
     p.add_argument("--model-name", default=None,
                    help="the model id /v1/models lists and responses carry (default: the directory's name)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
@@ -117,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         model_dir, name = default_model.path(), name or DEFAULT_MODEL_NAME
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     model = load(model_dir, device=args.device, num_threads=args.threads, kv_dtype=args.kv_dtype,
-                 prefill_dtype=args.prefill_dtype)
+                 prefill_dtype=args.prefill_dtype, decode_dtype=args.decode_dtype)
     kv_tokens = None if args.kv_memory is None else kv_tokens_for(model, args.kv_memory)
     app = create_app(model, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                      kv_tokens=kv_tokens, model_name=name, prefix_caching=args.prefix_cache)

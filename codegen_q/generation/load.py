@@ -26,6 +26,9 @@ PREFILL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": 
 # because the quality report (tools/eval_quality.py, docs/default-model.md) puts their cost within
 # 0.5 % of fp32 prompts' perplexity on the trained default model.
 DEFAULT_CPU_PREFILL_DTYPE = torch.int8
+# A quantized model's decode-step activations on the CPU: float32 (the default), or int8 with the
+# prompt GEMM's contract (csrc/cpu/qlinear_i8gemv.h says why rows then match bit for bit).
+DECODE_DTYPES = {"float32": torch.float32, "int8": torch.int8}
 
 
 class LoadedModel:
@@ -85,7 +88,8 @@ def _warn_if_bf16_is_emulated() -> None:
 
 def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str | None = None,
          num_threads: int | None = None, verify: bool = True,
-         kv_dtype: torch.dtype | str | None = None, prefill_dtype: torch.dtype | str | None = None) -> LoadedModel:
+         kv_dtype: torch.dtype | str | None = None, prefill_dtype: torch.dtype | str | None = None,
+         decode_dtype: torch.dtype | str | None = None) -> LoadedModel:
     """Load a directory written by `codegen-q quantize`, or a hub CodeGen directory (float path).
 
     On the CPU quantized weights stay mmap'd (no copy); with device="cuda" they are copied to the
@@ -103,6 +107,12 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     speed. Decode is unchanged either way. Default (None or "auto"): int8 for a quantized model on
     the CPU (it moves the default model's perplexity by +0.01 %, docs/default-model.md), else fp32
     (see ops.qlinear's gemm_dtype).
+    `decode_dtype="int8"` (CPU, quantized model) runs the decode step's Linears on int8 activations
+    under the prompt GEMM's contract: a sequence's hidden states are then the same bits whether it
+    is decoded alone or in a batch of requests (the fp32 lm_head's kernels still differ in the last
+    bits by batch size), and batched decode is cheaper for int4 on AVX2 (docs/cpu-kernels.md, "int8
+    activations for few rows"); logits move within the int8 prompt pass's bound. Default (None or
+    "auto"): float32 activations.
     `verify` checks the manifest checksums.
     """
     path = os.fspath(path)
@@ -121,6 +131,9 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
                          "or bfloat16")
     if prefill_dtype == torch.bfloat16 and device == "cpu":
         _warn_if_bf16_is_emulated()
+    decode_dtype = None if decode_dtype == "auto" else _dtype_argument("decode_dtype", decode_dtype, DECODE_DTYPES)
+    if decode_dtype == torch.int8 and device != "cpu":
+        raise ValueError(f"decode_dtype='int8' is a CPU option (int8 activations); on {device} use float32")
     if num_threads is not None:
         set_num_threads(num_threads)
         torch.set_num_threads(num_threads)
@@ -136,7 +149,10 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     tokenizer = CodeGenTokenizer.from_dir(path)
     if prefill_dtype is None and device == "cpu" and config.quantization is not None:
         prefill_dtype = DEFAULT_CPU_PREFILL_DTYPE
-    model = CodeGenModel(config, weights, dtype=dtype, kv_dtype=kv_dtype, prefill_dtype=prefill_dtype)
+    if decode_dtype == torch.int8 and config.quantization is None:
+        raise ValueError("decode_dtype='int8' needs a quantized model (codegen-q quantize); this one is float")
+    model = CodeGenModel(config, weights, dtype=dtype, kv_dtype=kv_dtype, prefill_dtype=prefill_dtype,
+                         decode_dtype=decode_dtype)
     return LoadedModel(path, config, model, tokenizer)
 
 

@@ -127,12 +127,16 @@ def default_kv_dtype(quantized: bool, device_type: str, dtype: torch.dtype = tor
 
 class CodeGenModel:
     def __init__(self, config, weights: Mapping[str, WeightLike], dtype: torch.dtype = torch.float32,
-                 kv_dtype: torch.dtype | None = None, prefill_dtype: torch.dtype | None = None) -> None:
+                 kv_dtype: torch.dtype | None = None, prefill_dtype: torch.dtype | None = None,
+                 decode_dtype: torch.dtype | None = None) -> None:
         self.config = config
         self.dtype = dtype
         # The quantized Linears' GEMM dtype for many rows at once (ops.qlinear's gemm_dtype):
         # None / float32 keep fp32; bfloat16 and int8 are the opt-in faster, less exact prefills.
         self.prefill_dtype = prefill_dtype
+        # The fused decode step's activations: None / float32, or int8 (the prompt GEMM's
+        # contract: a sequence's blocks give the same bits alone or in any batch).
+        self.decode_dtype = decode_dtype
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.rotary_dim = config.rotary_dim or self.head_dim

@@ -44,6 +44,7 @@ class FusedDecoder:
             blocks, shapes, model.config.n_embd, model.n_head, model.head_dim, model.rotary_dim,
             model.sin.shape[0], first.bits == 4, first.group_size or 0, float(model.eps),
             model.sin.data_ptr(), model.cos.data_ptr())
+        self.native.int8_activations = model.decode_dtype == torch.int8
         if self._head_supported(model):
             head: QuantizedWeight = model.lm_head.weight
             self.native.set_head(model.ln_f_w.data_ptr(), model.ln_f_b.data_ptr(), head.qweight.data_ptr(),

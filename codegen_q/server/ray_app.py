@@ -50,7 +50,8 @@ class CompletionServer:
             path = default_model.path()  # this node's copy of the package's default model
         self.model = load(path, device=options.device,
                           num_threads=None if options.gpus_per_replica else options.threads,
-                          kv_dtype=options.kv_dtype, prefill_dtype=options.prefill_dtype)
+                          kv_dtype=options.kv_dtype, prefill_dtype=options.prefill_dtype,
+                          decode_dtype=options.decode_dtype)
 
     def __serve_build_asgi_app__(self):
         from codegen_q.server.api import create_app
@@ -79,6 +80,6 @@ def application(options: RayServeOptions) -> Application:
 def build_app(args: dict[str, Any]) -> Application:
     """The application builder for `serve run` and config files: ``args`` are RayServeOptions'
     fields (model, model_name, max_batch, max_queue, kv_memory, prefix_caching, kv_dtype,
-    prefill_dtype, replicas, min_replicas, max_replicas, threads_per_replica, gpus_per_replica), as
+    prefill_dtype, decode_dtype, replicas, min_replicas, max_replicas, threads_per_replica, gpus_per_replica), as
     strings or values."""
     return application(RayServeOptions.from_args(dict(args)))

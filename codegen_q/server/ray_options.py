@@ -37,6 +37,7 @@ class RayServeOptions:
     prefix_caching: bool = True
     kv_dtype: str | None = None        # load()'s options, as names ("auto" / None: its defaults)
     prefill_dtype: str | None = None
+    decode_dtype: str | None = None
     replicas: int = 1
     min_replicas: int | None = None
     max_replicas: int | None = None
@@ -134,7 +135,7 @@ class RayServeOptions:
         for name, value in args.items():
             if value is None or not isinstance(value, str):
                 values[name] = value
-            elif name in ("model", "model_name", "api_key", "kv_dtype", "prefill_dtype"):
+            elif name in ("model", "model_name", "api_key", "kv_dtype", "prefill_dtype", "decode_dtype"):
                 values[name] = value
             elif name == "prefix_caching":
                 values[name] = _parse_bool(name, value)
