@@ -27,7 +27,8 @@ import time
 
 import codegen_q  # before torch: it makes torch's OpenMP threads passive, which only works before torch loads
 from codegen_q.kernels import native as _native
-from codegen_q.testing.reference import assert_qlinear_within_bound
+from codegen_q.testing.reference import (INT8_ACTIVATION_CHUNK, assert_qlinear_within_bound, assert_within, first_rows,
+                                         qlinear_int8_activations)
 import torch
 
 # (name, in_features K, out_features N): CodeGen-6B qkv / fc_in / fc_out and CodeGen-16B fc_in.
@@ -118,6 +119,11 @@ def bench_shape(name: str, k: int, n: int, m: int, probe_bytes: int, with_peers:
             qw.bits, qw.shape, qw.qweight.clone(), qw.scales.clone(), None if qw.zeros is None else qw.zeros.clone(),
             qw.group_size), qw.nbytes)
         add(label, cycle(copies, lambda c: codegen_q.qlinear(x, c)), qw.nbytes)
+        if k % INT8_ACTIVATION_CHUNK == 0:  # int8 activations: the GEMV for few rows, the GEMM for more
+            y8 = codegen_q.qlinear(x, qw, gemm_dtype=torch.int8)[..., :CHECKED_ROWS]
+            ref, tol = qlinear_int8_activations(x, first_rows(qw, CHECKED_ROWS))
+            assert_within(y8, ref, tol, f"{label}, int8 x {name} M={m}")
+            add(label + ", int8 x", cycle(copies, lambda c: codegen_q.qlinear(x, c, gemm_dtype=torch.int8)), qw.nbytes)
         del qw, copies
 
     if with_peers:
@@ -138,7 +144,7 @@ def bench_shape(name: str, k: int, n: int, m: int, probe_bytes: int, with_peers:
 
 def print_table(rows: list[dict]) -> None:
     print("\nread GB/s: the machine's read bandwidth measured around that row; %bw = GB/s / read GB/s\n")
-    header = (f"{'shape':<12} {'M':>2} {'impl':<26} {'ms':>8} {'MB':>7} {'GB/s':>7} {'read GB/s':>9} {'%bw':>5} "
+    header = (f"{'shape':<12} {'M':>2} {'impl':<34} {'ms':>8} {'MB':>7} {'GB/s':>7} {'read GB/s':>9} {'%bw':>5} "
               f"{'vs fp32':>8}")
     print(header)
     print("-" * len(header))
@@ -146,7 +152,7 @@ def print_table(rows: list[dict]) -> None:
         base = next((r for r in rows if r["shape"] == row["shape"] and r["M"] == row["M"]
                      and r["impl"] == "torch fp32 matmul"), None)
         speedup = f"{base['ms'] / row['ms']:.2f}x" if base else ""
-        print(f"{row['shape']:<12} {row['M']:>2} {row['impl']:<26} {row['ms']:>8.3f} {row['weight_MB']:>7.1f} "
+        print(f"{row['shape']:<12} {row['M']:>2} {row['impl']:<34} {row['ms']:>8.3f} {row['weight_MB']:>7.1f} "
               f"{row['GB/s']:>7.2f} {row['read_GB/s']:>9.1f} {row['%bw']:>5.0f} {speedup:>8}")
 
 

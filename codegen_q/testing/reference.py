@@ -100,17 +100,23 @@ def assert_within(y: torch.Tensor, ref: torch.Tensor, tol: torch.Tensor, what: s
             f"err={err[idx].item():.3e} tol={tol[idx].item():.3e}")
 
 
+def first_rows(qw, rows: int):
+    """The first `rows` output features of a QuantizedWeight, as a view (so a reference need not
+    widen a large weight whole to float64)."""
+    if rows >= qw.shape[0]:
+        return qw
+    return type(qw)(qw.bits, (rows, qw.shape[1]), qw.qweight[:rows], qw.scales[:rows],
+                    None if qw.zeros is None else qw.zeros[:rows], qw.group_size)
+
+
 def assert_qlinear_within_bound(y: torch.Tensor, x: torch.Tensor, qw, bias: torch.Tensor | None = None,
                                 rows: int | None = None, what: str = "") -> None:
     """y = qlinear(x, qw, bias), on any device, within the float64 reference's bound for x's dtype
     (fp32_bound for float32 x, half_bound for float16 / bfloat16); only its first `rows` output
     features are checked when given, so a benchmark's large weight need not be widened whole to
     float64."""
-    n, k = qw.shape
-    rows = n if rows is None else min(rows, n)
-    if rows < n:
-        qw = type(qw)(qw.bits, (rows, k), qw.qweight[:rows], qw.scales[:rows],
-                      None if qw.zeros is None else qw.zeros[:rows], qw.group_size)
+    rows = qw.shape[0] if rows is None else min(rows, qw.shape[0])
+    qw = first_rows(qw, rows)
     x64, w64 = x.detach().cpu().double(), dequantize(qw)
     b64 = None if bias is None else bias.detach().cpu().double()[:rows]
     bound = fp32_bound(x64, w64, b64) if x.dtype == torch.float32 else half_bound(x64, w64, b64, x.dtype)
