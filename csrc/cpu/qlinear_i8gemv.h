@@ -35,6 +35,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/prefetch.h"
 #include "cpu/qlinear_i8gemm.h"
 
 namespace cgq::cpu::CGQ_ISA::i8gemv {
@@ -95,22 +96,61 @@ inline void prepare(const QLinearArgs& a, bool int4, uint8_t* ws, int64_t m_begi
   }
 }
 
+// Rows of 8 floats transposed in place: v[j][i] becomes v[i][j].
+inline void transpose8(__m256* v) {
+  __m256 t[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(v[i], v[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(v[i], v[i + 1]);
+  }
+  __m256 u[8];
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    v[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
 // The weight groups' zero points (negated) and scales of one tile of columns, transposed to
-// [group][kCols] so the epilogue loads them as vectors; columns past N repeat the last one.
+// [group][kCols] so the epilogue loads them as vectors; columns past N repeat the last one. Eight
+// groups at a time by an 8 x 8 transpose: done with scalar loads, the transpose cost about as many
+// instructions as the dot products of a g128 tile at one row of x.
 struct TileScales {
   std::vector<float> neg_z, s;
   void fill(const QLinearArgs& a, int64_t n0, int valid) {
+    static_assert(kCols == 8, "one 8 x 8 transpose per 8 groups");
     const int64_t groups = a.K / a.group_size;
     neg_z.resize(static_cast<size_t>(groups * kCols));
     s.resize(static_cast<size_t>(groups * kCols));
-    for (int r = 0; r < kCols; ++r) {
-      const int64_t n = n0 + std::min(r, valid - 1);
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t idx = n * groups + g;
-        neg_z[g * kCols + r] = -(a.zeros ? static_cast<float>(a.zeros[idx]) : static_cast<float>(kInt4SymmetricZero));
-        s[g * kCols + r] = Vec::half(a.scales[idx]);
+    int64_t row[kCols];
+    for (int r = 0; r < kCols; ++r) row[r] = (n0 + std::min(r, valid - 1)) * groups;
+    const __m256 symmetric = _mm256_set1_ps(-static_cast<float>(kInt4SymmetricZero));
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) {
+      __m256 sv[kCols], zv[kCols];
+      for (int r = 0; r < kCols; ++r) {
+        sv[r] = Vec::load_half(a.scales + row[r] + g);
+        zv[r] = a.zeros ? _mm256_xor_ps(_mm256_set1_ps(-0.0f), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.zeros + row[r] + g)))))
+                        : symmetric;
+      }
+      transpose8(sv);
+      if (a.zeros) transpose8(zv);
+      for (int j = 0; j < 8; ++j) {
+        _mm256_storeu_ps(s.data() + (g + j) * kCols, sv[j]);
+        _mm256_storeu_ps(neg_z.data() + (g + j) * kCols, zv[j]);
       }
     }
+    for (; g < groups; ++g)
+      for (int r = 0; r < kCols; ++r) {
+        neg_z[g * kCols + r] = -(a.zeros ? static_cast<float>(a.zeros[row[r] + g]) : static_cast<float>(kInt4SymmetricZero));
+        s[g * kCols + r] = Vec::half(a.scales[row[r] + g]);
+      }
   }
 };
 
@@ -192,7 +232,10 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
   for (int m = 0; m < MR; ++m) xq[m] = L.q(ws, m0 + m);
   Vec::R total[MR];
   for (int m = 0; m < MR; ++m) total[m] = Vec::zero();
+  // Two tiles ahead, as the limb GEMVs (prefetch.h): 8 rows read side by side are 8 streams.
+  const uint8_t* ahead = static_cast<const uint8_t*>(a.qweight) + (n0 + kLimbTilesAhead * kCols) * row_bytes;
   for (int64_t c = 0; c < a.K / kChunk; ++c) {
+    prefetch_next_tile<kCols, kChunk / 2>(ahead, row_bytes, c * (kChunk / 2));
     Vi sums[MR][kChunk / G];
     const Vi ones = _mm256_set1_epi16(1);
     Vi u[MR][2][2];
@@ -229,7 +272,9 @@ void int8_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
   for (int r = 0; r < kCols; ++r) neg_z[r] = -static_cast<float>(i8gemm::kInt8Offset), one[r] = 1.0f;
   Vec::R total[MR];
   for (int m = 0; m < MR; ++m) total[m] = Vec::zero();
+  const int8_t* ahead = static_cast<const int8_t*>(a.qweight) + (n0 + kLimbTilesAhead * kCols) * a.K;
   for (int64_t c = 0; c < a.K / kChunk; ++c) {
+    prefetch_next_tile<kCols, kChunk>(ahead, a.K, c * kChunk);
     Vi sums[MR][1];
     const Vi ones = _mm256_set1_epi16(1);
     Vi u[MR][2];
