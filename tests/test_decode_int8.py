@@ -84,6 +84,7 @@ def trained_models(tmp_path_factory):
     return {"int8": default_model.path(), "int4": int4}
 
 
+@pytest.mark.filterwarnings("ignore:decode_dtype='int8' asked for")  # the scalar build pads (tested below)
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_int8_decode_stays_within_the_stated_bound_of_fp32_decode(cpu_isa, trained_models, scheme):
     path = trained_models[scheme]
@@ -115,3 +116,14 @@ def test_decode_dtype_is_checked_at_load(tmp_path):
     with pytest.raises(ValueError, match="needs a quantized model"):
         load(default_model.HUB_DIR, decode_dtype="int8")
     assert load(default_model.path(), decode_dtype="auto").model.decode_dtype is None
+
+
+def test_int8_decode_warns_where_the_cpu_has_no_int8_gemv(cpu_isa):
+    """Without the GEMV every decode row is padded to the GEMM's tile: slower, so the user is told."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load(default_model.path(), decode_dtype="int8")
+    padded = [w for w in caught if "no int8-activation GEMV" in str(w.message)]
+    assert len(padded) == (0 if GEMV_MAX_M.get(cpu_isa, 0) >= 1 else 1)

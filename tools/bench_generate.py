@@ -21,6 +21,7 @@ others read in at load time).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -29,19 +30,20 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SYSTEMS = ["codegen-q fp32", "codegen-q int8", "codegen-q int4", "transformers fp32", "ctranslate2 int8"]
+SYSTEMS = ["codegen-q fp32", "codegen-q int8", "codegen-q int4", "codegen-q int8, int8 decode",
+           "codegen-q int4, int8 decode", "transformers fp32", "ctranslate2 int8"]
 
 
 # ---------------------------------------------------------------------------------------- workers
 # Each returns {"prefill_s", "decode_s", "new_tokens", "weight_bytes"} for a greedy run of
 # `new` tokens after `prompt` (a list of ids), batch `batch` (the prompt repeated).
 
-def _codegen_q(path: str, prompt: list[int], new: int, batch: int, threads: int) -> dict:
+def _codegen_q(path: str, prompt: list[int], new: int, batch: int, threads: int, decode_dtype: str = "auto") -> dict:
     import torch
 
     from codegen_q.generation.load import load
 
-    loaded = load(path, num_threads=threads)
+    loaded = load(path, num_threads=threads, decode_dtype=decode_dtype)
     model = loaded.model
     cache = model.new_cache(batch * (len(prompt) + new + 16))
     vocab = min(len(loaded.tokenizer), model.config.vocab_size)
@@ -109,7 +111,8 @@ def _ctranslate2(path: str, prompt: list[int], new: int, batch: int, threads: in
             "weight_bytes": weight_bytes}
 
 
-WORKERS = {"codegen-q": _codegen_q, "transformers": _transformers, "ctranslate2": _ctranslate2}
+WORKERS = {"codegen-q": _codegen_q, "codegen-q-int8-decode": functools.partial(_codegen_q, decode_dtype="int8"),
+           "transformers": _transformers, "ctranslate2": _ctranslate2}
 
 
 def peak_rss_bytes() -> int:
@@ -209,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     prompt = prompt_ids(args.prompt_tokens, len(CodeGenTokenizer.from_dir(paths["hub"])))
     bandwidth = measure_read_bandwidth(1 << 29)
     where = {"codegen-q fp32": ("codegen-q", paths["hub"]), "codegen-q int8": ("codegen-q", paths["int8"]),
-             "codegen-q int4": ("codegen-q", paths["int4"]), "transformers fp32": ("transformers", paths["hub"]),
+             "codegen-q int4": ("codegen-q", paths["int4"]),
+             "codegen-q int8, int8 decode": ("codegen-q-int8-decode", paths["int8"]),
+             "codegen-q int4, int8 decode": ("codegen-q-int8-decode", paths["int4"]),
+             "transformers fp32": ("transformers", paths["hub"]),
              "ctranslate2 int8": ("ctranslate2", paths["ct2"])}
     rows = []
     for batch in [1] + ([args.batch] if args.batch > 1 else []):
@@ -226,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                          e2e_tok_s=batch * (r["new_tokens"] + 1) / (r["prefill_s"] + r["decode_s"]))
                 r["roofline_pct"] = 100.0 * (r["decode_tok_s"] / batch) * r["weight_bytes"] / (bandwidth * 1e9)
                 runs[system].append(r)
-                print(f"  round {round_ + 1}/{args.rounds} {system:<18} batch {batch}: prefill "
+                print(f"  round {round_ + 1}/{args.rounds} {system:<27} batch {batch}: prefill "
                       f"{r['prefill_tok_s']:.1f}, decode {r['decode_tok_s']:.1f} tok/s", flush=True)
         for system in systems:
             ordered = sorted(runs[system], key=lambda r: r["decode_tok_s"])
@@ -238,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.preset}-shaped random checkpoint, prompt {args.prompt_tokens} tokens, {args.new_tokens} new, "
           f"greedy, {args.threads} threads, median of {args.rounds} rounds; measured read bandwidth "
           f"{bandwidth:.1f} GB/s\n")
-    header = (f"{'system':<18} {'batch':>5} {'prefill tok/s':>13} {'decode tok/s':>12} {'vs ct2 int8':>11} "
+    header = (f"{'system':<27} {'batch':>5} {'prefill tok/s':>13} {'decode tok/s':>12} {'vs ct2 int8':>11} "
               f"{'e2e tok/s':>9} {'e2e vs ct2':>10} {'weights MB':>10} {'roofline':>8} {'peak RSS MB':>11}")
     print(header)
     print("-" * len(header))
@@ -246,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         base = next((b for b in rows if b["system"] == "ctranslate2 int8" and b["batch"] == r["batch"]), None)
         ratio = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else "-"
         e2e_ratio = f"{r['e2e_tok_s'] / base['e2e_tok_s']:.2f}x" if base else "-"
-        print(f"{r['system']:<18} {r['batch']:>5} {r['prefill_tok_s']:>13.1f} {r['decode_tok_s']:>12.1f} {ratio:>11} "
+        print(f"{r['system']:<27} {r['batch']:>5} {r['prefill_tok_s']:>13.1f} {r['decode_tok_s']:>12.1f} {ratio:>11} "
               f"{r['e2e_tok_s']:>9.1f} {e2e_ratio:>10} {r['weight_bytes'] / 1e6:>10.0f} {r['roofline_pct']:>7.0f}% "
               f"{r['peak_rss_bytes'] / 1e6:>11.0f}")
     if args.json:

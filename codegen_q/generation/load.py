@@ -86,6 +86,20 @@ def _warn_if_bf16_is_emulated() -> None:
                       "in float32", RuntimeWarning, stacklevel=3)
 
 
+def _warn_if_int8_decode_is_padded() -> None:
+    import warnings
+
+    from codegen_q.kernels import native as _native
+    from codegen_q.kernels.backends import get_cpu_isa
+
+    cpu = _native.cpu()
+    isa = get_cpu_isa()
+    if cpu.kernel_constants()["isa"].get(isa, {}).get("int8_gemv_max_m", 0) < 1:
+        warnings.warn(f"decode_dtype='int8' asked for, but this CPU's {isa} kernels have no int8-activation GEMV "
+                      "yet: each decode step pads its rows to the int8 GEMM's tile, so single-request decode will "
+                      "be several times slower than with float32", RuntimeWarning, stacklevel=3)
+
+
 def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str | None = None,
          num_threads: int | None = None, verify: bool = True,
          kv_dtype: torch.dtype | str | None = None, prefill_dtype: torch.dtype | str | None = None,
@@ -134,6 +148,8 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     decode_dtype = None if decode_dtype == "auto" else _dtype_argument("decode_dtype", decode_dtype, DECODE_DTYPES)
     if decode_dtype == torch.int8 and device != "cpu":
         raise ValueError(f"decode_dtype='int8' is a CPU option (int8 activations); on {device} use float32")
+    if decode_dtype == torch.int8:
+        _warn_if_int8_decode_is_padded()
     if num_threads is not None:
         set_num_threads(num_threads)
         torch.set_num_threads(num_threads)
