@@ -35,6 +35,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/qformat.h"
@@ -183,6 +184,19 @@ inline int32_t byte_sum(const int8_t* q, int64_t n) {
 #endif
 }
 
+// One chunk of x by the contract above: its codes into q, its scale sx returned.
+inline float quantize_chunk(const float* x, int8_t* q) {
+  const float amax = chunk_amax(x);
+  const float inv = 127.0f / amax;
+  if (amax > 0.0f && inv <= std::numeric_limits<float>::max()) {
+    chunk_quantize(x, inv, q);
+    return amax / 127.0f;
+  }
+  // Zero or below ~4e-37 (no finite inverse): zeros; NaN / inf: sx = NaN, NaN outputs.
+  std::memset(q, 0, kChunk);
+  return amax == amax ? 0.0f : std::numeric_limits<float>::quiet_NaN();
+}
+
 // Quantizes the tiles [t_begin, t_end) of x into the workspace; tiles are independent, so the
 // dispatcher spreads them over threads. Every |x * inv| <= 127 up to rounding, so the values fit
 // int8 without clamping.
@@ -198,14 +212,11 @@ inline void prepare(const QLinearArgs& a, bool int4, uint8_t* ws, int64_t t_begi
       const int64_t m = t * kMT + i;
       const float* x = a.x + m * K;
       for (int64_t c = 0; c < K / kChunk; ++c) {
-        const float amax = m < a.M ? chunk_amax(x + c * kChunk) : 0.0f;  // rows past M: zeros
-        const float inv = 127.0f / amax;
-        if (amax > 0.0f && inv <= std::numeric_limits<float>::max()) {
-          chunk_quantize(x + c * kChunk, inv, row);
-          sx[c * kMT + i] = amax / 127.0f;
-        } else {  // zero or below ~4e-37 (no finite inverse): zeros; NaN / inf: sx = NaN, NaN outputs
+        if (m < a.M) {
+          sx[c * kMT + i] = quantize_chunk(x + c * kChunk, row);
+        } else {  // rows past M: zeros
           std::memset(row, 0, kChunk);
-          sx[c * kMT + i] = amax == amax ? 0.0f : std::numeric_limits<float>::quiet_NaN();
+          sx[c * kMT + i] = 0.0f;
         }
         for (int64_t g = 0; g < kChunk / L.G; ++g)
           qsum[(c * kChunk / L.G + g) * kMT + i] = static_cast<float>(byte_sum(row + g * L.G, L.G));
@@ -451,14 +462,21 @@ void run_group(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
   for (; n < n_end; ++n) columns<kInt4, 1, G>(a, ws, n, totals.data());
 }
 
+// f(std::integral_constant<int, G>{}) for an int4 weight's group size (32, 64 or 128), so the
+// kernels can take G as a template argument.
+template <class F>
+void with_group_size(int64_t group_size, F&& f) {
+  switch (group_size) {
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    default: return f(std::integral_constant<int, 128>{});
+  }
+}
+
 template <bool kInt4>
 void run(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
   if constexpr (!kInt4) return run_group<false, kChunk>(a, n_begin, n_end);
-  switch (a.group_size) {
-    case 32: return run_group<true, 32>(a, n_begin, n_end);
-    case 64: return run_group<true, 64>(a, n_begin, n_end);
-    default: return run_group<true, 128>(a, n_begin, n_end);
-  }
+  with_group_size(a.group_size, [&](auto g) { run_group<true, decltype(g)::value>(a, n_begin, n_end); });
 }
 
 }  // namespace cgq::cpu::CGQ_ISA::i8gemm

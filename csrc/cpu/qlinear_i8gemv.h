@@ -10,8 +10,8 @@
 // which leaves the sums with one column per lane for the epilogue.
 //
 // Why the results are bit for bit the GEMM's. The activations are quantized by the GEMM's own
-// helpers (i8gemm::chunk_amax, chunk_quantize, byte_sum), so q, sx and the group sums of q are the
-// same numbers. Each group's integer sum is exact in either kernel, whatever order it is added in.
+// helpers (i8gemm::quantize_chunk, byte_sum), so q, sx and the group sums of q are the same
+// numbers. Each group's integer sum is exact in either kernel, whatever order it is added in.
 // The fp32 steps after it are the GEMM's, one element at a time, in the same order:
 //   dot = fma(-z, qsum, float(sum)), total = fma(dot, sx * sw, total) over the groups in order,
 //   y = fma(total, rowscale, bias), then gelu_vec.
@@ -32,7 +32,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 #include "cpu/prefetch.h"
@@ -69,16 +68,7 @@ inline void prepare(const QLinearArgs& a, bool int4, uint8_t* ws, int64_t m_begi
     float* sx = const_cast<float*>(L.sx(ws, m));
     float* qsum = const_cast<float*>(L.qsum(ws, m));
     for (int64_t c = 0; c < a.K / kChunk; ++c) {
-      const float* x = a.x + m * a.K + c * kChunk;
-      const float amax = i8gemm::chunk_amax(x);
-      const float inv = 127.0f / amax;
-      if (amax > 0.0f && inv <= std::numeric_limits<float>::max()) {
-        i8gemm::chunk_quantize(x, inv, row);
-        sx[c] = amax / 127.0f;
-      } else {
-        std::memset(row, 0, kChunk);
-        sx[c] = amax == amax ? 0.0f : std::numeric_limits<float>::quiet_NaN();
-      }
+      sx[c] = i8gemm::quantize_chunk(a.x + m * a.K + c * kChunk, row);
       for (int64_t g = 0; g < kChunk / L.G; ++g)
         qsum[c * kChunk / L.G + g] = static_cast<float>(i8gemm::byte_sum(row + g * L.G, L.G));
       int8_t* dst = q + c * kChunk;
@@ -335,11 +325,7 @@ void run_group(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
 template <bool kInt4>
 void run(const QLinearArgs& a, int64_t n_begin, int64_t n_end) {
   if constexpr (!kInt4) return run_group<false, kChunk>(a, n_begin, n_end);
-  switch (a.group_size) {
-    case 32: return run_group<true, 32>(a, n_begin, n_end);
-    case 64: return run_group<true, 64>(a, n_begin, n_end);
-    default: return run_group<true, 128>(a, n_begin, n_end);
-  }
+  i8gemm::with_group_size(a.group_size, [&](auto g) { run_group<true, decltype(g)::value>(a, n_begin, n_end); });
 }
 
 }  // namespace cgq::cpu::CGQ_ISA::i8gemv
