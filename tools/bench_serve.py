@@ -293,7 +293,7 @@ def bench(args: argparse.Namespace) -> dict:
            "max_tokens": args.max_tokens, "editor_requests": args.editor_requests,
            "editor_prompt_tokens": [len(tokenizer.encode(p)) for p in keystrokes],
            "throughput_prompt_tokens": len(tokenizer.encode(throughput_prompts(tokenizer, 1, prompt_tokens, "x")[0])),
-           "threads": args.threads, "levels": {}, "editor": {}}
+           "threads": args.threads, "decode_dtype": args.decode_dtype, "levels": {}, "editor": {}}
     with server(model, True, max(LEVELS), args.threads, decode_dtype=args.decode_dtype) as port:
         complete(port, throughput_prompts(tokenizer, 1, prompt_tokens, "warm-up")[0], 4)
         for c in LEVELS:

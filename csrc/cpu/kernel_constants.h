@@ -43,8 +43,9 @@ struct Isa {
 // ones one FMA per 16, so integer wins for few rows only (docs/cpu-kernels.md has the figures).
 inline constexpr Isa kAvx512{kNoLimit, 1, 3, 32, 12, 0};
 // AVX2: int4 at M = 1 runs on limbs and vpmaddubsw; int8 keeps the fp32 kernels. With int8
-// activations, the GEMV costs about a tenth of the GEMM's padded 16-row tile per row, so from 9
-// rows one tile is cheaper (docs/cpu-kernels.md, "int8 activations for few rows").
+// activations, a row on the GEMV costs a tenth to an eleventh of the GEMM's padded 16-row tile, so
+// the two cost the same near 10 rows; 8 keeps the GEMV where it is clearly cheaper
+// (docs/cpu-kernels.md, "int8 activations for few rows").
 inline constexpr Isa kAvx2{kNoLimit, 0, 1, 16, 5, 8};
 
 }  // namespace cgq::cpu::kernel_constants
