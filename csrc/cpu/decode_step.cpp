@@ -1,9 +1,8 @@
 // The fused decode step (see decode_step.h). Stages of one block, for the jobs j = 0 .. T-1 of one
 // parallel_region:
 //   1. every job: x = ln_1(h) and x's activation limbs, privately (a few microseconds);
-//   2. qkv and fc_in rows, split across jobs as one list (same K, same cost per row); each job
-//      applies gelu_new to the fc_in outputs it produced (with int8 activations, the kernel's
-//      epilogue does);                                                              -- barrier
+//   2. qkv and fc_in rows, split across jobs as one list (same K, same cost per row); fc_in's
+//      kernel applies gelu_new to the outputs it produced (QLinearArgs::gelu);      -- barrier
 //   3. (sequence, head) tasks split across jobs: rotary on that head's q and k, its k and v into
 //      the cache slot; then attention of the job's heads over their sequences' blocks (a job
 //      wrote the only new rows it reads, so no barrier is needed in between);      -- barrier
@@ -222,7 +221,7 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
       layer_norm_rows(a.h, S, d, b.ln_w, b.ln_b, m.eps, x);
       QLinearArgs qa = linear_args(b.qkv, x, S, qkv, m.group_size, m.int8_activations);
       QLinearArgs fa = linear_args(b.fc_in, x, S, act, m.group_size, m.int8_activations);
-      fa.gelu = m.int8_activations;
+      fa.gelu = true;  // from the kernel: its epilogue, or its pass over the columns it wrote
       qa.workspace = fa.workspace = ws_x.get(k.qlinear_workspace_bytes(qa, m.int4));
       k.qlinear_prepare(qa, m.int4, const_cast<void*>(qa.workspace));
       // 2. qkv rows, then fc_in rows + gelu.
@@ -230,8 +229,6 @@ void decode_step(const DecodeModel& m, const DecodeStepArgs& a) {
       if (qkv_fc.end > 3 * d) {
         const int64_t fb = qkv_fc.begin > 3 * d ? qkv_fc.begin - 3 * d : 0, fe = qkv_fc.end - 3 * d;
         qlinear(fa, fb, fe);
-        if (!fa.gelu)
-          for (int64_t s = 0; s < S; ++s) k.gelu_new(act + s * inner + fb, fe - fb);
       }
       barrier.wait();
       // 3. Per (sequence, head): rotary and KV append; then attention over this job's heads.

@@ -55,9 +55,8 @@ struct DecodeModel {
   // One job (thread) per this many bytes of a block's weights x rows of x, at most the pool's threads.
   int64_t min_block_bytes_per_job = int64_t(1) << 20;
   // The blocks' Linears on int8 activations (QLinearArgs::int8_activations, the prompt GEMM's
-  // contract), so a decode row computes what the same row computes in a prompt or in any batch;
-  // fc_in's gelu then comes from the kernel's epilogue, as in the prompt pass. The head stays fp32,
-  // as the prompt pass's lm_head does.
+  // contract), so a decode row computes what the same row computes in a prompt or in any batch.
+  // The head stays fp32, as the prompt pass's lm_head does.
   bool int8_activations = false;
 };
 

@@ -17,7 +17,7 @@ namespace cgq::cpu {
 #define CGQ_TABLE(isa) \
   KernelTable { isa::qlinear_workspace_bytes, isa::qlinear_prepare, isa::qlinear_prepare_parts, isa::qlinear_prepare_part, isa::qlinear_int8, isa::qlinear_int4, isa::int8_activation_min_rows, isa::dequantize_int8, isa::dequantize_int4, isa::read_checksum, \
                 isa::quantize_rows, \
-                isa::paged_attention, isa::causal_attention_tasks, isa::causal_attention_scratch, isa::causal_attention_kv_floats, isa::causal_attention_kv, isa::causal_attention, isa::rotary_kv_append, isa::store_kv_row, isa::gelu_new }
+                isa::paged_attention, isa::causal_attention_tasks, isa::causal_attention_scratch, isa::causal_attention_kv_floats, isa::causal_attention_kv, isa::causal_attention, isa::rotary_kv_append, isa::store_kv_row }
 
 const KernelTable& kernels() {
   static const KernelTable scalar_table = CGQ_TABLE(scalar);

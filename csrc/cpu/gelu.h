@@ -1,7 +1,8 @@
 // gelu_new, transformers' NewGELUActivation, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))),
 // with tanh(u) = 1 - 2 / (exp(2u) + 1). Errors ~1e-7 relative to |x|, as with tanhf. Inline, so
-// that the GEMM epilogues that apply it (QLinearArgs::gelu) and the fused decode step compute the
-// same values; included by per-ISA translation units only (exp_vec is per ISA).
+// that every qlinear kernel that applies it (QLinearArgs::gelu: the int8 GEMM's epilogue, the
+// others' pass over their columns), for prompts and the fused decode step alike, computes the same
+// values; included by per-ISA translation units only (exp_vec is per ISA).
 #pragma once
 
 #include <cstdint>

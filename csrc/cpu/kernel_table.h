@@ -30,7 +30,6 @@ struct KernelTable {
   void (*causal_attention)(const CausalAttentionArgs&, const float*, float*, int64_t, int64_t);
   void (*rotary_kv_append)(const RotaryAppendArgs&, int64_t, int64_t);
   void (*store_kv_row)(void*, bool, int64_t, const float*, int64_t);
-  void (*gelu_new)(float*, int64_t);
 };
 
 // Scratch memory, 64-byte aligned, grown as needed and kept: decode calls the same shapes

@@ -86,8 +86,6 @@ struct CausalAttentionArgs {
   void rotary_kv_append(const RotaryAppendArgs& a, int64_t t_begin, int64_t t_end);     \
   /* src[0, n) into a KV cache at element `slot`, as fp16 (half) or fp32 */              \
   void store_kv_row(void* cache, bool half, int64_t slot, const float* src, int64_t n);  \
-  /* transformers' gelu_new in place over v[0, n) */                                     \
-  void gelu_new(float* v, int64_t n);                                                    \
   }
 
 CGQ_DECLARE_ISA_KERNELS(scalar)
