@@ -156,6 +156,8 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
 
     _warn_if_openmp_spins()
     config = CodeGenConfig.from_dir(path)
+    if decode_dtype == torch.int8 and config.quantization is None:  # before any weight is read
+        raise ValueError("decode_dtype='int8' needs a quantized model (codegen-q quantize); this one is float")
     if config.quantization is not None:
         weights = load_quantized(path, verify=verify).tensors
     else:
@@ -165,8 +167,6 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     tokenizer = CodeGenTokenizer.from_dir(path)
     if prefill_dtype is None and device == "cpu" and config.quantization is not None:
         prefill_dtype = DEFAULT_CPU_PREFILL_DTYPE
-    if decode_dtype == torch.int8 and config.quantization is None:
-        raise ValueError("decode_dtype='int8' needs a quantized model (codegen-q quantize); this one is float")
     model = CodeGenModel(config, weights, dtype=dtype, kv_dtype=kv_dtype, prefill_dtype=prefill_dtype,
                          decode_dtype=decode_dtype)
     return LoadedModel(path, config, model, tokenizer)
