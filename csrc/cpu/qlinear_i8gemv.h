@@ -181,16 +181,16 @@ inline void store_cols(float* y, __m256 v, int valid) {
 }
 
 // Per row of x: total = fma(fma(-z, qsum, float(sum)), sx * sw, total) for each group of a chunk.
+// neg_z and s: the chunk's groups' columns, [kChunk / G][kCols].
 template <int G, int MR>
 inline void epilogue_chunk(const Vi (*sums)[kChunk / G], const Layout& L, const uint8_t* ws, int64_t m0,
                            int64_t c, const float* neg_z, const float* s, Vec::R* total) {
   for (int m = 0; m < MR; ++m) {
-    const float* qsum = L.qsum(ws, m0 + m);
+    const float* qsum = L.qsum(ws, m0 + m) + c * (kChunk / G);
     const Vec::R sx = Vec::set1(L.sx(ws, m0 + m)[c]);
     for (int j = 0; j < kChunk / G; ++j) {
-      const int64_t g = c * (kChunk / G) + j;
-      const Vec::R dot = Vec::fma(Vec::load(neg_z + g * kCols), Vec::set1(qsum[g]), to_float(sums[m][j]));
-      total[m] = Vec::fma(dot, Vec::mul(sx, Vec::load(s + g * kCols)), total[m]);
+      const Vec::R dot = Vec::fma(Vec::load(neg_z + j * kCols), Vec::set1(qsum[j]), to_float(sums[m][j]));
+      total[m] = Vec::fma(dot, Vec::mul(sx, Vec::load(s + j * kCols)), total[m]);
     }
   }
 }
@@ -245,15 +245,17 @@ void int4_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
         for (int m = 0; m < MR; ++m) u[m][j][v] = quad_sums(d[m]);
       }
     for (int m = 0; m < MR; ++m) group_sums<G>(u[m], sums[m]);
-    epilogue_chunk<G, MR>(sums, L, ws, m0, c, ts.neg_z.data(), ts.s.data(), total);
+    const int64_t first = c * (kChunk / G) * kCols;  // the chunk's first group in the tile's tables
+    epilogue_chunk<G, MR>(sums, L, ws, m0, c, ts.neg_z.data() + first, ts.s.data() + first, total);
   }
   finish<MR>(a, true, m0, n0, valid, total);
 }
 
-// The same for int8 weights: one group per chunk, z = i8gemm::kInt8Offset and sw = 1, the row
-// scale applied by finish().
+// The same for int8 weights: one group per chunk, z = i8gemm::kInt8Offset (0: the sums are of the
+// signed codes, as the AVX2 GEMM's) and sw = 1 in every chunk, the row scale applied by finish().
 template <int MR>
 void int8_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t m0, int64_t n0, int valid) {
+  static_assert(i8gemm::kInt8Offset == 0, "vpsignb sums the signed codes: no offset to fold out");
   const int8_t* w[kCols];
   for (int r = 0; r < kCols; ++r) w[r] = static_cast<const int8_t*>(a.qweight) + (n0 + std::min(r, valid - 1)) * a.K;
   const int8_t* xq[MR];
@@ -290,12 +292,7 @@ void int8_tile(const QLinearArgs& a, const Layout& L, const uint8_t* ws, int64_t
       const Vi hi = _mm256_permute2x128_si256(u[m][0], u[m][1], 0x31);
       sums[m][0] = _mm256_add_epi32(lo, hi);
     }
-    // Every chunk uses the same (z, sw) columns: pass them as group 0 of a one-group table.
-    for (int m = 0; m < MR; ++m) {
-      const Vec::R sx = Vec::set1(L.sx(ws, m0 + m)[c]);
-      const Vec::R dot = Vec::fma(Vec::load(neg_z), Vec::set1(L.qsum(ws, m0 + m)[c]), to_float(sums[m][0]));
-      total[m] = Vec::fma(dot, Vec::mul(sx, Vec::load(one)), total[m]);
-    }
+    epilogue_chunk<kChunk, MR>(sums, L, ws, m0, c, neg_z, one, total);  // every chunk: the same (z, sw)
   }
   finish<MR>(a, false, m0, n0, valid, total);
 }
