@@ -1,6 +1,7 @@
-// Software prefetch of the next tile for the GEMV kernels (qlinear_kernels.cpp, qlinear_vnni.h,
-// qlinear_limbs_avx2.h). Included by per-ISA translation units only, so it lives in the ISA's
-// namespace like everything they define.
+// Software prefetch of the next tile of weight rows for the GEMV kernels (qlinear_kernels.cpp,
+// qlinear_vnni.h, qlinear_limbs_avx2.h, qlinear_i8gemv.h) and the GEMMs (qlinear_gemm.h,
+// qlinear_i8gemm.h), which read weights the same way when x has few tiles of rows. Included by
+// per-ISA translation units only, so it lives in the ISA's namespace like everything they define.
 //
 // A tile reads its NR weight rows as NR interleaved streams. The hardware prefetchers serve
 // several interleaved streams far worse than one sequential one, so every tile prefetches the

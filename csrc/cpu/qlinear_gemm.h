@@ -19,6 +19,7 @@
 #include "common/qformat.h"
 #include "cpu/dequant_int4.h"
 #include "cpu/kernel_constants.h"
+#include "cpu/prefetch.h"
 #include "cpu/simd.h"
 
 namespace cgq::cpu::CGQ_ISA::gemm {
@@ -105,8 +106,15 @@ void tile(const QLinearArgs& a, const float* xt, int64_t m0, int64_t n0, const K
   R acc[NR][kMV];
   auto chunk_len = [&](int64_t k0) { return ks.end - k0 < kKC ? ks.end - k0 : kKC; };
   for (int r = 0; r < NR; ++r) dequantize_chunk<G>(a, n0 + r, ks.begin, chunk_len(ks.begin), panel[0][r]);
+  // The NR weight rows are NR short streams, which the hardware prefetchers follow badly: with one
+  // tile of x (a decode batch, the lm_head's rows) the tile waited on memory. Prefetch as the GEMVs
+  // do (prefetch.h), two tiles of weight rows ahead.
+  constexpr int64_t kChunkBytes = G > 0 ? kKC / 2 : kKC;
+  const int64_t row_bytes = G > 0 ? a.K / 2 : a.K;
+  const char* ahead = static_cast<const char*>(a.qweight) + (n0 + kLimbTilesAhead * NR) * row_bytes;
   int cur = 0;
   for (int64_t k0 = ks.begin; k0 < ks.end; k0 += kKC, cur ^= 1) {
+    prefetch_next_tile<NR, kChunkBytes>(ahead, row_bytes, G > 0 ? k0 / 2 : k0);
     for (int r = 0; r < NR; ++r)
       for (int v = 0; v < kMV; ++v) acc[r][v] = Vec::zero();
     const int64_t kc = chunk_len(k0);
