@@ -122,16 +122,17 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def(
       "causal_attention",
       [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t n, int64_t n_head, int64_t head_dim,
-         int64_t q_stride, int64_t k_stride, int64_t v_stride, int64_t out_stride, float scale, bool kv_fp16) {
+         int64_t q_stride, int64_t k_stride, int64_t v_stride, int64_t out_stride, float scale, bool kv_fp16,
+         int64_t past) {
         cgq::cpu::CausalAttentionArgs a;
         a.q = ptr<const float>(q), a.k = ptr<const float>(k), a.v = ptr<const float>(v), a.out = ptr<float>(out);
-        a.n = n, a.n_head = n_head, a.head_dim = head_dim, a.scale = scale, a.kv_fp16 = kv_fp16;
+        a.n = n, a.n_head = n_head, a.head_dim = head_dim, a.scale = scale, a.kv_fp16 = kv_fp16, a.past = past;
         a.q_stride = q_stride, a.k_stride = k_stride, a.v_stride = v_stride, a.out_stride = out_stride;
         cgq::cpu::causal_attention(a);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("n"), py::arg("n_head"), py::arg("head_dim"),
       py::arg("q_stride"), py::arg("k_stride"), py::arg("v_stride"), py::arg("out_stride"), py::arg("scale"),
-      py::arg("kv_fp16") = false, py::call_guard<py::gil_scoped_release>());
+      py::arg("kv_fp16") = false, py::arg("past") = 0, py::call_guard<py::gil_scoped_release>());
   m.def(
       "paged_attention",
       [](uintptr_t q, int64_t q_stride, uintptr_t k_cache, uintptr_t v_cache, uintptr_t block_tables,

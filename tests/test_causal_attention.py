@@ -1,6 +1,7 @@
-"""The fresh-prompt causal attention kernel (csrc/cpu/causal_attention.h) against the float64
-reference on every ISA: lengths around its query (32) and key (64) blocks, CodeGen's head dims
-(64, 80, 256) and an odd one, strided rows as the model passes them, outliers in the scores.
+"""The tiled causal attention kernel (csrc/cpu/causal_attention.h) against the float64 reference on
+every ISA: lengths around its query (32) and key (64) blocks, CodeGen's head dims (64, 80, 256) and
+an odd one, strided rows as the model passes them, outliers in the scores; fresh prompts and rows
+that continue a sequence's K/V (chunked prefill).
 
 Bound: each output is a convex combination of V rows; with fp32 scores, exp and sums, the error is
 a small multiple of fp32 rounding of max |v| (the online softmax rescales at most once per key
@@ -35,6 +36,30 @@ def test_matches_float64(cpu_isa, n, head_dim):
     assert (err <= tol).all(), f"{cpu_isa} n={n} D={head_dim}: max error {float(err.max()):.3e}"
 
 
+@pytest.mark.parametrize("past", [1, 15, 16, 17, 64, 200])
+@pytest.mark.parametrize("n", [1, 31, 33, 130])
+@pytest.mark.parametrize("head_dim", [64, 80, 256])
+def test_rows_continuing_a_sequence_match_float64(cpu_isa, past, n, head_dim):
+    """Chunked prefill: n query rows at positions past.. over the sequence's past + n K/V rows
+    (strided, as a cache read gives them), within the same bound as a fresh prompt."""
+    g = torch.Generator().manual_seed(past * 7919 + n * 31 + head_dim)
+    n_head = 3
+    q = torch.randn(n, 3, n_head, head_dim, generator=g)[:, 0]
+    kv = torch.randn(past + n, 2, n_head, head_dim, generator=g)
+    k, v = kv[:, 0], kv[:, 1]
+    scale = head_dim ** -0.5
+    out = causal_attention(q, k, v, scale)
+    ref = reference.causal_attention(q, k, v, scale)
+    u = FP32_UNIT_ROUNDOFF
+    vmax = float(v.abs().max())
+    score_err = head_dim * u * float((q.abs().sum(-1).max() * k.abs().max())) * scale
+    tol = 64 * u * (vmax + ref.abs()) + 4 * score_err * vmax
+    err = (out.double() - ref).abs()
+    assert (err <= tol).all(), f"{cpu_isa} past={past} n={n} D={head_dim}: max error {float(err.max()):.3e}"
+    # Not the fresh-prompt result of the last n rows: the past keys are really attended to.
+    assert not torch.allclose(out, causal_attention(q, k[past:], v[past:], scale), atol=1e-3)
+
+
 def test_large_scores_do_not_overflow(cpu_isa):
     """Scores of +-1000 (exp would overflow without the running maximum) and a query whose early
     keys dominate: the online softmax must rescale correctly across key blocks."""
@@ -52,7 +77,9 @@ def test_large_scores_do_not_overflow(cpu_isa):
 def test_bad_shapes_are_refused():
     q = torch.randn(5, 2, 8)
     with pytest.raises(ValueError, match="shape"):
-        causal_attention(q, torch.randn(4, 2, 8), q, 1.0)
+        causal_attention(q, torch.randn(4, 2, 8), q, 1.0)  # fewer K rows than queries
+    with pytest.raises(ValueError, match="shape"):
+        causal_attention(q, torch.randn(7, 2, 8), torch.randn(6, 2, 8), 1.0)  # K and V disagree
     with pytest.raises(TypeError, match="float32"):
         causal_attention(q.double(), q, q, 1.0)
     with pytest.raises(ValueError, match="contiguous"):

@@ -165,18 +165,23 @@ def rotary_kv_append(qkv: torch.Tensor, positions: torch.Tensor, sin: torch.Tens
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      kv_fp16: bool = False) -> torch.Tensor:
-    """Causal self-attention of one fresh prompt: q, k, v [n, n_head, head_dim] float32 on the CPU
-    (rows may be strided, each row's heads contiguous); query i attends to keys 0..i. Returns a
+    """Causal attention of a prompt's rows: q [n, n_head, head_dim] and k, v [past + n, n_head,
+    head_dim], float32 on the CPU (rows may be strided, each row's heads contiguous). With past = 0
+    (k, v as long as q) a fresh prompt over itself: query i attends to keys 0..i; with past > 0
+    the rows continue a sequence whose first `past` K/V rows come first (a prompt chunk after what
+    the cache holds): query i is at position past + i and attends to keys 0..past + i. Returns a
     new contiguous [n, n_head, head_dim]. Tiled flash-style in C++ (csrc/cpu/causal_attention.h).
     ``kv_fp16``: k and v are used rounded to fp16 (nearest even), as an fp16 KV cache holds them."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float(name, t, 3, torch.device("cpu"))
-        if t.shape != q.shape:
-            raise ValueError(f"{name} must have q's shape {list(q.shape)}, got {list(t.shape)}")
         if t.stride(2) != 1 or t.stride(1) != t.shape[2]:
             raise ValueError(f"{name}: each row's heads must be contiguous, got strides {t.stride()}")
+    if k.shape != v.shape or k.shape[1:] != q.shape[1:] or k.shape[0] < q.shape[0]:
+        raise ValueError(f"k and v must have one shape [past + n, n_head, head_dim] for q of shape {list(q.shape)}, "
+                         f"got {list(k.shape)} and {list(v.shape)}")
     n, n_head, head_dim = q.shape
     out = torch.empty((n, n_head, head_dim), dtype=torch.float32)
     _native.cpu().causal_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), n, n_head, head_dim,
-                                   q.stride(0), k.stride(0), v.stride(0), out.stride(0), float(scale), bool(kv_fp16))
+                                   q.stride(0), k.stride(0), v.stride(0), out.stride(0), float(scale), bool(kv_fp16),
+                                   k.shape[0] - n)
     return out

@@ -307,8 +307,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q, k, v [T, H, D] of one sequence: query t attends to positions 0..t -> [T, H, D]."""
-    return torch.stack([attention(q[t], k[: t + 1], v[: t + 1], scale) for t in range(q.shape[0])])
+    """q [T, H, D] and k, v [past + T, H, D] of one sequence: query t is at position past + t and
+    attends to positions 0..past + t -> [T, H, D] (past = 0: a prompt over itself)."""
+    past = k.shape[0] - q.shape[0]
+    return torch.stack([attention(q[t], k[: past + t + 1], v[: past + t + 1], scale) for t in range(q.shape[0])])
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,

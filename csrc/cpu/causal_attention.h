@@ -1,10 +1,11 @@
-// Causal self-attention of a fresh prompt (nothing cached before it), tiled flash-style: each task
-// is one head and a block of kBQ query rows, walking the keys up to its last row in blocks of kBK
-// with an online softmax, so no [n, n] score matrix exists. Included by attention_kernels.cpp in
-// every ISA's translation unit.
+// Causal attention of a prompt's rows, tiled flash-style: each task is one head and a block of kBQ
+// query rows, walking the keys up to its last row in blocks of kBK with an online softmax, so no
+// [n, n] score matrix exists. The keys are the prompt's own (past = 0, a fresh prompt) or a
+// sequence's whole K/V when the rows continue it (past > 0, a chunk of a prompt after what the
+// cache holds: chunked prefill). Included by attention_kernels.cpp in every ISA's translation unit.
 //
-// First, once per call, each head's K is transposed to [D][n] and its V gathered to contiguous
-// [n][D] rows (rounded to fp16's values on the way when kv_fp16). Per key block: a score row is
+// First, once per call, each head's K is transposed to [D][keys] and its V gathered to contiguous
+// [keys][D] rows (rounded to fp16's values on the way when kv_fp16). Per key block: a score row is
 // kBK / W vector accumulators fed by broadcasts of q (four query rows at a time share each K
 // load); then the row maxima, exp (exp_vec) and sums; then O += P V with four rows sharing each V
 // load, D in slabs of kDS so the accumulators stay in registers for any head dim. fp32 throughout.
@@ -39,8 +40,13 @@ inline int64_t scratch_floats(int64_t D) { return kBQ * kBK + kBQ * D + 2 * kBQ;
 // Keys per head row of the transposed K: n rounded up to whole vectors (the tail is zeros).
 inline int64_t padded_keys(int64_t n) { return (n + Vec::W - 1) / Vec::W * Vec::W; }
 
-// Floats of the gathered K and V: per head, K^T [D][padded_keys(n)] then V [n][D].
-inline int64_t head_kv_floats(const CausalAttentionArgs& a) { return a.head_dim * (padded_keys(a.n) + a.n); }
+// Key / value rows: the past ones, then the n of the query rows.
+inline int64_t key_rows(const CausalAttentionArgs& a) { return a.past + a.n; }
+
+// Floats of the gathered K and V: per head, K^T [D][padded_keys(keys)] then V [keys][D].
+inline int64_t head_kv_floats(const CausalAttentionArgs& a) {
+  return a.head_dim * (padded_keys(key_rows(a)) + key_rows(a));
+}
 inline int64_t kv_floats(const CausalAttentionArgs& a) { return a.n_head * head_kv_floats(a); }
 
 // x, or the float nearest-even fp16 rounding gives (the value an fp16 cache holds).
@@ -58,11 +64,11 @@ inline Vec::R kv_vector(Vec::R x, bool fp16) {
 // K and V of heads [h_begin, h_end) into kv (layout: head_kv_floats), once per call: every block
 // of query rows of a head reads them.
 inline void gather_kv(const CausalAttentionArgs& a, float* kv, int64_t h_begin, int64_t h_end) {
-  const int64_t D = a.head_dim, np = padded_keys(a.n);
+  const int64_t D = a.head_dim, nk = key_rows(a), np = padded_keys(nk);
   for (int64_t h = h_begin; h < h_end; ++h) {
     float* kt = kv + h * head_kv_floats(a);
     float* vh = kt + D * np;
-    for (int64_t j = 0; j < a.n; ++j) {
+    for (int64_t j = 0; j < nk; ++j) {
       const float* src = a.k + j * a.k_stride + h * D;
       int64_t d = 0;
 #if defined(CGQ_ISA_AVX512) || defined(CGQ_ISA_AVX2)
@@ -80,7 +86,7 @@ inline void gather_kv(const CausalAttentionArgs& a, float* kv, int64_t h_begin, 
       for (; d < D; ++d) vd[d] = kv_scalar(vs[d], a.kv_fp16);
     }
     for (int64_t d = 0; d < D; ++d)
-      for (int64_t j = a.n; j < np; ++j) kt[d * np + j] = 0.0f;
+      for (int64_t j = nk; j < np; ++j) kt[d * np + j] = 0.0f;
   }
 }
 
@@ -150,7 +156,7 @@ inline void accumulate_pv(const float* p_rows, const float* v, int64_t v_stride,
 inline void run(const CausalAttentionArgs& a, const float* kv, float* scratch, int64_t task_begin,
                 int64_t task_end) {
   constexpr int W = Vec::W;
-  const int64_t D = a.head_dim, blocks = (a.n + kBQ - 1) / kBQ, ld = padded_keys(a.n);
+  const int64_t D = a.head_dim, blocks = (a.n + kBQ - 1) / kBQ, ld = padded_keys(key_rows(a));
   float* s = scratch;             // [kBQ][kBK]: scores, then probabilities
   float* o = s + kBQ * kBK;       // [kBQ][D]
   float* m = o + kBQ * D;         // [kBQ] running maxima
@@ -167,7 +173,7 @@ inline void run(const CausalAttentionArgs& a, const float* kv, float* scratch, i
       l[r] = 0.0f;
       for (int64_t d = 0; d < D; ++d) o[r * D + d] = 0.0f;
     }
-    const int64_t keys = i0 + nq;  // causal: the block's last row sees keys [0, keys)
+    const int64_t keys = a.past + i0 + nq;  // causal: the block's last row sees keys [0, keys)
     for (int64_t j0 = 0; j0 < keys; j0 += kBK) {
       const int64_t kc = keys - j0 < kBK ? keys - j0 : kBK;
       const int64_t kc_pad = (kc + W - 1) / W * W;
@@ -178,7 +184,7 @@ inline void run(const CausalAttentionArgs& a, const float* kv, float* scratch, i
       // mask, online softmax
       for (r = 0; r < nq; ++r) {
         float* sr = s + r * kBK;
-        const int64_t visible = i0 + r + 1 - j0;  // keys j0 .. i0 + r
+        const int64_t visible = a.past + i0 + r + 1 - j0;  // keys j0 .. past + i0 + r
         const int64_t seen = visible < kc ? (visible > 0 ? visible : 0) : kc;
         for (int64_t j = seen; j < kc_pad; ++j) sr[j] = -std::numeric_limits<float>::infinity();
         float bmax = -std::numeric_limits<float>::infinity();

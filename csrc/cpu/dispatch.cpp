@@ -195,7 +195,8 @@ void paged_attention(const AttentionArgs& a) {
 }
 
 void causal_attention(const CausalAttentionArgs& a) {
-  if (a.n < 0 || a.n_head <= 0 || a.head_dim <= 0) throw std::invalid_argument("causal_attention: bad sizes");
+  if (a.n < 0 || a.past < 0 || a.n_head <= 0 || a.head_dim <= 0)
+    throw std::invalid_argument("causal_attention: bad sizes");
   if (a.n == 0) return;
   if (!a.q || !a.k || !a.v || !a.out) throw std::invalid_argument("causal_attention: null pointer");
   const int64_t row = a.n_head * a.head_dim;
@@ -204,12 +205,13 @@ void causal_attention(const CausalAttentionArgs& a) {
   const KernelTable& k = kernels();
   thread_local AlignedScratch gathered;  // K transposed and V per head, read by every task of its head
   float* kv = gathered.get_as<float>(k.causal_attention_kv_floats(a));
+  const int64_t keys = a.past + a.n;
   parallel_for(a.n_head, 1, [&](int64_t b, int64_t e) { k.causal_attention_kv(a, kv, b, e); },
-               max_jobs(1, a.n_head, a.n * a.head_dim * 8));
+               max_jobs(1, a.n_head, keys * a.head_dim * 8));
   const int64_t tasks = k.causal_attention_tasks(a);
   const auto floats = static_cast<size_t>(k.causal_attention_scratch(a.head_dim));
-  // a task reads up to n rows of K and V of one head
-  const int jobs = max_jobs(1, tasks, a.n * a.head_dim * 8);
+  // a task reads up to past + n rows of K and V of one head
+  const int jobs = max_jobs(1, tasks, keys * a.head_dim * 8);
   parallel_for(tasks, 1, [&](int64_t b, int64_t e) {
     thread_local std::vector<float> scratch;
     if (scratch.size() < floats) scratch.resize(floats);

@@ -44,12 +44,15 @@ inline int64_t attention_scratch_floats(int64_t n_head, int64_t longest) { retur
 // are [n, n_head, head_dim] float32 with rows *_stride floats apart; query i attends to keys
 // [0, i]. kv_fp16: K and V are used rounded to fp16 (nearest even), the values an fp16 KV cache
 // holds, so the result is what attention over that cache computes.
+// Causal attention of n query rows over past + n key / value rows (cpu/causal_attention.h): query
+// row i is at position past + i and attends to keys 0 .. past + i. past = 0: a fresh prompt over
+// itself; past > 0: a prompt chunk continuing a sequence whose K/V (its own included) k and v hold.
 struct CausalAttentionArgs {
   const float* q = nullptr;
   const float* k = nullptr;
   const float* v = nullptr;
   float* out = nullptr;
-  int64_t n = 0, n_head = 0, head_dim = 0;
+  int64_t n = 0, n_head = 0, head_dim = 0, past = 0;
   int64_t q_stride = 0, k_stride = 0, v_stride = 0, out_stride = 0;
   float scale = 1.0f;
   bool kv_fp16 = false;
