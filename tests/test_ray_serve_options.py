@@ -68,6 +68,9 @@ def test_serve_run_arguments_arrive_as_strings(tmp_path):
     assert (o.replicas, o.max_replicas, o.max_batch, o.kv_memory, o.prefix_caching, o.threads) == \
         (2, 4, 3, 2**20, False, 2)
     assert RayServeOptions.from_args({}).model is None  # the default model, found on each node
+    assert RayServeOptions.from_args({"max_prefill_tokens": "512"}).max_prefill_tokens == 512
+    with pytest.raises(ValueError, match="max_prefill_tokens must be an int >= 1"):
+        RayServeOptions(max_prefill_tokens=0)
     with pytest.raises(ValueError, match="unknown argument.*replica_count"):
         RayServeOptions.from_args({"replica_count": "2"})
     with pytest.raises(ValueError, match="replicas must be an int, got 'two'"):

@@ -494,6 +494,8 @@ def test_the_serve_command_line():
     args = build_parser().parse_args(["serve", "m", "--kv-memory", "512MB", "--port", "0", "--max-batch", "2"])
     assert (args.model, args.kv_memory, args.port, args.max_batch, args.host) == ("m", 512 * 10**6, 0, 2, "127.0.0.1")
     assert build_parser().parse_args(["serve"]).model is None  # the default model
+    assert build_parser().parse_args(["serve"]).max_prefill_tokens is None  # the engine's default: the context
+    assert build_parser().parse_args(["serve", "--max-prefill-tokens", "256"]).max_prefill_tokens == 256
     assert build_parser().parse_args(["serve"]).prefix_cache
     assert not build_parser().parse_args(["serve", "--no-prefix-cache"]).prefix_cache
     assert [parse_size(s) for s in ("2GB", "1.5GiB", "64k", "1000")] == [2 * 10**9, 3 * 2**29, 64_000, 1000]

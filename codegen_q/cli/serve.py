@@ -42,6 +42,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-batch", type=positive_int, default=8, help="requests decoded at once (default 8)")
     p.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests waiting beyond those; more get 429 (default 64)")
+    p.add_argument("--max-prefill-tokens", type=positive_int, default=None, metavar="N",
+                   help="prompt tokens computed per step; a longer prompt is computed in chunks of N, the "
+                        "running requests decoding between them (default: the model's context)")
     p.add_argument("--kv-memory", type=_size, default=None, metavar="SIZE",
                    help="memory for the KV cache, e.g. 2GB or 512MiB (default: room for --max-batch full "
                         "contexts, or what the memory available holds)")
@@ -122,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
                  prefill_dtype=args.prefill_dtype, decode_dtype=args.decode_dtype)
     kv_tokens = None if args.kv_memory is None else kv_tokens_for(model, args.kv_memory)
     app = create_app(model, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                     kv_tokens=kv_tokens, model_name=name, prefix_caching=args.prefix_cache)
+                     kv_tokens=kv_tokens, model_name=name, prefix_caching=args.prefix_cache,
+                     max_prefill_tokens=args.max_prefill_tokens)
     sock = _listen(args.host, args.port)
     log_to_stderr()
     cache, (host, port) = app.state.engine.cache, sock.getsockname()[:2]

@@ -64,7 +64,8 @@ def options_from(args: argparse.Namespace, api_key: str | None, model_name: str 
     from codegen_q.server.ray_options import RayServeOptions
 
     return RayServeOptions(model=args.model, model_name=model_name, api_key=api_key, max_batch=args.max_batch,
-                           max_queue=args.max_queue, kv_memory=args.kv_memory, prefix_caching=args.prefix_cache,
+                           max_queue=args.max_queue, kv_memory=args.kv_memory,
+                           max_prefill_tokens=args.max_prefill_tokens, prefix_caching=args.prefix_cache,
                            kv_dtype=args.kv_dtype, prefill_dtype=args.prefill_dtype, decode_dtype=args.decode_dtype,
                            replicas=args.replicas or max(1, args.min_replicas or 0), min_replicas=args.min_replicas,
                            max_replicas=args.max_replicas, threads_per_replica=args.threads_per_replica,

@@ -2,9 +2,11 @@
 
 generate() and a completion server run through this same loop, so batching, stopping, streaming
 and sampling behave the same for both. Requests join the running batch between decode steps
-(continuous batching): each step runs the prompts of newly admitted requests in one forward,
-and one decode step over the running ones in another (one token per sequence, a flattened
-batch), so a request gets exactly what it gets alone under greedy decoding, whenever it joined.
+(continuous batching): each step runs one decode step over the running requests (one token per
+sequence, a flattened batch), then the prompts of admitted requests in one forward, at most
+max_prefill_tokens of them; a longer prompt goes in chunks over several steps (chunked prefill),
+each continuing the KV sequence the last one wrote. A request gets what it gets alone under
+greedy decoding, whenever it joined and however its prompt was cut.
 
 Admission reserves, up front, every block a request can need (its prompt plus max_new_tokens):
 a running request then never runs out of blocks mid-decode, and nothing ever has to be
@@ -108,6 +110,7 @@ class _Request:
     seq_id: int | None = None  # its KV sequence, once admitted
     hashes: list[bytes] = field(default_factory=list)  # chain hashes of its full blocks (prefix caching)
     cached_tokens: int = 0  # prompt tokens it started on from the prefix cache
+    prefilled: int = 0      # prompt tokens in its KV sequence (cached ones, then each chunk computed)
     registered: int = 0     # its first blocks known to be in the prefix cache
     token_ids: list[int] = field(default_factory=list)
     token_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -135,9 +138,11 @@ class Engine:
     ``max_batch`` full contexts, or as many tokens as the memory available holds besides one
     prompt pass (InsufficientMemory, with the figures, when that is not even one full context).
     ``max_batch`` caps the requests running at once, ``max_queue`` those waiting, and
-    ``max_prefill_tokens`` (default: the context) the prompt tokens newly admitted requests bring
-    into one step, so a burst of long prompts neither stalls the running requests for long nor
-    takes more activation memory than one full-context prompt (a single longer prompt still runs).
+    ``max_prefill_tokens`` (default: the context) the prompt tokens one step computes, so a burst
+    of long prompts neither stalls the running requests for long nor takes more activation memory
+    than that many tokens: whole prompts join a step's pass while they fit, and a prompt longer
+    than the whole budget is computed in chunks of that size over consecutive steps (chunked
+    prefill), the running requests decoding a token between them.
     ``progress(layers_done, layers_total)`` is called as each prompt pass goes through the blocks.
     ``prefix_caching``: reuse the K/V of cached prompt prefixes (see the module docstring).
     """
@@ -309,7 +314,7 @@ class Engine:
         pool have room; every block a request can need is taken now (the cached prefix it starts
         on, and fresh blocks for the rest of its prompt plus max_new_tokens)."""
         bs = self.cache.block_size
-        budget = self.max_prefill_tokens - sum(len(r.prompt_ids) - r.cached_tokens for r in self._admitted)
+        budget = self.max_prefill_tokens - sum(len(r.prompt_ids) - r.prefilled for r in self._admitted)
         # Blocks the admitted prompts will cache once their pass has run.
         coming = {h for r in self._admitted for h in r.hashes[r.registered:]}
         while self._queue and self.num_running < self.max_batch:
@@ -327,6 +332,7 @@ class Engine:
             r.seq_id = self.cache.add_sequence(prefix)  # holds the prefix first, so reserve cannot evict it
             self.cache.reserve({r.seq_id: total - len(prefix) * bs})
             r.cached_tokens, r.registered = len(prefix) * bs, len(prefix)
+            r.prefilled = r.cached_tokens
             self.prompt_tokens += len(r.prompt_ids)
             self.cached_prompt_tokens += r.cached_tokens
             self._admitted.append(r)
@@ -357,15 +363,37 @@ class Engine:
     # The model
 
     def _run_prompts(self) -> list[StepOutput]:
-        batch = self._admitted
-        logits = self.model.forward([torch.tensor(r.prompt_ids[r.cached_tokens:]) for r in batch], self.cache,
-                                    [r.seq_id for r in batch], on_layer=self.progress)
-        self._admitted = []
-        self._running += batch
-        if self.prefix_caching:
-            for r in batch:
+        """This step's prompt pass: the admitted prompts' next tokens within max_prefill_tokens (see
+        _prompt_chunks); the requests whose prompt it completes choose their first token and run."""
+        batch, counts = self._prompt_chunks()
+        completes = [r.prefilled + n == len(r.prompt_ids) for r, n in zip(batch, counts)]
+        logits = self.model.forward([torch.tensor(r.prompt_ids[r.prefilled:r.prefilled + n])
+                                     for r, n in zip(batch, counts)], self.cache, [r.seq_id for r in batch],
+                                    on_layer=self.progress, logits_for=completes)
+        for r, n in zip(batch, counts):
+            r.prefilled += n
+            if self.prefix_caching:
                 self._cache_full_blocks(r)
-        return self._choose_all(batch, [lg[-1] for lg in logits])
+        done = [r for r, c in zip(batch, completes) if c]
+        self._admitted = [r for r in self._admitted if r.prefilled < len(r.prompt_ids)]
+        self._running += done
+        return self._choose_all(done, [lg[-1] for lg, c in zip(logits, completes) if c])
+
+    def _prompt_chunks(self) -> tuple[list[_Request], list[int]]:
+        """The admitted requests whose prompt tokens this step computes, oldest first, and how many
+        of each: whole remaining prompts while they fit in max_prefill_tokens; a first one longer
+        than the whole budget gives a chunk of that size (the others wait for the next step)."""
+        budget = self.max_prefill_tokens
+        batch, counts = [], []
+        for r in self._admitted:
+            left = len(r.prompt_ids) - r.prefilled
+            take = left if left <= budget else (budget if not batch else 0)
+            if take == 0:
+                break
+            batch.append(r)
+            counts.append(take)
+            budget -= take
+        return batch, counts
 
     def _decode(self) -> list[StepOutput]:
         batch = list(self._running)

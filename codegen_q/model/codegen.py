@@ -10,9 +10,10 @@ qlinear per layer with M = total new tokens). With fp32 activations and an fp32,
 cache (the CPU runtime), or an int8 cache on a GPU (its CUDA twins), rotary and the KV append are
 one native pass over the fused qkv output, and attention is the native paged kernel for decode
 and causal prefill alike (each query attends to its own sequence's blocks up to its position),
-except, on the CPU, fresh prompts (nothing cached before them) of FUSED_PREFILL_MIN_TOKENS or
-more, which take the fused causal attention over their own K/V (causal_self_attention), whatever
-else is in the batch (a prompt continuing a cached prefix, a decode step). A quantized CPU model
+except, on the CPU, prompts of FUSED_PREFILL_MIN_TOKENS or more new tokens, which take the tiled
+causal attention whatever else is in the batch: fresh ones (nothing cached before them) over their
+own K/V (causal_self_attention), and chunks that continue a sequence (chunked prefill, a prompt
+after a long cached prefix) over the sequence's K/V read back from the cache (_continued_attention). A quantized CPU model
 decoding one token per sequence runs every block, ln_f and the lm_head in one native call instead
 (fused_decode.py). Other caches take a torch path that gathers each sequence's K/V.
 """
@@ -54,9 +55,10 @@ class Linear:
         return w + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
 
-# A prompt at least this long, with nothing cached before it, takes the fused causal attention over
-# its own K/V (causal_self_attention: the tiled kernel, or torch's SDPA on the scalar build)
-# instead of the paged kernel, which handles one query at a time. The two are even at 32-64 tokens and torch pulls ahead from about 128 (figures:
+# A prompt of at least this many new tokens takes the tiled causal attention (causal_self_attention
+# over its own K/V when nothing is cached before it: the tiled kernel, or torch's SDPA on the scalar
+# build; _continued_attention over the sequence's cached K/V otherwise) instead of the paged kernel,
+# which handles one query at a time. The two are even at 32-64 tokens and torch pulls ahead from about 128 (figures:
 # docs/cpu-kernels.md, "Torch-side choices").
 FUSED_PREFILL_MIN_TOKENS = 128
 
@@ -183,9 +185,10 @@ class CodeGenModel:
     @torch.inference_mode()
     def forward(self, input_ids: Sequence[torch.Tensor], cache: PagedKVCache, seq_ids: Sequence[int],
                 last_only: bool = True, on_layer: Callable[[int, int], None] | None = None,
-                logits_on_device: bool = False) -> list[torch.Tensor]:
+                logits_on_device: bool = False, logits_for: Sequence[bool] | None = None) -> list[torch.Tensor | None]:
         """Run the new tokens of each sequence; returns fp32 CPU logits per sequence, [1 or n_new, vocab]
-        (left on the model's device with ``logits_on_device``, for a caller that reduces them there).
+        (left on the model's device with ``logits_on_device``, for a caller that reduces them there),
+        or None for a sequence that ``logits_for`` marks False (a prompt chunk that is not its last).
 
         Each sequence continues from its length in `cache`; the cache is extended by its tokens.
         On an error (e.g. the cache is full) the cache is left as it was. ``on_layer(done, total)``,
@@ -195,7 +198,11 @@ class CodeGenModel:
         counts = [int(ids.numel()) for ids in input_ids]
         starts = [cache.length(s) for s in seq_ids]
         self._check_context(starts, counts)
-        if self._can_fuse(cache) and all(n == 1 for n in counts):
+        if logits_for is None:
+            logits_for = [True] * len(counts)
+        elif len(logits_for) != len(counts):
+            raise ValueError(f"logits_for has {len(logits_for)} entries for {len(counts)} sequences")
+        if self._can_fuse(cache) and all(n == 1 for n in counts) and all(logits_for):
             return self._fused_forward(input_ids, cache, seq_ids)
         native = self._native_cache(cache)
         flat = torch.cat([ids.reshape(-1) for ids in input_ids])
@@ -219,10 +226,12 @@ class CodeGenModel:
         h = self.wte[ids].to(self.dtype).contiguous()
         d = self.config.n_embd
         scale = self.head_dim ** -0.5
-        # Per sequence, so that one prompt continuing a cached prefix does not send the others' long
-        # fresh prompts through the slower paged kernel.
-        # (The fused causal kernel is the CPU's; on a GPU every row takes the paged kernel.)
-        fused = [on_cpu and st == 0 and n >= FUSED_PREFILL_MIN_TOKENS for st, n in zip(starts, counts)]
+        # Per sequence, so that short rows (decode steps, a few tokens after a cached prefix) do not
+        # send the others' long prompts through the slower paged kernel.
+        # (The tiled causal kernel is the CPU's; on a GPU every row takes the paged kernel, and on the
+        # scalar build a continuing prompt's rows do.)
+        tiled = on_cpu and native_causal_attention_pays()
+        fused = [on_cpu and n >= FUSED_PREFILL_MIN_TOKENS and (st == 0 or tiled) for st, n in zip(starts, counts)]
         g = self.prefill_dtype
         for li, layer in enumerate(self.layers):
             x = torch.nn.functional.layer_norm(h, (d,), layer["ln_w"], layer["ln_b"], self.eps)
@@ -232,7 +241,7 @@ class CodeGenModel:
                 rotary_kv_append(qkv, plan["positions"], self.sin, self.cos, plan["slot_blocks"],
                                  plan["slot_offsets"], pool["k_cache"], pool["v_cache"], self.rotary_dim,
                                  pool["k_scales"], pool["v_scales"])
-                attn = self._native_attention(qkv, cache, li, plan, counts, fused, scale)
+                attn = self._native_attention(qkv, cache, li, plan, counts, fused, scale, seq_ids, starts)
             else:
                 q = apply_rotary(qkv[:, 0], sin, cos, self.rotary_dim)
                 k = apply_rotary(qkv[:, 1], sin, cos, self.rotary_dim)
@@ -252,10 +261,13 @@ class CodeGenModel:
 
         h = self._ln_f(h)
         out, offset = [], 0
-        for n in counts:
-            rows = h[offset + n - 1: offset + n] if last_only else h[offset:offset + n]
-            logits = self.lm_head(rows).float()
-            out.append(logits if logits_on_device else logits.cpu())  # sampling runs on the CPU
+        for n, wanted in zip(counts, logits_for):
+            if wanted:
+                rows = h[offset + n - 1: offset + n] if last_only else h[offset:offset + n]
+                logits = self.lm_head(rows).float()
+                out.append(logits if logits_on_device else logits.cpu())  # sampling runs on the CPU
+            else:
+                out.append(None)
             offset += n
         return out
 
@@ -327,26 +339,48 @@ class CodeGenModel:
 
     @staticmethod
     def _native_attention(qkv: torch.Tensor, cache: PagedKVCache, li: int, plan: dict[str, torch.Tensor],
-                          counts: Sequence[int], fused: Sequence[bool], scale: float) -> torch.Tensor:
-        """One layer's attention on the native path: fused causal attention for the sequences
-        marked in ``fused`` (fresh long prompts), the paged kernel for the others' rows."""
+                          counts: Sequence[int], fused: Sequence[bool], scale: float, seq_ids: Sequence[int],
+                          starts: Sequence[int]) -> torch.Tensor:
+        """One layer's attention on the native path: tiled causal attention for the sequences
+        marked in ``fused`` (long prompts: fresh ones over their own K/V, continuing ones over the
+        cached K/V), the paged kernel for the others' rows."""
         pool = cache.layer(li)
         scales = {"k_scales": pool["k_scales"], "v_scales": pool["v_scales"]}
         if not any(fused):
             return paged_attention(qkv[:, 0], pool["k_cache"], pool["v_cache"], plan["tables"], plan["lengths"],
                                    scale, plan["query_rows"], **scales)
-        if all(fused):
+        fresh = [f and st == 0 for f, st in zip(fused, starts)]
+        if all(fresh):
             fresh_qkv, kv_dtype = CodeGenModel._fresh_prompt_kv(qkv, cache, li, plan)
             return causal_self_attention(fresh_qkv, counts, scale, kv_dtype)
-        rows = torch.repeat_interleave(torch.tensor(fused), torch.tensor(counts))
         attn = torch.empty_like(qkv[:, 0])
-        fresh_qkv, kv_dtype = CodeGenModel._fresh_prompt_kv(qkv, cache, li, plan, rows)
-        attn[rows] = causal_self_attention(fresh_qkv, [n for n, f in zip(counts, fused) if f], scale, kv_dtype)
-        rest = ~rows
-        attn[rest] = paged_attention(qkv[rest, 0], pool["k_cache"], pool["v_cache"], plan["tables"],
-                                     plan["lengths"][rest].contiguous(), scale, plan["query_rows"][rest].contiguous(),
-                                     **scales)
+        if any(fresh):
+            rows = torch.repeat_interleave(torch.tensor(fresh), torch.tensor(counts))
+            fresh_qkv, kv_dtype = CodeGenModel._fresh_prompt_kv(qkv, cache, li, plan, rows)
+            attn[rows] = causal_self_attention(fresh_qkv, [n for n, f in zip(counts, fresh) if f], scale, kv_dtype)
+        offset = 0
+        for f, is_fresh, seq, st, n in zip(fused, fresh, seq_ids, starts, counts):
+            if f and not is_fresh:
+                attn[offset:offset + n] = CodeGenModel._continued_attention(qkv[offset:offset + n, 0], cache, li,
+                                                                            seq, st, scale)
+            offset += n
+        rest = ~torch.repeat_interleave(torch.tensor(fused), torch.tensor(counts))
+        if rest.any():
+            attn[rest] = paged_attention(qkv[rest, 0], pool["k_cache"], pool["v_cache"], plan["tables"],
+                                         plan["lengths"][rest].contiguous(), scale,
+                                         plan["query_rows"][rest].contiguous(), **scales)
         return attn
+
+    @staticmethod
+    def _continued_attention(q: torch.Tensor, cache: PagedKVCache, li: int, seq: int, start: int,
+                             scale: float) -> torch.Tensor:
+        """Attention of a prompt chunk's queries (positions start..) over everything its sequence
+        holds up to them, its own K/V included (appended already): read back from the cache, so the
+        values are exactly those the paged kernel would read (an int8 cache's codes times scales),
+        then the tiled kernel, which reads each K/V row once per block of queries instead of once
+        per query."""
+        k, v = cache.read(li, seq, start + q.shape[0])
+        return causal_attention(q, k.float(), v.float(), scale)
 
     @staticmethod
     def _fresh_prompt_kv(qkv: torch.Tensor, cache: PagedKVCache, li: int, plan: dict[str, torch.Tensor],

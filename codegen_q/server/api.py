@@ -56,10 +56,12 @@ FINAL_SEND_SECONDS = 1.0
 
 def create_app(model, *, api_key: str | None = None, max_batch: int = 8, max_queue: int = 64,
                kv_tokens: int | None = None, model_name: str | None = None,
-               max_body_bytes: int = 1_000_000, prefix_caching: bool = True) -> Starlette:
+               max_body_bytes: int = 1_000_000, prefix_caching: bool = True,
+               max_prefill_tokens: int | None = None) -> Starlette:
     """The server's ASGI app for ``model`` (a model from codegen_q.load, or a directory to load).
 
-    One Engine (``max_batch``, ``max_queue``, ``kv_tokens`` as for codegen_q.generation.engine.Engine) on a
+    One Engine (``max_batch``, ``max_queue``, ``kv_tokens``, ``max_prefill_tokens`` as for
+    codegen_q.generation.engine.Engine) on a
     scheduler thread that starts with the app's lifespan (or the first request); ``api_key``:
     when set, every /v1 route needs ``Authorization: Bearer <api_key>``; ``model_name``: the id
     /v1/models lists and responses carry (default: the model directory's name); ``prefix_caching``:
@@ -78,7 +80,7 @@ def create_app(model, *, api_key: str | None = None, max_batch: int = 8, max_que
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be an int >= 1, got {max_body_bytes!r}")
     engine = Engine(model, kv_tokens=kv_tokens, max_batch=max_batch, max_queue=max_queue,
-                    prefix_caching=prefix_caching)
+                    prefix_caching=prefix_caching, max_prefill_tokens=max_prefill_tokens)
     name = model_name or os.path.basename(os.path.normpath(getattr(model, "path", "codegen-q"))) or "codegen-q"
     service = _Service(engine, Scheduler(engine), name, api_key, max_body_bytes)
     app = Starlette(routes=service.routes(), lifespan=service.lifespan,

@@ -63,7 +63,8 @@ class CompletionServer:
         # it there without writing it into the application's arguments).
         api_key = o.api_key if o.api_key is not None else os.environ.get(API_KEY_ENV) or None
         return create_app(self.model, api_key=api_key, max_batch=o.max_batch, max_queue=o.max_queue,
-                          kv_tokens=kv_tokens, model_name=name, prefix_caching=o.prefix_caching)
+                          kv_tokens=kv_tokens, model_name=name, prefix_caching=o.prefix_caching,
+                          max_prefill_tokens=o.max_prefill_tokens)
 
     def check_health(self) -> None:
         """Ray Serve's periodic check: a replica whose scheduler thread died serves nothing, so it
@@ -79,7 +80,7 @@ def application(options: RayServeOptions) -> Application:
 
 def build_app(args: dict[str, Any]) -> Application:
     """The application builder for `serve run` and config files: ``args`` are RayServeOptions'
-    fields (model, model_name, max_batch, max_queue, kv_memory, prefix_caching, kv_dtype,
+    fields (model, model_name, max_batch, max_queue, kv_memory, max_prefill_tokens, prefix_caching, kv_dtype,
     prefill_dtype, decode_dtype, replicas, min_replicas, max_replicas, threads_per_replica, gpus_per_replica), as
     strings or values."""
     return application(RayServeOptions.from_args(dict(args)))

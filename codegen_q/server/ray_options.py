@@ -34,6 +34,7 @@ class RayServeOptions:
     max_batch: int = 8
     max_queue: int = 64
     kv_memory: int | None = None
+    max_prefill_tokens: int | None = None
     prefix_caching: bool = True
     kv_dtype: str | None = None        # load()'s options, as names ("auto" / None: its defaults)
     prefill_dtype: str | None = None
@@ -49,7 +50,8 @@ class RayServeOptions:
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "replicas"):
             _check_int(name, getattr(self, name), 1)
-        for name in ("min_replicas", "max_replicas", "kv_memory", "threads_per_replica", "gpus_per_replica"):
+        for name in ("min_replicas", "max_replicas", "kv_memory", "max_prefill_tokens", "threads_per_replica",
+                     "gpus_per_replica"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 0 if name == "min_replicas" else 1)
         if self.threads_per_replica is not None and self.gpus_per_replica is not None:
