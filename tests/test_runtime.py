@@ -252,3 +252,25 @@ def test_cuda_runtime_matches_cpu(dirs, kind):
     want = [c.token_ids for c in cpu.generate(prompts, max_new_tokens=16)]
     got = [c.token_ids for c in gpu.generate(prompts, max_new_tokens=16)]
     assert got == want
+
+
+@pytest.mark.skipif(not CUDA_USABLE, reason="no usable CUDA device (needs a GPU, a driver and the CUDA build)")
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+def test_cuda_engine_chunked_prefill_gives_the_whole_prompts_tokens(dirs, kv_dtype):
+    # A prompt computed in chunks of 8 on the GPU (each chunk continuing the sequence through the
+    # paged CUDA kernel with an int8 cache, torch's attention with an fp32 one) gives the greedy
+    # tokens of the same prompt in one pass, and the pool is whole afterwards.
+    from codegen_q.generation.engine import Engine
+
+    gpu = load(dirs["int4"], device="cuda", kv_dtype=kv_dtype)
+    prompt = gpu.tokenizer.encode("def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) +")
+    runs = []
+    for budget in (None, 8):
+        engine = Engine(gpu, max_prefill_tokens=budget, kv_tokens=256, prefix_caching=False)
+        rid = engine.add_request(prompt, None, 12)
+        tokens = []
+        while engine.has_unfinished():
+            tokens += [t for out in engine.step() if out.request_id == rid for t in out.token_ids]
+        assert engine.pool_is_whole()
+        runs.append(tokens)
+    assert len(prompt) > 16 and runs[0] == runs[1]

@@ -44,7 +44,9 @@ status=0
 log "CUDA tests"
 "$py" -m pytest -q -rs tests/test_cuda_ops.py tests/test_cuda_attention.py tests/test_cuda_build.py tests/test_half_bound.py \
   tests/test_runtime.py::test_cuda_runtime_matches_cpu tests/test_runtime.py::test_cuda_runtime_with_fp16_activations \
-  tests/test_runtime.py::test_cuda_runtime_with_int8_kv 2>&1 | tee "$out/pytest-cuda.log" | tail -n 15
+  tests/test_runtime.py::test_cuda_runtime_with_int8_kv \
+  tests/test_runtime.py::test_cuda_engine_chunked_prefill_gives_the_whole_prompts_tokens \
+  2>&1 | tee "$out/pytest-cuda.log" | tail -n 15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 log "compute-sanitizer memcheck (exact problems, graph capture, streams)"
