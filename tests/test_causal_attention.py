@@ -18,13 +18,10 @@ from codegen_q.testing import reference
 from codegen_q.testing.reference import FP32_UNIT_ROUNDOFF
 
 
-@pytest.mark.parametrize("n", [1, 2, 31, 32, 33, 63, 64, 65, 129, 300])
-@pytest.mark.parametrize("head_dim", [64, 80, 256, 40])
-def test_matches_float64(cpu_isa, n, head_dim):
-    g = torch.Generator().manual_seed(n * 1000 + head_dim)
-    n_head = 3
-    qkv = torch.randn(n, 3, n_head, head_dim, generator=g)  # q, k, v as strided views, as the model has them
-    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+def assert_matches_float64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, label: str) -> torch.Tensor:
+    """The kernel's output for q, k, v (scale 1/sqrt(head_dim)) within the module's bound of the
+    float64 reference; returns it."""
+    head_dim = q.shape[-1]
     scale = head_dim ** -0.5
     out = causal_attention(q, k, v, scale)
     ref = reference.causal_attention(q, k, v, scale)
@@ -33,7 +30,18 @@ def test_matches_float64(cpu_isa, n, head_dim):
     score_err = head_dim * u * float((q.abs().sum(-1).max() * k.abs().max())) * scale
     tol = 64 * u * (vmax + ref.abs()) + 4 * score_err * vmax
     err = (out.double() - ref).abs()
-    assert (err <= tol).all(), f"{cpu_isa} n={n} D={head_dim}: max error {float(err.max()):.3e}"
+    assert (err <= tol).all(), f"{label}: max error {float(err.max()):.3e}"
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 31, 32, 33, 63, 64, 65, 129, 300])
+@pytest.mark.parametrize("head_dim", [64, 80, 256, 40])
+def test_matches_float64(cpu_isa, n, head_dim):
+    g = torch.Generator().manual_seed(n * 1000 + head_dim)
+    n_head = 3
+    qkv = torch.randn(n, 3, n_head, head_dim, generator=g)  # q, k, v as strided views, as the model has them
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    assert_matches_float64(q, k, v, f"{cpu_isa} n={n} D={head_dim}")
 
 
 @pytest.mark.parametrize("past", [1, 15, 16, 17, 64, 200])
@@ -47,17 +55,9 @@ def test_rows_continuing_a_sequence_match_float64(cpu_isa, past, n, head_dim):
     q = torch.randn(n, 3, n_head, head_dim, generator=g)[:, 0]
     kv = torch.randn(past + n, 2, n_head, head_dim, generator=g)
     k, v = kv[:, 0], kv[:, 1]
-    scale = head_dim ** -0.5
-    out = causal_attention(q, k, v, scale)
-    ref = reference.causal_attention(q, k, v, scale)
-    u = FP32_UNIT_ROUNDOFF
-    vmax = float(v.abs().max())
-    score_err = head_dim * u * float((q.abs().sum(-1).max() * k.abs().max())) * scale
-    tol = 64 * u * (vmax + ref.abs()) + 4 * score_err * vmax
-    err = (out.double() - ref).abs()
-    assert (err <= tol).all(), f"{cpu_isa} past={past} n={n} D={head_dim}: max error {float(err.max()):.3e}"
+    out = assert_matches_float64(q, k, v, f"{cpu_isa} past={past} n={n} D={head_dim}")
     # Not the fresh-prompt result of the last n rows: the past keys are really attended to.
-    assert not torch.allclose(out, causal_attention(q, k[past:], v[past:], scale), atol=1e-3)
+    assert not torch.allclose(out, causal_attention(q, k[past:], v[past:], head_dim ** -0.5), atol=1e-3)
 
 
 def test_large_scores_do_not_overflow(cpu_isa):
