@@ -13,9 +13,10 @@ and causal prefill alike (each query attends to its own sequence's blocks up to 
 except, on the CPU, prompts of FUSED_PREFILL_MIN_TOKENS or more new tokens, which take the tiled
 causal attention whatever else is in the batch: fresh ones (nothing cached before them) over their
 own K/V (causal_self_attention), and chunks that continue a sequence (chunked prefill, a prompt
-after a long cached prefix) over the sequence's K/V read back from the cache (_continued_attention). A quantized CPU model
-decoding one token per sequence runs every block, ln_f and the lm_head in one native call instead
-(fused_decode.py). Other caches take a torch path that gathers each sequence's K/V.
+after a long cached prefix) over the sequence's K/V read back from the cache
+(_continued_attention). A quantized CPU model decoding one token per sequence runs every block,
+ln_f and the lm_head in one native call instead (fused_decode.py). Other caches take a torch path
+that gathers each sequence's K/V.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ class Linear:
 # A prompt of at least this many new tokens takes the tiled causal attention (causal_self_attention
 # over its own K/V when nothing is cached before it: the tiled kernel, or torch's SDPA on the scalar
 # build; _continued_attention over the sequence's cached K/V otherwise) instead of the paged kernel,
-# which handles one query at a time. The two are even at 32-64 tokens and torch pulls ahead from about 128 (figures:
-# docs/cpu-kernels.md, "Torch-side choices").
+# which handles one query at a time. The two are even at 32-64 tokens and torch pulls ahead from
+# about 128 (figures: docs/cpu-kernels.md, "Torch-side choices").
 FUSED_PREFILL_MIN_TOKENS = 128
 
 
