@@ -20,6 +20,13 @@ from model_support import converted_weights, fp32_tolerance, reference_model
 from test_prefix_cache import reference_logprobs, run, spy_on_forward, tokens
 
 
+def spy_on_continued_attention(monkeypatch) -> list[int]:
+    """One entry per call of the tiled attention over a continuing sequence's cached K/V from now on."""
+    calls, real = [], CodeGenModel._continued_attention
+    monkeypatch.setattr(CodeGenModel, "_continued_attention", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    return calls
+
+
 @pytest.mark.parametrize("which", ["float", "int4"])
 @pytest.mark.parametrize("chunk", [16, 25, 69])
 def test_a_chunked_prompt_gives_the_whole_prompts_tokens_and_logprobs(request, tok, which, chunk, monkeypatch):
@@ -112,9 +119,7 @@ def test_long_chunks_take_the_tiled_kernel_over_the_cached_kv(shape, kv, monkeyp
                          prefill_dtype=torch.float32)
     kv_dtype = getattr(torch, kv)
     prompt = torch.randint(0, 512, (200,), generator=torch.Generator().manual_seed(11))
-    calls = []
-    real = CodeGenModel._continued_attention
-    monkeypatch.setattr(CodeGenModel, "_continued_attention", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    calls = spy_on_continued_attention(monkeypatch)
 
     def chunked(min_tokens: int) -> torch.Tensor:
         monkeypatch.setattr(model_module, "FUSED_PREFILL_MIN_TOKENS", min_tokens)
@@ -137,9 +142,7 @@ def test_long_chunks_take_the_tiled_kernel_over_the_cached_kv(shape, kv, monkeyp
 
 def test_the_engine_chunks_a_long_prompt_onto_the_tiled_kernel(float_model, tok, monkeypatch):
     monkeypatch.setattr(model_module, "FUSED_PREFILL_MIN_TOKENS", 16)
-    calls = []
-    real = CodeGenModel._continued_attention
-    monkeypatch.setattr(CodeGenModel, "_continued_attention", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    calls = spy_on_continued_attention(monkeypatch)
     prompt = tokens(tok, 90)
     got = run(Engine(float_model, tok, kv_tokens=1024, max_prefill_tokens=32, prefix_caching=False), prompt, 12)
     assert len(calls) == 2 * float_model.config.n_layer  # chunks 2 and 3 (32 and 26 tokens); chunk 1 is fresh

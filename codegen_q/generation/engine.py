@@ -119,6 +119,11 @@ class _Request:
     emitted: int = 0           # characters already streamed
 
     @property
+    def prompt_left(self) -> int:
+        """Prompt tokens not yet in its KV sequence (0 once its prompt pass is complete)."""
+        return len(self.prompt_ids) - self.prefilled
+
+    @property
     def holdback(self) -> int:
         """Characters of the text's tail that could still turn out to begin a stop string."""
         return max((len(s) for s in self.stop), default=1) - 1
@@ -314,7 +319,7 @@ class Engine:
         pool have room; every block a request can need is taken now (the cached prefix it starts
         on, and fresh blocks for the rest of its prompt plus max_new_tokens)."""
         bs = self.cache.block_size
-        budget = self.max_prefill_tokens - sum(len(r.prompt_ids) - r.prefilled for r in self._admitted)
+        budget = self.max_prefill_tokens - sum(r.prompt_left for r in self._admitted)
         # Blocks the admitted prompts will cache once their pass has run.
         coming = {h for r in self._admitted for h in r.hashes[r.registered:]}
         while self._queue and self.num_running < self.max_batch:
@@ -366,7 +371,7 @@ class Engine:
         """This step's prompt pass: the admitted prompts' next tokens within max_prefill_tokens (see
         _prompt_chunks); the requests whose prompt it completes choose their first token and run."""
         batch, counts = self._prompt_chunks()
-        completes = [r.prefilled + n == len(r.prompt_ids) for r, n in zip(batch, counts)]
+        completes = [n == r.prompt_left for r, n in zip(batch, counts)]
         logits = self.model.forward([torch.tensor(r.prompt_ids[r.prefilled:r.prefilled + n])
                                      for r, n in zip(batch, counts)], self.cache, [r.seq_id for r in batch],
                                     on_layer=self.progress, logits_for=completes)
@@ -375,7 +380,7 @@ class Engine:
             if self.prefix_caching:
                 self._cache_full_blocks(r)
         done = [r for r, c in zip(batch, completes) if c]
-        self._admitted = [r for r in self._admitted if r.prefilled < len(r.prompt_ids)]
+        self._admitted = [r for r in self._admitted if r.prompt_left]
         self._running += done
         return self._choose_all(done, [lg[-1] for lg, c in zip(logits, completes) if c])
 
@@ -386,7 +391,7 @@ class Engine:
         budget = self.max_prefill_tokens
         batch, counts = [], []
         for r in self._admitted:
-            left = len(r.prompt_ids) - r.prefilled
+            left = r.prompt_left
             take = left if left <= budget else (budget if not batch else 0)
             if take == 0:
                 break

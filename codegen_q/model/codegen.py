@@ -231,8 +231,8 @@ class CodeGenModel:
         # send the others' long prompts through the slower paged kernel.
         # (The tiled causal kernel is the CPU's; on a GPU every row takes the paged kernel, and on the
         # scalar build a continuing prompt's rows do.)
-        tiled = on_cpu and native_causal_attention_pays()
-        fused = [on_cpu and n >= FUSED_PREFILL_MIN_TOKENS and (st == 0 or tiled) for st, n in zip(starts, counts)]
+        fused = [on_cpu and n >= FUSED_PREFILL_MIN_TOKENS and (st == 0 or native_causal_attention_pays())
+                 for st, n in zip(starts, counts)]
         g = self.prefill_dtype
         for li, layer in enumerate(self.layers):
             x = torch.nn.functional.layer_norm(h, (d,), layer["ln_w"], layer["ln_b"], self.eps)
